@@ -24,6 +24,7 @@ It ends with one line per method, e.g.
 
 import argparse
 import csv
+import functools
 import os
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ import tensorflow as tf
 from common import awir
 from common.runs import (atomic_save_keras, atomic_save_npy, atomic_write_csv, atomic_write_json,
                          cli_entry, print_args, require_same_arguments, seed_everything)
-from common.stacked_training import StackedModels, configure_threads, model_generator, run_side_by_side
+from common.stacked_training import StackedModels, model_generator, run_side_by_side
 from common.triplet import (batch_all_triplet_loss, batch_hard_triplet_loss, matl_loss, pairwise_distance,
                             task_guided_selection)
 
@@ -118,7 +119,10 @@ def linear_forward(params, state, x, valid, training):
 
 
 def random_selection_key(model_key, model_step, sample_id):
-    """A uniform draw in [0,1) per (model, step, sample), independent of which models share the stack."""
+    """A uniformly random int32 per (model, step, sample), independent of which models share the stack.
+
+    Only the order of the keys matters; int32 rather than a float64 draw keeps XLA's CPU code fast.
+    """
     mixed = (tf.cast(model_key, tf.int64)[:, None] * 0x2545F491 + tf.cast(model_step, tf.int64)[:, None] * 0x6C8E9CF5
              + tf.cast(sample_id, tf.int64) * 0x1B873593)
     mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
@@ -126,7 +130,7 @@ def random_selection_key(model_key, model_step, sample_id):
         mixed = (tf.bitwise.bitwise_xor(mixed, tf.bitwise.right_shift(mixed, tf.constant(shift, tf.int64)))
                  * multiplier)
         mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
-    return tf.cast(mixed, tf.float64) / 2.0 ** 32
+    return tf.cast(mixed - 2 ** 31, tf.int32)
 
 
 def method_loss(method, outputs, batch, valid, args, top_percent=None, random_percent=None):
@@ -157,30 +161,67 @@ def fold_task_scores(data, seed):
 
 # ---- training many heads at once ----
 
+# Order of the methods inside a stack: every batch-all term then covers one contiguous block of rows.
+STACK_ORDER = ("dtl_hard", "dtl", "matl", "tg_matl")
+
+
+def stacked_method_loss(heads, args):
+    """The loss of a stack of heads sorted by STACK_ORDER, per head equal to `method_loss`.
+
+    Built from few, large operations (one distance matrix, one batch-hard call, one batch-all call
+    covering the class labels of DTL/MATL/TG-MATL rows and the box clusters of MATL/TG-MATL rows),
+    which keeps the compiled step small and quick to compile.
+    """
+    methods = [head["method"] for head in heads]
+    assert methods == sorted(methods, key=STACK_ORDER.index), "heads must be sorted by STACK_ORDER"
+    num_models = len(heads)
+    class_start = methods.count("dtl_hard")                  # rows with a class batch-all term
+    box_start = class_start + methods.count("dtl")           # rows with a box-cluster term (MATL, TG-MATL)
+    selection_start = box_start + methods.count("matl")      # TG-MATL rows
+    top_percent = np.array([head.get("top_percent", args.top_percent) for head in heads[selection_start:]])
+    random_percent = np.array([head.get("random_percent", args.random_percent) for head in heads[selection_start:]])
+
+    def loss(outputs, batch, valid):
+        distance = pairwise_distance(outputs)
+        class_label, box_cluster = batch["class_label"], batch["box_cluster"]
+        losses = []
+        if class_start:
+            losses.append(batch_hard_triplet_loss(distance[:class_start], class_label[:class_start],
+                                                  valid[:class_start], args.margin))
+        if selection_start < num_models:
+            random_key = None
+            if args.extra_selection == "random":
+                random_key = random_selection_key(batch["model_key"][selection_start:],
+                                                  batch["model_step"][selection_start:],
+                                                  batch["sample_id"][selection_start:])
+            selected = task_guided_selection(batch["task_score"][selection_start:], class_label[selection_start:],
+                                             valid[selection_start:], top_percent, random_percent, random_key)
+            valid = tf.concat([valid[:selection_start], selected], axis=0)
+        if class_start < num_models:
+            batch_all = batch_all_triplet_loss(
+                tf.concat([distance[class_start:], distance[box_start:]], axis=0),
+                tf.concat([class_label[class_start:], box_cluster[box_start:]], axis=0),
+                tf.concat([valid[class_start:], valid[box_start:]], axis=0), args.margin)
+            class_term, box_term = batch_all[:num_models - class_start], batch_all[num_models - class_start:]
+            losses.append(class_term[:box_start - class_start])
+            if box_start < num_models:
+                losses.append((1.0 - args.box_weight) * class_term[box_start - class_start:]
+                              + args.box_weight * box_term)
+        return tf.concat(losses, axis=0)
+
+    return loss
+
+
 def train_heads(heads, embedding, data, task_scores, args, progress_label=""):
     """Train a list of heads (dicts with method, fold, key, top/random percent) in one stack.
 
-    Heads are grouped by method into contiguous slices, so each slice gets its own loss in the same
-    compiled step. Returns best-validation params, validation losses, histories and wall seconds.
+    Returns best-validation params, validation losses, histories and wall seconds; the heads come
+    back in the stack's order (by method, see STACK_ORDER).
     """
-    heads = sorted(heads, key=lambda head: METHODS.index(head["method"]))
+    heads = sorted(heads, key=lambda head: STACK_ORDER.index(head["method"]))
     generators = [model_generator(args.seed, head["key"]) for head in heads]
     params = initial_head_params(embedding.shape[1], generators)
-    groups = []
-    for method in METHODS:
-        members = [i for i, head in enumerate(heads) if head["method"] == method]
-        if members:
-            groups.append((method, members[0], members[-1] + 1))
-    top_percent = np.array([head.get("top_percent", args.top_percent) for head in heads])
-    random_percent = np.array([head.get("random_percent", args.random_percent) for head in heads])
-
-    def stacked_loss(outputs, batch, valid):
-        losses = []
-        for method, start, stop in groups:
-            part = {k: v[start:stop] for k, v in batch.items()}
-            losses.append(method_loss(method, outputs[start:stop], part, valid[start:stop], args,
-                                      top_percent[start:stop], random_percent[start:stop]))
-        return tf.concat(losses, axis=0)
+    stacked_loss = stacked_method_loss(heads, args)
 
     num_samples = len(data["class_label"])
     per_model = {"task_score": task_scores[[head["fold"] - 1 for head in heads]]}
@@ -221,19 +262,22 @@ def split_into_jobs(heads_by_embedding, embeddings, workers):
     return sorted(jobs, key=lambda job: -job["cost"])
 
 
-def train_jobs(jobs, data, task_scores, args, record):
-    """Train the stacks side by side on `args.workers` threads; `record` runs in the calling thread."""
+def train_job(job, data, task_scores, args):
+    """Train one stack of heads (a module-level function, so worker processes can run it)."""
+    return train_heads(job["heads"], data["embeddings"][job["embedding"]], data, task_scores, args,
+                       progress_label=job["label"])
 
-    def run(job):
-        return train_heads(job["heads"], data["embeddings"][job["embedding"]], data, task_scores, args,
-                           progress_label=job["label"])
+
+def train_jobs(jobs, data, task_scores, args, record):
+    """Train the stacks side by side on `args.workers` workers; `record` runs in this process."""
 
     def finished(job, result):
         record(job, result)
         print(f"  {job['label']}: {len(result['heads'])} heads in {result['seconds']:.1f}s "
               f"({1e3 * result['seconds'] / (len(result['heads']) * args.epochs):.3f} ms per head-epoch)")
 
-    seconds = run_side_by_side(jobs, run, finished, args.workers)
+    run = functools.partial(train_job, data=data, task_scores=task_scores, args=args)
+    seconds = run_side_by_side(jobs, run, finished, args.workers, args.deterministic)
     print(f"  all stacks done in {seconds:.1f}s")
 
 
@@ -272,7 +316,6 @@ def use_demo_data(args, demo_epochs):
 
 @cli_entry
 def main(args):
-    configure_threads(args.workers)
     seed_everything(args.seed, args.deterministic)
     if args.demo:
         use_demo_data(args, demo_epochs=300)

@@ -21,6 +21,7 @@ It ends with
 """
 
 import csv
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import numpy as np
 import igarss_exp1
 from common import awir
 from common.runs import atomic_write_csv, atomic_write_json, cli_entry, print_args, seed_everything
-from common.stacked_training import configure_threads, run_side_by_side
+from common.stacked_training import run_side_by_side
 
 PAPER_TOP_PERCENTS = [0.40, 0.50, 0.60, 0.70]
 PAPER_RANDOM_PERCENTS = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30]
@@ -50,7 +51,6 @@ def grid_tag(top_percent, random_percent):
 
 @cli_entry
 def main(args):
-    configure_threads(args.workers)
     seed_everything(args.seed, args.deterministic)
     if args.demo:
         igarss_exp1.use_demo_data(args, demo_epochs=100)
@@ -109,11 +109,8 @@ def main(args):
 
     jobs = igarss_exp1.split_into_jobs(heads_by_embedding, data["embeddings"], args.workers)
 
-    def run(job):
-        return igarss_exp1.train_heads(job["heads"], data["embeddings"][job["embedding"]], data, task_scores,
-                                       args, progress_label=job["label"])
-
-    seconds = run_side_by_side(jobs, run, record, args.workers)
+    run = functools.partial(igarss_exp1.train_job, data=data, task_scores=task_scores, args=args)
+    seconds = run_side_by_side(jobs, run, record, args.workers, args.deterministic)
     print(f"  all stacks done in {seconds:.1f}s")
     if accuracy:
         summary = {tag: float(np.mean(values)) for tag, values in accuracy.items()}

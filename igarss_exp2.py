@@ -27,6 +27,7 @@ It ends with one line per method; the demo prints, e.g.
 """
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -51,7 +52,6 @@ from common.runs import (
 )
 from common.stacked_training import (
     StackedModels,
-    configure_threads,
     model_generator,
     run_side_by_side,
 )
@@ -405,6 +405,11 @@ def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=
             "chunk_seconds": chunk_seconds}
 
 
+def train_task_job(job, data, args):
+    """Train one stack of task heads (a module-level function, so worker processes can run it)."""
+    return train_task_heads(job["heads"], job["inputs"], data, args, progress_label=job["label"])
+
+
 def plan_jobs(units, inputs, workers):
     """Split the heads of each (embedding, input width) into `workers` stacks, largest work first."""
     stacks = {}
@@ -460,9 +465,6 @@ def run_task_heads(data, sources, args, config_name="exp2_config.json"):
           f"{args.workers} worker(s), {args.epochs} epochs ----")
     pending, keras_models = {}, {}
 
-    def run(job):
-        return train_task_heads(job["heads"], inputs, data, args, progress_label=job["label"])
-
     def finished(job, result):
         # The joint wall time is divided evenly over the heads trained together (spec: Timings).
         seconds_per_head = result["seconds"] / len(result["heads"])
@@ -482,7 +484,10 @@ def run_task_heads(data, sources, args, config_name="exp2_config.json"):
         print(f"  {job['label']}: {len(result['heads'])} heads in {result['seconds']:.1f}s "
               f"({1e3 * result['seconds'] / (len(result['heads']) * args.epochs):.3f} ms per head-epoch)")
 
-    seconds = run_side_by_side(jobs, run, finished, args.workers)
+    for job in jobs:
+        job["inputs"] = {head["input"]: inputs[head["input"]] for head in job["heads"]}
+    seconds = run_side_by_side(jobs, functools.partial(train_task_job, data=data, args=args), finished,
+                               args.workers, args.deterministic)
     print(f"  all stacks done in {seconds:.1f}s")
 
 
@@ -617,7 +622,6 @@ def quiet_hdf5_notice():
 @cli_entry
 def main(args):
     quiet_hdf5_notice()
-    configure_threads(args.workers)
     seed_everything(args.seed, args.deterministic)
     command = "python igarss_exp1.py" + (" --demo" if args.demo else "") + \
         (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")

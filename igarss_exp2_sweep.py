@@ -32,7 +32,6 @@ import numpy as np
 import igarss_exp2
 from common import awir
 from common.runs import InputError, atomic_save_figure, cli_entry, print_args, seed_everything
-from common.stacked_training import configure_threads
 
 TOP_PERCENTS = (0.40, 0.50, 0.60, 0.70)
 RANDOM_PERCENTS = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
@@ -114,7 +113,6 @@ def plot_heatmaps(rows, sources, embedding_names, directory):
 @cli_entry
 def main(args):
     igarss_exp2.quiet_hdf5_notice()
-    configure_threads(args.workers)
     seed_everything(args.seed, args.deterministic)
     command = "python igarss_exp1_sweep.py" + (" --demo" if args.demo else "") + \
         (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")

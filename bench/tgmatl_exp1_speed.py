@@ -26,7 +26,6 @@ import tensorflow as tf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import igarss_exp1  # noqa: E402
 from common import awir  # noqa: E402
-from common.stacked_training import configure_threads  # noqa: E402
 
 FULL_HEADS, FULL_EPOCHS = 96, 5000
 
@@ -94,7 +93,6 @@ def main():
     parser.add_argument("--baseline_heads_per_method", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    configure_threads(args.workers)
     with tempfile.TemporaryDirectory() as folder:
         data_path, embeddings_dir = awir.make_demo_data(Path(folder) / "demo", seed=0)
         data = awir.load_awir(data_path, embeddings_dir, awir.EMBEDDING_NAMES, Path(folder) / "results", 0.7)

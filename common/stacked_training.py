@@ -26,27 +26,36 @@ ADAM_BETA_2 = 0.999
 ADAM_EPSILON = 1e-7
 
 
-def configure_threads(workers):
-    """Let `workers` stacks run side by side (call before TF starts up).
+def _start_worker_process(deterministic):
+    # One worker process per core, each running its XLA programs on one thread of its own.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
-    TensorFlow's intra-op thread pool is left at its default: XLA's CPU runtime runs compiled
-    computations on it, so limiting it to one thread would make the stacks queue for that thread.
+
+def run_side_by_side(jobs, run, finished, workers, deterministic=False):
+    """Run `run(job)` for every job on `workers` workers, largest first (jobs arrive sorted);
+    `finished(job, result)` is called in the calling process as results come in (Keras saving is not
+    thread-safe). Returns the wall seconds.
+
+    With one worker the jobs run here, one after another. With several, each worker is a process of
+    its own with a single TensorFlow thread: stacks run as threads of one process share its thread
+    pools and measured 1.5x slower per epoch on two cores than in separate processes. `run` and the
+    jobs are then pickled, so `run` must be a module-level function (or a functools.partial of one).
     """
-    if workers > 1:
-        try:
-            tf.config.threading.set_inter_op_parallelism_threads(max(workers + 1, 2))
-        except RuntimeError:
-            pass  # TF was already initialised in this process (e.g. a sweep calling main twice).
-
-
-def run_side_by_side(jobs, run, finished, workers):
-    """Run `run(job)` for every job on `workers` threads, largest first (jobs arrive sorted);
-    `finished(job, result)` is called in the calling thread as results come in (Keras saving is not
-    thread-safe). Returns the wall seconds."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            finished(job, run(job))
+        return time.perf_counter() - started
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # "spawn": TensorFlow is already running in this process, and forking it is unsafe.
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker_process, initargs=(deterministic,)) as pool:
         futures = {pool.submit(run, job): job for job in jobs}
         for future in as_completed(futures):
             finished(futures[future], future.result())
@@ -87,7 +96,9 @@ class StackedModels:
     per_model_arrays: {name: (M, N, ...)} per-sample arrays that differ between models.
     """
 
-    # Validation lists are padded to a multiple of this (default: the batch size, as _mean_loss needs).
+    # Validation lists are padded to a multiple of this. Default: a list of at most one batch is
+    # padded only to the longest list (a 9-sample validation split is one batch of 9, as in Keras);
+    # longer lists to a multiple of the batch size, as _mean_loss needs.
     validation_padding = None
 
     def __init__(self, params, forward, loss, shared_arrays, per_model_arrays=None, state=None,
@@ -112,7 +123,7 @@ class StackedModels:
                                                  else range(self.num_models), np.int64))
         self.learning_rate = float(learning_rate)
         self.batch_size = int(batch_size)
-        self._run_chunk = tf.function(self._run_chunk_eager, jit_compile=jit_compile)
+        self._run_chunk = tf.function(self._run_chunk_graph, jit_compile=jit_compile, autograph=False)
 
     # ---- pieces of one step ----
 
@@ -156,65 +167,81 @@ class StackedModels:
 
     def _mean_loss(self, index, counts, params, state):
         """Loss over an index list in fixed order, batch by batch, weighted by batch size (Keras)."""
-        total = tf.zeros([self.num_models])
-        seen = tf.zeros([self.num_models])
-        # Reshaping to (M, batches, B) keeps every batch's shape static, which XLA needs.
-        batches = tf.reshape(index, [self.num_models, -1, self.batch_size])
-        for batch_number in tf.range(tf.shape(batches)[1]):
-            positions = batch_number * self.batch_size + tf.range(self.batch_size)
+        width = min(self.batch_size, index.shape[1])
+        # Reshaping to (M, batches, width) keeps every batch's shape static, which XLA needs.
+        batches = tf.reshape(index, [self.num_models, -1, width])
+
+        def add_batch(batch_number, total, seen):
+            positions = batch_number * width + tf.range(width)
             valid = positions[None, :] < counts[:, None]
-            batch = self._gather(batches[:, batch_number])
+            batch = self._gather(tf.gather(batches, batch_number, axis=1))
             outputs, _ = self.forward(params, state, batch["x"], valid, False)
             size = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1)
-            total += self.loss(outputs, batch, valid) * size
-            seen += size
+            return batch_number + 1, total + self.loss(outputs, batch, valid) * size, seen + size
+
+        zeros = tf.zeros([self.num_models])
+        _, total, seen = tf.while_loop(lambda batch_number, *_: batch_number < batches.shape[1], add_batch,
+                                       (tf.constant(0), zeros, zeros))
         return total / tf.maximum(seen, 1.0)
 
-    def _run_chunk_eager(self, permutations, num_epochs, train_index, train_counts, val_index, val_counts,
+    def _keep_if_improved(self, val_loss, epoch):
+        improved = val_loss < self.best_val_loss
+
+        def copy_improved():
+            for current, best in [(self.params, self.best_params), (self.state, self.best_state)]:
+                for name in current:
+                    shape = [-1] + [1] * (len(current[name].shape) - 1)
+                    best[name].assign(tf.where(tf.reshape(improved, shape), current[name], best[name]))
+            return tf.constant(True)
+
+        # Late in training most epochs improve no model: skip the copy of every parameter then.
+        tf.cond(tf.reduce_any(improved), copy_improved, lambda: tf.constant(False))
+        self.best_val_loss.assign(tf.where(improved, val_loss, self.best_val_loss))
+        self.best_epoch.assign(tf.where(improved, epoch, self.best_epoch))
+
+    def _run_chunk_graph(self, permutations, num_epochs, train_index, train_counts, val_index, val_counts,
                          first_epoch):
-        # `permutations` always holds a full chunk, so the last, shorter chunk reuses the compiled
-        # graph; only the first `num_epochs` epochs are run.
-        chunk_size = permutations.shape[0]
-        steps_per_epoch = tf.shape(permutations)[2] // self.batch_size
-        train_history = tf.TensorArray(tf.float32, size=chunk_size, element_shape=[self.num_models])
-        val_history = tf.TensorArray(tf.float32, size=chunk_size, element_shape=[self.num_models])
-        for epoch in tf.range(num_epochs):
-            order = tf.gather(train_index, permutations[epoch], batch_dims=1)
-            order = tf.reshape(order, [self.num_models, -1, self.batch_size])
-            epoch_loss = tf.zeros([self.num_models])
-            epoch_seen = tf.zeros([self.num_models])
-            for step in tf.range(steps_per_epoch):
-                start = step * self.batch_size
-                positions = start + tf.range(self.batch_size)
+        # Built with explicit while loops (no autograph: converting the loss code costs seconds per
+        # stack). `permutations` always holds a full chunk, so the last, shorter chunk reuses the
+        # compiled graph; only the first `num_epochs` epochs are run, the rest of the history is 0.
+        chunk_size, _, padded_length = permutations.shape
+        steps_per_epoch = padded_length // self.batch_size
+        zeros = tf.zeros([self.num_models])
+
+        def run_epoch(epoch, train_history, val_history):
+            order = tf.gather(train_index, tf.gather(permutations, epoch), batch_dims=1)
+            order = tf.reshape(order, [self.num_models, steps_per_epoch, self.batch_size])
+
+            def run_step(step, epoch_loss, epoch_seen):
+                positions = step * self.batch_size + tf.range(self.batch_size)
                 valid = positions[None, :] < train_counts[:, None]
-                losses, size = self._train_step(order[:, step], valid)
-                epoch_loss += losses * size
-                epoch_seen += size
+                losses, size = self._train_step(tf.gather(order, step, axis=1), valid)
+                return step + 1, epoch_loss + losses * size, epoch_seen + size
+
+            _, epoch_loss, epoch_seen = tf.while_loop(lambda step, *_: step < steps_per_epoch, run_step,
+                                                      (tf.constant(0), zeros, zeros))
             val_loss = self._mean_loss(val_index, val_counts, self.params, self.state)
-            improved = val_loss < self.best_val_loss
-            for name in self.names:
-                shape = [-1] + [1] * (len(self.params[name].shape) - 1)
-                self.best_params[name].assign(tf.where(tf.reshape(improved, shape), self.params[name],
-                                                       self.best_params[name]))
-            for name in self.state_names:
-                shape = [-1] + [1] * (len(self.state[name].shape) - 1)
-                self.best_state[name].assign(tf.where(tf.reshape(improved, shape), self.state[name],
-                                                      self.best_state[name]))
-            self.best_val_loss.assign(tf.where(improved, val_loss, self.best_val_loss))
-            self.best_epoch.assign(tf.where(improved, first_epoch + epoch, self.best_epoch))
-            train_history = train_history.write(epoch, epoch_loss / tf.maximum(epoch_seen, 1.0))
-            val_history = val_history.write(epoch, val_loss)
-        for epoch in tf.range(num_epochs, chunk_size):
-            train_history = train_history.write(epoch, tf.zeros([self.num_models]))
-            val_history = val_history.write(epoch, tf.zeros([self.num_models]))
-        return train_history.stack(), val_history.stack()
+            self._keep_if_improved(val_loss, first_epoch + epoch)
+            row = tf.reshape(epoch, [1, 1])
+            train_history = tf.tensor_scatter_nd_update(
+                train_history, row, (epoch_loss / tf.maximum(epoch_seen, 1.0))[None])
+            val_history = tf.tensor_scatter_nd_update(val_history, row, val_loss[None])
+            return epoch + 1, train_history, val_history
+
+        history = tf.zeros([chunk_size, self.num_models])
+        _, train_history, val_history = tf.while_loop(lambda epoch, *_: epoch < num_epochs, run_epoch,
+                                                      (tf.constant(0), history, history))
+        return train_history, val_history
 
     # ---- public ----
 
     def fit(self, train_lists, val_lists, epochs, generators, chunk_epochs=250, progress=None):
         """Train for `epochs`; returns (train_loss, val_loss) histories of shape (epochs, M)."""
         train_index, train_counts = pad_index_lists(train_lists, self.batch_size)
-        val_index, val_counts = pad_index_lists(val_lists, self.validation_padding or self.batch_size)
+        longest_val = max(len(indices) for indices in val_lists)
+        val_index, val_counts = pad_index_lists(
+            val_lists, self.validation_padding or (max(longest_val, 1) if longest_val <= self.batch_size
+                                                   else self.batch_size))
         train_histories, val_histories = [], []
         started = time.perf_counter()
         for first_epoch in range(0, epochs, chunk_epochs):

@@ -102,18 +102,22 @@ def task_guided_selection(score, class_label, valid, top_percent, random_percent
     For each class c present among the valid samples (n_c of them) keep the top
     k_top = max(1, floor(n_c * top_percent)) by score, plus k_more = min(floor(n_c * random_percent),
     n_c - k_top) more: the next-ranked ones (`random_key` None, the reference behaviour) or, given a
-    `random_key` (M, B) of uniform draws, those of the rest of the class with the largest keys.
+    `random_key` (M, B) of random draws (any ordered dtype), those of the rest of the class with the largest keys.
     `top_percent` and `random_percent` are per model (M,), so one stack can hold a whole sweep grid.
     Returns the keep mask (M, B).
     """
     same_valid = tf.equal(class_label[:, :, None], class_label[:, None, :]) & valid[:, None, :]
-    class_count = tf.cast(tf.reduce_sum(tf.cast(same_valid, tf.int32), axis=2), tf.float64)
-    top_percent = tf.cast(top_percent, tf.float64)[:, None]
-    random_percent = tf.cast(random_percent, tf.float64)[:, None]
-    # The 1e-5 keeps e.g. floor(10 * 0.7) at 7 despite 0.7 being stored as 0.69999998 in float32.
-    k_top = tf.maximum(tf.floor(class_count * top_percent + 1e-5), 1.0)
-    k_more = tf.minimum(tf.floor(class_count * random_percent + 1e-5), class_count - k_top)
-    k_top, k_more = tf.cast(k_top, tf.int32), tf.cast(k_more, tf.int32)
+    class_count = tf.reduce_sum(tf.cast(same_valid, tf.int32), axis=2)
+    # k_top and k_more for every possible class count 0..B, looked up per sample: the float64
+    # arithmetic stays on this small table (float64 inside the per-sample graph slows XLA's CPU
+    # code for the whole triplet loss several-fold). The 1e-5 keeps e.g. floor(10 * 0.7) at 7
+    # despite 0.7 being stored as 0.69999998 in float32.
+    possible_count = tf.range(tf.shape(class_label)[1] + 1, dtype=tf.float64)[None, :]
+    top_table = tf.maximum(tf.floor(possible_count * tf.cast(top_percent, tf.float64)[:, None] + 1e-5), 1.0)
+    more_table = tf.minimum(tf.floor(possible_count * tf.cast(random_percent, tf.float64)[:, None] + 1e-5),
+                            possible_count - top_table)
+    k_top = tf.gather(tf.cast(top_table, tf.int32), class_count, batch_dims=1)
+    k_more = tf.gather(tf.cast(more_table, tf.int32), class_count, batch_dims=1)
     rank = _rank_within_class(score, class_label, valid)
     if random_key is None:
         keep = rank < k_top + k_more
