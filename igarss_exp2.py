@@ -612,16 +612,8 @@ def checked_folds(folds):
     return sorted(set(folds))
 
 
-def quiet_hdf5_notice():
-    """Keras logs a legacy-format notice for every .h5 save; the paper repo's layout needs .h5."""
-    import logging
-
-    logging.getLogger("absl").addFilter(lambda record: "HDF5 file via `model.save()`" not in record.getMessage())
-
-
 @cli_entry
 def main(args):
-    quiet_hdf5_notice()
     seed_everything(args.seed, args.deterministic)
     command = "python igarss_exp1.py" + (" --demo" if args.demo else "") + \
         (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")

@@ -112,7 +112,6 @@ def plot_heatmaps(rows, sources, embedding_names, directory):
 
 @cli_entry
 def main(args):
-    igarss_exp2.quiet_hdf5_notice()
     seed_everything(args.seed, args.deterministic)
     command = "python igarss_exp1_sweep.py" + (" --demo" if args.demo else "") + \
         (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")

@@ -102,7 +102,6 @@ def main():
     parser.add_argument("--baseline_epochs", type=int, default=12)
     parser.add_argument("--chunk_epochs", type=int, default=40)
     bench_args = parser.parse_args()
-    igarss_exp2.quiet_hdf5_notice()
 
     with tempfile.TemporaryDirectory() as folder:
         data_path, embeddings_dir = awir.make_demo_data(Path(folder) / "data", seed=0)

@@ -178,8 +178,21 @@ def atomic_write_csv(path, rows, fieldnames):
     atomic_write_text(path, buffer.getvalue())
 
 
+def _not_the_hdf5_notice(record):
+    return "HDF5 file via `model.save()`" not in record.getMessage()
+
+
 def atomic_save_keras(model, path):
-    """model.save through a temporary file with the same extension (.h5 or .keras)."""
+    """model.save through a temporary file with the same extension (.h5 or .keras).
+
+    Keras logs a legacy-format notice for every .h5 save; the papers' layouts need .h5, so it is muted.
+    """
+    if str(path).endswith(".h5"):
+        import logging
+
+        absl_logger = logging.getLogger("absl")
+        if _not_the_hdf5_notice not in absl_logger.filters:
+            absl_logger.addFilter(_not_the_hdf5_notice)
     with atomic_path(path) as temporary:
         model.save(temporary)
 
