@@ -17,7 +17,7 @@ Commands:
     python igarss_exp1.py --demo                                           # synthetic data, ~1 minute
 
 All heads of one embedding train together in one compiled graph (common/stacked_training.py),
-which equals training them one by one: the full protocol takes about 2 minutes on a 2-core CPU.
+which equals training them one by one: the full protocol takes under 3 minutes on a 2-core CPU.
 It ends with one line per method, e.g.
     summary: tg_matl test 5-NN accuracy 0.93 (mean over 3 embeddings x 8 folds), best val loss 0.02
 """

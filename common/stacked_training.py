@@ -36,8 +36,8 @@ def _start_worker_process(deterministic):
 
 def run_side_by_side(jobs, run, finished, workers, deterministic=False):
     """Run `run(job)` for every job on `workers` workers, largest first (jobs arrive sorted);
-    `finished(job, result)` is called in the calling process as results come in (Keras saving is not
-    thread-safe). Returns the wall seconds.
+    `finished(job, result)` is called in the calling process as results come in. Returns the wall
+    seconds.
 
     With one worker the jobs run here, one after another. With several, each worker is a process of
     its own with a single TensorFlow thread: stacks run as threads of one process share its thread

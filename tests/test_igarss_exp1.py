@@ -107,6 +107,26 @@ def test_a_head_alone_trains_exactly_as_inside_a_stack(small_data):
     np.testing.assert_allclose(together["params"]["kernel"][2], alone["params"]["kernel"][0], atol=1e-6)
 
 
+def test_worker_processes_train_the_same_heads_as_this_process(small_data):
+    data, _, _ = small_data
+    scores = igarss_exp1.fold_task_scores(data, 0)
+    heads = {"clip": [{"method": method, "fold": fold, "key": 10 * index + fold}
+                      for index, method in enumerate(("dtl_hard", "tg_matl")) for fold in (1, 2)]}
+    jobs = igarss_exp1.split_into_jobs(heads, data["embeddings"], 2)
+    kernels = {}
+    for workers in (1, 2):
+        args = parse("--epochs", "3", "--learning_rate", "0.01", "--workers", str(workers))
+
+        def record(job, result, workers=workers):
+            for index, head in enumerate(result["heads"]):
+                kernels[(workers, head["key"])] = result["params"]["kernel"][index]
+
+        igarss_exp1.train_jobs(jobs, data, scores, args, record)
+    assert len(kernels) == 8
+    for key in (1, 2, 11, 12):
+        np.testing.assert_allclose(kernels[(2, key)], kernels[(1, key)], atol=1e-6)
+
+
 def knn_accuracy_of(result, data, embedding, label_key):
     accuracies = []
     for index, head in enumerate(result["heads"]):
