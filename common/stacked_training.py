@@ -41,8 +41,9 @@ def run_side_by_side(jobs, run, finished, workers, deterministic=False):
 
     With one worker the jobs run here, one after another. With several, each worker is a process of
     its own with a single TensorFlow thread: stacks run as threads of one process share its thread
-    pools and measured 1.5x slower per epoch on two cores than in separate processes. `run` and the
-    jobs are then pickled, so `run` must be a module-level function (or a functools.partial of one).
+    pools and measured about 1.4x slower per epoch on two cores than in separate processes. `run`
+    and the jobs are then pickled, so `run` must be a module-level function (or a functools.partial
+    of one).
     """
     started = time.perf_counter()
     if workers <= 1 or len(jobs) <= 1:
