@@ -44,8 +44,8 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from common.raster import open_geotiff, patch_windows, read_window, write_geotiff
-from common.runs import (InputError, add_run_arguments, atomic_write_csv, atomic_write_json,
-                         cli_entry, print_args, require, require_dir, write_config)
+from common import atomic, cli, runs
+from common.errors import InputError, cli_entry, require, require_dir
 
 # WorldCover 2021 codes (0 = no data) and the reference code's remap to the paper's 7 classes.
 WORLDCOVER_CODES = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
@@ -114,7 +114,7 @@ def get_args_parser():
                         help="Generate two small GeoTIFF pairs under <results_dir>/demo_data/ and run "
                              "on them.")
     parser.add_argument("--demo_size", type=int, default=768, help=argparse.SUPPRESS)
-    add_run_arguments(parser)
+    cli.add_run_arguments(parser)
     return parser
 
 
@@ -536,7 +536,7 @@ def check_state(out, settings, overwrite):
         require(not changed, out, f"was built with other settings ({', '.join(changed)})",
                 "the same settings to continue it, --overwrite to rebuild it, or another --out")
         return True
-    atomic_write_json(state_path, settings)
+    atomic.write_json(state_path, settings)
     return False
 
 
@@ -640,7 +640,7 @@ def main(args):
             "a fraction in [0, 1]")
     require(args.workers >= 1, "--workers", f"got {args.workers}", "at least 1")
     ratios = parse_split(args.split)
-    print_args(args)
+    runs.print_args(args)
 
     # ---- inputs ----
     tiles, maps, failures = find_tiles(args.s2_dir, args.map_dir)
@@ -734,7 +734,7 @@ def main(args):
         per_tile[tile] = summary
     fieldnames = ["patch", "split", "tile", "row", "col", "left", "bottom", "right", "top", "crs"] + [
         f"frac_{name}" for name in CLASS_NAMES]
-    atomic_write_csv(out / "manifest.csv", rows, fieldnames)
+    atomic.write_csv(out / "manifest.csv", rows, fieldnames)
     kept_by_split = {split: sum(s["kept"] for s in per_tile.values() if s["split"] == split)
                      for split in SPLITS}
     totals = {"tiles": len(tiles), "tiles_failed": len(failed),
@@ -754,8 +754,8 @@ def main(args):
         "palette": {name: PALETTE[i].tolist() for i, name in enumerate(CLASS_NAMES)},
         "seconds": round(time.perf_counter() - started, 2),
     }
-    atomic_write_json(out / "report.json", report)
-    write_config(out, args, settings=settings, out=str(out))
+    atomic.write_json(out / "report.json", report)
+    runs.write_config(out, args, settings=settings, out=str(out))
     dropped = ", ".join(f"{reason} {count}" for reason, count in totals["dropped"].items())
     by_split = (" (" + ", ".join(f"{s} {n}" for s, n in kept_by_split.items()) + ")") if ratios else ""
     print(f"summary: tiles {totals['tiles']} (failed {totals['tiles_failed']}), patches {totals['patches']}, "

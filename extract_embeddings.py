@@ -63,17 +63,8 @@ from transformers import (
     ViTMAEModel,
 )
 
-from common.runs import (
-    InputError,
-    atomic_path,
-    atomic_save_npy,
-    atomic_write_json,
-    cli_entry,
-    print_args,
-    require,
-    require_file,
-    run_record,
-)
+from common import atomic, runs
+from common.errors import InputError, cli_entry, require, require_file
 
 # Per model: the transformers class that computes the embedding, the hub id of the checkpoint the
 # paper used, the model_type values a matching config.json may carry, and the embedding width of
@@ -344,8 +335,8 @@ def extract(model_name, model, processor, data_path, image_key, num_images, offs
                 chunks.append(np.concatenate(pending))
                 if not checkpoint_dir.exists():
                     checkpoint_dir.mkdir(parents=True)
-                    atomic_write_json(checkpoint_dir / "run.json", fingerprint)
-                atomic_save_npy(checkpoint_dir / f"rows_{first_pending:09d}_{end:09d}.npy", chunks[-1])
+                    atomic.write_json(checkpoint_dir / "run.json", fingerprint)
+                atomic.save_npy(checkpoint_dir / f"rows_{first_pending:09d}_{end:09d}.npy", chunks[-1])
                 first_pending, pending = end, []
     return np.concatenate(chunks + pending).astype(np.float32, copy=False)
 
@@ -422,12 +413,12 @@ def run_extraction(args, model_name, model_path, device):
     # A non-finite embedding means a broken checkpoint; the TG-MATL scripts would reject the file.
     require(np.isfinite(embeddings).all(), model_path, "the model produced NaN or Inf embeddings",
             "a working checkpoint")
-    record = run_record(args)
+    record = runs.run_record(args)
     record["versions"].update(torch=torch.__version__, transformers=transformers.__version__)
     record["derived"] = {**fingerprint, "shape": list(embeddings.shape), "dtype": "float32",
                          "device": str(device), "seconds": round(seconds, 3), "resumed_rows": resumed_rows}
-    atomic_save_npy(output, embeddings)
-    atomic_write_json(output.with_suffix(".json"), record)
+    atomic.save_npy(output, embeddings)
+    atomic.write_json(output.with_suffix(".json"), record)
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     paper_width = FOUNDATION_MODELS[model_name][3]
@@ -457,7 +448,7 @@ def make_demo_data(path, num_samples, rng):
         box_label[index] = xmin, xmin + width, ymin, ymin + height
         rgb[index, ymin:ymin + height, xmin:xmin + width] = (200, 180 - 60 * label, 60 * label)
         thermal[index, ymin:ymin + height, xmin:xmin + width] = 220
-    with atomic_path(path) as temporary:
+    with atomic.atomic_path(path) as temporary:
         with open(temporary, "wb") as file:
             np.savez(file, class_label=class_label, box_label=box_label, rgb=rgb, thermal=thermal)
 
@@ -504,7 +495,7 @@ def main(args):
     require(args.batch_size >= 1, "--batch_size", f"is {args.batch_size}", "a positive integer")
     require(args.checkpoint_every >= 1, "--checkpoint_every", f"is {args.checkpoint_every}",
             "a positive integer")
-    print_args(args)
+    runs.print_args(args)
     device = resolve_device(args.device)
 
     if not args.demo:

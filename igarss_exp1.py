@@ -33,8 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from common import awir
-from common.runs import (atomic_save_keras, atomic_save_npy, atomic_write_csv, atomic_write_json,
-                         cli_entry, print_args, require_same_arguments, seed_everything)
+from common import atomic, runs
+from common.errors import cli_entry
 from common.stacked_training import StackedModels, model_generator, run_side_by_side
 from common.triplet import (batch_all_triplet_loss, batch_hard_triplet_loss, matl_loss, pairwise_distance,
                             task_guided_selection)
@@ -287,9 +287,9 @@ def export_heads(result, embedding, test_embedding, paths):
     for index, (model_path, projection_path) in enumerate(paths):
         kernel, bias = result["params"]["kernel"][index], result["params"]["bias"][index]
         head_model.set_weights([kernel, bias])
-        atomic_save_keras(head_model, model_path)
+        atomic.save_keras(head_model, model_path)
         projection = (test_embedding @ kernel + bias).astype(np.float32)
-        atomic_save_npy(projection_path, projection)
+        atomic.save_npy(projection_path, projection)
 
 
 def knn_accuracy(train_points, train_labels, test_points, test_labels, neighbours=5):
@@ -302,8 +302,8 @@ def knn_accuracy(train_points, train_labels, test_points, test_labels, neighbour
 
 def check_previous_run(config_path, args, overwrite, keys=TRAINING_KEYS):
     """Refuse to mix heads trained with other arguments into this run's outputs."""
-    return require_same_arguments(config_path, {key: getattr(args, key) for key in keys}, overwrite,
-                                  "existing heads")
+    return runs.check_same_settings(config_path, {key: getattr(args, key) for key in keys}, overwrite,
+                                  "existing heads", hint=awir.RESUME_HINT)
 
 
 def use_demo_data(args, demo_epochs):
@@ -316,10 +316,10 @@ def use_demo_data(args, demo_epochs):
 
 @cli_entry
 def main(args):
-    seed_everything(args.seed, args.deterministic)
+    runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         use_demo_data(args, demo_epochs=300)
-    print_args(args)
+    runs.print_args(args)
 
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)
@@ -335,7 +335,7 @@ def main(args):
     results_dir = Path(args.results_dir)
     config_path = results_dir / "trained_models" / "exp1_emb_proj" / "exp1_config.json"
     training_config = check_previous_run(config_path, args, args.overwrite)
-    atomic_write_json(config_path, training_config)
+    atomic.write_json(config_path, training_config)
 
     # ---- train ----
     timings_path = results_dir / "exp1_timings" / f"timings_test{args.test_size}.csv"
@@ -379,7 +379,7 @@ def main(args):
                                     embedding[data["test"]] @ kernel + bias, data["class_label"][data["test"]])
             summary[head["method"]]["knn"].append(accuracy)
             summary[head["method"]]["val"].append(float(result["best_val_loss"][index]))
-        atomic_write_csv(timings_path, [timings[key] for key in sorted(timings)],
+        atomic.write_csv(timings_path, [timings[key] for key in sorted(timings)],
                          ["experiment", "fold"] + list(TIMING_COLUMNS.values()))
 
     jobs = split_into_jobs(heads_by_embedding, data["embeddings"], args.workers)
@@ -396,7 +396,7 @@ def main(args):
     report = {method: {"test_knn5_accuracy": float(np.mean(v["knn"])), "best_val_loss": float(np.mean(v["val"])),
                        "heads": len(v["knn"])} for method, v in summary.items() if v["knn"]}
     if report:
-        atomic_write_json(results_dir / "exp1_test_projections" / "knn_summary.json", report)
+        atomic.write_json(results_dir / "exp1_test_projections" / "knn_summary.json", report)
     for method, values in report.items():
         print(f"summary: {awir.method_tag(method, args.top_percent, args.random_percent)} test 5-NN accuracy "
               f"{values['test_knn5_accuracy']:.3f} (mean over {values['heads']} heads), "

@@ -28,7 +28,8 @@ import numpy as np
 
 import igarss_exp1
 from common import awir
-from common.runs import atomic_write_csv, atomic_write_json, cli_entry, print_args, seed_everything
+from common import atomic, runs
+from common.errors import cli_entry
 from common.stacked_training import run_side_by_side
 
 PAPER_TOP_PERCENTS = [0.40, 0.50, 0.60, 0.70]
@@ -51,10 +52,10 @@ def grid_tag(top_percent, random_percent):
 
 @cli_entry
 def main(args):
-    seed_everything(args.seed, args.deterministic)
+    runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         igarss_exp1.use_demo_data(args, demo_epochs=100)
-    print_args(args)
+    runs.print_args(args)
 
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)
@@ -62,7 +63,7 @@ def main(args):
     results_dir = Path(args.results_dir)
     config_path = results_dir / "trained_models" / "exp1_emb_proj" / "exp1_sweep_config.json"
     sweep_keys = [key for key in igarss_exp1.TRAINING_KEYS if key not in ("top_percent", "random_percent")]
-    atomic_write_json(config_path, igarss_exp1.check_previous_run(config_path, args, args.overwrite, sweep_keys))
+    atomic.write_json(config_path, igarss_exp1.check_previous_run(config_path, args, args.overwrite, sweep_keys))
     grid = [(top, extra) for top in args.top_percents for extra in args.random_percents]
     print(f"grid {len(grid)} points x {len(args.embeddings)} embeddings x {awir.NUM_FOLDS} folds "
           f"= {len(grid) * len(args.embeddings) * awir.NUM_FOLDS} TG-MATL heads")
@@ -104,7 +105,7 @@ def main(args):
             accuracy.setdefault(head["tag"], []).append(igarss_exp1.knn_accuracy(
                 embedding[train] @ kernel + bias, data["class_label"][train],
                 embedding[data["test"]] @ kernel + bias, data["class_label"][data["test"]]))
-        atomic_write_csv(timings_path, [timings[key] for key in sorted(timings)], columns)
+        atomic.write_csv(timings_path, [timings[key] for key in sorted(timings)], columns)
         print(f"  {job['label']}: {len(result['heads'])} heads in {result['seconds']:.1f}s")
 
     jobs = igarss_exp1.split_into_jobs(heads_by_embedding, data["embeddings"], args.workers)
@@ -114,7 +115,7 @@ def main(args):
     print(f"  all stacks done in {seconds:.1f}s")
     if accuracy:
         summary = {tag: float(np.mean(values)) for tag, values in accuracy.items()}
-        atomic_write_json(results_dir / "exp1_test_projections" / "sweep_knn_summary.json", summary)
+        atomic.write_json(results_dir / "exp1_test_projections" / "sweep_knn_summary.json", summary)
         best = max(summary, key=summary.get)
         print(f"summary: best grid point {best}: test 5-NN accuracy {summary[best]:.3f} "
               f"(mean over {len(accuracy[best])} heads)")

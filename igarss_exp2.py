@@ -38,19 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 from common import awir
-from common.runs import (
-    InputError,
-    atomic_save_figure,
-    atomic_save_keras,
-    atomic_save_npy,
-    atomic_write_csv,
-    atomic_write_json,
-    atomic_write_text,
-    cli_entry,
-    print_args,
-    require_same_arguments,
-    seed_everything,
-)
+from common import atomic, runs
+from common.errors import InputError, cli_entry
 from common.stacked_training import (
     StackedModels,
     model_generator,
@@ -286,7 +275,7 @@ def export_task_head(params, state, index, kind, input_dim, path, learning_rate,
                                                    state[f"moving_mean{layer}"][index],
                                                    state[f"moving_variance{layer}"][index]])
     model.get_layer("output").set_weights([params["kernel_out"][index][:, :units], params["bias_out"][index][:units]])
-    atomic_save_keras(model, path)
+    atomic.save_keras(model, path)
     return model
 
 
@@ -433,8 +422,8 @@ def plan_jobs(units, inputs, workers):
 
 def check_previous_run(config_path, args, overwrite):
     """Refuse to mix heads trained with other arguments into this run's outputs."""
-    return require_same_arguments(config_path, {key: getattr(args, key) for key in TRAINING_KEYS}, overwrite,
-                                  "existing task heads")
+    return runs.check_same_settings(config_path, {key: getattr(args, key) for key in TRAINING_KEYS}, overwrite,
+                                  "existing task heads", hint=awir.RESUME_HINT)
 
 
 def run_task_heads(data, sources, args, config_name="exp2_config.json"):
@@ -460,7 +449,7 @@ def run_task_heads(data, sources, args, config_name="exp2_config.json"):
     needed = sorted({(unit["embedding"], unit["method"]) for unit in units})
     inputs = load_inputs(data, [s for s in sources if any(s["method"] == m for _, m in needed)],
                          sorted({n for n, _ in needed}), sorted({u["fold"] for u in units}), results_dir)
-    atomic_write_json(config_path, training_config)
+    atomic.write_json(config_path, training_config)
     jobs = plan_jobs(units, inputs, args.workers)
     print(f"# ---- train: {sum(len(j['heads']) for j in jobs)} task heads in {len(jobs)} stacks on "
           f"{args.workers} worker(s), {args.epochs} epochs ----")
@@ -496,8 +485,8 @@ def write_metrics(results_dir, embedding, method, fold, values):
     """The reference's .npy dict (np.save of a dict) and a .json twin that our code reads."""
     path = metrics_path(results_dir, embedding, method, fold)
     record = {key: values[key] for key in METRICS + TIME_METRICS}
-    atomic_save_npy(path, np.array(record, dtype=object), allow_pickle=True)
-    atomic_write_json(path.with_suffix(".json"), dict(values, embedding=embedding, method=method, fold=fold))
+    atomic.save_npy(path, np.array(record, dtype=object), allow_pickle=True)
+    atomic.write_json(path.with_suffix(".json"), dict(values, embedding=embedding, method=method, fold=fold))
 
 
 def read_metrics(results_dir, embedding, method, folds):
@@ -551,7 +540,7 @@ def write_summary(rows, directory, prefix="summary"):
     grid = [key for key in ("top_percent", "random_percent") if rows and key in rows[0]]
     columns = (["embedding", "method"] + grid + ["folds"]
                + [f"{m}_{s}" for m in METRICS + TIME_METRICS for s in ("mean", "std")])
-    atomic_write_csv(directory / f"{prefix}.csv", rows, columns)
+    atomic.write_csv(directory / f"{prefix}.csv", rows, columns)
     marks = best_marks(rows)
     lines = ["# TG-MATL experiment 2: task heads on the fixed test set",
              "",
@@ -565,7 +554,7 @@ def write_summary(rows, directory, prefix="summary"):
             cell = f"{row[f'{metric}_mean']:.4f} +- {row[f'{metric}_std']:.4f}"
             cells.append(f"**{cell}**" if (index, metric) in marks else cell)
         lines.append(f"| {row['embedding']} | {row['method']} | {row['folds']} | " + " | ".join(cells) + " |")
-    atomic_write_text(directory / f"{prefix}.md", "\n".join(lines) + "\n")
+    atomic.write_text(directory / f"{prefix}.md", "\n".join(lines) + "\n")
     plot_summary(rows, directory / f"{prefix}.png")
 
 
@@ -595,7 +584,7 @@ def plot_summary(rows, path):
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.tight_layout()
-    atomic_save_figure(figure, path)
+    atomic.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -615,7 +604,7 @@ def checked_folds(folds):
 
 @cli_entry
 def main(args):
-    seed_everything(args.seed, args.deterministic)
+    runs.seed_everything(args.seed, args.deterministic)
     command = "python igarss_exp1.py" + (" --demo" if args.demo else "") + \
         (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
     if args.demo:
@@ -626,7 +615,7 @@ def main(args):
         if args.learning_rate == get_args_parser().get_default("learning_rate"):
             args.learning_rate = 3e-3
     args.folds = checked_folds(args.folds)
-    print_args(args)
+    runs.print_args(args)
 
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)

@@ -31,7 +31,8 @@ import numpy as np
 
 import igarss_exp2
 from common import awir
-from common.runs import InputError, atomic_save_figure, cli_entry, print_args, seed_everything
+from common import atomic, runs
+from common.errors import InputError, cli_entry
 
 TOP_PERCENTS = (0.40, 0.50, 0.60, 0.70)
 RANDOM_PERCENTS = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
@@ -104,7 +105,7 @@ def plot_heatmaps(rows, sources, embedding_names, directory):
             figure.colorbar(image, ax=axis)
         figure.tight_layout()
         path = Path(directory) / f"sweep_heatmap_{metric}.png"
-        atomic_save_figure(figure, path)
+        atomic.save_figure(figure, path)
         plt.close(figure)
         paths.append(path)
     return paths
@@ -112,7 +113,7 @@ def plot_heatmaps(rows, sources, embedding_names, directory):
 
 @cli_entry
 def main(args):
-    seed_everything(args.seed, args.deterministic)
+    runs.seed_everything(args.seed, args.deterministic)
     command = "python igarss_exp1_sweep.py" + (" --demo" if args.demo else "") + \
         (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
     if args.demo:
@@ -130,7 +131,7 @@ def main(args):
     else:
         grid = [(t, r) for t in args.top_percents for r in args.random_percents]
     args.folds = igarss_exp2.checked_folds(args.folds)
-    print_args(args)
+    runs.print_args(args)
 
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)

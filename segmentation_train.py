@@ -49,24 +49,8 @@ import cv2
 import numpy as np
 
 from common.metrics import ConfusionMatrix
-from common.runs import (
-    InputError,
-    add_run_arguments,
-    atomic_path,
-    atomic_save_figure,
-    atomic_save_keras,
-    atomic_write_csv,
-    atomic_write_json,
-    cli_entry,
-    make_strategy,
-    prepare_run_dir,
-    print_args,
-    require,
-    require_dir,
-    require_file,
-    seed_everything,
-    write_config,
-)
+from common import atomic, cli, runs
+from common.errors import InputError, cli_entry, require, require_dir, require_file
 
 CLASS_NAMES = ["Tree", "Shrubland", "Grassland", "Cropland", "Built-up", "Bare/sparse", "Water"]
 # ARAS400k mask colours, one per class index (the dataset creator's palette).
@@ -154,7 +138,7 @@ def get_args_parser():
     parser.add_argument("--demo_images", type=int, default=48,
                         help="With --demo: training patches to generate (validation and test get a "
                              "third each); lower it for a faster smoke test.")
-    add_run_arguments(parser)
+    cli.add_run_arguments(parser)
     return parser
 
 
@@ -569,15 +553,15 @@ def save_checkpoint(model, run_dir, state):
     # draws the same dropout masks as an uninterrupted one.
     arrays = {f"model_{i:04d}": np.asarray(v) for i, v in enumerate(model.variables)}
     arrays.update({f"optimizer_{i:04d}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
-    with atomic_path(checkpoint) as temporary, open(temporary, "wb") as file:
+    with atomic.atomic_path(checkpoint) as temporary, open(temporary, "wb") as file:
         np.savez(file, **arrays)
     previous = state.get("checkpoint")
     state["checkpoint"] = checkpoint.name
-    atomic_write_json(run_dir / "state.json", {k: v for k, v in state.items() if k != "epoch_started"})
+    atomic.write_json(run_dir / "state.json", {k: v for k, v in state.items() if k != "epoch_started"})
     if previous and previous != checkpoint.name and (run_dir / previous).exists():
         (run_dir / previous).unlink()
     fields = list(state["history"][0])
-    atomic_write_csv(run_dir / "log.csv", state["history"], fields)
+    atomic.write_csv(run_dir / "log.csv", state["history"], fields)
 
 
 def load_checkpoint(model, path):
@@ -615,7 +599,7 @@ def plot_confusion(counts, path):
     axis.set_ylabel("true (rows sum to 1)")
     axis.set_title("Test confusion matrix (pixels)")
     figure.colorbar(image)
-    atomic_save_figure(figure, path)
+    atomic.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -638,7 +622,7 @@ def plot_curves(history, path):
         axis.set_xlabel("epoch")
     axes[0].legend()
     axes[1].legend()
-    atomic_save_figure(figure, path)
+    atomic.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -659,7 +643,7 @@ def plot_examples(pairs, predictions, path):
             axes[row, col].axis("off")
     figure.legend(handles=[Patch(color=PALETTE[i] / 255, label=name) for i, name in enumerate(CLASS_NAMES)],
                   loc="lower center", ncol=4)
-    atomic_save_figure(figure, path)
+    atomic.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -704,7 +688,7 @@ def make_demo_dataset(root, image_size, train_images, seed):
             cv2.imwrite(str(root / split / "images" / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             cv2.imwrite(str(root / split / "masks" / name), cv2.cvtColor(labels_to_colours(labels),
                                                                          cv2.COLOR_RGB2BGR))
-    atomic_write_json(root / "demo.json", recipe)
+    atomic.write_json(root / "demo.json", recipe)
     return root
 
 
@@ -734,7 +718,7 @@ def run_analysis(args):
     folders = [require_dir(folder, "a folder of images") for folder in args.analyze]
     labels = [folder.parent.name if folder.name == "images" else folder.name for folder in folders]
     run_name = args.run_name or "analyze_" + "_vs_".join(labels)[:80]
-    print_args(args)
+    runs.print_args(args)
 
     # ---- data ----
     rng = np.random.default_rng(args.seed)
@@ -758,9 +742,9 @@ def run_analysis(args):
         model = build_encoder(args.encoder, image_size, args.weights)
     last_stage = encoder_pyramid(model, image_size)[-1]
     extractor = keras.Model(model.input, keras.layers.GlobalAveragePooling2D()(last_stage))
-    run_dir = prepare_run_dir(args.results_dir, "segmentation_train", run_name, args.overwrite,
+    run_dir = runs.prepare_run_dir(args.results_dir, "segmentation_train", run_name, args.overwrite,
                               args.resume, finished_marker="silhouette.json")
-    write_config(run_dir, args, image_size=image_size, samples=len(samples))
+    runs.write_config(run_dir, args, image_size=image_size, samples=len(samples))
 
     # ---- features ----
     features = []
@@ -807,18 +791,18 @@ def run_analysis(args):
         axis.set_title(f"{name.upper()} of pooled encoder features (silhouette "
                        f"{scores['overall'][name]:.3f})")
         axis.legend()
-        atomic_save_figure(figure, run_dir / f"{name}.png")
+        atomic.save_figure(figure, run_dir / f"{name}.png")
         plt.close(figure)
     rows = [{"file": str(path), "folder": label} for path, label in samples]
     for name, points in embeddings.items():
         for row, point in zip(rows, points):
             row.update({f"{name}_x": float(point[0]), f"{name}_y": float(point[1])})
-    atomic_write_csv(run_dir / "embedding.csv", rows, list(rows[0]))
+    atomic.write_csv(run_dir / "embedding.csv", rows, list(rows[0]))
     names = {"features": "standardised features", "tsne": "t-SNE", "umap": "UMAP"}
     summary = ("silhouette: " + " | ".join(f"{names[space]} {score:.4f}" for space, score in
                                            scores["overall"].items()) + f" over {count} images")
     scores["summary"] = summary
-    atomic_write_json(run_dir / "silhouette.json", scores)
+    atomic.write_json(run_dir / "silhouette.json", scores)
     print(f"wrote {run_dir}")
     print(summary)
     return scores
@@ -832,7 +816,7 @@ def main(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.analyze:
-        seed_everything(args.seed, args.deterministic)
+        runs.seed_everything(args.seed, args.deterministic)
         return run_analysis(args)
     if args.demo:
         args.data_root = str(Path(args.results_dir) / "demo_data" / "segmentation_train")
@@ -840,7 +824,7 @@ def main(args):
     require(args.data_root, "--data_root", "is missing", "the dataset root, or --demo")
     require(args.image_size % 32 == 0 and args.image_size >= 32, "--image_size", f"is {args.image_size}",
             "a multiple of 32 (the encoder's output stride)")
-    print_args(args)
+    runs.print_args(args)
     run_name = args.run_name or ("demo" if args.demo else
                                  f"{args.encoder}_{args.loss}_{args.image_size}px_seed{args.seed}")
     run_path = Path(args.results_dir) / "segmentation_train" / run_name
@@ -860,7 +844,7 @@ def main(args):
         print(f"{split}: {len(pairs[split])} patches | {fractions} | unknown colour "
               f"{int(counts[NUM_CLASSES])} px (ignored)")
     steps_per_epoch = -(-len(pairs["train"]) // args.batch_size)
-    run_dir = prepare_run_dir(args.results_dir, "segmentation_train", run_name, args.overwrite, args.resume)
+    run_dir = runs.prepare_run_dir(args.results_dir, "segmentation_train", run_name, args.overwrite, args.resume)
     state = {"epochs_done": 0, "best_val_macro_f1": -2.0, "best_epoch": 0, "epochs_without_improvement": 0,
              "plateau_best": -2.0, "plateau_bad_epochs": 0, "stopped_early": False, "history": []}
     resuming = args.resume and (run_dir / "state.json").exists()
@@ -873,7 +857,7 @@ def main(args):
                     f"the run was made with --{key} {previous[key]}", f"--{key} {previous[key]} to resume it")
         print(f"resuming {run_dir} after epoch {state['epochs_done']} ({state['checkpoint']})")
     else:
-        write_config(run_dir, args, steps_per_epoch=steps_per_epoch, class_names=CLASS_NAMES,
+        runs.write_config(run_dir, args, steps_per_epoch=steps_per_epoch, class_names=CLASS_NAMES,
                      palette=PALETTE.tolist(), patches={s: len(pairs[s]) for s in SPLITS},
                      class_pixels={s: pixel_counts[s][:NUM_CLASSES] for s in SPLITS},
                      unknown_colour_pixels={s: int(pixel_counts[s][NUM_CLASSES]) for s in SPLITS})
@@ -881,7 +865,7 @@ def main(args):
     # ---- model ----
     # Seeding imports TensorFlow, so it follows the input checks (which use no randomness): a bad
     # input is reported in a second, not after TensorFlow's start-up.
-    seed_everything(args.seed, args.deterministic)
+    runs.seed_everything(args.seed, args.deterministic)
     import keras
     import tensorflow as tf
 
@@ -891,7 +875,7 @@ def main(args):
             print("mixed precision: mixed_float16 compute, float32 logits and loss")
         else:
             print("note: --mixed_precision needs a GPU (float16 is slower on a CPU); training in float32")
-    strategy = make_strategy(args.strategy)
+    strategy = runs.make_strategy(args.strategy)
     with strategy.scope():
         loss_fn = make_dice_loss(cross_entropy=args.loss == "dice_ce")
         model = build_segformer(args.encoder, args.image_size, args.decoder_width,
@@ -927,10 +911,10 @@ def main(args):
 
     # ---- evaluate ----
     model.load_weights(run_dir / "best.weights.h5")
-    atomic_save_keras(model, run_dir / "best_model.keras")
+    atomic.save_keras(model, run_dir / "best_model.keras")
     test_pairs, example_predictions, position = pairs["test"], [], 0
     # Test predictions are encoded and zipped batch by batch, never all held in memory.
-    with (atomic_path(run_dir / "predictions.zip") as temporary,
+    with (atomic.atomic_path(run_dir / "predictions.zip") as temporary,
           zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive):
         def write_predictions(predicted, truth):
             nonlocal position
@@ -945,7 +929,7 @@ def main(args):
                                                                           args.batch_size),
                                         on_batch=write_predictions)
     test = confusion.metrics(CLASS_NAMES)
-    atomic_write_csv(run_dir / "per_class.csv", test["per_class"], list(test["per_class"][0]))
+    atomic.write_csv(run_dir / "per_class.csv", test["per_class"], list(test["per_class"][0]))
     plot_confusion(confusion.counts, run_dir / "confusion_matrix.png")
     plot_curves(state["history"], run_dir / "curves.png")
     plot_examples(test_pairs[:len(example_predictions)], example_predictions, run_dir / "examples.png")
@@ -961,7 +945,7 @@ def main(args):
                "paper_test_percent": PAPER_TEST, "summary": summary,
                "nan_policy": "a class absent from both truth and prediction has null precision, recall, "
                              "F1 and IoU and is left out of the macro means"}
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic.write_json(run_dir / "metrics.json", metrics)
     print(f"wrote {run_dir}")
     print(summary)
     return metrics

@@ -48,10 +48,8 @@ from keras import layers, ops
 
 from common.metrics import ConfusionMatrix
 from common.raster import open_geotiff, read_window, write_geotiff
-from common.runs import (InputError, add_run_arguments, atomic_save_figure, atomic_save_keras,
-                         atomic_save_npy, atomic_write_bytes, atomic_write_csv, atomic_write_json,
-                         atomic_write_text, cli_entry, make_strategy, prepare_run_dir, print_args, require,
-                         require_dir, require_file, require_finite, seed_everything, write_config)
+from common import atomic, cli, runs
+from common.errors import InputError, cli_entry, require, require_dir, require_file, require_finite
 
 SCRIPT_STEM = "train_lucas_classifier"
 LABELS_CSV_NAME = "chips_LC_class.csv"
@@ -138,7 +136,7 @@ def get_args_parser():
                             "rate 1e-3).")
     train.add_argument("--demo_scale", type=float, default=0.12,
                        help="Demo chip counts = study counts x this (at least 5 per class).")
-    add_run_arguments(parser)
+    cli.add_run_arguments(parser)
     return parser
 
 
@@ -171,7 +169,7 @@ def make_demo_data(root, scale, chip_size=32, seed=0):
             point_id += 1
             write_geotiff(root / str(class_index + 1) / f"{point_id}.tif", chip.astype(np.float32))
             rows.append({"Point_ID": point_id, "STR18": class_index + 1})
-    atomic_write_csv(root / LABELS_CSV_NAME, rows, ["Point_ID", "STR18"])
+    atomic.write_csv(root / LABELS_CSV_NAME, rows, ["Point_ID", "STR18"])
     return root
 
 
@@ -566,12 +564,12 @@ class RunCheckpoint(keras.callbacks.Callback):
         if self.best_weights is not None:
             current_weights = self.model.get_weights()
             self.model.set_weights(self.best_weights)
-            atomic_save_keras(self.model, self.folder / "checkpoint_best.keras")
+            atomic.save_keras(self.model, self.folder / "checkpoint_best.keras")
             self.model.set_weights(current_weights)
             self.best_weights = None
-        atomic_save_keras(self.model, self.folder / "checkpoint_last.keras")
-        atomic_write_csv(self.folder / "log.csv", self.rows, list(row))
-        atomic_write_json(self.folder / "state.json", {"epoch": epoch + 1, "best": self.best})
+        atomic.save_keras(self.model, self.folder / "checkpoint_last.keras")
+        atomic.write_csv(self.folder / "log.csv", self.rows, list(row))
+        atomic.write_json(self.folder / "state.json", {"epoch": epoch + 1, "best": self.best})
         self.last_save = time.monotonic()
 
 
@@ -652,18 +650,18 @@ def write_tables(run_dir, summary, split):
     rows = [{"config": config, "split": split, "seeds": values["seeds"],
              **{f"{key}_{stat}": round(values[f"{key}_{stat}"], 4) for key in keys
                 for stat in ("mean", "std")}} for config, values in summary.items()]
-    atomic_write_csv(run_dir / f"summary_{split}.csv", rows, list(rows[0]))
+    atomic.write_csv(run_dir / f"summary_{split}.csv", rows, list(rows[0]))
     lines = [f"| config ({split}, mean +- std over seeds) | OA | macro acc | macro F1 | macro precision |",
              "|---|---|---|---|---|"]
     for config, values in summary.items():
         cells = [f"{values[f'{key}_mean']:.3f} +- {values[f'{key}_std']:.3f}" for key in keys]
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
-    atomic_write_text(run_dir / f"summary_{split}.md", "\n".join(lines) + "\n")
+    atomic.write_text(run_dir / f"summary_{split}.md", "\n".join(lines) + "\n")
     per_class_rows = [{"config": config, "class": name,
                        "accuracy_mean": round(values["per_class_accuracy_mean"][i], 4),
                        "accuracy_std": round(values["per_class_accuracy_std"][i], 4)}
                       for config, values in summary.items() for i, name in enumerate(CLASS_NAMES)]
-    atomic_write_csv(run_dir / f"per_class_{split}.csv", per_class_rows, list(per_class_rows[0]))
+    atomic.write_csv(run_dir / f"per_class_{split}.csv", per_class_rows, list(per_class_rows[0]))
 
 
 def plot_results(run_dir, summary, split):
@@ -681,7 +679,7 @@ def plot_results(run_dir, summary, split):
     axis.set_ylabel(f"per-class accuracy ({split})")
     axis.set_ylim(0, 1)
     axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    atomic_save_figure(figure, run_dir / f"per_class_accuracy_{split}.png")
+    atomic.save_figure(figure, run_dir / f"per_class_accuracy_{split}.png")
     plt.close(figure)
     for config, values in summary.items():
         counts = np.array(values["confusion_matrix_sum"], dtype=np.float64)
@@ -697,7 +695,7 @@ def plot_results(run_dir, summary, split):
         axis.set_ylabel("true")
         axis.set_title(f"{config} ({split}, summed over {values['seeds']} seeds, row-normalised)")
         figure.colorbar(image)
-        atomic_save_figure(figure, run_dir / f"confusion_{config.replace('/', '_')}_{split}.png")
+        atomic.save_figure(figure, run_dir / f"confusion_{config.replace('/', '_')}_{split}.png")
         plt.close(figure)
 
 
@@ -711,7 +709,7 @@ def summary_line(summary, split):
 
 @cli_entry
 def main(args):
-    seed_everything(args.seed, args.deterministic)
+    runs.seed_everything(args.seed, args.deterministic)
     if args.epochs is None:
         args.epochs = 30 if args.demo else 100
     if args.learning_rate is None:
@@ -721,7 +719,7 @@ def main(args):
     if args.demo:
         args.data_root = str(make_demo_data(Path(args.results_dir) / "demo_data" / SCRIPT_STEM,
                                             args.demo_scale))
-    print_args(args)
+    runs.print_args(args)
     require(0 < args.val_fraction < 1 and 0 <= args.test_fraction < 1
             and args.val_fraction + args.test_fraction < 1, "--val_fraction/--test_fraction",
             f"{args.val_fraction}/{args.test_fraction}", "fractions in (0, 1) summing to below 1")
@@ -784,8 +782,8 @@ def main(args):
         f"emb-{Path(args.embeddings).stem}" if args.embeddings
         else f"{args.backbone}-{'frozen' if args.freeze_backbone else 'finetune'}",
         "grid" if args.grid else f"{args.loss}-{args.decoder}"] + (["demo"] if args.demo else []))
-    run_dir = prepare_run_dir(args.results_dir, SCRIPT_STEM, run_name, args.overwrite, args.resume)
-    atomic_write_json(run_dir / "splits.json", {name: [point_ids[i] for i in split]
+    run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, run_name, args.overwrite, args.resume)
+    atomic.write_json(run_dir / "splits.json", {name: [point_ids[i] for i in split]
                                                 for name, split in splits.items()})
     precision = args.precision
     if precision == "auto":
@@ -794,14 +792,14 @@ def main(args):
             if gpus else (0, 0)
         precision = "mixed16" if capability >= (7, 0) else "float32"
     keras.mixed_precision.set_global_policy("mixed_float16" if precision == "mixed16" else "float32")
-    strategy = make_strategy(args.strategy)
+    strategy = runs.make_strategy(args.strategy)
     derived = {"precision": precision, "image_size": image_size,
                "class_names": CLASS_NAMES, "split_sizes": {k: len(v) for k, v in splits.items()},
                "train_class_counts": train_counts.tolist(), "class_weights": class_weights.tolist(),
                "configs": [f"{loss}/{decoder}" for loss, decoder in configs], "seeds": seeds}
     if reader is not None:
         derived.update(band_mean=band_mean.tolist(), band_std=np.sqrt(band_variance).tolist())
-    write_config(run_dir, args, **derived)
+    runs.write_config(run_dir, args, **derived)
     eval_splits = [name for name in ("val", "test") if name in splits]
     # Chip read failures inside tf.data surface as the reader's one-line InputError.
     run_guarded = reader.run if reader is not None else (lambda function: function())
@@ -818,13 +816,13 @@ def main(args):
             if cache.is_file():
                 tokens = np.load(cache)
             else:
-                seed_everything(seed, args.deterministic)
+                runs.seed_everything(seed, args.deterministic)
                 with strategy.scope():
                     extractor = build_feature_extractor(args, image_size, band_mean, band_variance)
                 all_chips = reader.dataset(np.arange(len(labels)), image_size, max(32, args.batch_size))
                 tokens = reader.run(lambda: extractor.predict(all_chips, verbose=0)).astype(np.float32)
-                atomic_save_keras(extractor, run_dir / f"feature_extractor_{tag}.keras")
-                atomic_save_npy(cache, tokens)
+                atomic.save_keras(extractor, run_dir / f"feature_extractor_{tag}.keras")
+                atomic.save_npy(cache, tokens)
             print(f"seed {seed}: features {tokens.shape[1:]} per chip ({cache.name})")
         for loss_name, decoder in configs:
             config = f"{loss_name}/{decoder}"
@@ -837,7 +835,7 @@ def main(args):
                     print(f"{config} seed {seed}: finished earlier ({earlier['epochs']} epochs), kept")
                     continue
             print(f"{config} seed {seed}: training {args.epochs} epochs -> {folder}")
-            seed_everything(seed, args.deterministic)
+            runs.seed_everything(seed, args.deterministic)
             if tokens is not None:
                 def make_data(indices, shuffle):
                     data = tf.data.Dataset.from_tensor_slices((tokens[indices], labels[indices]))
@@ -868,10 +866,10 @@ def main(args):
                 folder, build_model, make_data(splits["train"], True), make_data(splits["val"], False),
                 eval_inputs, class_weights, loss_name, args, strategy, **options))
             # The exported model is the selected checkpoint itself (a copy, not a second serialisation).
-            atomic_write_bytes(folder / ("head.keras" if tokens is not None else "model.keras"),
+            atomic.write_bytes(folder / ("head.keras" if tokens is not None else "model.keras"),
                                (folder / "checkpoint_best.keras").read_bytes())
             seed_result.update(config=config, seed=seed, epochs=args.epochs)
-            atomic_write_json(finished, seed_result)
+            atomic.write_json(finished, seed_result)
             results[config].append(seed_result)
             print(f"  {config} seed {seed} val: OA {seed_result['val']['overall_accuracy']:.3f} "
                   f"macro acc {seed_result['val']['macro_accuracy']:.3f} "
@@ -889,7 +887,7 @@ def main(args):
     if headline_split == "val":
         print("note: the validation set also selected the checkpoint, so these numbers are optimistic "
               "(as in the study); --test_fraction adds an untouched test set")
-    atomic_write_json(run_dir / "metrics.json", {"headline_split": headline_split, "summary_line": line,
+    atomic.write_json(run_dir / "metrics.json", {"headline_split": headline_split, "summary_line": line,
                                                  "summary": summaries, "class_names": CLASS_NAMES})
     print(line)
     return summaries

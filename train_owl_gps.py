@@ -39,10 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from common.raster import open_geotiff, patch_windows, read_window
-from common.runs import (InputError, add_run_arguments, atomic_path, atomic_save_figure, atomic_save_keras,
-                         atomic_write_csv, atomic_write_json, cli_entry, prepare_run_dir, print_args,
-                         require, require_dir, require_file, seed_everything,
-                         write_config)
+from common import atomic, cli, runs
+from common.errors import InputError, cli_entry, require, require_dir, require_file
 
 SCRIPT_STEM = "train_owl_gps"
 STRATEGIES = ("concept", "uncertainty", "relevance", "random")
@@ -136,7 +134,7 @@ def get_args_parser():
     train.add_argument("--keep_optimizer_state", action="store_true",
                        help="Keep Adam's moments across the Reptile step (the tutorial's stale-momentum "
                             "behaviour); by default they are reset after each Reptile step.")
-    add_run_arguments(parser)
+    cli.add_run_arguments(parser)
     return parser
 
 
@@ -175,11 +173,11 @@ def write_dataset(folder, images, labels, concepts):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, array in (("images.npy", images), ("labels.npy", labels)):
-        with atomic_path(folder / name) as temporary:
+        with atomic.atomic_path(folder / name) as temporary:
             np.save(temporary, array, allow_pickle=False)
     rows = [{key: (f"{values[i]:.6f}" if key == "dist_industrial" else int(values[i]))
              for key, values in concepts.items()} for i in range(len(labels))]
-    atomic_write_csv(folder / "concepts.csv", rows, list(concepts))
+    atomic.write_csv(folder / "concepts.csv", rows, list(concepts))
 
 
 class ArrayPatches:
@@ -702,7 +700,7 @@ def write_queue(arm_dir, round_number, ids, scores, data):
              "col": int(locations[i][1]) if locations is not None else "",
              "score": "" if s is None else f"{s:.6f}", "label": ""} for i, s in zip(ids, scores)]
     path = Path(arm_dir) / f"queue_round{round_number}.csv"
-    atomic_write_csv(path, rows, ["id", "row", "col", "score", "label"])
+    atomic.write_csv(path, rows, ["id", "row", "col", "score", "label"])
     save_contact_sheet(data["source"].read(ids), ids, scores, Path(arm_dir) / f"queue_round{round_number}.png")
     return path
 
@@ -750,7 +748,7 @@ def save_contact_sheet(patches, ids, scores, path, columns=5):
             axis = axes[index // columns, 2 * (index % columns) + offset]
             axis.imshow(np.clip((image - low) / max(high - low, 1e-6), 0, 1))
             axis.set_title(f"id {sample} {title}" + (f"\ns={score:.2f}" if score is not None else ""), fontsize=7)
-    atomic_save_figure(figure, path)
+    atomic.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -777,13 +775,13 @@ class ActiveLearningRun:
     # -- checkpoints --
     def save_checkpoint(self, round_number, step, queue=None):
         stem = self.checkpoints / f"round_{round_number:03d}"
-        with atomic_path(stem.with_suffix(".npz")) as temporary:
+        with atomic.atomic_path(stem.with_suffix(".npz")) as temporary:
             with open(temporary, "wb") as file:
                 np.savez(file, **self.learner.state_arrays())
-        atomic_write_json(stem.with_suffix(".json"), {
+        atomic.write_json(stem.with_suffix(".json"), {
             "round": round_number, "step": step, "n_labeled": len(self.store), "rows": self.rows,
             "queue": queue, "strategy": self.strategy, "seed": self.seed, "n_samples": self.data["source"].count})
-        atomic_write_json(self.checkpoints / "latest.json", {"round": round_number, "file": stem.name})
+        atomic.write_json(self.checkpoints / "latest.json", {"round": round_number, "file": stem.name})
 
     def load_latest(self):
         pointer = self.checkpoints / "latest.json"
@@ -808,7 +806,7 @@ class ActiveLearningRun:
     # -- label store --
     def add_labels(self, ids, labels, round_number, scores, strategy):
         self.store = self.store + label_rows(ids, labels, round_number, scores, strategy, self.data["locations"])
-        atomic_write_csv(self.store_path, self.store, LABEL_FIELDS)
+        atomic.write_csv(self.store_path, self.store, LABEL_FIELDS)
 
     def labelled(self):
         ids = np.array([row["id"] for row in self.store], dtype=np.int64)
@@ -872,7 +870,7 @@ class ActiveLearningRun:
         self.rows[-1]["seconds"] += time.perf_counter() - started
 
     def write_rounds(self):
-        atomic_write_csv(self.arm_dir / "rounds.csv", [{k: fmt(row[k]) for k in ROUND_FIELDS} for row in self.rows],
+        atomic.write_csv(self.arm_dir / "rounds.csv", [{k: fmt(row[k]) for k in ROUND_FIELDS} for row in self.rows],
                          ROUND_FIELDS)
 
     def print_row(self, row):
@@ -923,7 +921,7 @@ class ActiveLearningRun:
         self.save_checkpoint(round_number, "awaiting_labels",
                              {"ids": [int(i) for i in ids], "scores": [None if s is None else float(s) for s in scores]})
         if not (self.arm_dir / "labels.csv").exists():
-            atomic_write_csv(self.store_path, [], LABEL_FIELDS)
+            atomic.write_csv(self.store_path, [], LABEL_FIELDS)
         self.write_rounds()
         if self.rows:
             self.print_row(self.rows[-1])
@@ -972,7 +970,7 @@ def save_auc_plot(curves, path, title):
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
-    atomic_save_figure(figure, path)
+    atomic.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -995,10 +993,10 @@ def summarise_curves(all_rows):
 
 @cli_entry
 def main(args):
-    seed_everything(args.seed, args.deterministic)
+    runs.seed_everything(args.seed, args.deterministic)
     import keras
 
-    print_args(args)
+    runs.print_args(args)
     weights = parse_concept_weights(args.concept_weights)
     for name, value, minimum in (("n_rounds", args.n_rounds, 1), ("initial_budget", args.initial_budget, 1),
                                  ("query_budget", args.query_budget, 1), ("seeds", args.seeds, 1),
@@ -1044,7 +1042,7 @@ def main(args):
     run_name = args.run_name or ("demo" if args.demo else
                                  f"{args.strategy}_{args.uncertainty}_alpha{args.alpha:g}_{args.alpha_schedule}"
                                  f"_seed{args.seed}" + (f"x{args.seeds}" if args.seeds > 1 else ""))
-    run_dir = prepare_run_dir(args.results_dir, SCRIPT_STEM, run_name, args.overwrite, args.resume)
+    run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, run_name, args.overwrite, args.resume)
     config_path = run_dir / "config.json"
     require(args.resume or args.overwrite or not config_path.exists(), run_dir,
             "an unfinished run with this name exists", "--resume to continue it, --overwrite to replace it, "
@@ -1055,7 +1053,7 @@ def main(args):
                    if previous.get(key) != getattr(args, key)]
         require(not changed, config_path, f"--resume with changed settings ({'; '.join(changed)})",
                 "the settings of the run being resumed (only --n_rounds may grow)")
-    write_config(run_dir, args, n_samples=n_samples, n_test=n_test, image_size=image_size, arms=arms,
+    runs.write_config(run_dir, args, n_samples=n_samples, n_test=n_test, image_size=image_size, arms=arms,
                  concept_weights=weights)
     print(f"run: {run_dir} ({len(arms)} run(s): {', '.join(strategies)} x seeds {seeds})")
 
@@ -1072,9 +1070,9 @@ def main(args):
         if not arm.run():
             finished = False
             break
-        atomic_save_keras(learner.members[0], arm_dir / "model.keras")
+        atomic.save_keras(learner.members[0], arm_dir / "model.keras")
         for index, member in enumerate(learner.members[1:], start=1):
-            atomic_save_keras(member, arm_dir / f"model_member{index}.keras")
+            atomic.save_keras(member, arm_dir / f"model_member{index}.keras")
         all_rows += [{"strategy": strategy, "seed": seed, **row} for row in arm.rows]
     if not finished:
         return None
@@ -1082,9 +1080,9 @@ def main(args):
     # ---- evaluate ----
     curves = summarise_curves(all_rows)
     if len(arms) > 1:
-        atomic_write_csv(run_dir / "rounds.csv", [{k: fmt(v) for k, v in row.items()} for row in all_rows],
+        atomic.write_csv(run_dir / "rounds.csv", [{k: fmt(v) for k, v in row.items()} for row in all_rows],
                          ["strategy", "seed", *ROUND_FIELDS])
-        atomic_write_csv(run_dir / "strategy_comparison.csv", [row for rows in curves.values() for row in rows],
+        atomic.write_csv(run_dir / "strategy_comparison.csv", [row for rows in curves.values() for row in rows],
                          ["strategy", "round", "n_labeled", "auc_mean", "auc_std", "n_seeds"])
     save_auc_plot(curves, run_dir / "auc_curve.png",
                   f"OWL-GPS: {args.uncertainty} uncertainty, alpha {args.alpha} ({args.alpha_schedule}), "
@@ -1096,7 +1094,7 @@ def main(args):
                "final_test_auc_std": {s: row["auc_std"] for s, row in final.items()},
                "mean_test_auc_over_rounds": {s: finite_mean([r["auc_mean"] for r in rows])
                                              for s, rows in curves.items()}}
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic.write_json(run_dir / "metrics.json", metrics)
     summary = " ".join(f"{s}={row['auc_mean']:.4f}" + (f"+-{row['auc_std']:.4f}" if len(seeds) > 1 else "")
                        for s, row in final.items())
     print(f"final: test_auc {summary} n_labeled={metrics['n_labeled']} rounds={args.n_rounds} "

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.runs import InputError, atomic_write_json, require, require_file, require_finite
+from common import atomic
+from common.errors import InputError, require, require_file, require_finite
 
 IMAGE_SIZE = 300
 NUM_CLASSES = 3
@@ -21,12 +22,26 @@ NUM_FOLDS = 8
 SPLIT_RANDOM_STATE = 42
 EMBEDDING_NAMES = ("clip", "dinov2", "mae")
 PAPER_EMBEDDING_WIDTHS = {"clip": 512, "dinov2": 768, "mae": 768}
-BOX_FEATURE_NAMES = ("width", "height", "area", "ssd", "perimeter", "diagonal", "aspect", "log_aspect",
-                     "thinness", "log_inertia_ratio", "gyration_radius_sq", "log_area", "angle")
+BOX_FEATURE_NAMES = (
+    "width",
+    "height",
+    "area",
+    "ssd",
+    "perimeter",
+    "diagonal",
+    "aspect",
+    "log_aspect",
+    "thinness",
+    "log_inertia_ratio",
+    "gyration_radius_sq",
+    "log_area",
+    "angle",
+)
 EPS = 1e-12
 
 
 # ---- loading and validation ----
+
 
 def load_labels(data_path):
     """Read and validate `class_label` and `box_label` only (images stay on disk: npz is lazy per key)."""
@@ -37,8 +52,12 @@ def load_labels(data_path):
         raise InputError(data_path, f"cannot be read as .npz ({error})", "a NumPy .npz archive") from None
     with archive:
         for key in ("class_label", "box_label"):
-            require(key in archive.files, data_path, f"has no '{key}' array (found {archive.files})",
-                    "arrays 'class_label' (N,) and 'box_label' (N,4)")
+            require(
+                key in archive.files,
+                data_path,
+                f"has no '{key}' array (found {archive.files})",
+                "arrays 'class_label' (N,) and 'box_label' (N,4)",
+            )
         try:
             class_label = archive["class_label"]
             box_label = archive["box_label"]
@@ -46,33 +65,63 @@ def load_labels(data_path):
             raise InputError(data_path, f"holds object arrays ({error})", "numeric arrays") from None
     where = f"{data_path}[class_label]"
     require(class_label.ndim == 1, where, f"has shape {class_label.shape}", "shape (N,)")
-    require(np.issubdtype(class_label.dtype, np.number), where, f"has dtype {class_label.dtype}",
-            "integer class ids")
+    require(
+        np.issubdtype(class_label.dtype, np.number),
+        where,
+        f"has dtype {class_label.dtype}",
+        "integer class ids",
+    )
     require_finite(class_label, where, "class labels")
-    require(np.all(class_label == np.round(class_label)), where, "holds non-integer values",
-            "integer class ids 0..2")
+    require(
+        np.all(class_label == np.round(class_label)),
+        where,
+        "holds non-integer values",
+        "integer class ids 0..2",
+    )
     class_label = class_label.astype(np.int64)
     bad = np.flatnonzero((class_label < 0) | (class_label >= NUM_CLASSES))
-    require(bad.size == 0, where,
-            f"sample {bad[0] if bad.size else ''} has class {class_label[bad[0]] if bad.size else ''}",
-            f"class ids in 0..{NUM_CLASSES - 1}")
+    require(
+        bad.size == 0,
+        where,
+        f"sample {bad[0] if bad.size else ''} has class {class_label[bad[0]] if bad.size else ''}",
+        f"class ids in 0..{NUM_CLASSES - 1}",
+    )
     where = f"{data_path}[box_label]"
-    require(box_label.ndim == 2 and box_label.shape[1] == 4, where, f"has shape {box_label.shape}",
-            "shape (N, 4) as [xmin, xmax, ymin, ymax]")
-    require(len(box_label) == len(class_label), where,
-            f"has {len(box_label)} rows but class_label has {len(class_label)}", "one box per sample")
+    require(
+        box_label.ndim == 2 and box_label.shape[1] == 4,
+        where,
+        f"has shape {box_label.shape}",
+        "shape (N, 4) as [xmin, xmax, ymin, ymax]",
+    )
+    require(
+        len(box_label) == len(class_label),
+        where,
+        f"has {len(box_label)} rows but class_label has {len(class_label)}",
+        "one box per sample",
+    )
     require(np.issubdtype(box_label.dtype, np.number), where, f"has dtype {box_label.dtype}", "numbers")
     require_finite(box_label, where, "box coordinates")
     box_label = box_label.astype(np.float64)
     for low, high, axis in ((0, 1, "x"), (2, 3, "y")):
         bad = np.flatnonzero(box_label[:, low] > box_label[:, high])
-        require(bad.size == 0, where,
-                f"sample {bad[0] if bad.size else ''} has {axis}min > {axis}max "
-                f"({box_label[bad[0], low] if bad.size else ''} > {box_label[bad[0], high] if bad.size else ''})",
-                f"[xmin, xmax, ymin, ymax] with {axis}min <= {axis}max")
-    require(len(class_label) >= 2 * NUM_FOLDS, data_path, f"has only {len(class_label)} samples",
-            f"at least {2 * NUM_FOLDS} samples for the 8-fold protocol")
+        require(
+            bad.size == 0,
+            where,
+            f"sample {bad[0] if bad.size else ''} has {axis}min > {axis}max "
+            f"({box_label[bad[0], low] if bad.size else ''} > {box_label[bad[0], high] if bad.size else ''})",
+            f"[xmin, xmax, ymin, ymax] with {axis}min <= {axis}max",
+        )
+    require(
+        len(class_label) >= 2 * NUM_FOLDS,
+        data_path,
+        f"has only {len(class_label)} samples",
+        f"at least {2 * NUM_FOLDS} samples for the 8-fold protocol",
+    )
     return class_label, box_label
+
+
+# What to do when earlier TG-MATL outputs were made with other arguments.
+RESUME_HINT = "the same arguments to resume, --overwrite to retrain, or another --results_dir"
 
 
 def embedding_path(embeddings_dir, name):
@@ -81,23 +130,33 @@ def embedding_path(embeddings_dir, name):
 
 def load_embedding(embeddings_dir, name, num_samples):
     """Load one (N, D) embedding matrix as float32 and check it agrees with data.npz."""
-    path = require_file(embedding_path(embeddings_dir, name),
-                        f"the {name} embeddings (N, D) as awir_{name}_emb.npy")
+    path = require_file(
+        embedding_path(embeddings_dir, name), f"the {name} embeddings (N, D) as awir_{name}_emb.npy"
+    )
     try:
         embedding = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as error:
         raise InputError(path, f"cannot be read as .npy ({error})", "a numeric (N, D) .npy array") from None
     require(embedding.ndim == 2, path, f"has shape {embedding.shape}", "shape (N, D)")
-    require(np.issubdtype(embedding.dtype, np.floating) or np.issubdtype(embedding.dtype, np.integer),
-            path, f"has dtype {embedding.dtype}", "float embeddings")
-    require(len(embedding) == num_samples, path,
-            f"has {len(embedding)} rows but data.npz has {num_samples} samples", "one row per sample")
+    require(
+        np.issubdtype(embedding.dtype, np.floating) or np.issubdtype(embedding.dtype, np.integer),
+        path,
+        f"has dtype {embedding.dtype}",
+        "float embeddings",
+    )
+    require(
+        len(embedding) == num_samples,
+        path,
+        f"has {len(embedding)} rows but data.npz has {num_samples} samples",
+        "one row per sample",
+    )
     embedding = np.asarray(embedding, dtype=np.float32)
     require_finite(embedding, path, "embeddings")
     return embedding
 
 
 # ---- box targets (spec: Data) ----
+
 
 def box_width_height(box_label):
     """Clip boxes to the 300 px image; width and height are never negative."""
@@ -119,18 +178,34 @@ def raw_box_features(box_label):
     area = width * height
     ssd = 1.0 - np.minimum(width / (height + EPS), height / (width + EPS))
     perimeter = 2 * (width + height)
-    diagonal = np.sqrt(width ** 2 + height ** 2)
+    diagonal = np.sqrt(width**2 + height**2)
     aspect = width / (height + EPS)
     log_aspect = np.log(aspect + EPS)
-    thinness = 4 * np.pi * area / (perimeter ** 2 + EPS)
-    inertia_xx = width * height ** 3 / 12
-    inertia_yy = height * width ** 3 / 12
+    thinness = 4 * np.pi * area / (perimeter**2 + EPS)
+    inertia_xx = width * height**3 / 12
+    inertia_yy = height * width**3 / 12
     log_inertia_ratio = np.log((inertia_xx + EPS) / (inertia_yy + EPS))
     gyration_radius_sq = (inertia_xx + inertia_yy) / (area + EPS)
     log_area = np.log(area + EPS)
     angle = np.arctan2(height, width)
-    return np.stack([width, height, area, ssd, perimeter, diagonal, aspect, log_aspect, thinness,
-                     log_inertia_ratio, gyration_radius_sq, log_area, angle], axis=1)
+    return np.stack(
+        [
+            width,
+            height,
+            area,
+            ssd,
+            perimeter,
+            diagonal,
+            aspect,
+            log_aspect,
+            thinness,
+            log_inertia_ratio,
+            gyration_radius_sq,
+            log_area,
+            angle,
+        ],
+        axis=1,
+    )
 
 
 def min_max_scale(values, reference=None):
@@ -170,8 +245,9 @@ def task_guidance_scores(box_label, class_label, seed):
     box, width, height = box_width_height(box_label)
     centre = np.stack([(box[:, 0] + box[:, 1]) / 2, (box[:, 2] + box[:, 3]) / 2], axis=1)
     geometry = min_max_scale(np.concatenate([centre, width[:, None], height[:, None]], axis=1) / IMAGE_SIZE)
-    mutual_information = np.array([
-        mutual_info_classif(geometry[:, [j]], class_label, random_state=seed)[0] for j in range(4)])
+    mutual_information = np.array(
+        [mutual_info_classif(geometry[:, [j]], class_label, random_state=seed)[0] for j in range(4)]
+    )
     return geometry @ mutual_information
 
 
@@ -183,6 +259,7 @@ def method_tag(method, top_percent, random_percent):
 
 
 # ---- the fold protocol ----
+
 
 def labels_fingerprint(class_label, box_label):
     digest = hashlib.sha256()
@@ -202,8 +279,9 @@ def make_folds(class_label, box_cluster, test_size):
     composite = class_label * 3 + box_cluster
     indices = np.arange(len(class_label))
     try:
-        pool, test = train_test_split(indices, test_size=test_size, stratify=composite,
-                                      random_state=SPLIT_RANDOM_STATE)
+        pool, test = train_test_split(
+            indices, test_size=test_size, stratify=composite, random_state=SPLIT_RANDOM_STATE
+        )
         splitter = StratifiedKFold(n_splits=NUM_FOLDS, shuffle=True, random_state=SPLIT_RANDOM_STATE)
         import warnings
 
@@ -213,9 +291,12 @@ def make_folds(class_label, box_cluster, test_size):
             folds = [(pool[train], pool[val]) for train, val in splitter.split(pool, composite[pool])]
     except ValueError as error:
         counts = np.bincount(composite, minlength=9)
-        raise InputError("data.npz", f"cannot be split by class x box cluster ({error}); stratum sizes "
-                         f"{counts.tolist()}", "each class x box-cluster stratum large enough for a "
-                         f"stratified test split and {NUM_FOLDS} folds") from None
+        raise InputError(
+            "data.npz",
+            f"cannot be split by class x box cluster ({error}); stratum sizes {counts.tolist()}",
+            "each class x box-cluster stratum large enough for a "
+            f"stratified test split and {NUM_FOLDS} folds",
+        ) from None
     return np.sort(test), [(np.sort(train), np.sort(val)) for train, val in folds]
 
 
@@ -227,27 +308,41 @@ def load_or_make_folds(results_dir, test_size, class_label, box_label, box_clust
         try:
             saved = json.loads(path.read_text())
             test = np.asarray(saved["test"], dtype=np.int64)
-            folds = [(np.asarray(f["train"], dtype=np.int64), np.asarray(f["val"], dtype=np.int64))
-                     for f in saved["folds"]]
+            folds = [
+                (np.asarray(f["train"], dtype=np.int64), np.asarray(f["val"], dtype=np.int64))
+                for f in saved["folds"]
+            ]
             num_samples, saved_fingerprint = saved["num_samples"], saved["labels_fingerprint"]
         except (ValueError, KeyError, TypeError) as error:
-            raise InputError(path, f"is not a valid folds file ({error})",
-                             "the JSON written by igarss_exp1.py; delete it to recompute") from None
-        require(num_samples == len(class_label) and saved_fingerprint == fingerprint, path,
-                f"was made for other data (N={num_samples}, labels {saved_fingerprint}; now "
-                f"N={len(class_label)}, labels {fingerprint})",
-                "the same data.npz; delete the folds file (and results trained on it) or use another "
-                "--results_dir")
+            raise InputError(
+                path,
+                f"is not a valid folds file ({error})",
+                "the JSON written by igarss_exp1.py; delete it to recompute",
+            ) from None
+        require(
+            num_samples == len(class_label) and saved_fingerprint == fingerprint,
+            path,
+            f"was made for other data (N={num_samples}, labels {saved_fingerprint}; now "
+            f"N={len(class_label)}, labels {fingerprint})",
+            "the same data.npz; delete the folds file (and results trained on it) or use another "
+            "--results_dir",
+        )
         require(len(folds) == NUM_FOLDS, path, f"has {len(folds)} folds", f"{NUM_FOLDS} folds")
         return test, folds
     test, folds = make_folds(class_label, box_cluster, test_size)
-    atomic_write_json(path, {
-        "test_size": test_size, "num_samples": int(len(class_label)), "labels_fingerprint": fingerprint,
-        "protocol": "train_test_split(stratify=class*3+box_cluster, random_state=42) then "
-                    "StratifiedKFold(8, shuffle=True, random_state=42) on the pool",
-        "box_cluster": box_cluster.tolist(), "test": test.tolist(),
-        "folds": [{"train": train.tolist(), "val": val.tolist()} for train, val in folds],
-    })
+    atomic.write_json(
+        path,
+        {
+            "test_size": test_size,
+            "num_samples": len(class_label),
+            "labels_fingerprint": fingerprint,
+            "protocol": "train_test_split(stratify=class*3+box_cluster, random_state=42) then "
+            "StratifiedKFold(8, shuffle=True, random_state=42) on the pool",
+            "box_cluster": box_cluster.tolist(),
+            "test": test.tolist(),
+            "folds": [{"train": train.tolist(), "val": val.tolist()} for train, val in folds],
+        },
+    )
     return test, folds
 
 
@@ -258,13 +353,19 @@ def load_awir(data_path, embeddings_dir, embedding_names, results_dir, test_size
     box_cluster = box_cluster_labels(box_label)
     test, folds = load_or_make_folds(results_dir, test_size, class_label, box_label, box_cluster)
     return {
-        "class_label": class_label, "box_label": box_label, "box_cluster": box_cluster,
-        "box_features": box_features(box_label), "box_location": box_location(box_label),
-        "test": test, "folds": folds, "embeddings": embeddings,
+        "class_label": class_label,
+        "box_label": box_label,
+        "box_cluster": box_cluster,
+        "box_features": box_features(box_label),
+        "box_location": box_location(box_label),
+        "test": test,
+        "folds": folds,
+        "embeddings": embeddings,
     }
 
 
 # ---- the built-in synthetic dataset ----
+
 
 def make_demo_data(directory, num_samples=240, seed=0, widths=None):
     """Write a seeded AWIR-like `data.npz` + embeddings where class and box geometry are learnable.
@@ -272,7 +373,7 @@ def make_demo_data(directory, num_samples=240, seed=0, widths=None):
     Each embedding is a random linear image of (class one-hot, box geometry) plus nuisance noise,
     so projection heads can separate classes and MATL can separate box clusters.
     """
-    from common.runs import atomic_save_npy, atomic_path
+    from common import atomic
 
     widths = widths or PAPER_EMBEDDING_WIDTHS
     rng = np.random.default_rng(seed)
@@ -289,11 +390,10 @@ def make_demo_data(directory, num_samples=240, seed=0, widths=None):
     signal = np.concatenate([np.eye(NUM_CLASSES)[class_label] * 1.0, geometry * 1.0], axis=1)
     directory = Path(directory)
     (directory / "embeddings").mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / "data.npz") as temporary:
-        with open(temporary, "wb") as file:
-            np.savez(file, class_label=class_label, box_label=box_label)
+    with atomic.atomic_path(directory / "data.npz") as temporary, open(temporary, "wb") as file:
+        np.savez(file, class_label=class_label, box_label=box_label)
     for name in EMBEDDING_NAMES:
         mixing = rng.normal(0, 1, (signal.shape[1], widths[name]))
         embedding = signal @ mixing + rng.normal(0, 2.0, (num_samples, widths[name]))
-        atomic_save_npy(embedding_path(directory / "embeddings", name), embedding.astype(np.float32))
+        atomic.save_npy(embedding_path(directory / "embeddings", name), embedding.astype(np.float32))
     return directory / "data.npz", directory / "embeddings"

@@ -27,12 +27,16 @@ class ConfusionMatrix:
         if self.ignore_index is not None:
             keep &= truth != self.ignore_index
         truth, prediction = truth[keep], prediction[keep]
-        if truth.size and (truth.min() < 0 or truth.max() >= self.num_classes
-                           or prediction.min() < 0 or prediction.max() >= self.num_classes):
+        if truth.size and (
+            truth.min() < 0
+            or truth.max() >= self.num_classes
+            or prediction.min() < 0
+            or prediction.max() >= self.num_classes
+        ):
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
-        self.counts += np.bincount(truth * self.num_classes + prediction,
-                                   minlength=self.num_classes ** 2).reshape(self.num_classes,
-                                                                            self.num_classes)
+        self.counts += np.bincount(
+            truth * self.num_classes + prediction, minlength=self.num_classes**2
+        ).reshape(self.num_classes, self.num_classes)
         return self
 
     def merge(self, other):
@@ -80,8 +84,14 @@ def metrics_from_confusion(counts, class_names=None):
         "macro_iou": macro(iou),
         "weighted_f1": float(np.nansum(np.nan_to_num(f1) * weights)),
         "per_class": [
-            {"class": names[i], "support": int(support[i]), "precision": float(precision[i]),
-             "recall": float(recall[i]), "f1": float(f1[i]), "iou": float(iou[i])}
+            {
+                "class": names[i],
+                "support": int(support[i]),
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "iou": float(iou[i]),
+            }
             for i in range(num_classes)
         ],
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.runs import InputError, require_file
+from common.errors import InputError, require_file
 
 
 def open_geotiff(path, expected_bands=None):
@@ -20,8 +20,9 @@ def open_geotiff(path, expected_bands=None):
     try:
         dataset = rasterio.open(path)
     except RasterioIOError as error:
-        raise InputError(path, f"cannot be read as a raster ({str(error).splitlines()[0][:120]})",
-                         "a readable GeoTIFF") from None
+        raise InputError(
+            path, f"cannot be read as a raster ({str(error).splitlines()[0][:120]})", "a readable GeoTIFF"
+        ) from None
     if dataset.driver != "GTiff":
         dataset.close()
         raise InputError(path, f"is a {dataset.driver} raster, not a GeoTIFF", "a GeoTIFF file")
@@ -52,9 +53,12 @@ def read_window(dataset, window, indexes=None, path=None):
     try:
         return dataset.read(indexes, window=window)
     except (RasterioIOError, ValueError) as error:
-        raise InputError(path or dataset.name,
-                         f"window at row {int(window.row_off)}, col {int(window.col_off)} cannot be read "
-                         f"({str(error).splitlines()[0][:120]})", "an intact GeoTIFF") from None
+        raise InputError(
+            path or dataset.name,
+            f"window at row {int(window.row_off)}, col {int(window.col_off)} cannot be read "
+            f"({str(error).splitlines()[0][:120]})",
+            "an intact GeoTIFF",
+        ) from None
 
 
 def write_geotiff(path, array, transform=None, crs="EPSG:4326", nodata=None, tile_size=None):
@@ -62,18 +66,24 @@ def write_geotiff(path, array, transform=None, crs="EPSG:4326", nodata=None, til
     import rasterio
     from rasterio.transform import from_origin
 
-    from common.runs import atomic_path
+    from common import atomic
 
     array = np.asarray(array)
     if array.ndim == 2:
         array = array[None]
     transform = transform or from_origin(0.0, float(array.shape[1]), 1.0, 1.0)
-    profile = {"driver": "GTiff", "height": array.shape[1], "width": array.shape[2],
-               "count": array.shape[0], "dtype": array.dtype.name, "crs": crs, "transform": transform}
+    profile = {
+        "driver": "GTiff",
+        "height": array.shape[1],
+        "width": array.shape[2],
+        "count": array.shape[0],
+        "dtype": array.dtype.name,
+        "crs": crs,
+        "transform": transform,
+    }
     if nodata is not None:
         profile["nodata"] = nodata
     if tile_size:
         profile.update(tiled=True, blockxsize=tile_size, blockysize=tile_size)
-    with atomic_path(Path(path)) as temporary:
-        with rasterio.open(temporary, "w", **profile) as destination:
-            destination.write(array)
+    with atomic.atomic_path(Path(path)) as temporary, rasterio.open(temporary, "w", **profile) as destination:
+        destination.write(array)

@@ -21,6 +21,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from common import parallel
+
 ADAM_BETA_1 = 0.9
 ADAM_BETA_2 = 0.999
 ADAM_EPSILON = 1e-7
@@ -45,22 +47,9 @@ def run_side_by_side(jobs, run, finished, workers, deterministic=False):
     and the jobs are then pickled, so `run` must be a module-level function (or a functools.partial
     of one).
     """
-    started = time.perf_counter()
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            finished(job, run(job))
-        return time.perf_counter() - started
-
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    # "spawn": TensorFlow is already running in this process, and forking it is unsafe.
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker_process, initargs=(deterministic,)) as pool:
-        futures = {pool.submit(run, job): job for job in jobs}
-        for future in as_completed(futures):
-            finished(futures[future], future.result())
-    return time.perf_counter() - started
+    return parallel.run_jobs(
+        run, jobs, workers, on_result=finished, initializer=_start_worker_process, initargs=(deterministic,)
+    )
 
 
 def model_generator(seed, model_key):
@@ -71,7 +60,7 @@ def model_generator(seed, model_key):
 def epoch_permutations(generators, train_counts, num_epochs, padded_length):
     """(num_epochs, M, padded_length) positions into each model's training list; padding repeats 0."""
     permutations = np.zeros((num_epochs, len(generators), padded_length), dtype=np.int32)
-    for model, (generator, count) in enumerate(zip(generators, train_counts)):
+    for model, (generator, count) in enumerate(zip(generators, train_counts, strict=True)):
         for epoch in range(num_epochs):
             permutations[epoch, model, :count] = generator.permutation(count)
     return permutations
@@ -83,7 +72,7 @@ def pad_index_lists(index_lists, multiple):
     length = int(np.ceil(max(counts.max(), 1) / multiple) * multiple)
     padded = np.zeros((len(index_lists), length), dtype=np.int32)
     for model, indices in enumerate(index_lists):
-        padded[model, :len(indices)] = indices
+        padded[model, : len(indices)] = indices
     return padded, counts
 
 
@@ -102,8 +91,19 @@ class StackedModels:
     # longer lists to a multiple of the batch size, as _mean_loss needs.
     validation_padding = None
 
-    def __init__(self, params, forward, loss, shared_arrays, per_model_arrays=None, state=None,
-                 learning_rate=1e-4, batch_size=32, model_keys=None, jit_compile=True):
+    def __init__(
+        self,
+        params,
+        forward,
+        loss,
+        shared_arrays,
+        per_model_arrays=None,
+        state=None,
+        learning_rate=1e-4,
+        batch_size=32,
+        model_keys=None,
+        jit_compile=True,
+    ):
         self.names = sorted(params)
         self.params = {n: tf.Variable(np.asarray(params[n], np.float32), name=n) for n in self.names}
         self.state_names = sorted(state or {})
@@ -120,8 +120,9 @@ class StackedModels:
         self.shared = {k: tf.constant(v) for k, v in shared_arrays.items()}
         self.per_model = {k: tf.constant(v) for k, v in (per_model_arrays or {}).items()}
         # Each model's key and step count reach the loss, for per-model random draws.
-        self.model_keys = tf.constant(np.asarray(model_keys if model_keys is not None
-                                                 else range(self.num_models), np.int64))
+        self.model_keys = tf.constant(
+            np.asarray(model_keys if model_keys is not None else range(self.num_models), np.int64)
+        )
         self.learning_rate = float(learning_rate)
         self.batch_size = int(batch_size)
         self._run_chunk = tf.function(self._run_chunk_graph, jit_compile=jit_compile, autograph=False)
@@ -138,18 +139,20 @@ class StackedModels:
     def _adam_update(self, gradients, active):
         """Keras 3 Adam on each model whose step is active (others keep parameters and moments)."""
         steps = self.steps_taken + tf.cast(active, tf.float32)
-        step_size = (self.learning_rate * tf.sqrt(1.0 - ADAM_BETA_2 ** steps)
-                     / (1.0 - ADAM_BETA_1 ** steps))
+        step_size = self.learning_rate * tf.sqrt(1.0 - ADAM_BETA_2**steps) / (1.0 - ADAM_BETA_1**steps)
         for name in self.names:
             variable, gradient = self.params[name], gradients[name]
             shape = [-1] + [1] * (len(variable.shape) - 1)
             mask = tf.reshape(tf.cast(active, tf.float32), shape)
             first = self.first_moment[name] + mask * (gradient - self.first_moment[name]) * (1 - ADAM_BETA_1)
-            second = (self.second_moment[name]
-                      + mask * (tf.square(gradient) - self.second_moment[name]) * (1 - ADAM_BETA_2))
+            second = self.second_moment[name] + mask * (tf.square(gradient) - self.second_moment[name]) * (
+                1 - ADAM_BETA_2
+            )
             self.first_moment[name].assign(first)
             self.second_moment[name].assign(second)
-            variable.assign_sub(mask * tf.reshape(step_size, shape) * first / (tf.sqrt(second) + ADAM_EPSILON))
+            variable.assign_sub(
+                mask * tf.reshape(step_size, shape) * first / (tf.sqrt(second) + ADAM_EPSILON)
+            )
         self.steps_taken.assign(steps)
 
     def _train_step(self, sample_index, valid):
@@ -160,7 +163,7 @@ class StackedModels:
             total_loss = tf.reduce_sum(losses)
         gradients = tape.gradient(total_loss, [self.params[n] for n in self.names])
         active = tf.reduce_any(valid, axis=1)
-        self._adam_update(dict(zip(self.names, gradients)), active)
+        self._adam_update(dict(zip(self.names, gradients, strict=True)), active)
         for name in self.state_names:
             mask = tf.reshape(tf.cast(active, tf.float32), [-1] + [1] * (len(new_state[name].shape) - 1))
             self.state[name].assign(mask * new_state[name] + (1 - mask) * self.state[name])
@@ -181,8 +184,11 @@ class StackedModels:
             return batch_number + 1, total + self.loss(outputs, batch, valid) * size, seen + size
 
         zeros = tf.zeros([self.num_models])
-        _, total, seen = tf.while_loop(lambda batch_number, *_: batch_number < batches.shape[1], add_batch,
-                                       (tf.constant(0), zeros, zeros))
+        _, total, seen = tf.while_loop(
+            lambda batch_number, *_: batch_number < batches.shape[1],
+            add_batch,
+            (tf.constant(0), zeros, zeros),
+        )
         return total / tf.maximum(seen, 1.0)
 
     def _keep_if_improved(self, val_loss, epoch):
@@ -200,8 +206,9 @@ class StackedModels:
         self.best_val_loss.assign(tf.where(improved, val_loss, self.best_val_loss))
         self.best_epoch.assign(tf.where(improved, epoch, self.best_epoch))
 
-    def _run_chunk_graph(self, permutations, num_epochs, train_index, train_counts, val_index, val_counts,
-                         first_epoch):
+    def _run_chunk_graph(
+        self, permutations, num_epochs, train_index, train_counts, val_index, val_counts, first_epoch
+    ):
         # Built with explicit while loops (no autograph: converting the loss code costs seconds per
         # stack). `permutations` always holds a full chunk, so the last, shorter chunk reuses the
         # compiled graph; only the first `num_epochs` epochs are run, the rest of the history is 0.
@@ -219,19 +226,22 @@ class StackedModels:
                 losses, size = self._train_step(tf.gather(order, step, axis=1), valid)
                 return step + 1, epoch_loss + losses * size, epoch_seen + size
 
-            _, epoch_loss, epoch_seen = tf.while_loop(lambda step, *_: step < steps_per_epoch, run_step,
-                                                      (tf.constant(0), zeros, zeros))
+            _, epoch_loss, epoch_seen = tf.while_loop(
+                lambda step, *_: step < steps_per_epoch, run_step, (tf.constant(0), zeros, zeros)
+            )
             val_loss = self._mean_loss(val_index, val_counts, self.params, self.state)
             self._keep_if_improved(val_loss, first_epoch + epoch)
             row = tf.reshape(epoch, [1, 1])
             train_history = tf.tensor_scatter_nd_update(
-                train_history, row, (epoch_loss / tf.maximum(epoch_seen, 1.0))[None])
+                train_history, row, (epoch_loss / tf.maximum(epoch_seen, 1.0))[None]
+            )
             val_history = tf.tensor_scatter_nd_update(val_history, row, val_loss[None])
             return epoch + 1, train_history, val_history
 
         history = tf.zeros([chunk_size, self.num_models])
-        _, train_history, val_history = tf.while_loop(lambda epoch, *_: epoch < num_epochs, run_epoch,
-                                                      (tf.constant(0), history, history))
+        _, train_history, val_history = tf.while_loop(
+            lambda epoch, *_: epoch < num_epochs, run_epoch, (tf.constant(0), history, history)
+        )
         return train_history, val_history
 
     # ---- public ----
@@ -241,30 +251,45 @@ class StackedModels:
         train_index, train_counts = pad_index_lists(train_lists, self.batch_size)
         longest_val = max(len(indices) for indices in val_lists)
         val_index, val_counts = pad_index_lists(
-            val_lists, self.validation_padding or (max(longest_val, 1) if longest_val <= self.batch_size
-                                                   else self.batch_size))
+            val_lists,
+            self.validation_padding
+            or (max(longest_val, 1) if longest_val <= self.batch_size else self.batch_size),
+        )
         train_histories, val_histories = [], []
         started = time.perf_counter()
         for first_epoch in range(0, epochs, chunk_epochs):
             num_epochs = min(chunk_epochs, epochs - first_epoch)
             permutations = np.zeros((chunk_epochs, self.num_models, train_index.shape[1]), np.int32)
-            permutations[:num_epochs] = epoch_permutations(generators, train_counts, num_epochs,
-                                                           train_index.shape[1])
+            permutations[:num_epochs] = epoch_permutations(
+                generators, train_counts, num_epochs, train_index.shape[1]
+            )
             train_loss, val_loss = self._run_chunk(
-                tf.constant(permutations), tf.constant(num_epochs, tf.int32), tf.constant(train_index),
-                tf.constant(train_counts), tf.constant(val_index), tf.constant(val_counts),
-                tf.constant(first_epoch, tf.int32))
+                tf.constant(permutations),
+                tf.constant(num_epochs, tf.int32),
+                tf.constant(train_index),
+                tf.constant(train_counts),
+                tf.constant(val_index),
+                tf.constant(val_counts),
+                tf.constant(first_epoch, tf.int32),
+            )
             train_histories.append(train_loss.numpy()[:num_epochs])
             val_histories.append(val_loss.numpy()[:num_epochs])
             if progress is not None:
-                progress(first_epoch + num_epochs, epochs, time.perf_counter() - started,
-                         train_histories[-1][-1], val_histories[-1][-1])
+                progress(
+                    first_epoch + num_epochs,
+                    epochs,
+                    time.perf_counter() - started,
+                    train_histories[-1][-1],
+                    val_histories[-1][-1],
+                )
         return np.concatenate(train_histories), np.concatenate(val_histories)
 
     def best(self):
         """Best-validation parameters and state as NumPy arrays (leading model axis)."""
-        return ({n: v.numpy() for n, v in self.best_params.items()},
-                {n: v.numpy() for n, v in self.best_state.items()})
+        return (
+            {n: v.numpy() for n, v in self.best_params.items()},
+            {n: v.numpy() for n, v in self.best_state.items()},
+        )
 
     def predict(self, x, use_best=True, batch_size=1024):
         """Outputs of every model on the same inputs x (N, ...) or per-model inputs (M, N, ...)."""
@@ -272,12 +297,15 @@ class StackedModels:
         state = self.best_state if use_best else self.state
         x = np.asarray(x, np.float32)
         outputs = []
-        for start in range(0, x.shape[-2] if x.ndim == 3 and x.shape[0] == self.num_models else len(x),
-                           batch_size):
+        for start in range(
+            0, x.shape[-2] if x.ndim == 3 and x.shape[0] == self.num_models else len(x), batch_size
+        ):
             if x.ndim == 3 and x.shape[0] == self.num_models:
-                chunk = x[:, start:start + batch_size]
+                chunk = x[:, start : start + batch_size]
             else:
-                chunk = np.broadcast_to(x[start:start + batch_size], (self.num_models,) + x[start:start + batch_size].shape)
+                chunk = np.broadcast_to(
+                    x[start : start + batch_size], (self.num_models, *x[start : start + batch_size].shape)
+                )
             valid = tf.ones(chunk.shape[:2], tf.bool)
             out, _ = self.forward(params, state, tf.constant(chunk), valid, False)
             outputs.append(out.numpy())

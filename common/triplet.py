@@ -18,8 +18,11 @@ def pairwise_distance(embeddings):
     tensor), clamped at 0 against rounding, with the diagonal exactly 0.
     """
     squared_norm = tf.reduce_sum(tf.square(embeddings), axis=-1)
-    squared = (squared_norm[:, :, None] + squared_norm[:, None, :]
-               - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True))
+    squared = (
+        squared_norm[:, :, None]
+        + squared_norm[:, None, :]
+        - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True)
+    )
     off_diagonal = 1.0 - tf.eye(tf.shape(embeddings)[1], dtype=embeddings.dtype)[None]
     squared = tf.maximum(squared, 0.0) * off_diagonal
     is_zero = tf.cast(squared <= 0.0, squared.dtype)
@@ -46,12 +49,16 @@ def batch_all_triplet_loss(distance, labels, valid, margin):
     far = tf.cast(1e9, distance.dtype)
     anchor_positive = tf.where(positive, distance + margin, -far)
     anchor_negative = tf.where(negative, distance, far)
-    violates = tf.cast(tf.stop_gradient(anchor_positive)[:, :, :, None]
-                       - tf.stop_gradient(anchor_negative)[:, :, None, :] > TINY, distance.dtype)
+    violates = tf.cast(
+        tf.stop_gradient(anchor_positive)[:, :, :, None] - tf.stop_gradient(anchor_negative)[:, :, None, :]
+        > TINY,
+        distance.dtype,
+    )
     positive_counts = tf.reduce_sum(violates, axis=3)
     negative_counts = tf.reduce_sum(violates, axis=2)
-    violation_sum = (tf.reduce_sum(tf.where(positive, anchor_positive, 0.0) * positive_counts, axis=[1, 2])
-                     - tf.reduce_sum(tf.where(negative, anchor_negative, 0.0) * negative_counts, axis=[1, 2]))
+    violation_sum = tf.reduce_sum(
+        tf.where(positive, anchor_positive, 0.0) * positive_counts, axis=[1, 2]
+    ) - tf.reduce_sum(tf.where(negative, anchor_negative, 0.0) * negative_counts, axis=[1, 2])
     return violation_sum / (tf.reduce_sum(positive_counts, axis=[1, 2]) + TINY)
 
 
@@ -82,8 +89,9 @@ def batch_hard_triplet_loss(distance, labels, valid, margin):
 
 def matl_loss(distance, class_label, box_cluster, valid, margin, box_weight):
     """MATL = (1 - w) L_BA(class) + w L_BA(box cluster), each normalised by its own violating count."""
-    return ((1.0 - box_weight) * batch_all_triplet_loss(distance, class_label, valid, margin)
-            + box_weight * batch_all_triplet_loss(distance, box_cluster, valid, margin))
+    return (1.0 - box_weight) * batch_all_triplet_loss(
+        distance, class_label, valid, margin
+    ) + box_weight * batch_all_triplet_loss(distance, box_cluster, valid, margin)
 
 
 def _rank_within_class(key, labels, valid):
@@ -102,7 +110,8 @@ def task_guided_selection(score, class_label, valid, top_percent, random_percent
     For each class c present among the valid samples (n_c of them) keep the top
     k_top = max(1, floor(n_c * top_percent)) by score, plus k_more = min(floor(n_c * random_percent),
     n_c - k_top) more: the next-ranked ones (`random_key` None, the reference behaviour) or, given a
-    `random_key` (M, B) of random draws (any ordered dtype), those of the rest of the class with the largest keys.
+    `random_key` (M, B) of random draws (any ordered dtype), those of the rest of the class with the
+    largest keys.
     `top_percent` and `random_percent` are per model (M,), so one stack can hold a whole sweep grid.
     Returns the keep mask (M, B).
     """
@@ -114,8 +123,10 @@ def task_guided_selection(score, class_label, valid, top_percent, random_percent
     # despite 0.7 being stored as 0.69999998 in float32.
     possible_count = tf.range(tf.shape(class_label)[1] + 1, dtype=tf.float64)[None, :]
     top_table = tf.maximum(tf.floor(possible_count * tf.cast(top_percent, tf.float64)[:, None] + 1e-5), 1.0)
-    more_table = tf.minimum(tf.floor(possible_count * tf.cast(random_percent, tf.float64)[:, None] + 1e-5),
-                            possible_count - top_table)
+    more_table = tf.minimum(
+        tf.floor(possible_count * tf.cast(random_percent, tf.float64)[:, None] + 1e-5),
+        possible_count - top_table,
+    )
     k_top = tf.gather(tf.cast(top_table, tf.int32), class_count, batch_dims=1)
     k_more = tf.gather(tf.cast(more_table, tf.int32), class_count, batch_dims=1)
     rank = _rank_within_class(score, class_label, valid)

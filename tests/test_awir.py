@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common import awir
-from common.runs import InputError
+from common.errors import InputError
 
 
 def test_box_features_equal_their_formulas_on_a_hand_made_box():

@@ -10,7 +10,7 @@ import pytest
 import igarss_exp2
 import igarss_exp2_sweep
 from common import awir
-from common.runs import atomic_save_keras
+from common import atomic
 
 GRID = ((0.4, 0.1), (0.5, 0.2))
 
@@ -27,7 +27,7 @@ def write_exp1_sweep_heads(results, grid, folds, input_dim=awir.PAPER_EMBEDDING_
             model.set_weights([rng.normal(0, 0.05, (input_dim, 64)).astype(np.float32), np.zeros(64, np.float32)])
             path = igarss_exp2.exp1_head_path(results, "clip", "tg_matl", fold,
                                               igarss_exp2_sweep.config_dir(top_percent, random_percent))
-            atomic_save_keras(model, path)
+            atomic.save_keras(model, path)
 
 
 def sweep_args(results, *extra):

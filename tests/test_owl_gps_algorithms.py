@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import train_owl_gps as owl
-from common.runs import InputError
+from common.errors import InputError
 
 
 def test_concept_relevance_is_product_of_active_weights():
