@@ -9,15 +9,20 @@ on the last line, the speed-up baseline / ours.
 """
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501  # fmt: skip
+
 import keras
+import numpy as np
 import tensorflow as tf
 
-import train_lucas_classifier as lucas
+import train_lucas_classifier as classifier
+from common import lucas, pipelines, runs
 
 
 def main():
@@ -27,28 +32,40 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--demo_scale", type=float, default=0.12)
     options = parser.parse_args()
-    lucas.seed_everything(0)
-    root = lucas.make_demo_data(Path(tempfile.mkdtemp()) / "chips", options.demo_scale)
+    runs.seed_everything(0)
+    root = lucas.write_demo_chips(Path(tempfile.mkdtemp()) / "chips", options.demo_scale)
     point_ids, labels = lucas.read_labels(root / lucas.LABELS_CSV_NAME)
     paths, sizes = lucas.locate_chips(root, root / lucas.LABELS_CSV_NAME, point_ids, labels)
     image_size = next(iter(sizes))[0]
     reader = lucas.ChipReader(paths)
     splits = lucas.stratified_split(labels, 0.2, 0.0, 42)
-    mean, variance = lucas.band_statistics(reader, splits["train"], image_size, 32)
-    weights = lucas.class_weights_from_counts(labels[splits["train"]], len(lucas.CLASS_NAMES))
-    args = argparse.Namespace(backbone=options.backbone, weights=None, freeze_backbone=True,
-                              focal_weighting="alpha", focal_gamma=2.0)
+    with reader.surface():
+        mean, variance = pipelines.band_statistics(
+            reader.dataset(splits["train"], image_size, 32).as_numpy_iterator()
+        )
+    inputs = SimpleNamespace(image_size=image_size, band_mean=mean, band_variance=variance)
+    weights = classifier.class_weights_from_counts(labels[splits["train"]], len(lucas.CLASS_NAMES))
+    args = argparse.Namespace(
+        backbone=options.backbone,
+        weights=None,
+        freeze_backbone=True,
+        focal_weighting="alpha",
+        focal_gamma=2.0,
+    )
     print(f"{len(labels)} chips of {image_size} px, backbone {options.backbone}, {options.epochs} epochs")
 
     def compiled(model, steps_per_execution=1):
-        model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05),
-                      loss=lucas.make_loss("wce", weights, args), steps_per_execution=steps_per_execution)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05),
+            loss=classifier.make_loss("wce", weights, args),
+            steps_per_execution=steps_per_execution,
+        )
         return model
 
     # Baseline: chips -> frozen backbone -> head, every epoch.
     start = time.perf_counter()
-    extractor = lucas.build_feature_extractor(args, image_size, mean, variance)
-    head = lucas.build_head(extractor.output.shape[1:], len(lucas.CLASS_NAMES), "identity", None, 0.1)
+    extractor = classifier.build_feature_extractor(args, inputs)
+    head = classifier.build_head(extractor.output.shape[1:], len(lucas.CLASS_NAMES), "identity", None, 0.1)
     model = compiled(keras.Model(extractor.input, head(extractor.output)))
     train = reader.dataset(splits["train"], image_size, options.batch_size, labels, shuffle_seed=0)
     val = reader.dataset(splits["val"], image_size, options.batch_size, labels)
@@ -57,16 +74,23 @@ def main():
 
     # Ours: chips -> frozen backbone once; head on the cached tokens.
     start = time.perf_counter()
-    extractor = lucas.build_feature_extractor(args, image_size, mean, variance)
+    extractor = classifier.build_feature_extractor(args, inputs)
     tokens = extractor.predict(reader.dataset(np.arange(len(labels)), image_size, 32), verbose=0)
-    head = compiled(lucas.build_head(tokens.shape[1:], len(lucas.CLASS_NAMES), "identity", None, 0.1), 16)
+    head = compiled(
+        classifier.build_head(tokens.shape[1:], len(lucas.CLASS_NAMES), "identity", None, 0.1), 16
+    )
 
     def cached(indices, shuffle):
         data = tf.data.Dataset.from_tensor_slices((tokens[indices], labels[indices]))
         return (data.shuffle(len(indices), seed=0) if shuffle else data).batch(options.batch_size)
 
-    head.fit(cached(splits["train"], True), validation_data=cached(splits["val"], False),
-             epochs=options.epochs, shuffle=False, verbose=0)
+    head.fit(
+        cached(splits["train"], True),
+        validation_data=cached(splits["val"], False),
+        epochs=options.epochs,
+        shuffle=False,
+        verbose=0,
+    )
     ours = time.perf_counter() - start
     print(f"baseline (backbone every epoch): {baseline:.1f} s; ours (features cached once): {ours:.1f} s")
     print(f"speed-up baseline / ours: {baseline / ours:.2f}")

@@ -1,14 +1,18 @@
-"""Formula checks for train_lucas_classifier.py: focal / weighted CE losses, class weights, macro
-accuracy, the stratified split and the RGB -> 6-band kernel adaptation."""
+"""Formula checks for train_lucas_classifier.py and common/lucas.py: focal / weighted CE losses, class
+weights, macro accuracy, the stratified split, the RGB -> 6-band kernel adaptation, the decoders and
+the cached frozen features."""
 
-import numpy as np
+from types import SimpleNamespace
+
 import keras
+import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
-import train_lucas_classifier as lucas
+import train_lucas_classifier as classifier
+from common import lucas
 
 LOGITS = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-2.0, 3.0, 0.0], [1.0, 1.0, 1.0]], np.float32)
 LABELS = np.array([0, 2, 1, 0])
@@ -23,16 +27,17 @@ def softmax(logits):
 def test_focal_loss_equals_its_formula():
     p_true = softmax(LOGITS.astype(np.float64))[np.arange(len(LABELS)), LABELS]
     expected = np.mean(-ALPHA[LABELS] * (1 - p_true) ** 2.0 * np.log(p_true))
-    loss = lucas.SoftmaxFocalLoss(ALPHA, gamma=2.0)(LABELS, LOGITS)
+    loss = classifier.SoftmaxFocalLoss(ALPHA, gamma=2.0)(LABELS, LOGITS)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-    unweighted = np.mean(-(1 - p_true) ** 2.0 * np.log(p_true))
-    np.testing.assert_allclose(float(lucas.SoftmaxFocalLoss(None, gamma=2.0)(LABELS, LOGITS)), unweighted,
-                               rtol=1e-5)
+    unweighted = np.mean(-((1 - p_true) ** 2.0) * np.log(p_true))
+    np.testing.assert_allclose(
+        float(classifier.SoftmaxFocalLoss(None, gamma=2.0)(LABELS, LOGITS)), unweighted, rtol=1e-5
+    )
 
 
 def test_focal_loss_with_gamma_zero_is_cross_entropy():
     reference = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(LABELS, LOGITS)
-    ours = lucas.SoftmaxFocalLoss(None, gamma=0.0)(LABELS, LOGITS)
+    ours = classifier.SoftmaxFocalLoss(None, gamma=0.0)(LABELS, LOGITS)
     np.testing.assert_allclose(float(ours), float(reference), rtol=1e-6)
 
 
@@ -40,23 +45,27 @@ def test_weighted_ce_uses_pytorch_weighted_mean():
     # PyTorch CrossEntropyLoss(weight=w): sum_i w_{y_i} nll_i / sum_i w_{y_i}.
     nll = -np.log(softmax(LOGITS.astype(np.float64))[np.arange(len(LABELS)), LABELS])
     expected = np.sum(ALPHA[LABELS] * nll) / np.sum(ALPHA[LABELS])
+
     class Args:
         focal_weighting, focal_gamma = "alpha", 2.0
-    loss = lucas.make_loss("wce", ALPHA, Args)
+
+    loss = classifier.make_loss("wce", ALPHA, Args)
     np.testing.assert_allclose(float(loss(LABELS, LOGITS)), expected, rtol=1e-5)
     Args.focal_weighting = "none"
-    assert lucas.make_loss("focal", ALPHA, Args).class_weights is None
-    assert lucas.make_loss("ce", ALPHA, Args).class_weights is None
+    assert classifier.make_loss("focal", ALPHA, Args).class_weights is None
+    assert classifier.make_loss("ce", ALPHA, Args).class_weights is None
 
 
 def test_class_weights_balanced_and_sqrt():
     train_labels = np.array([0] * 6 + [1] * 3 + [3] * 1)
-    weights = lucas.class_weights_from_counts(train_labels, 4, "balanced")
+    weights = classifier.class_weights_from_counts(train_labels, 4, "balanced")
     # N / (C n_c) over the 3 classes present; the absent class gets 0.
     np.testing.assert_allclose(weights, [10 / (3 * 6), 10 / (3 * 3), 0.0, 10 / (3 * 1)])
     sklearn_weights = compute_class_weight("balanced", classes=np.array([0, 1, 3]), y=train_labels)
     np.testing.assert_allclose(weights[[0, 1, 3]], sklearn_weights)
-    np.testing.assert_allclose(lucas.class_weights_from_counts(train_labels, 4, "sqrt"), np.sqrt(weights))
+    np.testing.assert_allclose(
+        classifier.class_weights_from_counts(train_labels, 4, "sqrt"), np.sqrt(weights)
+    )
 
 
 # sklearn warns (correctly) that class 9 is predicted but never true: that case is the point here.
@@ -66,12 +75,12 @@ def test_macro_accuracy_equals_sklearn_balanced_accuracy():
     truth = rng.choice(10, size=300, p=np.array(lucas.STUDY_CHIP_COUNTS) / sum(lucas.STUDY_CHIP_COUNTS))
     prediction = np.where(rng.random(300) < 0.6, truth, rng.integers(0, 10, 300))
     truth[truth == 9] = 8  # class 9 now only appears in the predictions
-    metrics = lucas.classification_metrics(truth, prediction)
+    metrics = classifier.classification_metrics(truth, prediction)
     assert np.isclose(metrics["macro_accuracy"], balanced_accuracy_score(truth, prediction))
     assert np.isclose(metrics["overall_accuracy"], np.mean(truth == prediction))
-    streaming = lucas.MacroAccuracy(10)
+    streaming = classifier.MacroAccuracy(10)
     for start in range(0, 300, 64):
-        streaming.update_state(truth[start:start + 64], np.eye(10)[prediction[start:start + 64]])
+        streaming.update_state(truth[start : start + 64], np.eye(10)[prediction[start : start + 64]])
     assert np.isclose(float(streaming.result()), balanced_accuracy_score(truth, prediction), atol=1e-6)
 
 
@@ -102,25 +111,43 @@ def test_rgb_weights_are_adapted_to_six_bands(tmp_path):
     assert six_kernel.shape[2] == 6
     np.testing.assert_allclose(six_kernel[:, :, :3], rgb_kernel * 0.5, rtol=1e-6)
     np.testing.assert_allclose(six_kernel[:, :, 3], rgb_kernel.mean(axis=2) * 0.5, rtol=1e-5)
-    for source, target in zip(rgb.layers[2:], six.layers[2:]):
-        for a, b in zip(source.get_weights(), target.get_weights()):
+    for source, target in zip(rgb.layers[2:], six.layers[2:], strict=True):
+        for a, b in zip(source.get_weights(), target.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(lucas.adapt_first_kernel(rgb_kernel, 6, bgr=True)[:, :, 0],
-                               rgb_kernel[:, :, 2] * 0.5)
+    np.testing.assert_allclose(
+        lucas.adapt_first_kernel(rgb_kernel, 6, bgr=True)[:, :, 0], rgb_kernel[:, :, 2] * 0.5
+    )
 
 
 def test_decoders_follow_terratorch_token_order():
     rng = np.random.default_rng(0)
     tokens = rng.standard_normal((3, 5, 4)).astype(np.float32)
-    identity = lucas.build_head((5, 4), 10, "identity", None, 0.1)
+    identity = classifier.build_head((5, 4), 10, "identity", None, 0.1)
     kernel, bias = identity.get_layer("classifier").get_weights()
     # Identity decoder: per-token Dense then mean = Dense of the mean token (at inference).
-    np.testing.assert_allclose(identity(tokens, training=False), tokens.mean(axis=1) @ kernel + bias,
-                               atol=1e-5)
-    mlp = lucas.build_head((5, 4), 10, "mlp", 6, 0.1)
+    np.testing.assert_allclose(
+        identity(tokens, training=False), tokens.mean(axis=1) @ kernel + bias, atol=1e-5
+    )
+    mlp = classifier.build_head((5, 4), 10, "mlp", 6, 0.1)
     hidden_kernel, hidden_bias = mlp.get_layer("mlp_decoder").get_weights()
     kernel, bias = mlp.get_layer("classifier").get_weights()
     per_token = np.maximum(tokens @ hidden_kernel + hidden_bias, 0) @ kernel + bias
     np.testing.assert_allclose(mlp(tokens, training=False), per_token.mean(axis=1), atol=1e-5)
     assert lucas.as_tokens(np.zeros((2, 3, 3, 7))).shape == (2, 9, 7)
     assert lucas.as_tokens(np.zeros((2, 7))).shape == (2, 1, 7)
+
+
+def test_head_on_cached_tokens_equals_the_end_to_end_model():
+    # The frozen probe trains the head on features computed once; this is the same function of the
+    # chips as the frozen backbone and the head in one model.
+    keras.utils.set_random_seed(0)
+    inputs = SimpleNamespace(image_size=16, band_mean=np.full(6, 0.1), band_variance=np.full(6, 0.01))
+    args = SimpleNamespace(backbone="simplecnn", weights=None, freeze_backbone=True)
+    extractor = classifier.build_feature_extractor(args, inputs)
+    head = classifier.build_head(extractor.output.shape[1:], 10, "mlp", None, 0.1)
+    end_to_end = keras.Model(extractor.input, head(extractor.output))
+    chips = np.random.default_rng(0).uniform(0, 0.3, (4, 16, 16, 6)).astype(np.float32)
+    cached_tokens = extractor.predict(chips, verbose=0)
+    np.testing.assert_allclose(
+        head(cached_tokens, training=False), end_to_end(chips, training=False), atol=1e-5
+    )
