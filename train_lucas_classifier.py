@@ -32,12 +32,11 @@ macro F1 0.339; MLP decoder within 0.5 pt; focal loss macro acc 0.306-0.314, OA 
 import argparse
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501  # fmt: skip
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import keras
 import numpy as np

@@ -12,6 +12,7 @@ parallel          one spawn-process job runner behind every --workers
 startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
+lucas             LUCAS chips: labels CSV, chip location, tf.data chip reader, stratified split, 6-band backbones
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split
 triplet           triplet losses (batch-all, batch-hard, MATL) and the TG-MATL selection rule
 stacked_training  many small models trained side by side in one compiled graph (TG-MATL heads)
