@@ -597,4 +597,5 @@ def test_only(args, run_dir):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    # The --config overlay is read while parsing, so a bad YAML file also ends in one line and exit 2.
+    cli_entry(lambda: main(get_args_parser().parse_args()))()
