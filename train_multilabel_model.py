@@ -232,17 +232,16 @@ def mixup_gradient_calibration(student, images, observed, pseudo_labels, args, s
     lam = gamma_a / (gamma_a + gamma_b + 1e-12)
     permutation = tf.argsort(tf.random.stateless_uniform((tf.shape(images)[0],), seed + 2))
     logits = student(lam * images + (1 - lam) * tf.gather(images, permutation), training=True)
-    # BCE is linear in its target, so this equals the loss against the mixed calibrated targets.
-    mixed = calibrated(logits, tf.gather(observed, permutation), tf.gather(pseudo_labels, permutation))
-    return lam * calibrated(logits, observed, pseudo_labels) + (1 - lam) * mixed
+    # BCE is linear in its target, so this is the loss against the mixed targets (unpermuted term first).
+    return lam * calibrated(logits, observed, pseudo_labels) + (1 - lam) * calibrated(
+        logits, tf.gather(observed, permutation), tf.gather(pseudo_labels, permutation)
+    )
 
 
 class MeanTeachers:
-    """Step 2: AdaGC's dual EMA teachers of the student; their mean sigmoid is the pseudo label.
-
-    Both follow the mean-teacher ramp min(decay, (1 + t) / (10 + t)) (Tarvainen & Valpola) so that short
-    runs still get a useful teacher; t counts iterations for A and epochs for B.
-    """
+    """Step 2: dual EMA teachers of the student; their mean sigmoid is the pseudo label. Both follow the
+    mean-teacher ramp min(decay, (1 + t) / (10 + t)) (Tarvainen & Valpola) so that short runs still get a
+    useful teacher; t counts iterations for A and epochs for B."""
 
     def __init__(self, build_model, student, decay_a, decay_b):
         self.student, self.decay_a, self.decay_b = student, decay_a, decay_b
@@ -262,8 +261,7 @@ class MeanTeachers:
         for teacher_weight, student_weight in zip(teacher.weights, self.student.weights, strict=True):
             teacher_weight.assign(decay * teacher_weight + (1.0 - decay) * student_weight)
 
-    def update_a(self, step):
-        """After every iteration, inside the compiled step (`step` is the iteration counter)."""
+    def update_a(self, step):  # after every iteration, inside the compiled step
         step = tf.cast(step, tf.float32)
         self._follow(self.models["teacher_a"], tf.minimum(self.decay_a, (1.0 + step) / (10.0 + step)))
 
