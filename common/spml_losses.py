@@ -1,4 +1,9 @@
-"""Single-positive multi-label (SPML) baselines: the losses, the single-positive protocol, full-label metrics.
+"""Single-positive multi-label (SPML) baselines: losses, label protocol, metrics, batches and their trainer.
+
+Sections: the baseline losses; `BaselineState` (label matrix, LL schedule, ROLE estimator); the
+single-positive protocol (random / dominant positives); the full-label metrics (mAP, micro AP, F1);
+(images, row index) tf.data batches with per-epoch orders; `SpmlTrainer`, the compiled step of one
+baseline, whose hooks a method with more state overrides (AdaGC in train_multilabel_model.py).
 
 Every loss takes logits and an `observed` matrix (1 observed positive, 0 unobserved; EM+APL stores a
 soft pseudo label s as -s) and returns `(loss_matrix (B, C), batch_regulariser)`; the training loss is
