@@ -6,23 +6,24 @@ of all twelve Sentinel-2 bands) in a temporary folder, then times, on the same f
   - ours: the script's tf.data pipelines (parallel decode, prefetch) exactly as training uses them.
 Both sides are warmed once (file cache) and timed as the best of --repeats passes.
 
-    python bench/multilabel_input_speed.py                 # about a minute on a laptop CPU
-    python bench/multilabel_input_speed.py --aid_images 600 --ben_patches 3000
+    python -m bench.multilabel_input_speed                 # about a minute on a laptop CPU
+    python -m bench.multilabel_input_speed --aid_images 600 --ben_patches 3000
 
 The last line is `speedup (tf.data / sequential): AID <x> | LMDB <y>`.
 """
 
 import argparse
-import sys
+import os
 import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501  # fmt: skip
+
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import train_multilabel_model as tm
+from common import aid_multilabel, bigearthnet, pipelines, spml_losses
 
 
 def get_args_parser():
@@ -61,9 +62,9 @@ def sequential_aid(paths, image_size):
 
 def sequential_lmdb(lmdb_path, patch_ids, bands, image_size):
     # The same read-only environment as the pipeline (LMDB allows one per process); one read transaction.
-    with tm.open_lmdb(lmdb_path).begin(buffers=False) as transaction:
+    with bigearthnet.open_lmdb(lmdb_path).begin(buffers=False) as transaction:
         for patch_id in patch_ids:
-            tm.decode_ben_value(transaction.get(patch_id.encode()), bands, image_size)
+            bigearthnet.decode_value(transaction.get(patch_id.encode()), bands, image_size)
 
 
 def drain(dataset):
@@ -74,8 +75,8 @@ def drain(dataset):
 def main(args):
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="multilabel_bench_"))
     print(f"data in {workdir}")
-    aid_root = tm.write_aid_demo(workdir / "aid", args.aid_images, seed=0, image_size=600)
-    ben_root = tm.write_benv2_demo(workdir / "ben", args.ben_patches, seed=0)
+    aid_root = aid_multilabel.write_demo(workdir / "aid", args.aid_images, seed=0, image_size=600)
+    ben_root = bigearthnet.write_demo(workdir / "ben", args.ben_patches, seed=0)
     aid_paths = sorted(str(p) for p in aid_root.glob("images_*/*/*.jpg"))
     import pandas as pd
 
@@ -84,8 +85,10 @@ def main(args):
 
     aid_data = {"reader": "aid"}
     ben_data = {"reader": "benv2", "lmdb_path": str(ben_root / "lmdb"), "bands": bands}
-    aid_pipeline = tm.make_dataset(aid_paths, tm.make_loader(aid_data, args.image_size), args.batch_size)
-    ben_pipeline = tm.make_dataset(patch_ids, tm.make_loader(ben_data, 120), args.batch_size)
+    errors = pipelines.ReaderErrors()
+    aid_loader = tm.make_loader(aid_data, args.image_size, errors)
+    aid_pipeline = spml_losses.make_dataset(aid_paths, aid_loader, args.batch_size)
+    ben_pipeline = spml_losses.make_dataset(patch_ids, tm.make_loader(ben_data, 120, errors), args.batch_size)
 
     rows = [
         (

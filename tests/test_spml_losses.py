@@ -1,10 +1,12 @@
-"""Formula, trigger and learning checks of the SPML losses and AdaGC in train_multilabel_model.py."""
+"""Formula, trigger and learning checks of common/spml_losses.py and of AdaGC in train_multilabel_model.py."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import train_multilabel_model as tm
+from common import runs
+from common import spml_losses as sl
 
 LOGITS = np.array([[2.0, -1.0, 0.5, -3.0], [0.0, 1.5, -0.5, 4.0], [-2.0, 0.3, 0.3, -0.7]], np.float32)
 OBSERVED = np.array(
@@ -32,33 +34,33 @@ UNOBS = OBSERVED == 0
 
 
 def test_an_wan_an_ls_full_match_the_reference_formulas():
-    an, reg = run(tm.loss_an(LOGITS, OBSERVED))
+    an, reg = run(sl.loss_an(LOGITS, OBSERVED))
     np.testing.assert_allclose(an, np.where(POS, nlog(P), nlog(1 - P)), rtol=1e-5)
     assert reg == 0.0
-    wan, _ = run(tm.loss_wan(LOGITS, OBSERVED))
+    wan, _ = run(sl.loss_wan(LOGITS, OBSERVED))
     np.testing.assert_allclose(wan, np.where(POS, nlog(P), nlog(1 - P) / 3), rtol=1e-5)
     eps = 0.1
-    an_ls, _ = run(tm.loss_an_ls(LOGITS, OBSERVED, eps))
+    an_ls, _ = run(sl.loss_an_ls(LOGITS, OBSERVED, eps))
     expected = np.where(POS, (1 - eps) * nlog(P) + eps * nlog(1 - P), (1 - eps) * nlog(1 - P) + eps * nlog(P))
     np.testing.assert_allclose(an_ls, expected, rtol=1e-5)
-    full, _ = run(tm.loss_full(LOGITS, FULL))
+    full, _ = run(sl.loss_full(LOGITS, FULL))
     np.testing.assert_allclose(full, np.where(FULL == 1, nlog(P), nlog(1 - P)), rtol=1e-5)
 
 
 def test_an_is_finite_for_extreme_logits_unlike_probabilities_plus_eps():
     logits = np.array([[80.0, -80.0]], np.float32)
-    matrix, _ = run(tm.loss_an(logits, np.array([[0.0, 1.0]], np.float32)))
+    matrix, _ = run(sl.loss_an(logits, np.array([[0.0, 1.0]], np.float32)))
     np.testing.assert_allclose(matrix, [[80.0, 80.0]], rtol=1e-5)
 
 
 def test_epr_and_role_match_cole_et_al():
     k = 2.0
-    epr, reg = run(tm.loss_epr(LOGITS, OBSERVED, k))
+    epr, reg = run(sl.loss_epr(LOGITS, OBSERVED, k))
     np.testing.assert_allclose(epr, np.where(POS, nlog(P), 0.0), rtol=1e-5)
     assert reg == pytest.approx((P.sum(1).mean() - k) ** 2 / 16, rel=1e-5)
     estimator = np.array([[5.0, -0.2, 0.1, 0.0], [0.3, -0.1, 0.2, 5.0], [0.1, 0.0, -0.3, 0.2]], np.float32)
     E = sigmoid(estimator.astype(np.float64))
-    role, reg = run(tm.loss_role(LOGITS, OBSERVED, estimator, k))
+    role, reg = run(sl.loss_role(LOGITS, OBSERVED, estimator, k))
     cross_1 = E * nlog(P) + (1 - E) * nlog(1 - P)
     cross_2 = P * nlog(E) + (1 - P) * nlog(1 - E)
     expected = 0.5 * (np.where(POS, nlog(P), 0) + np.where(POS, nlog(E), 0)) + 0.5 * (cross_1 + cross_2)
@@ -71,7 +73,7 @@ def test_role_gradients_are_detached_across_the_two_models():
     logits = tf.Variable(LOGITS)
     estimator = tf.Variable(np.zeros_like(LOGITS))
     with tf.GradientTape() as tape:
-        matrix, _ = tm.loss_role(logits, OBSERVED, estimator, 2.0)
+        matrix, _ = sl.loss_role(logits, OBSERVED, estimator, 2.0)
         cross_only = tf.reduce_sum(matrix * (1 - OBSERVED))
     gradient_logits, gradient_estimator = tape.gradient(cross_only, [logits, estimator])
     # d/dz of 0.5 * BCE(target = sigmoid(e) = 0.5, z) is 0.5 * (sigmoid(z) - 0.5) on unobserved entries.
@@ -85,12 +87,12 @@ def test_role_gradients_are_detached_across_the_two_models():
 
 def test_em_and_em_apl_match_zhou_et_al():
     alpha, beta = 0.1, 0.4
-    em, _ = run(tm.loss_em(LOGITS, OBSERVED, alpha))
+    em, _ = run(sl.loss_em(LOGITS, OBSERVED, alpha))
     entropy = P * nlog(P) + (1 - P) * nlog(1 - P)
     np.testing.assert_allclose(em, np.where(POS, nlog(P), -alpha * entropy), rtol=1e-5)
     observed = OBSERVED.copy()
     observed[2, 1] = -0.7  # soft pseudo label 0.7
-    apl, _ = run(tm.loss_em_apl(LOGITS, observed, alpha, beta))
+    apl, _ = run(sl.loss_em_apl(LOGITS, observed, alpha, beta))
     expected = np.where(POS, nlog(P), -alpha * entropy)
     expected[2, 1] = beta * (0.7 * nlog(P[2, 1]) + 0.3 * nlog(1 - P[2, 1]))
     np.testing.assert_allclose(apl, expected, rtol=1e-5)
@@ -99,56 +101,56 @@ def test_em_and_em_apl_match_zhou_et_al():
 def test_apl_pseudo_labels_take_the_top_share_of_unobserved_per_class():
     original = np.array([[1, 0], [0, 0], [0, 0], [0, 0], [0, 1]], np.uint8)
     predictions = np.array([[0.9, 0.1], [0.8, 0.3], [0.2, 0.2], [0.7, 0.9], [0.1, 0.95]], np.float32)
-    pseudo = tm.apl_pseudo_labels(original, predictions, theta=0.5)
+    pseudo = sl.apl_pseudo_labels(original, predictions, theta=0.5)
     # class 0: unobserved rows 1..4, top 2 by prediction are rows 1 and 3; class 1: rows 0..3 -> rows 3 and 1.
     np.testing.assert_allclose(pseudo[:, 0], [1, -0.8, 0, -0.7, 0], rtol=1e-6)
     np.testing.assert_allclose(pseudo[:, 1], [0, -0.3, 0, -0.9, 1], rtol=1e-6)
 
 
 def test_large_loss_rejection_and_correction():
-    an, _ = run(tm.loss_an(LOGITS, OBSERVED))
+    an, _ = run(sl.loss_an(LOGITS, OBSERVED))
     clean_rate = 1 - 3 / 12  # k = ceil(12 * 0.25) = 3 largest unobserved AN losses
     flat = np.where(UNOBS, an, -np.inf).ravel()
     top3 = np.argsort(-flat, kind="stable")[:3]  # ties: lower index first, as top_k
     selected = np.zeros(12, bool)
     selected[top3] = True
     selected = selected.reshape(an.shape)
-    ll_r, mask = tm.loss_large_loss(LOGITS, OBSERVED, clean_rate, "ll_r")
+    ll_r, mask = sl.loss_large_loss(LOGITS, OBSERVED, clean_rate, "ll_r")
     np.testing.assert_array_equal(mask.numpy(), selected)
     np.testing.assert_allclose(ll_r, np.where(selected, 0.0, an), rtol=1e-5)
-    ll_ct, _ = tm.loss_large_loss(LOGITS, OBSERVED, clean_rate, "ll_ct")
+    ll_ct, _ = sl.loss_large_loss(LOGITS, OBSERVED, clean_rate, "ll_ct")
     np.testing.assert_allclose(ll_ct, np.where(selected, nlog(P), an), rtol=1e-5)
-    _, first_epoch = tm.loss_large_loss(LOGITS, OBSERVED, 1.0, "ll_r")
+    _, first_epoch = sl.loss_large_loss(LOGITS, OBSERVED, 1.0, "ll_r")
     assert not first_epoch.numpy().any()
 
 
 def test_large_loss_ties_at_the_threshold_select_exactly_k():
     logits = np.zeros((2, 4), np.float32)  # every unobserved AN loss ties at log 2
     observed = np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
-    mask = tm.large_loss_selection(tm.loss_an(logits, observed)[0], observed, clean_rate=1 - 3 / 8).numpy()
+    mask = sl.large_loss_selection(sl.loss_an(logits, observed)[0], observed, clean_rate=1 - 3 / 8).numpy()
     assert mask.sum() == 3 and not mask[0, 0]
 
 
 def test_large_loss_k_larger_than_unobserved_count_never_touches_observed_positives():
     observed = np.array([[1, 0, 1, 1], [1, 1, 0, 1]], np.float32)  # only 2 unobserved entries
-    mask = tm.large_loss_selection(tm.loss_an(LOGITS[:2], observed)[0], observed, clean_rate=0.0).numpy()
+    mask = sl.large_loss_selection(sl.loss_an(LOGITS[:2], observed)[0], observed, clean_rate=0.0).numpy()
     np.testing.assert_array_equal(mask, observed == 0)
 
 
 def test_all_negative_batch_gives_finite_losses():
     observed = np.zeros_like(OBSERVED)
     for loss in (
-        tm.loss_an(LOGITS, observed),
-        tm.loss_wan(LOGITS, observed),
-        tm.loss_epr(LOGITS, observed, 2.0),
-        tm.loss_em(LOGITS, observed, 0.1),
-        tm.loss_em_apl(LOGITS, observed, 0.1, 0.4),
+        sl.loss_an(LOGITS, observed),
+        sl.loss_wan(LOGITS, observed),
+        sl.loss_epr(LOGITS, observed, 2.0),
+        sl.loss_em(LOGITS, observed, 0.1),
+        sl.loss_em_apl(LOGITS, observed, 0.1, 0.4),
     ):
         matrix, reg = run(loss)
         assert np.isfinite(matrix).all() and np.isfinite(reg)
-    epr, _ = run(tm.loss_epr(LOGITS, observed, 2.0))
+    epr, _ = run(sl.loss_epr(LOGITS, observed, 2.0))
     assert (epr == 0).all()
-    matrix, mask = tm.loss_large_loss(LOGITS, observed, 0.5, "ll_cp")
+    matrix, mask = sl.loss_large_loss(LOGITS, observed, 0.5, "ll_cp")
     assert mask.numpy().sum() == 6 and np.isfinite(matrix.numpy()).all()
 
 
@@ -189,7 +191,7 @@ def test_trigger_fires_near_the_knee_of_a_saturating_curve_and_not_on_a_linear_o
 def test_multilabel_metrics_skip_classes_without_test_positives():
     labels = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
     scores = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.7], [0.6, 0.4, 0.2], [0.1, 0.6, 0.3]])
-    metrics = tm.multilabel_metrics(scores, labels, ["a", "b", "c"])
+    metrics = sl.multilabel_metrics(scores, labels, ["a", "b", "c"])
     assert metrics["classes_skipped"] == ["c"]
     # class a: perfect ranking -> AP 1; class b: positives at ranks 1 and 3 -> (1 + 2/3) / 2.
     assert metrics["mAP"] == pytest.approx((1 + (1 + 2 / 3) / 2) / 2)
@@ -213,8 +215,8 @@ def synthetic_task(seed=0, n_train=300, n_val=100, n_test=400, num_classes=10, d
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = draw(n_train), draw(n_val), draw(n_test)
     return {
         "class_names": [f"class{i}" for i in range(num_classes)],
-        "train": {"sources": x_train, "full": y_train, "observed": tm.single_positive_random(y_train, seed)},
-        "val": {"sources": x_val, "full": y_val, "observed": tm.single_positive_random(y_val, seed)},
+        "train": {"sources": x_train, "full": y_train, "observed": sl.single_positive_random(y_train, seed)},
+        "val": {"sources": x_val, "full": y_val, "observed": sl.single_positive_random(y_val, seed)},
         "test": {"sources": x_test, "full": y_test},
     }
 
@@ -238,7 +240,7 @@ def train_features(method, data, tmp_path, epochs=20):
             "0.99",
         ]
     )
-    tm.seed_everything(0)
+    runs.seed_everything(0)
 
     def dataset(features, shuffle_seed=None):
         rows = tf.data.Dataset.from_tensor_slices((features, np.arange(len(features))))
@@ -249,19 +251,18 @@ def train_features(method, data, tmp_path, epochs=20):
     run_dir = tmp_path / method
     run_dir.mkdir()
     dim = data["train"]["sources"].shape[1]
-    state = tm.run_training(
-        args,
-        data,
-        lambda: tm.build_classifier("mlp", (dim,), len(data["class_names"])),
-        run_dir,
-        lambda epoch: dataset(data["train"]["sources"], epoch),
-        dataset(data["val"]["sources"]),
-        None,
-        tf.distribute.get_strategy(),
+
+    class FeatureBatches:
+        def for_epoch(self, epoch):
+            return dataset(data["train"]["sources"], epoch)
+
+    trainer = tm.make_trainer(
+        args, lambda: tm.build_classifier("mlp", (dim,), len(data["class_names"])), data["train"]
     )
+    state = tm.fit(args, trainer, data, run_dir, FeatureBatches(), dataset(data["val"]["sources"]))
     model = keras.models.load_model(run_dir / "best_model.keras")
-    scores = tm.predict_probabilities(model, dataset(data["test"]["sources"]))
-    return tm.multilabel_metrics(scores, data["test"]["full"], data["class_names"])["mAP"], state
+    scores = sl.predict_probabilities(model, dataset(data["test"]["sources"]))
+    return sl.multilabel_metrics(scores, data["test"]["full"], data["class_names"])["mAP"], state
 
 
 @pytest.mark.slow
@@ -280,20 +281,14 @@ def test_permanent_correction_and_apl_rewrite_the_stored_labels(tmp_path):
     data = synthetic_task(n_train=64, n_val=16, n_test=16)
     for method, extra in (("ll_cp", ["--delta_rel", "50"]), ("em_apl", ["--apl_theta", "0.2"])):
         args = tm.get_args_parser().parse_args(
-            ["--method", method, "--backbone", "mlp", "--batch_size", "32"] + extra
+            ["--method", method, "--backbone", "mlp", "--batch_size", "32", *extra]
         )
-        trainer = tm.SpmlTrainer(
-            args,
-            tf.distribute.get_strategy(),
-            lambda: tm.build_classifier("mlp", (32,), 10),
-            data["train"]["observed"],
-            data["train"]["full"],
-        )
+        trainer = tm.make_trainer(args, lambda: tm.build_classifier("mlp", (32,), 10), data["train"])
         rows = tf.data.Dataset.from_tensor_slices((data["train"]["sources"], np.arange(64))).batch(32)
         for epoch in (1, 2):
             trainer.train_epoch(rows, "warmup", epoch)
-            trainer.end_epoch(epoch, "warmup", data["train"]["observed"])
-        stored = trainer.observed_matrix.numpy()
+            trainer.end_epoch(epoch)
+        stored = trainer.baseline.observed_matrix.numpy()
         original = data["train"]["observed"]
         assert (stored[original == 1] == 1).all()
         if method == "ll_cp":

@@ -1,18 +1,26 @@
 """train_multilabel_model.py: --help, --demo end to end, --test_only, the readers and bad inputs."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
 import yaml
+from conftest import (
+    REPO,
+    assert_main_error,
+    call_main,
+    no_temporary_files,
+    parse,
+    run_script,
+)
 
 import train_multilabel_model as tm
+from common import aid_multilabel, bigearthnet, pipelines
+from common.errors import InputError, cli_entry
 
-SCRIPT = Path(__file__).resolve().parents[1] / "train_multilabel_model.py"
+SCRIPT = "train_multilabel_model.py"
 RUN_FILES = (
     "config.json",
     "log.csv",
@@ -24,20 +32,9 @@ RUN_FILES = (
 TINY = ["--demo_images", "64", "--image_size", "24", "--batch_size", "16"]
 
 
-def call_main(argv):
-    """Run main in-process; return the exit code (0 when it returned)."""
-    try:
-        tm.main(tm.get_args_parser().parse_args(argv))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
-
-
-def assert_one_line_error(capsys, *fragments):
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error: "), error
-    for fragment in fragments:
-        assert fragment in error[0], error[0]
+def main_error(capsys, argv, *fragments):
+    """main(argv) ends with exit 2 and one error line holding every fragment."""
+    return assert_main_error(capsys, lambda: call_main(tm, argv), *fragments)
 
 
 def test_help_lists_the_methods(capsys):
@@ -50,22 +47,9 @@ def test_help_lists_the_methods(capsys):
 
 def test_demo_adagc_mirrored_writes_every_file_and_test_only_reproduces_it(tmp_path):
     results = tmp_path / "results"
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--demo",
-        "--method",
-        "adagc",
-        "--strategy",
-        "mirrored",
-        "--epochs",
-        "4",
-        "--gc_start_epoch",
-        "2",
-        "--results_dir",
-        str(results),
-    ] + TINY
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    command = [*"--demo --method adagc --strategy mirrored --epochs 4 --gc_start_epoch 2".split(), *TINY]
+    command += ["--results_dir", str(results)]
+    done = run_script(SCRIPT, *command, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = results / "train_multilabel_model" / "demo_adagc"
     for name in RUN_FILES:
@@ -81,52 +65,77 @@ def test_demo_adagc_mirrored_writes_every_file_and_test_only_reproduces_it(tmp_p
     assert len(log) == 5 and ",gc," in log[-1]
 
     # --test_only re-evaluates the saved best model and must reproduce metrics.json exactly.
-    assert call_main(["--demo", "--method", "adagc", "--test_only", "--results_dir", str(results)]) == 0
+    call_main(tm, ["--demo", "--method", "adagc", "--test_only", "--results_dir", str(results)])
     again = json.loads((run_dir / "test_only_metrics.json").read_text())
     assert again["matches_saved_metrics"] is True
     assert again["mAP"] == metrics["mAP"] and again["per_class"] == metrics["per_class"]
 
-    # A finished run is never overwritten silently.
-    assert call_main(["--demo", "--method", "adagc", "--results_dir", str(results)] + TINY) == 2
+    assert no_temporary_files(run_dir)
+
+
+def test_a_finished_run_is_never_overwritten_silently(tmp_path, capsys):
+    results = str(tmp_path / "results")
+    call_main(tm, ["--demo", "--method", "an", "--epochs", "1", "--results_dir", results, *TINY])
+    capsys.readouterr()
+    argv = ["--demo", "--method", "an", "--epochs", "1", "--results_dir", results, *TINY]
+    main_error(capsys, argv, "a finished run with this name exists", "--overwrite")
 
 
 def test_demo_an_and_resume(tmp_path, capsys):
     results = str(tmp_path / "results")
-    assert call_main(["--demo", "--method", "an", "--epochs", "1", "--results_dir", results] + TINY) == 0
+    call_main(tm, ["--demo", "--method", "an", "--epochs", "1", "--results_dir", results, *TINY])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("test mAP ") and "method an" in out[-1]
     run_dir = tmp_path / "results" / "train_multilabel_model" / "demo_an"
     assert (run_dir / "checkpoints" / "epoch_001.npz").is_file()
     # --resume continues from the last checkpoint to the new epoch count.
-    assert (
-        call_main(["--demo", "--method", "an", "--epochs", "2", "--resume", "--results_dir", results] + TINY)
-        == 0
-    )
+    call_main(tm, ["--demo", "--method", "an", "--epochs", "2", "--resume", "--results_dir", results, *TINY])
     assert "resumed from epoch 1" in capsys.readouterr().out
     assert len((run_dir / "log.csv").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    results = str(tmp_path / "results")
+    call_main(tm, ["--demo", "--method", "an", "--epochs", "1", "--results_dir", results, *TINY])
+    capsys.readouterr()
+    run_dir = tmp_path / "results" / "train_multilabel_model" / "demo_an"
+    before = (run_dir / "config.json").read_text()
+    argv = ["--demo", "--method", "an", "--epochs", "2", "--resume", "--learning_rate", "0.01"]
+    main_error(
+        capsys, [*argv, "--results_dir", results, *TINY], "config.json", "learning_rate=0.003 (now 0.01)"
+    )
+    assert (run_dir / "config.json").read_text() == before
+    assert len((run_dir / "log.csv").read_text().splitlines()) == 2
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys):
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    adagc = ["--demo", "--method", "adagc", "--gc_start_epoch", "1", *TINY]
+    call_main(tm, [*adagc, "--epochs", "3", "--results_dir", whole])
+    call_main(tm, [*adagc, "--epochs", "2", "--results_dir", parts])
+    call_main(tm, [*adagc, "--epochs", "3", "--resume", "--results_dir", parts])
+    capsys.readouterr()
+
+    def outcome(results):
+        run_dir = Path(results) / "train_multilabel_model" / "demo_adagc"
+        log = [line.rsplit(",", 1)[0] for line in (run_dir / "log.csv").read_text().splitlines()]
+        return log, json.loads((run_dir / "metrics.json").read_text())["per_class"]
+
+    assert outcome(parts) == outcome(whole)
 
 
 def test_benv2_lmdb_reader_round_trips_records_and_trains(tmp_path):
     from safetensors.numpy import load as load_safetensors
 
-    root = tm.write_benv2_demo(tmp_path / "ben", num_patches=30, seed=1)
-    args = tm.get_args_parser().parse_args(
-        [
-            "--dataset",
-            "benv2",
-            "--data_dir",
-            str(root),
-            "--image_size",
-            "120",
-            "--bands",
-            "B04,B03,B02,B08,B11",
-        ]
-    )
-    data = tm.load_benv2(args)
+    root = bigearthnet.write_demo(tmp_path / "ben", num_patches=30, seed=1)
+    args = parse(tm, f"--dataset benv2 --data_dir {root} --image_size 120 --bands B04,B03,B02,B08,B11")
+    data = tm.load_data(args)
     patch_id = data["train"]["sources"][0]
-    with tm.open_lmdb(root / "lmdb").begin() as transaction:  # LMDB allows one environment per process
+    with bigearthnet.open_lmdb(
+        root / "lmdb"
+    ).begin() as transaction:  # LMDB allows one environment per process
         stored = load_safetensors(transaction.get(patch_id.encode()))
-    loader = tm.make_loader(data, 120)
+    loader = tm.make_loader(data, 120, pipelines.ReaderErrors())
     image = loader(np.array([patch_id]))[0].numpy()
     assert image.shape == (120, 120, 5)
     np.testing.assert_allclose(image[..., 0], stored["B04"] / 10000.0, rtol=1e-6)
@@ -142,31 +151,15 @@ def test_benv2_lmdb_reader_round_trips_records_and_trains(tmp_path):
 
     # Dominant single positives come from the class-fraction table.
     args.single_positive = "dominant"
-    dominant = tm.load_benv2(args)["train"]["observed"]
-    fractions = tm.read_class_fractions(args, root, data["train"]["sources"])
+    dominant = tm.load_data(args)["train"]["observed"]
+    fractions = bigearthnet.read_class_fractions(root / "class_fractions.csv", data["train"]["sources"])
     assert (np.argmax(dominant, 1) == np.argmax(np.where(data["train"]["full"] > 0, fractions, -1), 1)).all()
 
     # One epoch through the LMDB tf.data pipeline and the real training loop.
-    assert (
-        call_main(
-            [
-                "--demo",
-                "--dataset",
-                "benv2",
-                "--method",
-                "wan",
-                "--epochs",
-                "1",
-                "--results_dir",
-                str(tmp_path / "results"),
-                "--demo_images",
-                "40",
-                "--image_size",
-                "24",
-            ]
-        )
-        == 0
-    )
+    results = tmp_path / "results"
+    argv = f"--demo --dataset benv2 --method wan --epochs 1 --results_dir {results} --demo_images 40"
+    call_main(tm, argv + " --image_size 24")
+    assert (results / "train_multilabel_model" / "demo_wan_benv2" / "metrics.json").is_file()
 
 
 # ---- bad inputs: one line, exit 2, nothing half-written ----
@@ -178,57 +171,64 @@ def write_config(tmp_path, **keys):
     return str(path)
 
 
-def test_config_with_unknown_key_or_method(tmp_path, capsys):
-    results = str(tmp_path / "results")
-    assert (
-        call_main(["-c", write_config(tmp_path, method="an", learning_rat=0.1), "--results_dir", results])
-        == 2
+def test_config_with_unknown_key(tmp_path, capsys):
+    # As under `python train_multilabel_model.py`: the YAML file is read while parsing, inside cli_entry.
+    argv = [
+        "--config",
+        write_config(tmp_path, method="an", learning_rat=0.1),
+        "--results_dir",
+        str(tmp_path / "r"),
+    ]
+    assert_main_error(
+        capsys, cli_entry(lambda: call_main(tm, argv)), "bad.yaml", "unknown key(s): learning_rat"
     )
-    assert_one_line_error(capsys, "bad.yaml", "unknown key(s): learning_rat")
-    assert call_main(["-c", write_config(tmp_path, method="magic"), "--results_dir", results]) == 2
-    assert_one_line_error(capsys, "bad.yaml", "unknown method 'magic'", "adagc")
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_with_unknown_method(tmp_path):
+    config = write_config(tmp_path, method="magic")
+    with pytest.raises(
+        InputError, match=r"bad.yaml: unknown value 'magic' for method; expected one of .*adagc"
+    ):
+        parse(tm, ["--config", config, "--results_dir", str(tmp_path / "results")])
     assert not (tmp_path / "results").exists()
 
 
 def test_config_values_are_applied_and_command_line_wins(tmp_path):
-    parser = tm.get_args_parser()
     config = write_config(tmp_path, method="ll_cp", batch_size=8, augment=False, bands=["B02", "B03"])
-    args = tm.apply_config(parser.parse_args(["-c", config, "--batch_size", "4"]), parser)
+    args = parse(tm, ["--config", config, "--batch_size", "4"])
     assert (args.method, args.batch_size, args.augment, args.bands) == ("ll_cp", 4, False, "B02,B03")
 
 
 def test_every_shipped_config_is_valid():
-    parser = tm.get_args_parser()
-    configs = sorted((SCRIPT.parent / "configs").glob("*.yaml"))
+    configs = sorted((REPO / "configs").glob("*.yaml"))
     assert len(configs) >= 26
     for config in configs:
-        args = tm.apply_config(parser.parse_args(["-c", str(config)]), parser)
+        args = parse(tm, ["--config", str(config)])
         assert args.method in tm.METHODS and args.dataset in ("aid", "benv2")
 
 
 def test_aid_image_missing_for_a_csv_row(tmp_path, capsys):
-    root = tm.write_aid_demo(tmp_path / "aid", num_images=24, seed=3, image_size=32)
+    root = aid_multilabel.write_demo(tmp_path / "aid", num_images=24, seed=3, image_size=32)
     victim = sorted((root / "images_test").glob("*/*.jpg"))[0]
     victim.unlink()
-    assert (
-        call_main(["--data_dir", str(root), "--backbone", "small_cnn", "--results_dir", str(tmp_path / "r")])
-        == 2
-    )
-    assert_one_line_error(capsys, "multilabel_correct_final.csv", "1 row(s) have no image", victim.stem)
+    argv = ["--data_dir", str(root), "--backbone", "small_cnn", "--results_dir", str(tmp_path / "r")]
+    main_error(capsys, argv, "multilabel_correct_final.csv", "1 row(s) have no image", victim.stem)
     assert not (tmp_path / "r").exists()
 
 
 def test_aid_file_that_is_not_a_jpeg(tmp_path, capsys):
-    root = tm.write_aid_demo(tmp_path / "aid", num_images=24, seed=3, image_size=32)
+    root = aid_multilabel.write_demo(tmp_path / "aid", num_images=24, seed=3, image_size=32)
     victim = sorted((root / "images_tr").glob("*/*.jpg"))[0]
     victim.write_bytes(b"not an image")
-    assert call_main(["--data_dir", str(root), "--results_dir", str(tmp_path / "r")]) == 2
-    assert_one_line_error(capsys, victim.name, "not a JPEG")
+    main_error(
+        capsys, ["--data_dir", str(root), "--results_dir", str(tmp_path / "r")], victim.name, "not a JPEG"
+    )
 
 
 @pytest.fixture()
 def ben_root(tmp_path):
-    return tm.write_benv2_demo(tmp_path / "ben", num_patches=20, seed=2)
+    return bigearthnet.write_demo(tmp_path / "ben", num_patches=20, seed=2)
 
 
 def ben_argv(root, tmp_path):
@@ -249,8 +249,7 @@ def test_lmdb_key_missing(ben_root, tmp_path, capsys):
     with environment.begin(write=True) as transaction:
         transaction.delete(b"S2A_MSIL2A_DEMO_00003")
     environment.close()
-    assert call_main(ben_argv(ben_root, tmp_path)) == 2
-    assert_one_line_error(capsys, "lmdb", "1 patch id(s) missing", "S2A_MSIL2A_DEMO_00003")
+    main_error(capsys, ben_argv(ben_root, tmp_path), "lmdb", "1 patch id(s) missing", "S2A_MSIL2A_DEMO_00003")
     assert not (tmp_path / "r").exists()
 
 
@@ -259,13 +258,19 @@ def test_lmdb_value_undecodable(ben_root, tmp_path, capsys):
     with environment.begin(write=True) as transaction:
         transaction.put(b"S2A_MSIL2A_DEMO_00001", b"\x00garbage")
     environment.close()
-    assert call_main(ben_argv(ben_root, tmp_path)) == 2
-    assert_one_line_error(capsys, "lmdb", "S2A_MSIL2A_DEMO_00001 is undecodable", "safetensors")
+    main_error(
+        capsys, ben_argv(ben_root, tmp_path), "lmdb", "S2A_MSIL2A_DEMO_00001 is undecodable", "safetensors"
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_single_label_file_of_the_wrong_shape(ben_root, tmp_path, capsys):
     np.save(ben_root / "train_random_single_labels.npy", np.zeros((5, 19), np.uint8))
-    assert call_main(ben_argv(ben_root, tmp_path)) == 2
-    assert_one_line_error(capsys, "train_random_single_labels.npy", "shape (5, 19)", "training patches x 19")
+    main_error(
+        capsys,
+        ben_argv(ben_root, tmp_path),
+        "train_random_single_labels.npy",
+        "shape (5, 19)",
+        "patches x 19",
+    )
     assert not (tmp_path / "r").exists()

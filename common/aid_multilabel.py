@@ -1,0 +1,256 @@
+"""AID-multilabel reader: JPEG tree + label CSVs, single positives, seeded validation split, demo writer.
+
+Layout (Hua et al., "Relation Network for Multi-label Aerial Image Classification", the AID-multilabel
+release): `images_tr/<SceneClass>/*.jpg`, `images_test/<SceneClass>/*.jpg`, `multilabel_correct_final.csv`
+(image name + 17 0/1 columns, matched by name) and `single_positive_labels_manual.csv` (same layout, one
+1 per row). Random single positives are drawn once (seeded) and saved next to the data.
+"""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from common import atomic, spml_losses
+from common.errors import InputError, require, require_dir, require_file
+
+CLASSES = (
+    "airplane",
+    "bare-soil",
+    "buildings",
+    "cars",
+    "chaparral",
+    "court",
+    "dock",
+    "field",
+    "grass",
+    "mobile-home",
+    "pavement",
+    "sand",
+    "sea",
+    "ship",
+    "tanks",
+    "trees",
+    "water",
+)
+LABELS_CSV = "multilabel_correct_final.csv"
+MANUAL_CSV = "single_positive_labels_manual.csv"
+
+
+def read_label_csv(path, class_names=CLASSES, one_positive: bool = False) -> tuple[list[str], np.ndarray]:
+    """Read `image name, <class columns>` with 0/1 entries; return (names, uint8 matrix in class order)."""
+    path = require_file(path, "a CSV with an image-name column and one 0/1 column per class")
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        rows = list(csv.reader(file))
+    require(len(rows) >= 2, path, "no data rows", "a header and one row per image")
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in class_names if c not in header[1:]]
+    require(
+        not missing,
+        path,
+        f"class column(s) missing: {', '.join(missing)}",
+        f"columns {', '.join(class_names)} after the image-name column",
+    )
+    columns = [header.index(c) for c in class_names]
+    names, matrix = [], np.zeros((len(rows) - 1, len(class_names)), np.uint8)
+    for row_number, row in enumerate(rows[1:], start=2):
+        require(len(row) == len(header), path, f"row {row_number} has {len(row)} fields", f"{len(header)}")
+        try:
+            values = [int(float(row[i])) for i in columns]
+        except ValueError:
+            raise InputError(
+                path, f"row {row_number} has a non-numeric label", "0 or 1 in every class column"
+            ) from None
+        require(all(v in (0, 1) for v in values), path, f"row {row_number} has a label outside 0/1", "0 or 1")
+        if one_positive:
+            require(
+                sum(values) == 1,
+                path,
+                f"row {row_number} has {sum(values)} positives",
+                "exactly one observed positive per image",
+            )
+        names.append(Path(row[0].strip()).stem)
+        matrix[row_number - 2] = values
+    return names, matrix
+
+
+def write_label_csv(path, names, matrix, class_names=CLASSES) -> None:
+    """The inverse of `read_label_csv`, written atomically."""
+    header = ("image", *class_names)
+    rows = [
+        dict(zip(header, [n] + [int(v) for v in row], strict=True))
+        for n, row in zip(names, matrix, strict=True)
+    ]
+    atomic.write_csv(path, rows, list(header))
+
+
+def list_images(folder) -> dict[str, Path]:
+    """`{stem: path}` of the JPEGs in `folder/<SceneClass>/`."""
+    return {p.stem: p for p in sorted(Path(folder).glob("*/*")) if p.suffix.lower() in (".jpg", ".jpeg")}
+
+
+def _lookup_rows(path, names, matrix, wanted, problem, expected) -> np.ndarray:
+    lookup = dict(zip(names, matrix, strict=True))
+    absent = [n for n in wanted if n not in lookup]
+    require(not absent, path, problem.format(absent[0] if absent else ""), expected)
+    return np.stack([lookup[n] for n in wanted])
+
+
+def train_single_positives(root: Path, train_names, train_full, mode: str, seed: int) -> np.ndarray:
+    """Observed positives of images_tr: manual (CSV) or random (generated once, saved and reused)."""
+    if mode == "manual":
+        path = root / MANUAL_CSV
+        names, matrix = read_label_csv(path, one_positive=True)
+        observed = _lookup_rows(
+            path,
+            names,
+            matrix,
+            train_names,
+            "no row for training image {}",
+            "a row for every image in images_tr/",
+        )
+    elif mode == "random":
+        path = root / f"single_positive_labels_random_seed{seed}.csv"
+        if not path.exists():
+            observed = spml_losses.single_positive_random(train_full, seed)
+            write_label_csv(path, train_names, observed)
+            return observed
+        names, matrix = read_label_csv(path)
+        observed = _lookup_rows(
+            path,
+            names,
+            matrix,
+            train_names,
+            "rows do not cover images_tr/",
+            "one row per training image (delete the file to regenerate it)",
+        )
+    else:
+        raise InputError(
+            "--single_positive",
+            "dominant needs class area fractions, which AID does not have",
+            "random or manual for AID",
+        )
+    spml_losses.check_single_positives(observed, train_full, path)
+    return observed
+
+
+def load(data_dir, single_positive: str, seed: int, val_fraction: float) -> dict:
+    """The three splits: `{"class_names", "train", "val", "test", "reader": "aid"}`.
+
+    Each split is `{"sources": image paths, "full": labels}`, train and val also `"observed"`; the
+    validation images are a seeded `val_fraction` of images_tr (AID has no validation split).
+    """
+    root = require_dir(data_dir, f"the AID-multilabel folder with images_tr/, images_test/ and {LABELS_CSV}")
+    labels_csv = root / LABELS_CSV
+    names, matrix = read_label_csv(labels_csv)
+    train_images = list_images(require_dir(root / "images_tr", "images_tr/<SceneClass>/*.jpg"))
+    test_images = list_images(require_dir(root / "images_test", "images_test/<SceneClass>/*.jpg"))
+    labelled = dict(zip(names, matrix, strict=True))
+    missing = [n for n in names if n not in train_images and n not in test_images]
+    require(
+        not missing,
+        labels_csv,
+        f"{len(missing)} row(s) have no image (first: {missing[0] if missing else ''})",
+        "a .jpg in images_tr/ or images_test/ for every CSV row",
+    )
+    for stem, image_path in [*train_images.items(), *test_images.items()]:
+        require(stem in labelled, image_path, f"image has no row in {LABELS_CSV}", "a label row")
+        with open(image_path, "rb") as file:
+            require(file.read(2) == b"\xff\xd8", image_path, "not a JPEG file", "a JPEG image")
+    train_names, test_names = sorted(train_images), sorted(test_images)
+    train_full = np.stack([labelled[n] for n in train_names])
+    train_observed = train_single_positives(root, train_names, train_full, single_positive, seed)
+
+    order = np.random.default_rng(seed).permutation(len(train_names))
+    num_val = round(val_fraction * len(train_names))
+    val_rows, train_rows = np.sort(order[:num_val]), np.sort(order[num_val:])
+    paths = [str(train_images[n]) for n in train_names]
+
+    def part(rows):
+        return {
+            "sources": [paths[i] for i in rows],
+            "full": train_full[rows],
+            "observed": train_observed[rows],
+        }
+
+    return {
+        "class_names": CLASSES,
+        "train": part(train_rows),
+        "val": part(val_rows),
+        "test": {
+            "sources": [str(test_images[n]) for n in test_names],
+            "full": np.stack([labelled[n] for n in test_names]),
+        },
+        "reader": "aid",
+    }
+
+
+def decode_image(path, image_size: int):
+    """JPEG -> float32 [0, 1] at image_size x image_size (bilinear with antialiasing), as TF ops."""
+    import tensorflow as tf
+
+    image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    return image / 255.0
+
+
+# ---- demo data (the real layout, generated) ----
+
+DEMO_SCENES = {
+    "Airport": ("airplane", "pavement", "bare-soil", "grass", "cars", "buildings"),
+    "Beach": ("sand", "sea", "water", "trees", "buildings"),
+    "Port": ("dock", "ship", "sea", "water", "buildings", "cars", "tanks"),
+    "Residential": ("buildings", "cars", "pavement", "trees", "grass", "court", "mobile-home"),
+    "Farmland": ("field", "grass", "bare-soil", "trees", "chaparral", "buildings"),
+}
+
+
+def demo_label_pattern(label_index: int, size: int) -> np.ndarray:
+    """A fixed stamp per class: its own hue, and stripes of a class-specific orientation and period."""
+    import cv2
+
+    hue = np.uint8(180 * label_index / len(CLASSES))
+    colour = cv2.cvtColor(np.array([[[hue, 220, 230]]], np.uint8), cv2.COLOR_HSV2RGB)[0, 0].astype(np.int32)
+    y, x = np.mgrid[0:size, 0:size]
+    period = 3 + label_index % 3
+    texture = (((x if label_index % 2 else y) // period) % 2 == 0)[..., None]
+    return np.where(texture, colour, colour // 3).astype(np.uint8)
+
+
+def write_demo(root, num_images: int, seed: int, image_size: int = 64) -> Path:
+    """AID-multilabel layout with textured class stamps; returns the folder. Reused when complete."""
+    import cv2
+
+    root = Path(root)
+    if (root / LABELS_CSV).exists() and (root / MANUAL_CSV).exists():
+        return root
+    rng = np.random.default_rng(seed)
+    stamp = image_size // 3
+    patterns = [demo_label_pattern(c, stamp) for c in range(len(CLASSES))]
+    names, matrix, manual = [], [], []
+    for i in range(num_images):
+        scene = list(DEMO_SCENES)[i % len(DEMO_SCENES)]
+        candidates = [CLASSES.index(c) for c in DEMO_SCENES[scene]]
+        present = rng.choice(candidates, size=int(rng.integers(2, 4)), replace=False)
+        image = rng.normal(110, 12, size=(image_size, image_size, 3)).clip(0, 255).astype(np.uint8)
+        areas = []
+        for c in present:
+            scale = int(rng.integers(stamp // 2, stamp + 1))
+            top, left = rng.integers(0, image_size - scale, size=2)
+            image[top : top + scale, left : left + scale] = cv2.resize(patterns[c], (scale, scale))
+            areas.append(scale * scale)
+        split = "images_tr" if i % 4 else "images_test"
+        name = f"{scene.lower()}_{i}"
+        with atomic.atomic_path(root / split / scene / f"{name}.jpg") as temporary:
+            cv2.imwrite(str(temporary), image[..., ::-1])
+        labels = np.zeros(len(CLASSES), np.uint8)
+        labels[present] = 1
+        chosen = np.zeros_like(labels)
+        chosen[present[int(np.argmax(areas))]] = 1
+        names.append(name)
+        matrix.append(labels)
+        manual.append(chosen)
+    training = [i for i in range(num_images) if i % 4]
+    write_label_csv(root / MANUAL_CSV, [names[i] for i in training], [manual[i] for i in training])
+    write_label_csv(root / LABELS_CSV, names, matrix)
+    return root
