@@ -19,12 +19,11 @@ epoch 5 (checked at 7, rolled back); it ends with (one CPU run; outputs and reco
 import functools
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501  # fmt: skip
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import keras
 import numpy as np
@@ -370,9 +369,8 @@ def roll_back(trainer, checkpoint_dir, detected, epoch):
     saved = (checkpoints.read_state(checkpoint_dir) or {}).get("checkpoints", [])
     target = max(min(detected, epoch), min([int(name.split("_")[1]) for name in saved] + [epoch]))
     if target < epoch:
-        path = checkpoint_dir / f"epoch_{target:03d}.npz"
-        with np.load(path, allow_pickle=False) as stored:
-            trainer.restore({key: stored[key] for key in stored.files}, path)
+        name = f"epoch_{target:03d}"
+        trainer.restore(checkpoints.load_arrays(checkpoint_dir, name), checkpoint_dir / f"{name}.npz")
     return target
 
 
@@ -595,5 +593,4 @@ def test_only(args, run_dir):
 
 
 if __name__ == "__main__":
-    # The --config overlay is read while parsing, so a bad YAML file also ends in one line and exit 2.
-    cli_entry(lambda: main(get_args_parser().parse_args()))()
+    main(get_args_parser().parse_args())

@@ -12,8 +12,11 @@ parallel          one spawn-process job runner behind every --workers
 startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
-lucas             LUCAS chips: labels CSV, chip location, tf.data chip reader, stratified split, 6-band backbones
+lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split
+spml_losses       SPML baselines: losses, label state, single positives, mAP/F1, batches, trainer
+aid_multilabel    AID-multilabel reader: JPEG tree + label CSVs, single positives, validation split, demo data
+bigearthnet       BigEarthNet v2 reader: LMDB of safetensors bands, metadata.parquet, single positives
 triplet           triplet losses (batch-all, batch-hard, MATL) and the TG-MATL selection rule
 stacked_training  many small models trained side by side in one compiled graph (TG-MATL heads)
 """

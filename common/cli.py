@@ -6,6 +6,7 @@ shows it; a demo value is listed after it ("--demo: 8").
 """
 
 import argparse
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Parser(argparse.ArgumentParser):
         self._config_flag = config_flag
         if config_flag:
             self.add_argument(
+                "-c",
                 "--config",
                 default="",
                 help="YAML file of flag names and values (e.g. configs/<name>.yaml); typed flags win.",
@@ -73,7 +75,12 @@ class Parser(argparse.ArgumentParser):
         typed = self._typed_dests(args)
         overlaid = set()
         if self._config_flag and getattr(parsed, "config", ""):
-            overlaid = apply_yaml(parsed, self, parsed.config, typed)
+            try:
+                overlaid = apply_yaml(parsed, self, parsed.config, typed)
+            except InputError as error:
+                # Parsing runs before main's cli_entry: report a bad config file the same way.
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                sys.exit(2)
         if getattr(parsed, "demo", False):
             for dest, value in self._demo_values.items():
                 if dest not in typed and dest not in overlaid:

@@ -140,6 +140,15 @@ def test_yaml_overlay_sits_between_typed_flags_and_demo(tmp_path):
     assert parser.parse_args(["--config", str(config), "--epochs", "2"]).epochs == 2
 
 
+def test_bad_yaml_at_parse_time_is_one_line_and_exit_2(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("epochz: 3")
+    with pytest.raises(SystemExit) as exit_info:
+        make_parser().parse_args(["-c", str(config)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {config}: unknown key(s): epochz")
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -151,8 +160,9 @@ def test_yaml_overlay_sits_between_typed_flags_and_demo(tmp_path):
 def test_bad_yaml_is_one_input_error(tmp_path, content, message):
     config = tmp_path / "c.yaml"
     config.write_text(content)
+    parser = make_parser()
     with pytest.raises(InputError, match=message):
-        make_parser().parse_args(["--config", str(config)])
+        cli.apply_yaml(parser.parse_args([]), parser, config)
 
 
 # ---- checkpoints ----
