@@ -106,19 +106,21 @@ def read_state(folder) -> dict | None:
         raise InputError(path, "is not valid JSON", "the state file a checkpoint wrote") from None
 
 
+def load_arrays(folder, name: str) -> dict[str, np.ndarray]:
+    """The arrays of the checkpoint `name` in `folder` (e.g. an older one kept for a rollback)."""
+    path = Path(folder) / f"{name}.npz"
+    if not path.is_file():
+        raise InputError(path, "checkpoint file is missing", "the folder of an earlier run, intact")
+    with np.load(path, allow_pickle=False) as stored:
+        return {key: stored[key] for key in stored.files}
+
+
 def load(folder) -> tuple[dict, dict[str, np.ndarray]] | None:
     """(state, arrays) of the newest checkpoint in `folder`, or None when there is none."""
     state = read_state(folder)
     if state is None:
         return None
-    path = Path(folder) / f"{state['checkpoint']}.npz"
-    if not path.is_file():
-        raise InputError(
-            path, "checkpoint named in state.json is missing", "the folder of an earlier run, intact"
-        )
-    with np.load(path, allow_pickle=False) as stored:
-        arrays = {key: stored[key] for key in stored.files}
-    return state, arrays
+    return state, load_arrays(folder, state["checkpoint"])
 
 
 def _model_prefixes(model) -> tuple[tuple[str, ...], tuple[str, ...]]:
