@@ -1,10 +1,11 @@
 """TG-MATL data protocol shared by the four igarss scripts: loading, box targets, clusters, folds.
 
-Everything follows the TG-MATL spec: `data.npz` holds `class_label` (N,) in {0,1,2} and `box_label`
-(N,4) pixel boxes `[xmin, xmax, ymin, ymax]` in 300x300 images; the foundation-model embeddings are
-`embeddings/awir_{clip,dinov2,mae}_emb.npy`. One fold protocol (a fixed stratified test set and 8
-stratified folds of the remaining pool, stratified by class x box cluster) is computed once, saved
-to `results/splits/folds_test{test_size}.json`, and reused by every script.
+As in the paper's reference code (README: igarss_exp1.py): `data.npz` holds `class_label` (N,)
+in {0,1,2} and `box_label` (N,4) pixel boxes `[xmin, xmax, ymin, ymax]` in 300x300 images; the
+foundation-model embeddings are `embeddings/awir_{clip,dinov2,mae}_emb.npy`. One fold protocol (a
+fixed stratified test set and 8 stratified folds of the remaining pool, stratified by class x box
+cluster) is computed once, saved to `results/splits/folds_test{test_size}.json`, and reused by
+every script.
 """
 
 import hashlib
@@ -120,7 +121,8 @@ def load_labels(data_path):
     return class_label, box_label
 
 
-# What to do when earlier TG-MATL outputs were made with other arguments.
+# The hint of `runs.check_same_settings` when earlier TG-MATL outputs were made with other arguments
+# (the four igarss scripts reuse finished heads in a fixed results tree rather than run folders).
 RESUME_HINT = "the same arguments to resume, --overwrite to retrain, or another --results_dir"
 
 
@@ -155,7 +157,7 @@ def load_embedding(embeddings_dir, name, num_samples):
     return embedding
 
 
-# ---- box targets (spec: Data) ----
+# ---- box targets (the MATL and TG-MATL papers' box annotations; README: igarss_exp2.py) ----
 
 
 def box_width_height(box_label):
@@ -173,7 +175,7 @@ def box_location(box_label):
 
 
 def raw_box_features(box_label):
-    """The 13 box-geometry features in the spec's order, before any normalisation."""
+    """The 13 box-geometry features in the reference code's order, before any normalisation."""
     _, width, height = box_width_height(box_label)
     area = width * height
     ssd = 1.0 - np.minimum(width / (height + EPS), height / (width + EPS))
@@ -216,7 +218,7 @@ def min_max_scale(values, reference=None):
 
 
 def box_features(box_label):
-    """13-d box features, min-max normalised over the whole dataset (spec: Data)."""
+    """13-d box features, min-max normalised over the whole dataset, as the reference code does."""
     return min_max_scale(raw_box_features(box_label))
 
 
