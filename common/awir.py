@@ -10,11 +10,12 @@ every script.
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from common import atomic
+from common import atomic, cli
 from common.errors import InputError, require, require_file, require_finite
 
 IMAGE_SIZE = 300
@@ -119,6 +120,54 @@ def load_labels(data_path):
         f"at least {2 * NUM_FOLDS} samples for the 8-fold protocol",
     )
     return class_label, box_label
+
+
+def add_protocol_arguments(parser, demo_help: str) -> None:
+    """The flags of the four igarss scripts: inputs, the fold protocol, training, run control, --demo."""
+    parser.add_argument(
+        "--data",
+        default="data.npz",
+        help="data.npz with class_label (N,) and box_label (N,4) [xmin,xmax,ymin,ymax].",
+    )
+    parser.add_argument(
+        "--embeddings_dir",
+        default="embeddings",
+        help="Folder of awir_{clip,dinov2,mae}_emb.npy, (N, D).",
+    )
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        default=list(EMBEDDING_NAMES),
+        choices=EMBEDDING_NAMES,
+        help="Which foundation embeddings to use.",
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="Mini-batch size (paper: 32).")
+    parser.add_argument(
+        "--test_size",
+        type=float,
+        default=0.7,
+        help="Fraction held out as the fixed test set (paper: 0.7, i.e. 168 of 240).",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=5000, help="Training epochs (paper: 5000, no early stop)."
+    )
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4).")
+    cli.add_workers_argument(
+        parser, default=min(os.cpu_count() or 1, 8), what="stacks of heads trained side by side, one per core"
+    )
+    # Finished heads live at the reference's fixed paths, so there is no run folder: a re-run reuses
+    # them when the training arguments agree and --overwrite retrains them.
+    cli.add_run_arguments(parser, run_name=False, resume=False)
+    cli.add_demo_argument(parser, demo_help)
+
+
+def demo_inputs(args, script: str) -> tuple[Path, Path]:
+    """--demo: the synthetic AWIR-like data and embeddings, written once from `args.seed`.
+
+    Every igarss script regenerates the same data from the same seed, so the folds file and the heads
+    of an earlier stage apply.
+    """
+    return make_demo_data(cli.demo_data_dir(args, script), seed=args.seed)
 
 
 # The hint of `runs.check_same_settings` when earlier TG-MATL outputs were made with other arguments
@@ -375,8 +424,6 @@ def make_demo_data(directory, num_samples=240, seed=0, widths=None):
     Each embedding is a random linear image of (class one-hot, box geometry) plus nuisance noise,
     so projection heads can separate classes and MATL can separate box clusters.
     """
-    from common import atomic
-
     widths = widths or PAPER_EMBEDDING_WIDTHS
     rng = np.random.default_rng(seed)
     class_label = np.repeat(np.arange(NUM_CLASSES), int(np.ceil(num_samples / NUM_CLASSES)))[:num_samples]
