@@ -161,6 +161,14 @@ def add_protocol_arguments(parser, demo_help: str) -> None:
     cli.add_demo_argument(parser, demo_help)
 
 
+def checked_folds(folds):
+    """--folds as sorted unique fold numbers; a number outside 1..8 is an InputError."""
+    bad_folds = [fold for fold in folds if not 1 <= fold <= NUM_FOLDS]
+    if bad_folds:
+        raise InputError("--folds", f"has {bad_folds}", f"fold numbers in 1..{NUM_FOLDS}")
+    return sorted(set(folds))
+
+
 def demo_inputs(args, script: str) -> tuple[Path, Path]:
     """--demo: the synthetic AWIR-like data and embeddings, written once from `args.seed`.
 
@@ -446,3 +454,42 @@ def make_demo_data(directory, num_samples=240, seed=0, widths=None):
         embedding = signal @ mixing + rng.normal(0, 2.0, (num_samples, widths[name]))
         atomic.save_npy(embedding_path(directory / "embeddings", name), embedding.astype(np.float32))
     return directory / "data.npz", directory / "embeddings"
+
+
+# ---- exp1 projections: the inputs of the exp2 task heads ----
+
+
+def exp1_head_path(results_dir, embedding, tag, fold, model_subdir=""):
+    """Where igarss_exp1.py (model_subdir "") and its sweep (tp{T}_rp{R}) save a projection head."""
+    folder = Path(results_dir) / "trained_models" / "exp1_emb_proj" / embedding / model_subdir
+    return folder / f"{tag}_best_fold{fold}.h5"
+
+
+def project_with_exp1_head(path, embedding, command):
+    """Apply one saved igarss_exp1 ProjectionHead to every sample; one-line errors for bad files."""
+    import keras
+
+    if not Path(path).is_file():
+        raise InputError(path, "exp1 projection head not found", f"the head of `{command}`; run it first")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:  # h5py/Keras
+        detail = str(error).splitlines()[0][:120] if str(error) else ""
+        raise InputError(
+            path,
+            f"cannot be loaded as a Keras model ({type(error).__name__}: {detail})",
+            f"a .h5 written by `{command}`; delete it and re-run that command",
+        ) from None
+    input_width = model.input_shape[-1]
+    if input_width != embedding.shape[1]:
+        raise InputError(
+            path,
+            f"takes {input_width}-d inputs but the embedding is {embedding.shape[1]}-d",
+            f"a head trained on this embedding by `{command}`",
+        )
+    projection = np.asarray(model(embedding, training=False), np.float32)
+    if projection.ndim != 2 or not np.isfinite(projection).all():
+        problem = f"gives outputs of shape {projection.shape}"
+        problem += " with non-finite values" if projection.ndim == 2 else ""
+        raise InputError(path, problem, "a ProjectionHead with finite (N, 64) outputs")
+    return projection
