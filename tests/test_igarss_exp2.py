@@ -196,6 +196,7 @@ def test_other_training_settings_are_refused(demo_results, tmp_path, capsys):
     """Finished task heads of other training arguments are not mixed with new ones."""
     results = copy_exp1_tree(demo_results, tmp_path)
     config = "trained_models/exp2_task_heads/exp2_config.json"
+    (results / config).parent.mkdir(parents=True)
     shutil.copy(demo_results[0] / config, results / config)
     assert_input_error(capsys, exp2_args(results), "exp2_config.json", "epochs=60 (now 2)")
     assert not (results / "exp2_results").exists()
