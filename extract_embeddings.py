@@ -34,14 +34,15 @@ demo: clip (240, 512), dinov2 (240, 768), mae (240, 768) -> results/demo_data/ex
 """
 
 import argparse
-import json
 import os
-import random
 import shutil
 import sys
 import time
-import zipfile
 from pathlib import Path
+
+# fmt: off
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
+# fmt: on
 
 import numpy as np
 import torch
@@ -63,71 +64,113 @@ from transformers import (
     ViTMAEModel,
 )
 
-from common import atomic, runs
+from common import atomic, cli, npy, runs
 from common.errors import InputError, cli_entry, require, require_file
 
 # Per model: the transformers class that computes the embedding, the hub id of the checkpoint the
 # paper used, the model_type values a matching config.json may carry, and the embedding width of
 # that checkpoint (other checkpoints of the same family may be wider or narrower).
 FOUNDATION_MODELS = {
-    "clip": (CLIPVisionModelWithProjection, "openai/clip-vit-base-patch32",
-             ("clip", "clip_vision_model"), 512),
+    "clip": (
+        CLIPVisionModelWithProjection,
+        "openai/clip-vit-base-patch32",
+        ("clip", "clip_vision_model"),
+        512,
+    ),
     "dinov2": (Dinov2Model, "facebook/dinov2-base", ("dinov2",), 768),
     "mae": (ViTMAEModel, "facebook/vit-mae-base", ("vit_mae",), 768),
 }
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description="Compute CLIP / DINOv2 / MAE image embeddings of data.npz for the TG-MATL scripts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default="data.npz",
-                        help="data.npz holding the images (rgb (N,H,W,3) and/or thermal (N,H,W,1)) and "
-                             "class_label (N,); read one batch at a time.")
-    parser.add_argument("--model", choices=sorted(FOUNDATION_MODELS), default="clip",
-                        help="Foundation model: clip (512-d projected image embedding), dinov2 (768-d CLS), "
-                             "mae (768-d encoder CLS, no masking).")
-    parser.add_argument("--model_path", default=None,
-                        help="Local Hugging Face model folder (config.json, weights, "
-                             "preprocessor_config.json), or a hub id when the machine has network. "
-                             "Default: the paper's checkpoint id (openai/clip-vit-base-patch32, "
-                             "facebook/dinov2-base, facebook/vit-mae-base).")
-    parser.add_argument("--embeddings_dir", default=None,
-                        help="Where awir_<model>_emb.npy is written. Default: embeddings (with --demo: "
-                             "<results_dir>/demo_data/extract_embeddings/embeddings).")
-    parser.add_argument("--input", choices=["rgb", "thermal"], default="rgb",
-                        help="Which image array of data.npz to embed; thermal is replicated to 3 channels.")
-    parser.add_argument("--rescale", choices=["auto", "minmax"], default="auto",
-                        help="auto: uint8 as is, other values must lie in [0,1] (scaled by 255) or [0,255]; "
-                             "minmax: map the dataset's [min, max] to [0, 255] (for raw thermal values).")
+    parser = cli.Parser(
+        description="Compute CLIP / DINOv2 / MAE image embeddings of data.npz for the TG-MATL scripts."
+    )
+    parser.add_argument(
+        "--data",
+        default="data.npz",
+        help="data.npz holding the images (rgb (N,H,W,3) and/or thermal (N,H,W,1)) and "
+        "class_label (N,); read one batch at a time.",
+    )
+    parser.add_argument(
+        "--model",
+        choices=sorted(FOUNDATION_MODELS),
+        default="clip",
+        help="Foundation model: clip (512-d projected image embedding), dinov2 (768-d CLS), "
+        "mae (768-d encoder CLS, no masking).",
+    )
+    parser.add_argument(
+        "--model_path",
+        default=None,
+        help="Local Hugging Face model folder (config.json, weights, "
+        "preprocessor_config.json), or a hub id when the machine has network. "
+        "Default: the paper's checkpoint id (openai/clip-vit-base-patch32, "
+        "facebook/dinov2-base, facebook/vit-mae-base).",
+    )
+    parser.add_argument(
+        "--embeddings_dir",
+        default="embeddings",
+        help="Where awir_<model>_emb.npy is written (with --demo and not typed: "
+        "<results_dir>/demo_data/extract_embeddings/embeddings).",
+    )
+    parser.add_argument(
+        "--input",
+        choices=["rgb", "thermal"],
+        default="rgb",
+        help="Which image array of data.npz to embed; thermal is replicated to 3 channels.",
+    )
+    parser.add_argument(
+        "--rescale",
+        choices=["auto", "minmax"],
+        default="auto",
+        help="auto: uint8 as is, other values must lie in [0,1] (scaled by 255) or [0,255]; "
+        "minmax: map the dataset's [min, max] to [0, 255] (for raw thermal values).",
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass.")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:<index>.")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="Seeds Python, NumPy and PyTorch (the extraction itself is deterministic).")
-    parser.add_argument("--checkpoint_every", type=int, default=1024,
-                        help="Save the embeddings done so far every this many images (rounded up to whole "
-                             "batches), so an interrupted run continues with --resume.")
-    parser.add_argument("--resume", action="store_true",
-                        help="Continue an interrupted extraction from its last checkpoint (same settings).")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Replace existing embeddings (or partial ones) instead of stopping.")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:<index>."
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seeds Python, NumPy and PyTorch (the extraction itself is deterministic).",
+    )
+    parser.add_argument(
+        "--checkpoint_every",
+        type=int,
+        default=1024,
+        help="Save the embeddings done so far every this many images (rounded up to whole "
+        "batches), so an interrupted run continues with --resume.",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue an interrupted extraction from its last checkpoint (same settings).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace existing embeddings (or partial ones) instead of stopping.",
+    )
     parser.add_argument("--results_dir", default="results", help="Root of the output tree (used by --demo).")
-    parser.add_argument("--demo", action="store_true",
-                        help="Build tiny random CLIP, DINOv2 and MAE models and a synthetic data.npz under "
-                             "<results_dir>/demo_data/extract_embeddings/, then extract all three.")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="Build tiny random CLIP, DINOv2 and MAE models and a synthetic data.npz under "
+        "<results_dir>/demo_data/extract_embeddings/, then extract all three.",
+    )
     parser.add_argument("--demo_samples", type=int, default=240, help=argparse.SUPPRESS)
     return parser
 
 
-def seed_everything(seed):
-    """Seed Python, NumPy and PyTorch; deterministic kernels so a re-run gives identical arrays.
+def seed_torch(seed):
+    """Seed PyTorch and turn on its deterministic kernels, so a re-run gives identical arrays.
 
-    A local helper: common.runs.seed_everything seeds through Keras, which would load TensorFlow
-    (about 5 s and 700 MB) into a script that only uses PyTorch.
+    Only PyTorch draws random numbers here (the demo models' initialisation; the demo images come from
+    their own `np.random.default_rng(seed)`). common.runs.seed_everything seeds Python, NumPy and
+    Keras, and importing Keras would load TensorFlow (about 5 s and 700 MB) into a PyTorch script.
     """
-    random.seed(seed)
-    np.random.seed(seed)
     torch.manual_seed(seed)
     # cuBLAS needs a fixed workspace to be deterministic; TF32 would change the float32 results.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -137,109 +180,55 @@ def seed_everything(seed):
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-# ---- reading images from data.npz one batch at a time ----
-
-def npz_keys(path):
-    """The array names in an .npz archive (np.load of an .npz reads nothing until a key is used)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        archive = None
-    require(isinstance(archive, np.lib.npyio.NpzFile), path, "not a readable .npz archive",
-            "a data.npz written by np.savez")
-    with archive:
-        return list(archive.files)
-
-
-def npz_array_header(path, key):
-    """Shape and dtype of `key` in the .npz without reading its data."""
-    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
-        shape, fortran_order, dtype = _read_npy_header(path, key, member)
-    return shape, dtype
-
-
-def _read_npy_header(path, key, member):
-    version = np.lib.format.read_magic(member)
-    if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
-    elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
-    else:
-        raise InputError(path, f"'{key}' uses .npy format version {version}", "version 1.0 or 2.0 (np.savez)")
-    require(not dtype.hasobject, path, f"'{key}' holds Python objects (loading them would run pickle)",
-            "a numeric image array")
-    return shape, fortran_order, dtype
-
-
-def iter_npz_batches(path, key, batch_size, first=0):
-    """Yield (start, images) batches of `key` from sample `first` on, read straight from the archive,
-    so memory stays bounded by one batch whatever N is (np.savez and np.savez_compressed alike)."""
-    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
-        shape, fortran_order, dtype = _read_npy_header(path, key, member)
-        if fortran_order:
-            # Column-major data cannot be cut into samples while streaming: read the array once.
-            with np.load(path, allow_pickle=False) as npz:
-                images = np.ascontiguousarray(npz[key])
-            for start in range(first, shape[0], batch_size):
-                yield start, images[start:start + batch_size]
-            return
-        sample_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        for skipped in range(0, first, batch_size):
-            # Zip members are read sequentially: step over the rows already embedded, a batch at a time.
-            member.read(min(batch_size, first - skipped) * sample_bytes)
-        for start in range(first, shape[0], batch_size):
-            count = min(batch_size, shape[0] - start)
-            buffer = member.read(count * sample_bytes)
-            require(len(buffer) == count * sample_bytes, path, f"'{key}' is truncated at sample {start}",
-                    f"{shape[0]} complete samples")
-            yield start, np.frombuffer(buffer, dtype=dtype).reshape((count,) + tuple(shape[1:]))
+# ---- checking and scaling the images of data.npz ----
 
 
 def check_images(data_path, image_key):
     """Validate the image array's presence, shape and dtype and its length against class_label."""
-    keys = npz_keys(data_path)
-    require(image_key in keys, data_path, f"no '{image_key}' array (has: {', '.join(keys) or 'nothing'})",
-            f"'{image_key}' images, (N,H,W,3) for rgb or (N,H,W,1) for thermal")
-    shape, dtype = npz_array_header(data_path, image_key)
+    keys = npy.npz_keys(data_path)
+    require(
+        image_key in keys,
+        data_path,
+        f"no '{image_key}' array (has: {', '.join(keys) or 'nothing'})",
+        f"'{image_key}' images, (N,H,W,3) for rgb or (N,H,W,1) for thermal",
+    )
+    shape, dtype = npy.npz_array_header(data_path, image_key)
     channels = 3 if image_key == "rgb" else 1
     good_shape = (len(shape) == 4 and shape[3] == channels) or (image_key == "thermal" and len(shape) == 3)
-    require(good_shape and shape[0] > 0 and all(size > 0 for size in shape[1:3]), data_path,
-            f"'{image_key}' has shape {shape}",
-            f"(N,H,W,{channels}) with N >= 1 (the AWIR images are 300x300)")
+    require(
+        good_shape and shape[0] > 0 and all(size > 0 for size in shape[1:3]),
+        data_path,
+        f"'{image_key}' has shape {shape}",
+        f"(N,H,W,{channels}) with N >= 1 (the AWIR images are 300x300)",
+    )
     require(dtype.kind in "uif", data_path, f"'{image_key}' has dtype {dtype}", "uint8 or float images")
     if "class_label" in keys:
-        shape_labels, _ = npz_array_header(data_path, "class_label")
-        require(len(shape_labels) == 1 and shape_labels[0] == shape[0], data_path,
-                f"'{image_key}' has {shape[0]} images but class_label has shape {shape_labels}",
-                "one image per class label (the TG-MATL scripts match rows by index)")
+        shape_labels, _ = npy.npz_array_header(data_path, "class_label")
+        require(
+            len(shape_labels) == 1 and shape_labels[0] == shape[0],
+            data_path,
+            f"'{image_key}' has {shape[0]} images but class_label has shape {shape_labels}",
+            "one image per class label (the TG-MATL scripts match rows by index)",
+        )
     return shape, dtype
-
-
-def value_range(data_path, image_key, batch_size):
-    """One streaming pass over non-uint8 images: global min/max, and the first non-finite sample."""
-    low, high = np.inf, -np.inf
-    for start, images in iter_npz_batches(data_path, image_key, batch_size):
-        if images.dtype.kind == "f":
-            finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
-            first_bad = start + int(np.argmin(finite))
-            require(finite.all(), data_path, f"'{image_key}' sample {first_bad} contains NaN or Inf",
-                    "finite pixels")
-        low, high = min(low, float(images.min())), max(high, float(images.max()))
-    return low, high
 
 
 def pixel_mapping(data_path, image_key, dtype, rescale, batch_size):
     """Choose how raw pixel values become the 0-255 images the models' processors expect."""
     if dtype == np.uint8 and rescale == "auto":
         return 0.0, 1.0, "uint8 as stored"
-    low, high = value_range(data_path, image_key, batch_size)
+    low, high = npy.value_range(data_path, image_key, batch_size)
     if rescale == "minmax":
         require(high > low, data_path, f"'{image_key}' is constant ({low})", "images with some contrast")
         return low, 255.0 / (high - low), f"min-max [{low:g}, {high:g}] -> [0, 255]"
     if dtype.kind == "f" and low >= 0 and high <= 1:
         return 0.0, 255.0, "float in [0, 1], scaled by 255"
-    require(low >= 0 and high <= 255, data_path, f"'{image_key}' values span [{low:g}, {high:g}]",
-            "uint8, or values in [0, 1] or [0, 255]; pass --rescale minmax to map [min, max] to [0, 255]")
+    require(
+        low >= 0 and high <= 255,
+        data_path,
+        f"'{image_key}' values span [{low:g}, {high:g}]",
+        "uint8, or values in [0, 1] or [0, 255]; pass --rescale minmax to map [min, max] to [0, 255]",
+    )
     return 0.0, 1.0, "values in [0, 255]"
 
 
@@ -257,32 +246,47 @@ def to_rgb_uint8(images, offset, scale):
 
 # ---- the foundation models ----
 
+
 def load_foundation_model(model_name, model_path, device):
     """Load the model and its image processor, refusing anything that would silently give random
     embeddings (another architecture, or weights missing from the checkpoint)."""
     model_class, hub_id, model_types, _ = FOUNDATION_MODELS[model_name]
     model_path = model_path or hub_id
-    expected = (f"a local {model_name} model folder with config.json, weights and preprocessor_config.json "
-                f"(save_pretrained, or `hf download {hub_id} --local-dir <folder>` on a machine with "
-                "network)")
+    expected = (
+        f"a local {model_name} model folder with config.json, weights and preprocessor_config.json "
+        f"(save_pretrained, or `hf download {hub_id} --local-dir <folder>` on a machine with "
+        "network)"
+    )
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError):
-        problem = ("folder has no usable config.json" if Path(model_path).is_dir()
-                   else "no such folder, and the hub could not be reached for it (offline or unknown id)")
+        problem = (
+            "folder has no usable config.json"
+            if Path(model_path).is_dir()
+            else "no such folder, and the hub could not be reached for it (offline or unknown id)"
+        )
         raise InputError(model_path, problem, expected) from None
-    require(config.model_type in model_types, model_path, f"holds a '{config.model_type}' model",
-            f"a {model_name} model (model_type {' or '.join(model_types)}) for --model {model_name}")
+    require(
+        config.model_type in model_types,
+        model_path,
+        f"holds a '{config.model_type}' model",
+        f"a {model_name} model (model_type {' or '.join(model_types)}) for --model {model_name}",
+    )
     overrides = {"mask_ratio": 0.0} if model_name == "mae" else {}
     try:
         model, loading_info = model_class.from_pretrained(model_path, output_loading_info=True, **overrides)
         processor = AutoImageProcessor.from_pretrained(model_path, backend="pil")
     except (OSError, ValueError) as error:
-        raise InputError(model_path, f"cannot load the model or its image processor ({first_line(error)})",
-                         expected) from None
+        raise InputError(
+            model_path, f"cannot load the model or its image processor ({first_line(error)})", expected
+        ) from None
     missing = sorted(loading_info["missing_keys"]) + sorted(loading_info["mismatched_keys"])
-    require(not missing, model_path, f"checkpoint lacks {len(missing)} weights (e.g. {(missing or [''])[0]})",
-            f"a complete pretrained {model_name} checkpoint")
+    require(
+        not missing,
+        model_path,
+        f"checkpoint lacks {len(missing)} weights (e.g. {(missing or [''])[0]})",
+        f"a complete pretrained {model_name} checkpoint",
+    )
     return model.to(device).eval(), processor, model_path
 
 
@@ -309,59 +313,65 @@ def embed_batch(model_name, model, pixel_values):
     return model(pixel_values=pixel_values, noise=noise).last_hidden_state[:, 0]
 
 
-def extract(model_name, model, processor, data_path, image_key, num_images, offset, scale, batch_size,
-            device, checkpoint_dir, checkpoint_batches, finished_chunks, fingerprint):
-    """Embed every image of data.npz[image_key] in order, batch by batch.
+def extract(model_name, model, processor, args, num_images, pixel_scaling, device, checkpoint):
+    """Embed every image of data.npz[--input] in order, batch by batch.
 
-    Every `checkpoint_batches` batches the rows embedded since the last checkpoint are saved to
-    `checkpoint_dir/rows_<first>_<end>.npy` (next to `run.json`, the settings that produced them), so
-    an interrupted run resumes after the last of them.
+    `checkpoint` holds the folder, the batches between checkpoints, the finished row chunks and the
+    settings (`run.json`). Every that many batches the rows embedded since the last checkpoint are
+    saved there as `rows_<first>_<end>.npy`, so an interrupted run resumes after the last of them.
     Checkpoints fall on batch boundaries, so a resumed run sees exactly the batches of an
     uninterrupted one and gives the same bits.
     """
-    chunks = list(finished_chunks)
+    folder, chunks = checkpoint["folder"], list(checkpoint["chunks"])
     first_pending = sum(len(chunk) for chunk in chunks)
     pending = []
-    with tqdm(total=num_images, initial=first_pending, desc=f"{model_name} embeddings", unit="img",
-              file=sys.stderr) as progress:
-        for start, images in iter_npz_batches(data_path, image_key, batch_size, first=first_pending):
-            rgb = to_rgb_uint8(images, offset, scale)
-            pixel_values = processor(images=list(rgb), return_tensors="pt",
-                                     input_data_format="channels_last")["pixel_values"]
+    batches = npy.iter_npz_batches(args.data, args.input, args.batch_size, first=first_pending)
+    with tqdm(
+        total=num_images, initial=first_pending, desc=f"{model_name} embeddings", unit="img", file=sys.stderr
+    ) as progress:
+        for start, images in batches:
+            rgb = to_rgb_uint8(images, *pixel_scaling)
+            pixel_values = processor(
+                images=list(rgb), return_tensors="pt", input_data_format="channels_last"
+            )["pixel_values"]
             pending.append(embed_batch(model_name, model, pixel_values.to(device)).float().cpu().numpy())
             progress.update(len(images))
             end = start + len(images)
-            if len(pending) == checkpoint_batches and end < num_images:
+            if len(pending) == checkpoint["batches"] and end < num_images:
                 chunks.append(np.concatenate(pending))
-                if not checkpoint_dir.exists():
-                    checkpoint_dir.mkdir(parents=True)
-                    atomic.write_json(checkpoint_dir / "run.json", fingerprint)
-                atomic.save_npy(checkpoint_dir / f"rows_{first_pending:09d}_{end:09d}.npy", chunks[-1])
+                if not folder.exists():
+                    folder.mkdir(parents=True)
+                    atomic.write_json(folder / "run.json", checkpoint["settings"])
+                npy.save_row_chunk(folder, first_pending, chunks[-1])
                 first_pending, pending = end, []
     return np.concatenate(chunks + pending).astype(np.float32, copy=False)
 
 
-def load_checkpoint(checkpoint_dir, fingerprint, resume, overwrite):
+def load_checkpoint(checkpoint_dir, settings, resume, overwrite):
     """The row chunks an interrupted run of this same extraction finished (none for a fresh start)."""
     if checkpoint_dir.exists() and overwrite and not resume:
         shutil.rmtree(checkpoint_dir)
     if not checkpoint_dir.exists():
         return []
-    require(resume, checkpoint_dir, "an interrupted extraction left partial embeddings here",
-            "--resume to continue it, or --overwrite to start over")
+    require(
+        resume,
+        checkpoint_dir,
+        "an interrupted extraction left partial embeddings here",
+        "--resume to continue it, or --overwrite to start over",
+    )
     run_file = checkpoint_dir / "run.json"
-    saved = json.loads(run_file.read_text()) if run_file.is_file() else None
-    require(saved == fingerprint, checkpoint_dir, "the partial embeddings come from another data file, "
-            "model or setting", f"the same settings ({fingerprint}), or --overwrite to start over")
-    chunks, next_row = [], 0
-    for chunk_file in sorted(checkpoint_dir.glob("rows_*.npy")):
-        first, end = (int(part) for part in chunk_file.stem.split("_")[1:])
-        chunk = np.load(chunk_file, allow_pickle=False)
-        require(first == next_row and chunk.shape[0] == end - first, chunk_file, "chunk does not continue "
-                f"at row {next_row}", "contiguous checkpoint chunks (--overwrite to start over)")
-        chunks.append(chunk)
-        next_row = end
-    return chunks
+    require(
+        run_file.is_file(), checkpoint_dir, "partial embeddings without run.json", "--overwrite to start over"
+    )
+    # Rows made from another data file, model or setting must not be mixed in, even with --overwrite
+    # (which together with --resume means: keep the partial rows).
+    runs.check_same_settings(
+        run_file,
+        settings,
+        what="the partial embeddings",
+        hint="the same settings, or --overwrite to start over",
+    )
+    return npy.load_row_chunks(checkpoint_dir)
 
 
 def resolve_device(name):
@@ -371,8 +381,12 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise InputError("--device", f"unknown device {name!r}", "auto, cpu, cuda or cuda:<index>") from None
-    require(device.type != "cuda" or torch.cuda.is_available(), "--device", f"{name} requested but PyTorch "
-            "sees no CUDA GPU", "auto or cpu on this machine")
+    require(
+        device.type != "cuda" or torch.cuda.is_available(),
+        "--device",
+        f"{name} requested but PyTorch sees no CUDA GPU",
+        "auto or cpu on this machine",
+    )
     return device
 
 
@@ -380,58 +394,86 @@ def embeddings_file(embeddings_dir, model_name):
     return Path(embeddings_dir) / f"awir_{model_name}_emb.npy"
 
 
+def write_embeddings(output, embeddings, args, derived):
+    """awir_<model>_emb.npy and its .json record (arguments, versions, settings, timing)."""
+    record = runs.run_record(args)
+    record["versions"].update(torch=torch.__version__, transformers=transformers.__version__)
+    record["derived"] = {**derived, "shape": list(embeddings.shape), "dtype": "float32"}
+    atomic.save_npy(output, embeddings)
+    atomic.write_json(output.with_suffix(".json"), record)
+    paper_width = FOUNDATION_MODELS[derived["model"]][3]
+    if embeddings.shape[1] != paper_width:
+        print(
+            f"note: {embeddings.shape[1]}-d embeddings; the paper's {derived['model']} checkpoint gives "
+            f"{paper_width}-d"
+        )
+
+
 def run_extraction(args, model_name, model_path, device):
     """Validate, load, extract and write awir_<model>_emb.npy (+ .json record) for one model."""
     output = embeddings_file(args.embeddings_dir, model_name)
     if output.exists() and not args.overwrite:
-        require(args.resume, output, "embeddings exist already",
-                "--overwrite to replace them, or another --embeddings_dir")
+        require(
+            args.resume,
+            output,
+            "embeddings exist already",
+            "--overwrite to replace them, or another --embeddings_dir",
+        )
         print(f"{model_name}: {output} is complete; nothing to resume")
         return output, np.load(output, mmap_mode="r").shape
     shape, dtype = check_images(args.data, args.input)
     offset, scale, mapping = pixel_mapping(args.data, args.input, dtype, args.rescale, args.batch_size)
     print(f"data: {args.data} '{args.input}' {shape} {dtype} ({mapping})")
     model, processor, model_path = load_foundation_model(model_name, model_path, device)
-    print(f"model: {model_name} from {model_path} ({type(model).__name__}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}")
+    print(
+        f"model: {model_name} from {model_path} ({type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}"
+    )
 
     checkpoint_dir = output.parent / f".{output.stem}.partial"
-    fingerprint = {"data": str(Path(args.data).resolve()), "input": args.input, "num_images": shape[0],
-                   "pixel_mapping": mapping, "model": model_name,
-                   "model_path": str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path,
-                   "batch_size": args.batch_size}
-    finished_chunks = load_checkpoint(checkpoint_dir, fingerprint, args.resume, args.overwrite)
+    settings = {
+        "data": str(Path(args.data).resolve()),
+        "input": args.input,
+        "num_images": shape[0],
+        "pixel_mapping": mapping,
+        "model": model_name,
+        "model_path": str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path,
+        "batch_size": args.batch_size,
+    }
+    finished_chunks = load_checkpoint(checkpoint_dir, settings, args.resume, args.overwrite)
     resumed_rows = sum(len(chunk) for chunk in finished_chunks)
     if resumed_rows:
         print(f"resume: {resumed_rows} of {shape[0]} images embedded before the interruption")
-    checkpoint_batches = max(1, -(-args.checkpoint_every // args.batch_size))
+    checkpoint = {
+        "folder": checkpoint_dir,
+        "batches": max(1, -(-args.checkpoint_every // args.batch_size)),
+        "chunks": finished_chunks,
+        "settings": settings,
+    }
     started = time.perf_counter()
-    embeddings = extract(model_name, model, processor, args.data, args.input, shape[0], offset, scale,
-                         args.batch_size, device, checkpoint_dir, checkpoint_batches, finished_chunks,
-                         fingerprint)
+    embeddings = extract(model_name, model, processor, args, shape[0], (offset, scale), device, checkpoint)
     seconds = time.perf_counter() - started
     # A non-finite embedding means a broken checkpoint; the TG-MATL scripts would reject the file.
-    require(np.isfinite(embeddings).all(), model_path, "the model produced NaN or Inf embeddings",
-            "a working checkpoint")
-    record = runs.run_record(args)
-    record["versions"].update(torch=torch.__version__, transformers=transformers.__version__)
-    record["derived"] = {**fingerprint, "shape": list(embeddings.shape), "dtype": "float32",
-                         "device": str(device), "seconds": round(seconds, 3), "resumed_rows": resumed_rows}
-    atomic.save_npy(output, embeddings)
-    atomic.write_json(output.with_suffix(".json"), record)
+    require(
+        np.isfinite(embeddings).all(),
+        model_path,
+        "the model produced NaN or Inf embeddings",
+        "a working checkpoint",
+    )
+    derived = {**settings, "device": str(device), "seconds": round(seconds, 3), "resumed_rows": resumed_rows}
+    write_embeddings(output, embeddings, args, derived)
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
-    paper_width = FOUNDATION_MODELS[model_name][3]
-    if embeddings.shape[1] != paper_width:
-        print(f"note: {embeddings.shape[1]}-d embeddings; the paper's {model_name} checkpoint gives "
-              f"{paper_width}-d")
     images_per_second = (shape[0] - resumed_rows) / max(seconds, 1e-9)
-    print(f"{model_name}: {output} {embeddings.shape} float32 in {seconds:.1f} s "
-          f"({images_per_second:.1f} images/s)")
+    print(
+        f"{model_name}: {output} {embeddings.shape} float32 in {seconds:.1f} s "
+        f"({images_per_second:.1f} images/s)"
+    )
     return output, embeddings.shape
 
 
 # ---- demo: tiny random models and a synthetic data.npz in the real formats ----
+
 
 def make_demo_data(path, num_samples, rng):
     """AWIR-like data.npz: 300x300 scenes with one warm object whose box shape depends on the class."""
@@ -446,11 +488,10 @@ def make_demo_data(path, num_samples, rng):
         width, height = [(30, 30), (90, 30), (30, 90)][label] + rng.integers(-8, 9, size=2)
         xmin, ymin = rng.integers(0, size - width), rng.integers(0, size - height)
         box_label[index] = xmin, xmin + width, ymin, ymin + height
-        rgb[index, ymin:ymin + height, xmin:xmin + width] = (200, 180 - 60 * label, 60 * label)
-        thermal[index, ymin:ymin + height, xmin:xmin + width] = 220
-    with atomic.atomic_path(path) as temporary:
-        with open(temporary, "wb") as file:
-            np.savez(file, class_label=class_label, box_label=box_label, rgb=rgb, thermal=thermal)
+        rgb[index, ymin : ymin + height, xmin : xmin + width] = (200, 180 - 60 * label, 60 * label)
+        thermal[index, ymin : ymin + height, xmin : xmin + width] = 220
+    with atomic.atomic_path(path) as temporary, open(temporary, "wb") as file:
+        np.savez(file, class_label=class_label, box_label=box_label, rgb=rgb, thermal=thermal)
 
 
 def make_demo_models(folder):
@@ -458,21 +499,45 @@ def make_demo_models(folder):
     ViTMAEForPreTraining, each with its image processor. Output widths match the real models."""
     imagenet = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     vit = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 1}
-    clip = CLIPModel(CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 64, "max_position_embeddings": 8,
-                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, **vit},
-        projection_dim=512))
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "vocab_size": 64,
+                "max_position_embeddings": 8,
+                "bos_token_id": 0,
+                "eos_token_id": 1,
+                "pad_token_id": 1,
+            },
+            vision_config={"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, **vit},
+            projection_dim=512,
+        )
+    )
     dinov2 = Dinov2Model(Dinov2Config(hidden_size=768, num_attention_heads=12, mlp_ratio=1, **vit))
-    mae = ViTMAEForPreTraining(ViTMAEConfig(
-        hidden_size=768, num_attention_heads=12, intermediate_size=64, decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2, decoder_intermediate_size=32, **vit))
+    mae = ViTMAEForPreTraining(
+        ViTMAEConfig(
+            hidden_size=768,
+            num_attention_heads=12,
+            intermediate_size=64,
+            decoder_hidden_size=16,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=32,
+            **vit,
+        )
+    )
     processors = {
         "clip": CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        "dinov2": BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
-                                       do_center_crop=True, do_convert_rgb=True, **imagenet),
+        "dinov2": BitImageProcessorPil(
+            size={"shortest_edge": 36},
+            crop_size={"height": 32, "width": 32},
+            do_center_crop=True,
+            do_convert_rgb=True,
+            **imagenet,
+        ),
         "mae": ViTImageProcessorPil(size={"height": 32, "width": 32}, **imagenet),
     }
     paths = {}
@@ -485,16 +550,17 @@ def make_demo_models(folder):
 
 @cli_entry
 def main(args):
-    seed_everything(args.seed)
+    seed_torch(args.seed)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     demo_dir = Path(args.results_dir) / "demo_data" / "extract_embeddings"
-    refresh_demo_embeddings = args.demo and args.embeddings_dir is None
-    if args.embeddings_dir is None:
-        args.embeddings_dir = str(demo_dir / "embeddings") if args.demo else "embeddings"
+    refresh_demo_embeddings = args.demo and "embeddings_dir" not in cli.typed_flags(args)
+    if refresh_demo_embeddings:
+        args.embeddings_dir = str(demo_dir / "embeddings")
     require(args.batch_size >= 1, "--batch_size", f"is {args.batch_size}", "a positive integer")
-    require(args.checkpoint_every >= 1, "--checkpoint_every", f"is {args.checkpoint_every}",
-            "a positive integer")
+    require(
+        args.checkpoint_every >= 1, "--checkpoint_every", f"is {args.checkpoint_every}", "a positive integer"
+    )
     runs.print_args(args)
     device = resolve_device(args.device)
 
@@ -516,9 +582,12 @@ def main(args):
     # ---- extract ----
     shapes = {}
     for model_name, model_path in model_paths.items():
-        output, shapes[model_name] = run_extraction(args, model_name, model_path, device)
-    print("demo: " + ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items())
-          + f" -> {args.embeddings_dir}")
+        _, shapes[model_name] = run_extraction(args, model_name, model_path, device)
+    print(
+        "demo: "
+        + ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items())
+        + f" -> {args.embeddings_dir}"
+    )
 
 
 if __name__ == "__main__":

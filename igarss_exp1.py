@@ -22,96 +22,112 @@ It ends with one line per method, e.g.
     summary: tg_matl test 5-NN accuracy 0.93 (mean over 3 embeddings x 8 folds), best val loss 0.02
 """
 
-import argparse
 import csv
 import functools
 import os
 import time
 from pathlib import Path
 
+# fmt: off
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
+# fmt: on
+
 import numpy as np
 import tensorflow as tf
 
-from common import awir
-from common import atomic, runs
+from common import atomic, awir, cli, runs, stacked_training, triplet
 from common.errors import cli_entry
-from common.stacked_training import StackedModels, model_generator, run_side_by_side
-from common.triplet import (batch_all_triplet_loss, batch_hard_triplet_loss, matl_loss, pairwise_distance,
-                            task_guided_selection)
 
 METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
 PROJECTION_DIM = 64
-TIMING_COLUMNS = {"dtl": "dtl_train_time", "dtl_hard": "dtl_hard_train_time", "matl": "matl_train_time",
-                  "tg_matl": "tg_matl_train_time"}
+TIMING_COLUMNS = {
+    "dtl": "dtl_train_time",
+    "dtl_hard": "dtl_hard_train_time",
+    "matl": "matl_train_time",
+    "tg_matl": "tg_matl_train_time",
+}
 # Arguments that change what a head learns: finished heads are reused only if these agree.
-TRAINING_KEYS = ("margin", "batch_size", "test_size", "box_weight", "top_percent", "random_percent",
-                 "extra_selection", "epochs", "learning_rate", "seed")
+TRAINING_KEYS = (
+    "margin", "batch_size", "test_size", "box_weight", "top_percent", "random_percent", "extra_selection",
+    "epochs", "learning_rate", "seed",
+)  # fmt: skip
+
+
+def add_projection_head_arguments(parser, demo_help):
+    """Flags of igarss_exp1.py and igarss_exp1_sweep.py (the reference repository's names)."""
+    awir.add_protocol_arguments(parser, demo_help)
+    parser.add_argument("--margin", type=float, default=0.1, help="Triplet margin m (paper: 0.1).")
+    parser.add_argument(
+        "--box_weight",
+        type=float,
+        default=0.5,
+        help="MATL weight w of the box-cluster triplet term: (1-w) L_class + w L_box.",
+    )
+    parser.add_argument(
+        "--top_percent",
+        type=float,
+        default=0.3,
+        help="TG-MATL: share of each class kept by score.",
+    )
+    parser.add_argument(
+        "--random_percent",
+        type=float,
+        default=0.1,
+        help="TG-MATL: extra share of each class.",
+    )
+    parser.add_argument(
+        "--extra_selection",
+        default="ranked",
+        choices=("ranked", "random"),
+        help="TG-MATL extra samples: next-ranked (reference) or a seeded uniform draw among the rest.",
+    )
+    return parser
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("TG-MATL experiment 1: projection heads", add_help=True)
-    parser.add_argument("--data", default="data.npz",
-                        help="data.npz with class_label (N,) and box_label (N,4) [xmin,xmax,ymin,ymax].")
-    parser.add_argument("--embeddings_dir", default="embeddings",
-                        help="Folder with awir_{clip,dinov2,mae}_emb.npy, (N, D) each.")
-    parser.add_argument("--results_dir", default="results", help="Root of the fixed results tree.")
-    parser.add_argument("--embeddings", nargs="+", default=list(awir.EMBEDDING_NAMES),
-                        choices=awir.EMBEDDING_NAMES, help="Which foundation embeddings to use.")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                        help="Which losses to train (default: all four of the paper).")
-    parser.add_argument("--margin", type=float, default=0.1, help="Triplet margin m (paper: 0.1).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Mini-batch size (paper: 32).")
-    parser.add_argument("--test_size", type=float, default=0.7,
-                        help="Fraction held out as the fixed test set (paper: 0.7, i.e. 168 of 240).")
-    parser.add_argument("--box_weight", type=float, default=0.5,
-                        help="MATL weight w of the box-cluster triplet term: (1-w) L_class + w L_box.")
-    parser.add_argument("--top_percent", type=float, default=0.3,
-                        help="TG-MATL: share of each class in a batch kept by task-guidance score.")
-    parser.add_argument("--random_percent", type=float, default=0.1,
-                        help="TG-MATL: extra share of each class kept after the top ones.")
-    parser.add_argument("--extra_selection", default="ranked", choices=("ranked", "random"),
-                        help="TG-MATL extra samples: the next-ranked ones (reference) or a seeded "
-                             "uniform draw among the rest of the class.")
-    parser.add_argument("--epochs", type=int, default=5000, help="Training epochs (paper: 5000, no early stop).")
-    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4).")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="Seeds initialisation, batch order and the mutual-information estimate.")
-    parser.add_argument("--deterministic", action="store_true", help="Turn on TF op determinism.")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Retrain heads that already exist (default: reuse finished heads when the "
-                             "training arguments match, and stop with an error when they do not).")
-    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="Stacks of heads trained side by side (default: the number of CPU cores).")
-    parser.add_argument("--demo", action="store_true",
-                        help="Generate a synthetic AWIR-like dataset under <results_dir>/demo_data/ and "
-                             "run the full protocol on it with 300 epochs (unless --epochs is given).")
+    parser = cli.Parser("TG-MATL experiment 1: projection heads")
+    add_projection_head_arguments(parser, "and run the full protocol on it (about a minute on a CPU).")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="Losses to train (paper: all four).",
+    )
+    parser.demo_defaults(epochs=300)
     return parser
 
 
 def head_paths(results_dir, embedding, tag, fold, test_size, model_subdir=""):
     model_dir = Path(results_dir) / "trained_models" / "exp1_emb_proj" / embedding / model_subdir
     projection_dir = Path(results_dir) / "exp1_test_projections" / embedding / model_subdir
-    return (model_dir / f"{tag}_best_fold{fold}.h5",
-            projection_dir / f"{tag}_proj_val{test_size}_fold{fold}.npy")
+    return (
+        model_dir / f"{tag}_best_fold{fold}.h5",
+        projection_dir / f"{tag}_proj_val{test_size}_fold{fold}.npy",
+    )
 
 
 # ---- the paper's model and losses ----
+
 
 def build_projection_head(input_dim):
     """The reference ProjectionHead: a linear Dense(64) on the foundation embedding, no normalisation."""
     import keras
 
     inputs = keras.Input(shape=(input_dim,), name="foundation_embedding")
-    outputs = keras.layers.Dense(PROJECTION_DIM, name="proj", kernel_initializer="glorot_uniform",
-                                 bias_initializer="zeros")(inputs)
+    outputs = keras.layers.Dense(
+        PROJECTION_DIM, name="proj", kernel_initializer="glorot_uniform", bias_initializer="zeros"
+    )(inputs)
     return keras.Model(inputs, outputs, name="ProjectionHead")
 
 
 def initial_head_params(input_dim, generators):
     """Glorot-uniform kernels and zero biases, one per model, from each model's own generator."""
-    limit = np.sqrt(6.0 / (input_dim + PROJECTION_DIM))
-    kernel = np.stack([g.uniform(-limit, limit, (input_dim, PROJECTION_DIM)) for g in generators])
-    return {"kernel": kernel.astype(np.float32), "bias": np.zeros((len(generators), PROJECTION_DIM), np.float32)}
+    kernel = np.stack([stacked_training.glorot_uniform(g, input_dim, PROJECTION_DIM) for g in generators])
+    return {
+        "kernel": kernel.astype(np.float32),
+        "bias": np.zeros((len(generators), PROJECTION_DIM), np.float32),
+    }
 
 
 def linear_forward(params, state, x, valid, training):
@@ -123,39 +139,51 @@ def random_selection_key(model_key, model_step, sample_id):
 
     Only the order of the keys matters; int32 rather than a float64 draw keeps XLA's CPU code fast.
     """
-    mixed = (tf.cast(model_key, tf.int64)[:, None] * 0x2545F491 + tf.cast(model_step, tf.int64)[:, None] * 0x6C8E9CF5
-             + tf.cast(sample_id, tf.int64) * 0x1B873593)
+    mixed = (
+        tf.cast(model_key, tf.int64)[:, None] * 0x2545F491
+        + tf.cast(model_step, tf.int64)[:, None] * 0x6C8E9CF5
+        + tf.cast(sample_id, tf.int64) * 0x1B873593
+    )
     mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
     for shift, multiplier in ((16, 0x45D9F3B), (16, 0x45D9F3B), (16, 1)):
-        mixed = (tf.bitwise.bitwise_xor(mixed, tf.bitwise.right_shift(mixed, tf.constant(shift, tf.int64)))
-                 * multiplier)
+        shifted = tf.bitwise.right_shift(mixed, tf.constant(shift, tf.int64))
+        mixed = tf.bitwise.bitwise_xor(mixed, shifted) * multiplier
         mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
-    return tf.cast(mixed - 2 ** 31, tf.int32)
+    return tf.cast(mixed - 2**31, tf.int32)
 
 
 def method_loss(method, outputs, batch, valid, args, top_percent=None, random_percent=None):
-    """One of the four exp1 losses on a stack of same-method models (spec: Losses)."""
-    distance = pairwise_distance(outputs)
+    """One of the four exp1 losses on a stack of same-method models: the readable reference.
+
+    DTL and DTL-Hard are the paper's baselines, MATL the predecessor's loss (arXiv 2504.08054), and
+    TG-MATL is MATL on the paper's task-guided selection (README: igarss_exp1.py).
+    """
+    distance = triplet.pairwise_distance(outputs)
     if method == "dtl":
-        return batch_all_triplet_loss(distance, batch["class_label"], valid, args.margin)
+        return triplet.batch_all_triplet_loss(distance, batch["class_label"], valid, args.margin)
     if method == "dtl_hard":
-        return batch_hard_triplet_loss(distance, batch["class_label"], valid, args.margin)
+        return triplet.batch_hard_triplet_loss(distance, batch["class_label"], valid, args.margin)
     if method == "tg_matl":
         # TG-MATL: MATL restricted to the task-guided selection of each class in the batch.
         random_key = None
         if args.extra_selection == "random":
             random_key = random_selection_key(batch["model_key"], batch["model_step"], batch["sample_id"])
-        valid = task_guided_selection(batch["task_score"], batch["class_label"], valid, top_percent,
-                                      random_percent, random_key)
-    return matl_loss(distance, batch["class_label"], batch["box_cluster"], valid, args.margin, args.box_weight)
+        valid = triplet.task_guided_selection(
+            batch["task_score"], batch["class_label"], valid, top_percent, random_percent, random_key
+        )
+    return triplet.matl_loss(
+        distance, batch["class_label"], batch["box_cluster"], valid, args.margin, args.box_weight
+    )
 
 
 def fold_task_scores(data, seed):
-    """Task-guidance scores per fold: train and validation splits scored separately (spec: TG-MATL)."""
+    """The paper's task-guidance scores per fold: train and validation splits scored separately."""
     scores = np.zeros((len(data["folds"]), len(data["class_label"])), np.float32)
     for fold, (train, val) in enumerate(data["folds"]):
         for split in (train, val):
-            scores[fold, split] = awir.task_guidance_scores(data["box_label"][split], data["class_label"][split], seed)
+            scores[fold, split] = awir.task_guidance_scores(
+                data["box_label"][split], data["class_label"][split], seed
+            )
     return scores
 
 
@@ -168,45 +196,68 @@ STACK_ORDER = ("dtl_hard", "dtl", "matl", "tg_matl")
 def stacked_method_loss(heads, args):
     """The loss of a stack of heads sorted by STACK_ORDER, per head equal to `method_loss`.
 
-    Built from few, large operations (one distance matrix, one batch-hard call, one batch-all call
-    covering the class labels of DTL/MATL/TG-MATL rows and the box clusters of MATL/TG-MATL rows),
-    which keeps the compiled step small and quick to compile.
+    The fast twin of `method_loss`: tests/test_igarss_exp1.py
+    (test_stacked_engine_matches_one_by_one_keras_training) proves them equal. Built from few, large
+    operations (one distance matrix, one batch-hard call, one batch-all call covering the class
+    labels of DTL/MATL/TG-MATL rows and the box clusters of MATL/TG-MATL rows), which keeps the
+    compiled step small and quick to compile.
     """
     methods = [head["method"] for head in heads]
-    assert methods == sorted(methods, key=STACK_ORDER.index), "heads must be sorted by STACK_ORDER"
+    if methods != sorted(methods, key=STACK_ORDER.index):
+        raise ValueError("heads must be sorted by STACK_ORDER")
     num_models = len(heads)
-    class_start = methods.count("dtl_hard")                  # rows with a class batch-all term
-    box_start = class_start + methods.count("dtl")           # rows with a box-cluster term (MATL, TG-MATL)
-    selection_start = box_start + methods.count("matl")      # TG-MATL rows
+    class_start = methods.count("dtl_hard")  # rows with a class batch-all term
+    box_start = class_start + methods.count("dtl")  # rows with a box-cluster term (MATL, TG-MATL)
+    selection_start = box_start + methods.count("matl")  # TG-MATL rows
     top_percent = np.array([head.get("top_percent", args.top_percent) for head in heads[selection_start:]])
-    random_percent = np.array([head.get("random_percent", args.random_percent) for head in heads[selection_start:]])
+    random_percent = np.array(
+        [head.get("random_percent", args.random_percent) for head in heads[selection_start:]]
+    )
 
     def loss(outputs, batch, valid):
-        distance = pairwise_distance(outputs)
+        distance = triplet.pairwise_distance(outputs)
         class_label, box_cluster = batch["class_label"], batch["box_cluster"]
         losses = []
         if class_start:
-            losses.append(batch_hard_triplet_loss(distance[:class_start], class_label[:class_start],
-                                                  valid[:class_start], args.margin))
+            losses.append(
+                triplet.batch_hard_triplet_loss(
+                    distance[:class_start], class_label[:class_start], valid[:class_start], args.margin
+                )
+            )
         if selection_start < num_models:
             random_key = None
             if args.extra_selection == "random":
-                random_key = random_selection_key(batch["model_key"][selection_start:],
-                                                  batch["model_step"][selection_start:],
-                                                  batch["sample_id"][selection_start:])
-            selected = task_guided_selection(batch["task_score"][selection_start:], class_label[selection_start:],
-                                             valid[selection_start:], top_percent, random_percent, random_key)
+                random_key = random_selection_key(
+                    batch["model_key"][selection_start:],
+                    batch["model_step"][selection_start:],
+                    batch["sample_id"][selection_start:],
+                )
+            selected = triplet.task_guided_selection(
+                batch["task_score"][selection_start:],
+                class_label[selection_start:],
+                valid[selection_start:],
+                top_percent,
+                random_percent,
+                random_key,
+            )
             valid = tf.concat([valid[:selection_start], selected], axis=0)
         if class_start < num_models:
-            batch_all = batch_all_triplet_loss(
+            batch_all = triplet.batch_all_triplet_loss(
                 tf.concat([distance[class_start:], distance[box_start:]], axis=0),
                 tf.concat([class_label[class_start:], box_cluster[box_start:]], axis=0),
-                tf.concat([valid[class_start:], valid[box_start:]], axis=0), args.margin)
-            class_term, box_term = batch_all[:num_models - class_start], batch_all[num_models - class_start:]
-            losses.append(class_term[:box_start - class_start])
+                tf.concat([valid[class_start:], valid[box_start:]], axis=0),
+                args.margin,
+            )
+            class_term, box_term = (
+                batch_all[: num_models - class_start],
+                batch_all[num_models - class_start :],
+            )
+            losses.append(class_term[: box_start - class_start])
             if box_start < num_models:
-                losses.append((1.0 - args.box_weight) * class_term[box_start - class_start:]
-                              + args.box_weight * box_term)
+                losses.append(
+                    (1.0 - args.box_weight) * class_term[box_start - class_start :]
+                    + args.box_weight * box_term
+                )
         return tf.concat(losses, axis=0)
 
     return loss
@@ -219,53 +270,62 @@ def train_heads(heads, embedding, data, task_scores, args, progress_label=""):
     back in the stack's order (by method, see STACK_ORDER).
     """
     heads = sorted(heads, key=lambda head: STACK_ORDER.index(head["method"]))
-    generators = [model_generator(args.seed, head["key"]) for head in heads]
+    generators = [stacked_training.model_generator(args.seed, head["key"]) for head in heads]
     params = initial_head_params(embedding.shape[1], generators)
-    stacked_loss = stacked_method_loss(heads, args)
-
-    num_samples = len(data["class_label"])
     per_model = {"task_score": task_scores[[head["fold"] - 1 for head in heads]]}
-    shared = {"x": embedding, "class_label": data["class_label"].astype(np.int32),
-              "box_cluster": data["box_cluster"].astype(np.int32),
-              "sample_id": np.arange(num_samples, dtype=np.int32)}
-    stack = StackedModels(params, linear_forward, stacked_loss, shared, per_model,
-                          learning_rate=args.learning_rate, batch_size=args.batch_size,
-                          model_keys=[head["key"] for head in heads],
-                          # Compiling pays off only over many epochs; results agree either way.
-                          jit_compile=args.epochs >= 100)
-
-    def progress(done, total, seconds, train_loss, val_loss):
-        print(f"  {progress_label} epoch {done}/{total}  {seconds:6.1f}s  mean train loss "
-              f"{train_loss.mean():.4f}  mean val loss {val_loss.mean():.4f}", flush=True)
-
-    train_lists = [data["folds"][head["fold"] - 1][0] for head in heads]
-    val_lists = [data["folds"][head["fold"] - 1][1] for head in heads]
+    shared = {
+        "x": embedding,
+        "class_label": data["class_label"].astype(np.int32),
+        "box_cluster": data["box_cluster"].astype(np.int32),
+        "sample_id": np.arange(len(data["class_label"]), dtype=np.int32),
+    }
+    stack = stacked_training.StackedModels(
+        params,
+        linear_forward,
+        stacked_method_loss(heads, args),
+        shared,
+        per_model,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        model_keys=[head["key"] for head in heads],
+        # Compiling pays off only over many epochs; results agree either way.
+        jit_compile=args.epochs >= 100,
+    )
+    train_lists, val_lists = stacked_training.fold_index_lists(data["folds"], heads)
     started = time.perf_counter()
-    train_history, val_history = stack.fit(train_lists, val_lists, args.epochs, generators,
-                                           chunk_epochs=max(1, min(500, args.epochs)), progress=progress)
+    train_history, val_history = stack.fit(
+        train_lists,
+        val_lists,
+        args.epochs,
+        generators,
+        chunk_epochs=max(1, min(500, args.epochs)),
+        progress=stacked_training.progress_printer(progress_label),
+    )
     seconds = time.perf_counter() - started
     best_params, _ = stack.best()
-    return {"heads": heads, "params": best_params, "best_val_loss": stack.best_val_loss.numpy(),
-            "best_epoch": stack.best_epoch.numpy(), "train_history": train_history,
-            "val_history": val_history, "seconds": seconds}
+    return {
+        "heads": heads,
+        "params": best_params,
+        "best_val_loss": stack.best_val_loss.numpy(),
+        "best_epoch": stack.best_epoch.numpy(),
+        "train_history": train_history,
+        "val_history": val_history,
+        "seconds": seconds,
+    }
 
 
 def split_into_jobs(heads_by_embedding, embeddings, workers):
     """Split each embedding's heads into `workers` stacks (folds round-robin), largest work first."""
-    jobs = []
-    for name, heads in heads_by_embedding.items():
-        for part in range(workers):
-            members = [head for head in heads if (head["fold"] - 1) % workers == part]
-            if members:
-                jobs.append({"embedding": name, "heads": members, "label": f"{name}[{part + 1}/{workers}]",
-                             "cost": embeddings[name].shape[1] * len(members)})
-    return sorted(jobs, key=lambda job: -job["cost"])
+    jobs = stacked_training.split_into_stacks(
+        heads_by_embedding, workers, cost=lambda name: embeddings[name].shape[1], label=str
+    )
+    return [dict(job, embedding=job["group"]) for job in jobs]
 
 
 def train_job(job, data, task_scores, args):
     """Train one stack of heads (a module-level function, so worker processes can run it)."""
-    return train_heads(job["heads"], data["embeddings"][job["embedding"]], data, task_scores, args,
-                       progress_label=job["label"])
+    embedding = data["embeddings"][job["embedding"]]
+    return train_heads(job["heads"], embedding, data, task_scores, args, progress_label=job["label"])
 
 
 def train_jobs(jobs, data, task_scores, args, record):
@@ -273,12 +333,14 @@ def train_jobs(jobs, data, task_scores, args, record):
 
     def finished(job, result):
         record(job, result)
-        print(f"  {job['label']}: {len(result['heads'])} heads in {result['seconds']:.1f}s "
-              f"({1e3 * result['seconds'] / (len(result['heads']) * args.epochs):.3f} ms per head-epoch)")
+        print(stacked_training.finished_line(job, result, args.epochs))
 
     run = functools.partial(train_job, data=data, task_scores=task_scores, args=args)
-    seconds = run_side_by_side(jobs, run, finished, args.workers, args.deterministic)
+    seconds = stacked_training.run_side_by_side(jobs, run, finished, args.workers, args.deterministic)
     print(f"  all stacks done in {seconds:.1f}s")
+
+
+# ---- export and evaluation ----
 
 
 def export_heads(result, embedding, test_embedding, paths):
@@ -300,49 +362,66 @@ def knn_accuracy(train_points, train_labels, test_points, test_labels, neighbour
     return float((votes.argmax(axis=1) == test_labels).mean())
 
 
-def check_previous_run(config_path, args, overwrite, keys=TRAINING_KEYS):
-    """Refuse to mix heads trained with other arguments into this run's outputs."""
-    return runs.check_same_settings(config_path, {key: getattr(args, key) for key in keys}, overwrite,
-                                  "existing heads", hint=awir.RESUME_HINT)
+def head_knn_accuracies(result, embedding, data):
+    """Test 5-NN class accuracy of every head of a finished stack, against its fold's training set."""
+    accuracies = []
+    for index, head in enumerate(result["heads"]):
+        train, _ = data["folds"][head["fold"] - 1]
+        kernel, bias = result["params"]["kernel"][index], result["params"]["bias"][index]
+        accuracies.append(
+            knn_accuracy(
+                embedding[train] @ kernel + bias,
+                data["class_label"][train],
+                embedding[data["test"]] @ kernel + bias,
+                data["class_label"][data["test"]],
+            )
+        )
+    return accuracies
 
 
-def use_demo_data(args, demo_epochs):
-    """--demo: point args at the synthetic AWIR-like data (written once) and shorten training."""
-    demo_dir = Path(args.results_dir) / "demo_data" / "igarss_exp1"
-    args.data, args.embeddings_dir = awir.make_demo_data(demo_dir, seed=args.seed)
-    if args.epochs == get_args_parser().get_default("epochs"):
-        args.epochs = demo_epochs
+def export_and_evaluate(job, result, data):
+    """Write a finished stack's heads and projections; return each head's test 5-NN accuracy."""
+    embedding = data["embeddings"][job["embedding"]]
+    export_heads(result, embedding, embedding[data["test"]], [head["paths"] for head in result["heads"]])
+    return head_knn_accuracies(result, embedding, data)
 
 
-@cli_entry
-def main(args):
-    runs.seed_everything(args.seed, args.deterministic)
-    if args.demo:
-        use_demo_data(args, demo_epochs=300)
-    runs.print_args(args)
+def read_timings(path, overwrite, key):
+    """Rows of an earlier run's timings CSV by `key(row)` (none with --overwrite)."""
+    if not path.exists() or overwrite:
+        return {}
+    with open(path, newline="") as file:
+        return {key(row): row for row in csv.DictReader(file)}
 
-    # ---- data ----
-    data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)
+
+# ---- the protocol ----
+
+
+def print_data(data, args):
+    """The data sizes and derived values, printed at start."""
     train_sizes = sorted({len(train) for train, _ in data["folds"]})
-    print(f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {len(data['folds'])} "
-          f"(train {train_sizes}, val {sorted({len(v) for _, v in data['folds']})}), "
-          f"steps per epoch {int(np.ceil(max(train_sizes) / args.batch_size))}")
+    print(
+        f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {len(data['folds'])} "
+        f"(train {train_sizes}, val {sorted({len(v) for _, v in data['folds']})}), "
+        f"steps per epoch {int(np.ceil(max(train_sizes) / args.batch_size))}"
+    )
     for name, embedding in data["embeddings"].items():
-        note = "" if embedding.shape[1] == awir.PAPER_EMBEDDING_WIDTHS[name] else \
-            f" (the paper's {name} width is {awir.PAPER_EMBEDDING_WIDTHS[name]})"
+        paper_width = awir.PAPER_EMBEDDING_WIDTHS[name]
+        note = "" if embedding.shape[1] == paper_width else f" (the paper's {name} width is {paper_width})"
         print(f"embedding {name}: {embedding.shape}{note}")
-    task_scores = fold_task_scores(data, args.seed)
-    results_dir = Path(args.results_dir)
-    config_path = results_dir / "trained_models" / "exp1_emb_proj" / "exp1_config.json"
-    training_config = check_previous_run(config_path, args, args.overwrite)
-    atomic.write_json(config_path, training_config)
 
-    # ---- train ----
-    timings_path = results_dir / "exp1_timings" / f"timings_test{args.test_size}.csv"
-    timings = {}
-    if timings_path.exists() and not args.overwrite:
-        with open(timings_path, newline="") as file:
-            timings = {(row["experiment"], int(row["fold"])): row for row in csv.DictReader(file)}
+
+def check_training_settings(results_dir, config_name, args, keys):
+    """Refuse to mix heads trained with other arguments into this results tree; record these ones."""
+    config_path = Path(results_dir) / "trained_models" / "exp1_emb_proj" / config_name
+    current = runs.check_same_settings(
+        config_path, runs.settings_of(args, keys), args.overwrite, "existing heads", hint=awir.RESUME_HINT
+    )
+    atomic.write_json(config_path, current)
+
+
+def heads_to_train(args, results_dir):
+    """{embedding: [head]} for every (embedding, method, fold) without finished files."""
     heads_by_embedding = {}
     for embedding_index, name in enumerate(args.embeddings):
         for method in args.methods:
@@ -351,57 +430,102 @@ def main(args):
                 paths = head_paths(results_dir, name, tag, fold, args.test_size)
                 if all(path.exists() for path in paths) and not args.overwrite:
                     continue
-                heads_by_embedding.setdefault(name, []).append({
-                    "method": method, "fold": fold, "tag": tag, "paths": paths,
-                    "key": embedding_index * 1000 + METHODS.index(method) * 100 + fold})
+                key = embedding_index * 1000 + METHODS.index(method) * 100 + fold
+                head = {"method": method, "fold": fold, "tag": tag, "paths": paths, "key": key}
+                heads_by_embedding.setdefault(name, []).append(head)
     skipped = [name for name in args.embeddings if name not in heads_by_embedding]
     if skipped:
         print(f"finished heads reused for {', '.join(skipped)} (--overwrite retrains them)")
-    summary = {method: {"knn": [], "val": []} for method in args.methods}
-    zero_validation_loss = {}
+    return heads_by_embedding
 
-    def record(job, result):
-        name, embedding = job["embedding"], data["embeddings"][job["embedding"]]
-        heads = result["heads"]
-        export_heads(result, embedding, embedding[data["test"]], [head["paths"] for head in heads])
-        # The joint wall time is divided evenly over the heads trained together.
-        seconds_per_head = result["seconds"] / len(heads)
-        for index, head in enumerate(heads):
-            row = timings.setdefault((name, head["fold"]), {"experiment": name, "fold": head["fold"]})
-            row[TIMING_COLUMNS[head["method"]]] = round(seconds_per_head, 4)
-            if result["best_val_loss"][index] == 0.0:
-                zero_validation_loss.setdefault(f"{name} {head['tag']}", []).append(
-                    f"{head['fold']} (epoch {result['best_epoch'][index] + 1})")
-            # ---- evaluate ----
-            train, _ = data["folds"][head["fold"] - 1]
-            kernel, bias = result["params"]["kernel"][index], result["params"]["bias"][index]
-            accuracy = knn_accuracy(embedding[train] @ kernel + bias, data["class_label"][train],
-                                    embedding[data["test"]] @ kernel + bias, data["class_label"][data["test"]])
-            summary[head["method"]]["knn"].append(accuracy)
-            summary[head["method"]]["val"].append(float(result["best_val_loss"][index]))
-        atomic.write_csv(timings_path, [timings[key] for key in sorted(timings)],
-                         ["experiment", "fold"] + list(TIMING_COLUMNS.values()))
 
-    jobs = split_into_jobs(heads_by_embedding, data["embeddings"], args.workers)
-    print(f"# ---- train: {sum(len(j['heads']) for j in jobs)} heads in {len(jobs)} stacks on "
-          f"{args.workers} worker(s), {args.epochs} epochs ----")
-    train_jobs(jobs, data, task_scores, args, record)
+def record_stack(job, result, data, timings, timings_path, summary, zero_validation_loss):
+    """Export a finished stack, add its timings and test accuracies, note zero validation losses."""
+    accuracies = export_and_evaluate(job, result, data)
+    name, heads = job["embedding"], result["heads"]
+    # The joint wall time is divided evenly over the heads trained together (README: igarss_exp1.py).
+    seconds_per_head = result["seconds"] / len(heads)
+    for index, head in enumerate(heads):
+        row = timings.setdefault((name, head["fold"]), {"experiment": name, "fold": head["fold"]})
+        row[TIMING_COLUMNS[head["method"]]] = round(seconds_per_head, 4)
+        if result["best_val_loss"][index] == 0.0:
+            zero_validation_loss.setdefault(f"{name} {head['tag']}", []).append(
+                f"{head['fold']} (epoch {result['best_epoch'][index] + 1})"
+            )
+        summary[head["method"]]["knn"].append(accuracies[index])
+        summary[head["method"]]["val"].append(float(result["best_val_loss"][index]))
+    columns = ["experiment", "fold", *TIMING_COLUMNS.values()]
+    atomic.write_csv(timings_path, [timings[key] for key in sorted(timings)], columns)
+
+
+def write_report(summary, zero_validation_loss, args, results_dir):
+    """knn_summary.json and the summary lines: per method, mean test 5-NN accuracy and best val loss."""
     for head_group, folds in sorted(zero_validation_loss.items()):
         # Model selection uses the training loss on the validation split (reference behaviour); when
         # it is exactly 0 (e.g. TG-MATL keeps one sample per class of a 9-sample split, so no triplet
         # exists), the first epoch that reaches 0 is kept.
-        print(f"  note: {head_group}: validation loss 0, selection kept the first such epoch, folds "
-              f"{', '.join(sorted(folds))}")
-
-    report = {method: {"test_knn5_accuracy": float(np.mean(v["knn"])), "best_val_loss": float(np.mean(v["val"])),
-                       "heads": len(v["knn"])} for method, v in summary.items() if v["knn"]}
+        print(
+            f"  note: {head_group}: validation loss 0, selection kept the first such epoch, folds "
+            f"{', '.join(sorted(folds))}"
+        )
+    report = {
+        method: {
+            "test_knn5_accuracy": float(np.mean(v["knn"])),
+            "best_val_loss": float(np.mean(v["val"])),
+            "heads": len(v["knn"]),
+        }
+        for method, v in summary.items()
+        if v["knn"]
+    }
     if report:
-        atomic.write_json(results_dir / "exp1_test_projections" / "knn_summary.json", report)
+        atomic.write_json(Path(results_dir) / "exp1_test_projections" / "knn_summary.json", report)
     for method, values in report.items():
-        print(f"summary: {awir.method_tag(method, args.top_percent, args.random_percent)} test 5-NN accuracy "
-              f"{values['test_knn5_accuracy']:.3f} (mean over {values['heads']} heads), "
-              f"best val loss {values['best_val_loss']:.4f}")
+        print(
+            f"summary: {awir.method_tag(method, args.top_percent, args.random_percent)} test 5-NN accuracy "
+            f"{values['test_knn5_accuracy']:.3f} (mean over {values['heads']} heads), "
+            f"best val loss {values['best_val_loss']:.4f}"
+        )
     return report
+
+
+@cli_entry
+def main(args):
+    runs.seed_everything(args.seed, args.deterministic)
+    if args.demo:
+        args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp1")
+    runs.print_args(args)
+    results_dir = Path(args.results_dir)
+
+    # ---- data ----
+    data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size)
+    print_data(data, args)
+    task_scores = fold_task_scores(data, args.seed)
+    check_training_settings(results_dir, "exp1_config.json", args, TRAINING_KEYS)
+
+    # ---- train ----
+    timings_path = results_dir / "exp1_timings" / f"timings_test{args.test_size}.csv"
+    timings = read_timings(
+        timings_path, args.overwrite, key=lambda row: (row["experiment"], int(row["fold"]))
+    )
+    jobs = split_into_jobs(heads_to_train(args, results_dir), data["embeddings"], args.workers)
+    summary = {method: {"knn": [], "val": []} for method in args.methods}
+    zero_validation_loss = {}
+    record = functools.partial(
+        record_stack,
+        data=data,
+        timings=timings,
+        timings_path=timings_path,
+        summary=summary,
+        zero_validation_loss=zero_validation_loss,
+    )
+    print(
+        f"# ---- train: {sum(len(j['heads']) for j in jobs)} heads in {len(jobs)} stacks on "
+        f"{args.workers} worker(s), {args.epochs} epochs ----"
+    )
+    train_jobs(jobs, data, task_scores, args, record)
+
+    # ---- evaluate ----
+    return write_report(summary, zero_validation_loss, args, results_dir)
 
 
 if __name__ == "__main__":

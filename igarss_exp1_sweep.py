@@ -9,7 +9,8 @@ losses and engine): 4 x 6 x 3 x 8 = 576 heads. Writes
 
     results/trained_models/exp1_emb_proj/{emb}/tp{T}_rp{R}/tg_matl_best_fold{k}.h5
     results/exp1_test_projections/{emb}/tp{T}_rp{R}/tg_matl_proj_val0.7_fold{k}.npy
-    results/exp1_timings/timings_test0.7_sweep.csv   (experiment, fold, top_percent, random_percent, train_time)
+    results/exp1_timings/timings_test0.7_sweep.csv
+        (columns experiment, fold, top_percent, random_percent, train_time)
 
 with T, R in integer percent. An interrupted sweep re-run skips every finished head.
 
@@ -20,29 +21,47 @@ It ends with
     summary: best grid point tp{T}_rp{R}: test 5-NN accuracy 0.xxx (mean over 3 embeddings x 8 folds)
 """
 
-import csv
 import functools
+import os
 from pathlib import Path
+
+# fmt: off
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
+# fmt: on
 
 import numpy as np
 
 import igarss_exp1
-from common import awir
-from common import atomic, runs
+from common import atomic, awir, cli, runs, stacked_training
 from common.errors import cli_entry
-from common.stacked_training import run_side_by_side
 
 PAPER_TOP_PERCENTS = [0.40, 0.50, 0.60, 0.70]
 PAPER_RANDOM_PERCENTS = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30]
+TIMING_COLUMNS = ["experiment", "fold", "top_percent", "random_percent", "train_time"]
+# The grid replaces top_percent and random_percent; the other training arguments must agree.
+SWEEP_KEYS = [key for key in igarss_exp1.TRAINING_KEYS if key not in ("top_percent", "random_percent")]
 
 
 def get_args_parser():
-    parser = igarss_exp1.get_args_parser()
-    parser.description = "TG-MATL experiment 1 sweep over top_percent x random_percent"
-    parser.add_argument("--top_percents", type=float, nargs="+", default=PAPER_TOP_PERCENTS,
-                        help="Grid of TG-MATL top_percent values (paper: 0.40 0.50 0.60 0.70).")
-    parser.add_argument("--random_percents", type=float, nargs="+", default=PAPER_RANDOM_PERCENTS,
-                        help="Grid of TG-MATL random_percent values (paper: 0.05 to 0.30 in steps of 0.05).")
+    parser = cli.Parser("TG-MATL experiment 1 sweep over top_percent x random_percent")
+    igarss_exp1.add_projection_head_arguments(
+        parser, "and sweep the grid on it with 100 epochs (a few minutes)."
+    )
+    parser.add_argument(
+        "--top_percents",
+        type=float,
+        nargs="+",
+        default=PAPER_TOP_PERCENTS,
+        help="Grid of TG-MATL top_percent values (paper: 0.40 0.50 0.60 0.70).",
+    )
+    parser.add_argument(
+        "--random_percents",
+        type=float,
+        nargs="+",
+        default=PAPER_RANDOM_PERCENTS,
+        help="Grid of TG-MATL random_percent values (paper: 0.05 to 0.30 in steps of 0.05).",
+    )
+    parser.demo_defaults(epochs=100)
     return parser
 
 
@@ -50,25 +69,8 @@ def grid_tag(top_percent, random_percent):
     return f"tp{round(top_percent * 100)}_rp{round(random_percent * 100)}"
 
 
-@cli_entry
-def main(args):
-    runs.seed_everything(args.seed, args.deterministic)
-    if args.demo:
-        igarss_exp1.use_demo_data(args, demo_epochs=100)
-    runs.print_args(args)
-
-    # ---- data ----
-    data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)
-    task_scores = igarss_exp1.fold_task_scores(data, args.seed)
-    results_dir = Path(args.results_dir)
-    config_path = results_dir / "trained_models" / "exp1_emb_proj" / "exp1_sweep_config.json"
-    sweep_keys = [key for key in igarss_exp1.TRAINING_KEYS if key not in ("top_percent", "random_percent")]
-    atomic.write_json(config_path, igarss_exp1.check_previous_run(config_path, args, args.overwrite, sweep_keys))
-    grid = [(top, extra) for top in args.top_percents for extra in args.random_percents]
-    print(f"grid {len(grid)} points x {len(args.embeddings)} embeddings x {awir.NUM_FOLDS} folds "
-          f"= {len(grid) * len(args.embeddings) * awir.NUM_FOLDS} TG-MATL heads")
-
-    # ---- train ----
+def heads_to_train(args, grid, results_dir):
+    """{embedding: [TG-MATL head]} for every (embedding, grid point, fold) without finished files."""
     heads_by_embedding = {}
     for embedding_index, name in enumerate(args.embeddings):
         for grid_index, (top, extra) in enumerate(grid):
@@ -77,48 +79,80 @@ def main(args):
                 paths = igarss_exp1.head_paths(results_dir, name, "tg_matl", fold, args.test_size, tag)
                 if all(path.exists() for path in paths) and not args.overwrite:
                     continue
-                heads_by_embedding.setdefault(name, []).append({
-                    "method": "tg_matl", "fold": fold, "tag": tag, "paths": paths, "top_percent": top,
-                    "random_percent": extra, "key": 100000 * (embedding_index + 1) + 100 * grid_index + fold})
+                key = 100000 * (embedding_index + 1) + 100 * grid_index + fold
+                head = {"method": "tg_matl", "fold": fold, "tag": tag, "paths": paths, "key": key}
+                heads_by_embedding.setdefault(name, []).append(
+                    dict(head, top_percent=top, random_percent=extra)
+                )
     finished = len(grid) * len(args.embeddings) * awir.NUM_FOLDS - sum(map(len, heads_by_embedding.values()))
     if finished:
         print(f"{finished} finished heads reused (--overwrite retrains them)")
+    return heads_by_embedding
+
+
+def record_stack(job, result, data, timings, timings_path, accuracy):
+    """Export a finished stack, add its timings (joint wall time divided evenly) and test accuracies."""
+    accuracies = igarss_exp1.export_and_evaluate(job, result, data)
+    seconds_per_head = round(result["seconds"] / len(result["heads"]), 4)
+    for head, head_accuracy in zip(result["heads"], accuracies, strict=True):
+        grid_point = (head["top_percent"], head["random_percent"])
+        timings[(job["embedding"], head["fold"], *grid_point)] = {
+            "experiment": job["embedding"],
+            "fold": head["fold"],
+            "top_percent": head["top_percent"],
+            "random_percent": head["random_percent"],
+            "train_time": seconds_per_head,
+        }
+        accuracy.setdefault(head["tag"], []).append(head_accuracy)
+    atomic.write_csv(timings_path, [timings[key] for key in sorted(timings)], TIMING_COLUMNS)
+    print(f"  {job['label']}: {len(result['heads'])} heads in {result['seconds']:.1f}s")
+
+
+@cli_entry
+def main(args):
+    runs.seed_everything(args.seed, args.deterministic)
+    if args.demo:
+        args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp1")
+    runs.print_args(args)
+    results_dir = Path(args.results_dir)
+
+    # ---- data ----
+    data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size)
+    task_scores = igarss_exp1.fold_task_scores(data, args.seed)
+    igarss_exp1.check_training_settings(results_dir, "exp1_sweep_config.json", args, SWEEP_KEYS)
+    grid = [(top, extra) for top in args.top_percents for extra in args.random_percents]
+    print(
+        f"grid {len(grid)} points x {len(args.embeddings)} embeddings x {awir.NUM_FOLDS} folds "
+        f"= {len(grid) * len(args.embeddings) * awir.NUM_FOLDS} TG-MATL heads"
+    )
+
+    # ---- train ----
     timings_path = results_dir / "exp1_timings" / f"timings_test{args.test_size}_sweep.csv"
-    columns = ["experiment", "fold", "top_percent", "random_percent", "train_time"]
-    timings = {}
-    if timings_path.exists() and not args.overwrite:
-        with open(timings_path, newline="") as file:
-            timings = {(r["experiment"], int(r["fold"]), float(r["top_percent"]), float(r["random_percent"])): r
-                       for r in csv.DictReader(file)}
+    timings = igarss_exp1.read_timings(
+        timings_path,
+        args.overwrite,
+        lambda r: (r["experiment"], int(r["fold"]), float(r["top_percent"]), float(r["random_percent"])),
+    )
     accuracy = {}
-
-    def record(job, result):
-        name, embedding = job["embedding"], data["embeddings"][job["embedding"]]
-        igarss_exp1.export_heads(result, embedding, embedding[data["test"]], [h["paths"] for h in result["heads"]])
-        for index, head in enumerate(result["heads"]):
-            timings[(name, head["fold"], head["top_percent"], head["random_percent"])] = {
-                "experiment": name, "fold": head["fold"], "top_percent": head["top_percent"],
-                "random_percent": head["random_percent"], "train_time": round(result["seconds"] / len(result["heads"]), 4)}
-            # ---- evaluate ----
-            train, _ = data["folds"][head["fold"] - 1]
-            kernel, bias = result["params"]["kernel"][index], result["params"]["bias"][index]
-            accuracy.setdefault(head["tag"], []).append(igarss_exp1.knn_accuracy(
-                embedding[train] @ kernel + bias, data["class_label"][train],
-                embedding[data["test"]] @ kernel + bias, data["class_label"][data["test"]]))
-        atomic.write_csv(timings_path, [timings[key] for key in sorted(timings)], columns)
-        print(f"  {job['label']}: {len(result['heads'])} heads in {result['seconds']:.1f}s")
-
-    jobs = igarss_exp1.split_into_jobs(heads_by_embedding, data["embeddings"], args.workers)
-
+    record = functools.partial(
+        record_stack, data=data, timings=timings, timings_path=timings_path, accuracy=accuracy
+    )
+    jobs = igarss_exp1.split_into_jobs(
+        heads_to_train(args, grid, results_dir), data["embeddings"], args.workers
+    )
     run = functools.partial(igarss_exp1.train_job, data=data, task_scores=task_scores, args=args)
-    seconds = run_side_by_side(jobs, run, record, args.workers, args.deterministic)
+    seconds = stacked_training.run_side_by_side(jobs, run, record, args.workers, args.deterministic)
     print(f"  all stacks done in {seconds:.1f}s")
+
+    # ---- evaluate ----
     if accuracy:
         summary = {tag: float(np.mean(values)) for tag, values in accuracy.items()}
         atomic.write_json(results_dir / "exp1_test_projections" / "sweep_knn_summary.json", summary)
         best = max(summary, key=summary.get)
-        print(f"summary: best grid point {best}: test 5-NN accuracy {summary[best]:.3f} "
-              f"(mean over {len(accuracy[best])} heads)")
+        print(
+            f"summary: best grid point {best}: test 5-NN accuracy {summary[best]:.3f} "
+            f"(mean over {len(accuracy[best])} heads)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ trained for 5000 epochs with Adam(1e-4), batch 32, keeping the best-validation w
 classifier, a 13-d box-feature regressor and a 2-d box-location regressor (360 heads). Each is
 evaluated on the fixed test set. Writes, at the paper repo's paths,
 
-    results/trained_models/exp2_task_heads/{emb}/{method}/{class_head,reg_boxfeat_head,reg_boxloc_head}_run{k}.h5
+    results/trained_models/exp2_task_heads/{emb}/{method}/{head}_run{k}.h5
+        ({head} = class_head, reg_boxfeat_head, reg_boxloc_head)
     results/exp2_results/{emb}/{method}_fold{k}_taskhead_metrics.npy   (+ .json twin, safe to load)
     results/exp2_results/summary.csv, summary.md, summary.png          (mean +- std over folds)
 
@@ -27,33 +28,31 @@ It ends with one line per method; the demo prints, e.g.
     summary: tg_matl_30_10 acc 0.919 f1 0.919 r2_feat 0.599 r2_loc -0.459 (mean over 3 embeddings x 8 folds)
 """
 
-import argparse
 import functools
 import json
 import os
 import time
 from pathlib import Path
 
+# fmt: off
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
+# fmt: on
+
 import numpy as np
 import tensorflow as tf
 
-from common import awir
-from common import atomic, runs
+from common import atomic, awir, cli, plots, reports, runs, stacked_training
 from common.errors import InputError, cli_entry
-from common.stacked_training import (
-    StackedModels,
-    model_generator,
-    run_side_by_side,
-)
 
 EXP1_METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
-METHODS = ("base",) + EXP1_METHODS
+METHODS = ("base", *EXP1_METHODS)
 TRUNK_UNITS = (128, 64, 32, 16)
-# The three task heads: output width, output activation and the file stem the reference uses.
-HEAD_KINDS = {"class": {"units": awir.NUM_CLASSES, "file": "class_head", "time": "class_time"},
-              "boxfeat": {"units": len(awir.BOX_FEATURE_NAMES), "file": "reg_boxfeat_head",
-                          "time": "reg_boxfeat_time"},
-              "boxloc": {"units": 2, "file": "reg_boxloc_head", "time": "reg_boxloc_time"}}
+# The three task heads: output width, the file stem the reference uses and its timing column.
+HEAD_KINDS = {
+    "class": {"units": awir.NUM_CLASSES, "file": "class_head", "time": "class_time"},
+    "boxfeat": {"units": len(awir.BOX_FEATURE_NAMES), "file": "reg_boxfeat_head", "time": "reg_boxfeat_time"},
+    "boxloc": {"units": 2, "file": "reg_boxloc_head", "time": "reg_boxloc_time"},
+}
 OUTPUT_UNITS = max(kind["units"] for kind in HEAD_KINDS.values())
 BN_MOMENTUM, BN_EPSILON = 0.99, 1e-3  # Keras BatchNormalization defaults.
 METRICS = ("acc", "f1", "mse_feat", "r2_feat", "mse_loc", "r2_loc")
@@ -63,178 +62,84 @@ TIME_METRICS = ("class_time", "reg_boxfeat_time", "reg_boxloc_time")
 TRAINING_KEYS = ("batch_size", "test_size", "epochs", "learning_rate", "seed")
 
 
-def add_task_head_arguments(parser):
-    """Flags shared by igarss_exp2.py and igarss_exp2_sweep.py (data, protocol, training, run control)."""
-    parser.add_argument("--data", default="data.npz",
-                        help="data.npz with class_label (N,) and box_label (N,4) [xmin,xmax,ymin,ymax].")
-    parser.add_argument("--embeddings_dir", default="embeddings",
-                        help="Folder with awir_{clip,dinov2,mae}_emb.npy, (N, D) each.")
-    parser.add_argument("--results_dir", default="results",
-                        help="Root of the fixed results tree (exp1 heads are read from here).")
-    parser.add_argument("--embeddings", nargs="+", default=list(awir.EMBEDDING_NAMES),
-                        choices=awir.EMBEDDING_NAMES, help="Which foundation embeddings to use.")
-    parser.add_argument("--batch_size", type=int, default=32, help="Mini-batch size (paper: 32).")
-    parser.add_argument("--test_size", type=float, default=0.7,
-                        help="Fraction held out as the fixed test set (paper: 0.7, i.e. 168 of 240).")
-    parser.add_argument("--epochs", type=int, default=5000, help="Training epochs (paper: 5000, no early stop).")
-    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4).")
-    parser.add_argument("--folds", type=int, nargs="+", default=list(range(1, awir.NUM_FOLDS + 1)),
-                        help="Folds to train (default all 8; a subset is for quick checks).")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds initialisation and batch order.")
-    parser.add_argument("--deterministic", action="store_true", help="Turn on TF op determinism.")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Retrain heads that already exist (default: reuse finished heads when the "
-                             "training arguments match, and stop with an error when they do not).")
-    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="Stacks of heads trained side by side (default: the number of CPU cores).")
+def add_task_head_arguments(parser, demo_help):
+    """Flags shared by igarss_exp2.py and igarss_exp2_sweep.py; --demo trains 100 epochs at 3e-3."""
+    awir.add_protocol_arguments(parser, demo_help)
+    parser.add_argument(
+        "--folds",
+        type=int,
+        nargs="+",
+        default=list(range(1, awir.NUM_FOLDS + 1)),
+        help="Folds to train (default all 8; a subset is for quick checks).",
+    )
+    # Demo: fewer epochs with a 30x learning rate, so the heads converge in about a minute.
+    parser.demo_defaults(epochs=100, learning_rate=3e-3)
     return parser
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("TG-MATL experiment 2: task heads", add_help=True)
-    add_task_head_arguments(parser)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                        help="Inputs of the task heads: 'base' (raw embedding) and the exp1 methods' projections.")
-    parser.add_argument("--margin", type=float, default=0.1,
-                        help="Triplet margin the exp1 heads were trained with (paper: 0.1; the reference "
-                             "exp2 takes it for its command line, the task heads do not use it).")
-    parser.add_argument("--top_percent", type=float, default=0.3,
-                        help="TG-MATL top_percent of the exp1 heads to read (file tag tg_matl_30_10).")
-    parser.add_argument("--random_percent", type=float, default=0.1,
-                        help="TG-MATL random_percent of the exp1 heads to read.")
-    parser.add_argument("--demo", action="store_true",
-                        help="Use the synthetic dataset of `igarss_exp1.py --demo` (same seed) and train "
-                             "100 epochs at learning rate 3e-3 (unless given); run igarss_exp1.py --demo first.")
+    parser = cli.Parser("TG-MATL experiment 2: task heads")
+    add_task_head_arguments(parser, "(the data of `igarss_exp1.py --demo`, same seed; run that first).")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="Inputs of the task heads: 'base' (raw embedding) and the exp1 methods' projections.",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=0.1,
+        help="Triplet margin of the exp1 heads (paper: 0.1; taken as the reference exp2 does, unused here).",
+    )
+    parser.add_argument(
+        "--top_percent",
+        type=float,
+        default=0.3,
+        help="TG-MATL top_percent of the exp1 heads (tag tg_matl_30_10).",
+    )
+    parser.add_argument(
+        "--random_percent", type=float, default=0.1, help="TG-MATL random_percent of the exp1 heads to read."
+    )
     return parser
 
 
-def exp1_head_path(results_dir, embedding, tag, fold, model_subdir=""):
-    return (Path(results_dir) / "trained_models" / "exp1_emb_proj" / embedding / model_subdir
-            / f"{tag}_best_fold{fold}.h5")
-
-
 def task_head_path(results_dir, embedding, method, kind, fold):
-    return (Path(results_dir) / "trained_models" / "exp2_task_heads" / embedding / method
-            / f"{HEAD_KINDS[kind]['file']}_run{fold}.h5")
+    folder = Path(results_dir) / "trained_models" / "exp2_task_heads" / embedding / method
+    return folder / f"{HEAD_KINDS[kind]['file']}_run{fold}.h5"
 
 
 def metrics_path(results_dir, embedding, method, fold):
     return Path(results_dir) / "exp2_results" / embedding / f"{method}_fold{fold}_taskhead_metrics.npy"
 
 
-# ---- inputs: raw embeddings or exp1 projections ----
+# ---- the task heads (the MATL paper's heads, arXiv 2504.08054; README: igarss_exp2.py) ----
 
-def project_with_exp1_head(path, embedding, command):
-    """Apply one saved exp1 ProjectionHead to every sample; clear errors for missing or broken files."""
-    import keras
-
-    if not Path(path).is_file():
-        raise InputError(path, "exp1 projection head not found", f"the head written by `{command}`; run it first")
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:  # h5py/Keras
-        raise InputError(path, f"cannot be loaded as a Keras model ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:120] if str(error) else ''})",
-                         f"a .h5 written by `{command}`; delete it and re-run that command") from None
-    input_width = model.input_shape[-1]
-    if input_width != embedding.shape[1]:
-        raise InputError(path, f"takes {input_width}-d inputs but the embedding is {embedding.shape[1]}-d",
-                         f"a head trained on this embedding by `{command}`")
-    projection = np.asarray(model(embedding, training=False), np.float32)
-    if projection.ndim != 2 or not np.isfinite(projection).all():
-        raise InputError(path, f"gives outputs of shape {projection.shape} with non-finite values"
-                         if projection.ndim == 2 else f"gives outputs of shape {projection.shape}",
-                         "a ProjectionHead with finite (N, 64) outputs")
-    return projection
-
-
-# ---- the task heads (spec: Task heads) ----
 
 def build_task_head(input_dim, kind, learning_rate=1e-4):
     """The MATL task head: Dense 128-64-32-16, each ReLU then BatchNorm, then the task's output layer."""
     import keras
     from keras import layers
 
-    units = HEAD_KINDS[kind]["units"]
     inputs = keras.Input(shape=(input_dim,), name="embedding")
     hidden = inputs
     for layer, width in enumerate(TRUNK_UNITS, start=1):
-        hidden = layers.Dense(width, activation="relu", kernel_initializer="glorot_normal", name=f"dense{layer}")(hidden)
-        hidden = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"bn{layer}")(hidden)
-    if kind == "class":
-        outputs = layers.Dense(units, activation="softmax", kernel_initializer="glorot_normal", name="output")(hidden)
-        loss = keras.losses.CategoricalCrossentropy()
-    else:
-        outputs = layers.Dense(units, activation="sigmoid", kernel_initializer="glorot_normal", name="output")(hidden)
-        loss = keras.losses.MeanSquaredError()
+        hidden = layers.Dense(
+            width, activation="relu", kernel_initializer="glorot_normal", name=f"dense{layer}"
+        )(hidden)
+        hidden = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"bn{layer}")(
+            hidden
+        )
+    # The classifier ends in softmax with categorical cross-entropy, the regressors in sigmoid with MSE.
+    activation = "softmax" if kind == "class" else "sigmoid"
+    loss = keras.losses.CategoricalCrossentropy() if kind == "class" else keras.losses.MeanSquaredError()
+    outputs = layers.Dense(
+        HEAD_KINDS[kind]["units"], activation=activation, kernel_initializer="glorot_normal", name="output"
+    )(hidden)
     model = keras.Model(inputs, outputs, name=f"{HEAD_KINDS[kind]['file']}")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
     return model
-
-
-def glorot_normal(generator, fan_in, fan_out):
-    """Keras GlorotNormal: truncated normal (redraw beyond 2 sd), sd = sqrt(2/(in+out)) / 0.8796."""
-    scale = np.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978
-    values = generator.standard_normal((fan_in, fan_out))
-    outside = np.abs(values) > 2
-    while outside.any():
-        values[outside] = generator.standard_normal(outside.sum())
-        outside = np.abs(values) > 2
-    return values * scale
-
-
-def initial_task_head_params(input_dim, kinds, generators):
-    """Per model: GlorotNormal kernels, zero biases, BN gamma 1 / beta 0 / moving mean 0 / variance 1.
-
-    All kinds share one output width (13); a narrower head's extra output columns stay zero (they get
-    no gradient, so Adam leaves them at zero) and are dropped on export.
-    """
-    widths = (input_dim,) + TRUNK_UNITS
-    params, state = {}, {}
-    for layer in range(len(TRUNK_UNITS)):
-        params[f"kernel{layer + 1}"] = np.stack([glorot_normal(g, widths[layer], widths[layer + 1]) for g in generators])
-        params[f"bias{layer + 1}"] = np.zeros((len(generators), widths[layer + 1]))
-        params[f"gamma{layer + 1}"] = np.ones((len(generators), widths[layer + 1]))
-        params[f"beta{layer + 1}"] = np.zeros((len(generators), widths[layer + 1]))
-        state[f"moving_mean{layer + 1}"] = np.zeros((len(generators), widths[layer + 1]))
-        state[f"moving_variance{layer + 1}"] = np.ones((len(generators), widths[layer + 1]))
-    output_kernel = np.zeros((len(generators), TRUNK_UNITS[-1], OUTPUT_UNITS))
-    for model, (generator, kind) in enumerate(zip(generators, kinds)):
-        units = HEAD_KINDS[kind]["units"]
-        output_kernel[model, :, :units] = glorot_normal(generator, TRUNK_UNITS[-1], units)
-    params["kernel_out"] = output_kernel
-    params["bias_out"] = np.zeros((len(generators), OUTPUT_UNITS))
-    return ({k: v.astype(np.float32) for k, v in params.items()},
-            {k: v.astype(np.float32) for k, v in state.items()})
-
-
-def task_head_forward(params, state, x, valid, training):
-    """Stacked forward pass: x (M, B, D) -> output pre-activations (M, B, 13) and updated BN statistics.
-
-    Training mode normalises with the mean and biased variance of the valid samples of each model's
-    batch and moves the statistics like Keras (momentum 0.99); inference uses the moving statistics.
-    """
-    weight = tf.cast(valid, tf.float32)[:, :, None]
-    count = tf.maximum(tf.reduce_sum(weight, axis=1, keepdims=True), 1.0)
-    new_state = dict(state)
-    hidden = x
-    for layer in range(1, len(TRUNK_UNITS) + 1):
-        hidden = tf.nn.relu(tf.einsum("mbd,mde->mbe", hidden, params[f"kernel{layer}"])
-                            + params[f"bias{layer}"][:, None, :])
-        if training:
-            mean = tf.reduce_sum(hidden * weight, axis=1, keepdims=True) / count
-            variance = tf.reduce_sum(tf.square(hidden - mean) * weight, axis=1, keepdims=True) / count
-            new_state[f"moving_mean{layer}"] = (state[f"moving_mean{layer}"] * BN_MOMENTUM
-                                                + mean[:, 0] * (1 - BN_MOMENTUM))
-            new_state[f"moving_variance{layer}"] = (state[f"moving_variance{layer}"] * BN_MOMENTUM
-                                                    + variance[:, 0] * (1 - BN_MOMENTUM))
-        else:
-            mean = state[f"moving_mean{layer}"][:, None, :]
-            variance = state[f"moving_variance{layer}"][:, None, :]
-        hidden = ((hidden - mean) * tf.math.rsqrt(variance + BN_EPSILON) * params[f"gamma{layer}"][:, None, :]
-                  + params[f"beta{layer}"][:, None, :])
-    outputs = tf.einsum("mbd,mde->mbe", hidden, params["kernel_out"]) + params["bias_out"][:, None, :]
-    return outputs, new_state
 
 
 def task_head_loss(kind, outputs, target, valid):
@@ -250,9 +155,80 @@ def task_head_loss(kind, outputs, target, valid):
     return tf.reduce_sum(per_sample * weight, axis=1) / tf.maximum(tf.reduce_sum(weight, axis=1), 1.0)
 
 
+def task_metrics(kind, predictions, target):
+    """The paper's test metrics of one head: acc / weighted f1, or MSE / R^2 (uniform average)."""
+    from sklearn.metrics import accuracy_score, f1_score, mean_squared_error, r2_score
+
+    if kind == "class":
+        truth, predicted = target.argmax(axis=1), predictions.argmax(axis=1)
+        return {
+            "acc": float(accuracy_score(truth, predicted)),
+            "f1": float(f1_score(truth, predicted, average="weighted", zero_division=0)),
+        }
+    suffix = "feat" if kind == "boxfeat" else "loc"
+    return {
+        f"mse_{suffix}": float(mean_squared_error(target, predictions)),
+        f"r2_{suffix}": float(r2_score(target, predictions)),
+    }
+
+
+# ---- the fast twin: many task heads in one graph ----
+
+
+def initial_task_head_params(input_dim, kinds, generators):
+    """Per model: GlorotNormal kernels, zero biases, BN gamma 1 / beta 0 / moving mean 0 / variance 1.
+
+    All kinds share one output width (13); a narrower head's extra output columns stay zero (they get
+    no gradient, so Adam leaves them at zero) and are dropped on export.
+    """
+    widths = (input_dim, *TRUNK_UNITS)
+    params, state = {}, {}
+    for layer in range(1, len(TRUNK_UNITS) + 1):
+        fan_in, fan_out = widths[layer - 1], widths[layer]
+        params[f"kernel{layer}"] = np.stack(
+            [stacked_training.glorot_normal(g, fan_in, fan_out) for g in generators]
+        )
+        params[f"bias{layer}"] = np.zeros((len(generators), fan_out))
+        bn_params, bn_state = stacked_training.batch_norm_initial(len(generators), fan_out)
+        params.update({f"{name}{layer}": value for name, value in bn_params.items()})
+        state.update({f"{name}{layer}": value for name, value in bn_state.items()})
+    output_kernel = np.zeros((len(generators), TRUNK_UNITS[-1], OUTPUT_UNITS))
+    for model, (generator, kind) in enumerate(zip(generators, kinds, strict=True)):
+        units = HEAD_KINDS[kind]["units"]
+        output_kernel[model, :, :units] = stacked_training.glorot_normal(generator, TRUNK_UNITS[-1], units)
+    params["kernel_out"] = output_kernel
+    params["bias_out"] = np.zeros((len(generators), OUTPUT_UNITS))
+    as_float32 = lambda arrays: {k: v.astype(np.float32) for k, v in arrays.items()}  # noqa: E731
+    return as_float32(params), as_float32(state)
+
+
+def task_head_forward(params, state, x, valid, training):
+    """Stacked `build_task_head`: x `(M, B, D)` -> output pre-activations `(M, B, 13)` and BN statistics.
+
+    The fast twin of `build_task_head` trained by Keras: tests/test_igarss_exp2.py
+    (test_stacked_training_equals_keras_one_by_one_and_exports_exactly) proves them equal.
+    """
+    weight = tf.cast(valid, tf.float32)[:, :, None]
+    count = tf.maximum(tf.reduce_sum(weight, axis=1, keepdims=True), 1.0)
+    new_state = dict(state)
+    hidden = x
+    for layer in range(1, len(TRUNK_UNITS) + 1):
+        hidden = tf.nn.relu(
+            tf.einsum("mbd,mde->mbe", hidden, params[f"kernel{layer}"]) + params[f"bias{layer}"][:, None, :]
+        )
+        moving = (state[f"moving_mean{layer}"], state[f"moving_variance{layer}"])
+        hidden, moving = stacked_training.masked_batch_norm(
+            hidden, weight, count, moving, params[f"gamma{layer}"], params[f"beta{layer}"], training,
+            BN_MOMENTUM, BN_EPSILON,
+        )  # fmt: skip
+        new_state[f"moving_mean{layer}"], new_state[f"moving_variance{layer}"] = moving
+    outputs = tf.einsum("mbd,mde->mbe", hidden, params["kernel_out"]) + params["bias_out"][:, None, :]
+    return outputs, new_state
+
+
 def head_predictions(kind, outputs):
     """Turn pre-activations (N, 13) of one head into its Keras outputs (softmax or sigmoid)."""
-    outputs = outputs[:, :HEAD_KINDS[kind]["units"]].astype(np.float64)
+    outputs = outputs[:, : HEAD_KINDS[kind]["units"]].astype(np.float64)
     if kind == "class":
         exponent = np.exp(outputs - outputs.max(axis=1, keepdims=True))
         return exponent / exponent.sum(axis=1, keepdims=True)
@@ -270,44 +246,15 @@ def export_task_head(params, state, index, kind, input_dim, path, learning_rate,
     model = models[(kind, input_dim)]
     units = HEAD_KINDS[kind]["units"]
     for layer in range(1, len(TRUNK_UNITS) + 1):
-        model.get_layer(f"dense{layer}").set_weights([params[f"kernel{layer}"][index], params[f"bias{layer}"][index]])
-        model.get_layer(f"bn{layer}").set_weights([params[f"gamma{layer}"][index], params[f"beta{layer}"][index],
-                                                   state[f"moving_mean{layer}"][index],
-                                                   state[f"moving_variance{layer}"][index]])
-    model.get_layer("output").set_weights([params["kernel_out"][index][:, :units], params["bias_out"][index][:units]])
+        dense = [params[f"kernel{layer}"][index], params[f"bias{layer}"][index]]
+        model.get_layer(f"dense{layer}").set_weights(dense)
+        norm = [params[f"gamma{layer}"][index], params[f"beta{layer}"][index]]
+        norm += [state[f"moving_mean{layer}"][index], state[f"moving_variance{layer}"][index]]
+        model.get_layer(f"bn{layer}").set_weights(norm)
+    output = [params["kernel_out"][index][:, :units], params["bias_out"][index][:units]]
+    model.get_layer("output").set_weights(output)
     atomic.save_keras(model, path)
     return model
-
-
-def task_metrics(kind, predictions, target):
-    """The spec's test metrics of one head: acc / weighted f1, or MSE / R^2 (uniform average)."""
-    from sklearn.metrics import accuracy_score, f1_score, mean_squared_error, r2_score
-
-    if kind == "class":
-        truth, predicted = target.argmax(axis=1), predictions.argmax(axis=1)
-        return {"acc": float(accuracy_score(truth, predicted)),
-                "f1": float(f1_score(truth, predicted, average="weighted", zero_division=0))}
-    suffix = "feat" if kind == "boxfeat" else "loc"
-    return {f"mse_{suffix}": float(mean_squared_error(target, predictions)),
-            f"r2_{suffix}": float(r2_score(target, predictions))}
-
-
-# ---- training many heads at once ----
-
-class TaskHeadStack(StackedModels):
-    """StackedModels whose validation pass is one forward over each model's whole validation list.
-
-    In inference mode the loss is per sample, so the mean over the list equals Keras's batch-weighted
-    mean over 32-sample batches; one pass avoids padding 9 validation samples to 32.
-    """
-
-    validation_padding = 1
-
-    def _mean_loss(self, index, counts, params, state):
-        valid = tf.range(tf.shape(index)[1])[None, :] < counts[:, None]
-        batch = self._gather(index)
-        outputs, _ = self.forward(params, state, batch["x"], valid, False)
-        return self.loss(outputs, batch, valid)
 
 
 def sources_for(args, command):
@@ -315,8 +262,8 @@ def sources_for(args, command):
     sources = []
     for method in args.methods:
         tag = awir.method_tag(method, args.top_percent, args.random_percent)
-        sources.append({"method": tag, "exp1_tag": None if method == "base" else tag, "exp1_subdir": "",
-                        "command": command})
+        exp1_tag = None if method == "base" else tag
+        sources.append({"method": tag, "exp1_tag": exp1_tag, "exp1_subdir": "", "command": command})
     return sources
 
 
@@ -330,8 +277,11 @@ def load_inputs(data, sources, embedding_names, folds, results_dir):
                 if source["exp1_tag"] is None:
                     inputs[(name, source["method"], fold)] = embedding
                 else:
-                    path = exp1_head_path(results_dir, name, source["exp1_tag"], fold, source["exp1_subdir"])
-                    inputs[(name, source["method"], fold)] = project_with_exp1_head(path, embedding, source["command"])
+                    path = awir.exp1_head_path(
+                        results_dir, name, source["exp1_tag"], fold, source["exp1_subdir"]
+                    )
+                    projection = awir.project_with_exp1_head(path, embedding, source["command"])
+                    inputs[(name, source["method"], fold)] = projection
     return inputs
 
 
@@ -344,7 +294,7 @@ def head_targets(data, fold, kind):
     else:
         target = data["box_location"]
     padded = np.zeros((len(target), OUTPUT_UNITS), np.float32)
-    padded[:, :target.shape[1]] = target
+    padded[:, : target.shape[1]] = target
     return padded
 
 
@@ -355,7 +305,7 @@ def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=
     compiled step. Returns best-validation params/state, test predictions and wall seconds.
     """
     heads = sorted(heads, key=lambda head: list(HEAD_KINDS).index(head["kind"]))
-    generators = [model_generator(args.seed, head["key"]) for head in heads]
+    generators = [stacked_training.model_generator(args.seed, head["key"]) for head in heads]
     input_dim = inputs[heads[0]["input"]].shape[1]
     params, state = initial_task_head_params(input_dim, [h["kind"] for h in heads], generators)
     groups = []
@@ -365,34 +315,43 @@ def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=
             groups.append((kind, members[0], members[-1] + 1))
 
     def stacked_loss(outputs, batch, valid):
-        return tf.concat([task_head_loss(kind, outputs[start:stop], batch["target"][start:stop], valid[start:stop])
-                          for kind, start, stop in groups], axis=0)
+        return tf.concat(
+            [task_head_loss(kind, outputs[a:b], batch["target"][a:b], valid[a:b]) for kind, a, b in groups],
+            axis=0,
+        )
 
-    per_model = {"x": np.stack([inputs[head["input"]] for head in heads]).astype(np.float32),
-                 "target": np.stack([head_targets(data, head["fold"], head["kind"]) for head in heads])}
-    stack = TaskHeadStack(params, task_head_forward, stacked_loss, {}, per_model, state=state,
-                          learning_rate=args.learning_rate, batch_size=args.batch_size,
-                          model_keys=[head["key"] for head in heads])
-
-    chunk_seconds = []
-
-    def progress(done, total, seconds, train_loss, val_loss):
-        chunk_seconds.append(seconds)
-        print(f"  {progress_label} epoch {done}/{total}  {seconds:6.1f}s  mean train loss "
-              f"{train_loss.mean():.4f}  mean val loss {val_loss.mean():.4f}", flush=True)
-
-    train_lists = [data["folds"][head["fold"] - 1][0] for head in heads]
-    val_lists = [data["folds"][head["fold"] - 1][1] for head in heads]
+    per_model = {
+        "x": np.stack([inputs[head["input"]] for head in heads]).astype(np.float32),
+        "target": np.stack([head_targets(data, head["fold"], head["kind"]) for head in heads]),
+    }
+    stack = stacked_training.OnePassValidationStack(
+        params,
+        task_head_forward,
+        stacked_loss,
+        {},
+        per_model,
+        state=state,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        model_keys=[head["key"] for head in heads],
+    )
+    train_lists, val_lists = stacked_training.fold_index_lists(data["folds"], heads)
     started = time.perf_counter()
     # One compiled chunk of up to 500 epochs is reused for every later chunk of the same length.
-    stack.fit(train_lists, val_lists, args.epochs, generators,
-              chunk_epochs=chunk_epochs or max(1, min(500, args.epochs)), progress=progress)
+    chunk_epochs = chunk_epochs or max(1, min(500, args.epochs))
+    progress = stacked_training.progress_printer(progress_label)
+    stack.fit(train_lists, val_lists, args.epochs, generators, chunk_epochs=chunk_epochs, progress=progress)
     seconds = time.perf_counter() - started
     best_params, best_state = stack.best()
-    test_outputs = stack.predict(per_model["x"][:, data["test"]])
-    return {"heads": heads, "params": best_params, "state": best_state, "test_outputs": test_outputs,
-            "input_dim": input_dim, "best_val_loss": stack.best_val_loss.numpy(), "seconds": seconds,
-            "chunk_seconds": chunk_seconds}
+    return {
+        "heads": heads,
+        "params": best_params,
+        "state": best_state,
+        "test_outputs": stack.predict(per_model["x"][:, data["test"]]),
+        "input_dim": input_dim,
+        "best_val_loss": stack.best_val_loss.numpy(),
+        "seconds": seconds,
+    }
 
 
 def train_task_job(job, data, args):
@@ -409,75 +368,80 @@ def plan_jobs(units, inputs, workers):
             # Each head's random stream (initialisation, batch order) depends only on its identity.
             key = unit["key"] * 10 + list(HEAD_KINDS).index(kind)
             stacks.setdefault((unit["embedding"], width), []).append(dict(unit, kind=kind, key=key))
-    jobs = []
-    for (name, width), heads in stacks.items():
-        folds = sorted({head["fold"] for head in heads})
-        parts = max(1, min(workers, len(folds)))
-        for part in range(parts):
-            members = [head for head in heads if folds.index(head["fold"]) % parts == part]
-            jobs.append({"heads": members, "label": f"{name}/{width}d[{part + 1}/{parts}]",
-                         "cost": (width + 40) * len(members)})
-    return sorted(jobs, key=lambda job: -job["cost"])
+    return stacked_training.split_into_stacks(
+        stacks, workers, cost=lambda group: group[1] + 40, label=lambda group: f"{group[0]}/{group[1]}d"
+    )
 
 
-def check_previous_run(config_path, args, overwrite):
-    """Refuse to mix heads trained with other arguments into this run's outputs."""
-    return runs.check_same_settings(config_path, {key: getattr(args, key) for key in TRAINING_KEYS}, overwrite,
-                                  "existing task heads", hint=awir.RESUME_HINT)
+# ---- running the protocol ----
+
+
+def units_to_train(args, sources, results_dir):
+    """(embedding, source, fold) units without finished metrics; each becomes three task heads."""
+    units = []
+    for embedding_index, name in enumerate(args.embeddings):
+        for source_index, source in enumerate(sources):
+            for fold in args.folds:
+                finished = metrics_path(results_dir, name, source["method"], fold).with_suffix(".json")
+                if finished.exists() and not args.overwrite:
+                    continue
+                key = embedding_index * 100000 + source_index * 100 + fold
+                unit = {"embedding": name, "method": source["method"], "fold": fold, "source": source}
+                units.append(dict(unit, input=(name, source["method"], fold), key=key))
+    skipped = len(args.embeddings) * len(sources) * len(args.folds) - len(units)
+    if skipped:
+        print(f"reusing {skipped} finished (embedding, method, fold) task-head sets (--overwrite retrains)")
+    return units
+
+
+def record_heads(job, result, data, args, pending, keras_models):
+    """Export a finished stack's heads, evaluate them and write each completed unit's metrics."""
+    # The joint wall time is divided evenly over the heads trained together (README: igarss_exp2.py).
+    seconds_per_head = result["seconds"] / len(result["heads"])
+    for index, head in enumerate(result["heads"]):
+        kind, unit = head["kind"], (head["embedding"], head["method"], head["fold"])
+        path = task_head_path(args.results_dir, *unit[:2], kind, head["fold"])
+        state = result["state"]
+        export_task_head(
+            result["params"], state, index, kind, result["input_dim"], path, args.learning_rate, keras_models
+        )
+        target = head_targets(data, head["fold"], kind)[data["test"], : HEAD_KINDS[kind]["units"]]
+        predictions = head_predictions(kind, result["test_outputs"][index])
+        unit_metrics = pending.setdefault(unit, {})
+        unit_metrics.update(task_metrics(kind, predictions, target))
+        unit_metrics[HEAD_KINDS[kind]["time"]] = round(seconds_per_head, 4)
+        unit_metrics[f"{kind}_best_val_loss"] = float(result["best_val_loss"][index])
+        if all(HEAD_KINDS[k]["time"] in unit_metrics for k in HEAD_KINDS):
+            write_metrics(args.results_dir, *unit, unit_metrics)
+    print(stacked_training.finished_line(job, result, args.epochs))
 
 
 def run_task_heads(data, sources, args, config_name="exp2_config.json"):
     """Train, export and evaluate the task heads of every (embedding, source, fold) not yet finished."""
     results_dir = Path(args.results_dir)
     config_path = results_dir / "trained_models" / "exp2_task_heads" / config_name
-    training_config = check_previous_run(config_path, args, args.overwrite)
-    units = []
-    for embedding_index, name in enumerate(args.embeddings):
-        for source_index, source in enumerate(sources):
-            for fold in args.folds:
-                if metrics_path(results_dir, name, source["method"], fold).with_suffix(".json").exists() \
-                        and not args.overwrite:
-                    continue
-                units.append({"embedding": name, "method": source["method"], "fold": fold,
-                              "input": (name, source["method"], fold), "source": source,
-                              "key": embedding_index * 100000 + source_index * 100 + fold})
-    skipped = len(args.embeddings) * len(sources) * len(args.folds) - len(units)
-    if skipped:
-        print(f"reusing {skipped} finished (embedding, method, fold) task-head sets (--overwrite retrains them)")
+    training_config = runs.check_same_settings(
+        config_path, runs.settings_of(args, TRAINING_KEYS), args.overwrite, "existing task heads",
+        hint=awir.RESUME_HINT,
+    )  # fmt: skip
+    units = units_to_train(args, sources, results_dir)
     if not units:
         return
     needed = sorted({(unit["embedding"], unit["method"]) for unit in units})
-    inputs = load_inputs(data, [s for s in sources if any(s["method"] == m for _, m in needed)],
-                         sorted({n for n, _ in needed}), sorted({u["fold"] for u in units}), results_dir)
+    needed_sources = [s for s in sources if any(s["method"] == m for _, m in needed)]
+    folds = sorted({u["fold"] for u in units})
+    inputs = load_inputs(data, needed_sources, sorted({n for n, _ in needed}), folds, results_dir)
     atomic.write_json(config_path, training_config)
     jobs = plan_jobs(units, inputs, args.workers)
-    print(f"# ---- train: {sum(len(j['heads']) for j in jobs)} task heads in {len(jobs)} stacks on "
-          f"{args.workers} worker(s), {args.epochs} epochs ----")
-    pending, keras_models = {}, {}
-
-    def finished(job, result):
-        # The joint wall time is divided evenly over the heads trained together (spec: Timings).
-        seconds_per_head = result["seconds"] / len(result["heads"])
-        for index, head in enumerate(result["heads"]):
-            path = task_head_path(results_dir, head["embedding"], head["method"], head["kind"], head["fold"])
-            export_task_head(result["params"], result["state"], index, head["kind"], result["input_dim"], path,
-                             args.learning_rate, keras_models)
-            # ---- evaluate ----
-            target = head_targets(data, head["fold"], head["kind"])[data["test"], :HEAD_KINDS[head["kind"]]["units"]]
-            predictions = head_predictions(head["kind"], result["test_outputs"][index])
-            unit_metrics = pending.setdefault((head["embedding"], head["method"], head["fold"]), {})
-            unit_metrics.update(task_metrics(head["kind"], predictions, target))
-            unit_metrics[HEAD_KINDS[head["kind"]]["time"]] = round(seconds_per_head, 4)
-            unit_metrics[f"{head['kind']}_best_val_loss"] = float(result["best_val_loss"][index])
-            if all(HEAD_KINDS[k]["time"] in unit_metrics for k in HEAD_KINDS):
-                write_metrics(results_dir, head["embedding"], head["method"], head["fold"], unit_metrics)
-        print(f"  {job['label']}: {len(result['heads'])} heads in {result['seconds']:.1f}s "
-              f"({1e3 * result['seconds'] / (len(result['heads']) * args.epochs):.3f} ms per head-epoch)")
-
+    print(
+        f"# ---- train: {sum(len(j['heads']) for j in jobs)} task heads in {len(jobs)} stacks on "
+        f"{args.workers} worker(s), {args.epochs} epochs ----"
+    )
     for job in jobs:
         job["inputs"] = {head["input"]: inputs[head["input"]] for head in job["heads"]}
-    seconds = run_side_by_side(jobs, functools.partial(train_task_job, data=data, args=args), finished,
-                               args.workers, args.deterministic)
+    record = functools.partial(record_heads, data=data, args=args, pending={}, keras_models={})
+    run = functools.partial(train_task_job, data=data, args=args)
+    seconds = stacked_training.run_side_by_side(jobs, run, record, args.workers, args.deterministic)
     print(f"  all stacks done in {seconds:.1f}s")
 
 
@@ -490,7 +454,7 @@ def write_metrics(results_dir, embedding, method, fold, values):
 
 
 def read_metrics(results_dir, embedding, method, folds):
-    """Per-fold metrics from the .json twins (never unpickled); None for folds not finished."""
+    """Per-fold metrics from the .json twins (never unpickled); folds not finished are left out."""
     rows = []
     for fold in folds:
         path = metrics_path(results_dir, embedding, method, fold).with_suffix(".json")
@@ -498,15 +462,16 @@ def read_metrics(results_dir, embedding, method, folds):
             try:
                 rows.append(json.loads(path.read_text()))
             except ValueError as error:
-                raise InputError(path, f"is not valid JSON ({error})", "the metrics twin igarss_exp2.py writes; "
-                                 "delete it to retrain that fold") from None
+                expected = "the metrics twin igarss_exp2.py writes; delete it to retrain that fold"
+                raise InputError(path, f"is not valid JSON ({error})", expected) from None
     return rows
 
 
 # ---- the paper's table ----
 
+
 def summarise(results_dir, embedding_names, methods, folds):
-    """Mean and std over folds per embedding x method: the rows of summary.csv / summary.md."""
+    """Mean and population std over folds per embedding x method: the rows of summary.csv / summary.md."""
     rows = []
     for name in embedding_names:
         for method in methods:
@@ -515,9 +480,8 @@ def summarise(results_dir, embedding_names, methods, folds):
                 continue
             row = {"embedding": name, "method": method, "folds": len(per_fold)}
             for metric in METRICS + TIME_METRICS:
-                values = np.array([fold_metrics[metric] for fold_metrics in per_fold], np.float64)
-                row[f"{metric}_mean"] = float(values.mean())
-                row[f"{metric}_std"] = float(values.std())
+                values = [fold_metrics[metric] for fold_metrics in per_fold]
+                row[f"{metric}_mean"], row[f"{metric}_std"] = reports.mean_std(values, ddof=0)
             rows.append(row)
     return rows
 
@@ -530,7 +494,7 @@ def best_marks(rows):
         for metric in METRICS:
             values = [rows[i][f"{metric}_mean"] for i in members]
             best = min(values) if metric in LOWER_IS_BETTER else max(values)
-            marks.update((i, metric) for i, value in zip(members, values) if value == best)
+            marks.update((i, metric) for i, value in zip(members, values, strict=True) if value == best)
     return marks
 
 
@@ -538,107 +502,90 @@ def write_summary(rows, directory, prefix="summary"):
     """summary.csv (numbers), summary.md (readable table, best per embedding in bold), summary.png."""
     directory = Path(directory)
     grid = [key for key in ("top_percent", "random_percent") if rows and key in rows[0]]
-    columns = (["embedding", "method"] + grid + ["folds"]
-               + [f"{m}_{s}" for m in METRICS + TIME_METRICS for s in ("mean", "std")])
-    atomic.write_csv(directory / f"{prefix}.csv", rows, columns)
+    columns = ["embedding", "method", *grid, "folds"]
+    columns += [f"{m}_{s}" for m in METRICS + TIME_METRICS for s in ("mean", "std")]
     marks = best_marks(rows)
-    lines = ["# TG-MATL experiment 2: task heads on the fixed test set",
-             "",
-             "Mean +- std over folds. Best per embedding in **bold** (highest acc / f1 / R^2, lowest MSE).",
-             "",
-             "| embedding | method | folds | " + " | ".join(METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+    table = []
     for index, row in enumerate(rows):
-        cells = []
-        for metric in METRICS:
-            cell = f"{row[f'{metric}_mean']:.4f} +- {row[f'{metric}_std']:.4f}"
-            cells.append(f"**{cell}**" if (index, metric) in marks else cell)
-        lines.append(f"| {row['embedding']} | {row['method']} | {row['folds']} | " + " | ".join(cells) + " |")
-    atomic.write_text(directory / f"{prefix}.md", "\n".join(lines) + "\n")
+        cells = [reports.format_mean_std(row[f"{metric}_mean"], row[f"{metric}_std"]) for metric in METRICS]
+        cells = [
+            f"**{cell}**" if (index, metric) in marks else cell
+            for cell, metric in zip(cells, METRICS, strict=True)
+        ]
+        table.append([row["embedding"], row["method"], row["folds"], *cells])
+    markdown = (
+        "# TG-MATL experiment 2: task heads on the fixed test set\n\n"
+        "Mean +- std over folds. Best per embedding in **bold** (highest acc / f1 / R^2, lowest MSE).\n\n"
+        + reports.markdown_table(["embedding", "method", "folds", *METRICS], table)
+    )
+    reports.write_table(directory / prefix, rows, columns, markdown)
     plot_summary(rows, directory / f"{prefix}.png")
 
 
 def plot_summary(rows, path):
     """Bar chart of acc / r2_feat / r2_loc per method, grouped by embedding, with fold std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     embeddings = sorted({row["embedding"] for row in rows})
     methods = list(dict.fromkeys(row["method"] for row in rows))
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    width = 0.8 / max(len(methods), 1)
-    for axis, metric in zip(axes, ("acc", "r2_feat", "r2_loc")):
-        for offset, method in enumerate(methods):
-            means, stds, positions = [], [], []
-            for position, name in enumerate(embeddings):
-                match = [row for row in rows if row["embedding"] == name and row["method"] == method]
-                if match:
-                    means.append(match[0][f"{metric}_mean"])
-                    stds.append(match[0][f"{metric}_std"])
-                    positions.append(position + (offset - (len(methods) - 1) / 2) * width)
-            axis.bar(positions, means, width, yerr=stds, label=method, capsize=2)
-        axis.set_xticks(range(len(embeddings)), embeddings)
+    by_key = {(row["embedding"], row["method"]): row for row in rows}
+    figure, axes = plots.pyplot().subplots(1, 3, figsize=(15, 4))
+    for axis, metric in zip(axes, ("acc", "r2_feat", "r2_loc"), strict=True):
+        series = {}
+        for method in methods:
+            found = [by_key.get((name, method)) for name in embeddings]
+            means = [row[f"{metric}_mean"] if row else np.nan for row in found]
+            series[method] = (means, [row[f"{metric}_std"] if row else np.nan for row in found])
+        plots.grouped_bars(axis, embeddings, series)
         axis.set_title(metric)
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.tight_layout()
-    atomic.save_figure(figure, path)
-    plt.close(figure)
+    plots.save(figure, path)
 
 
-def demo_inputs(args, script="igarss_exp2"):
-    """The synthetic dataset of `igarss_exp1.py --demo`, regenerated from the same seed (identical data,
-    so the folds file and the exp1 heads apply)."""
-    demo_dir = Path(args.results_dir) / "demo_data" / script
-    return awir.make_demo_data(demo_dir, seed=args.seed)
+def exp1_command(script, args):
+    """The command that writes the exp1 heads this run reads (named in errors about missing heads)."""
+    command = f"python {script}" + (" --demo" if args.demo else "")
+    return command + (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
 
 
-def checked_folds(folds):
-    bad_folds = [fold for fold in folds if not 1 <= fold <= awir.NUM_FOLDS]
-    if bad_folds:
-        raise InputError("--folds", f"has {bad_folds}", f"fold numbers in 1..{awir.NUM_FOLDS}")
-    return sorted(set(folds))
+def report_methods(rows, methods, args):
+    """One summary line per method: fold means averaged over the embeddings."""
+    report = {}
+    for method in methods:
+        members = [row for row in rows if row["method"] == method]
+        values = report[method] = {m: float(np.mean([row[f"{m}_mean"] for row in members])) for m in METRICS}
+        print(
+            f"summary: {method} acc {values['acc']:.3f} f1 {values['f1']:.3f} r2_feat {values['r2_feat']:.3f}"
+            f" r2_loc {values['r2_loc']:.3f} (mean over {len(members)} embeddings x {len(args.folds)} folds)"
+        )
+    return report
 
 
 @cli_entry
 def main(args):
     runs.seed_everything(args.seed, args.deterministic)
-    command = "python igarss_exp1.py" + (" --demo" if args.demo else "") + \
-        (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
     if args.demo:
-        args.data, args.embeddings_dir = demo_inputs(args)
-        # Demo: fewer epochs with a 30x learning rate, so the heads converge in about a minute.
-        if args.epochs == get_args_parser().get_default("epochs"):
-            args.epochs = 100
-        if args.learning_rate == get_args_parser().get_default("learning_rate"):
-            args.learning_rate = 3e-3
-    args.folds = checked_folds(args.folds)
+        args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp2")
+    args.folds = awir.checked_folds(args.folds)
     runs.print_args(args)
 
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)
-    print(f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {args.folds}, "
-          f"steps per epoch {int(np.ceil(max(len(t) for t, _ in data['folds']) / args.batch_size))}, "
-          f"task heads {3 * len(args.embeddings) * len(args.methods) * len(args.folds)}")
-    sources = sources_for(args, command)
+    print(
+        f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {args.folds}, "
+        f"steps per epoch {int(np.ceil(max(len(t) for t, _ in data['folds']) / args.batch_size))}, "
+        f"task heads {3 * len(args.embeddings) * len(args.methods) * len(args.folds)}"
+    )
+    sources = sources_for(args, exp1_command("igarss_exp1.py", args))
 
-    # ---- model + train + evaluate ----
+    # ---- train ----
     run_task_heads(data, sources, args)
 
-    # ---- summary ----
+    # ---- evaluate ----
     methods = [source["method"] for source in sources]
     rows = summarise(args.results_dir, args.embeddings, methods, args.folds)
     write_summary(rows, Path(args.results_dir) / "exp2_results")
-    report = {}
-    for method in methods:
-        members = [row for row in rows if row["method"] == method]
-        report[method] = {metric: float(np.mean([row[f"{metric}_mean"] for row in members])) for metric in METRICS}
-        print(f"summary: {method} acc {report[method]['acc']:.3f} f1 {report[method]['f1']:.3f} "
-              f"r2_feat {report[method]['r2_feat']:.3f} r2_loc {report[method]['r2_loc']:.3f} "
-              f"(mean over {len(members)} embeddings x {len(args.folds)} folds)")
-    return report
+    return report_methods(rows, methods, args)
 
 
 if __name__ == "__main__":

@@ -23,15 +23,18 @@ line each for acc, r2_feat and r2_loc naming the best grid point (fold means, th
     summary: best r2_feat <value> at top_percent <T> random_percent <R> (mean over 3 embeddings x 8 folds)
 """
 
-import argparse
+import os
 import re
 from pathlib import Path
+
+# fmt: off
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
+# fmt: on
 
 import numpy as np
 
 import igarss_exp2
-from common import awir
-from common import atomic, runs
+from common import awir, cli, plots, runs
 from common.errors import InputError, cli_entry
 
 TOP_PERCENTS = (0.40, 0.50, 0.60, 0.70)
@@ -40,15 +43,24 @@ HEATMAP_METRICS = ("acc", "f1", "r2_feat", "r2_loc", "mse_feat", "mse_loc")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("TG-MATL experiment 2 over the exp1 sweep grid", add_help=True)
-    igarss_exp2.add_task_head_arguments(parser)
-    parser.add_argument("--top_percents", type=float, nargs="+", default=list(TOP_PERCENTS),
-                        help="top_percent values of the exp1 sweep (paper grid: 0.40 0.50 0.60 0.70).")
-    parser.add_argument("--random_percents", type=float, nargs="+", default=list(RANDOM_PERCENTS),
-                        help="random_percent values of the exp1 sweep (paper grid: 0.05 ... 0.30).")
-    parser.add_argument("--demo", action="store_true",
-                        help="Use the synthetic dataset of `igarss_exp1_sweep.py --demo` (same seed), the grid "
-                             "points it trained, and 100 epochs at learning rate 3e-3 (unless given).")
+    parser = cli.Parser("TG-MATL experiment 2 over the exp1 sweep grid")
+    igarss_exp2.add_task_head_arguments(
+        parser, "(the data of `igarss_exp1_sweep.py --demo`, same seed, and the grid points it trained)."
+    )
+    parser.add_argument(
+        "--top_percents",
+        type=float,
+        nargs="+",
+        default=list(TOP_PERCENTS),
+        help="top_percent values of the exp1 sweep (paper grid: 0.40 0.50 0.60 0.70).",
+    )
+    parser.add_argument(
+        "--random_percents",
+        type=float,
+        nargs="+",
+        default=list(RANDOM_PERCENTS),
+        help="random_percent values of the exp1 sweep (paper grid: 0.05 ... 0.30).",
+    )
     return parser
 
 
@@ -62,38 +74,61 @@ def trained_grid(results_dir, embedding_names):
     found = None
     for name in embedding_names:
         folder = Path(results_dir) / "trained_models" / "exp1_emb_proj" / name
-        points = {(int(m.group(1)), int(m.group(2))) for d in folder.glob("tp*_rp*")
-                  if (m := re.fullmatch(r"tp(\d+)_rp(\d+)", d.name)) and any(d.glob("tg_matl_best_fold*.h5"))}
+        points = {
+            (int(m.group(1)), int(m.group(2)))
+            for d in folder.glob("tp*_rp*")
+            if (m := re.fullmatch(r"tp(\d+)_rp(\d+)", d.name)) and any(d.glob("tg_matl_best_fold*.h5"))
+        }
         found = points if found is None else found & points
     return sorted(found or [])
 
 
+def sweep_grid(args, command):
+    """The grid of this run: the points the demo's exp1 sweep trained, or the two flags' product."""
+    if not args.demo:
+        return [(t, r) for t in args.top_percents for r in args.random_percents]
+    grid = [(t / 100, r / 100) for t, r in trained_grid(args.results_dir, args.embeddings)]
+    if not grid:
+        raise InputError(
+            Path(args.results_dir) / "trained_models" / "exp1_emb_proj",
+            "holds no exp1 sweep models (tp*_rp*/tg_matl_best_fold*.h5)",
+            f"the models written by `{command}`; run it first",
+        )
+    return grid
+
+
 def sweep_sources(grid, command):
-    return [{"method": f"tg_matl_{config_dir(t, r)}", "exp1_tag": "tg_matl", "exp1_subdir": config_dir(t, r),
-             "command": command, "top_percent": t, "random_percent": r} for t, r in grid]
+    return [
+        {
+            "method": f"tg_matl_{config_dir(t, r)}",
+            "exp1_tag": "tg_matl",
+            "exp1_subdir": config_dir(t, r),
+            "command": command,
+            "top_percent": t,
+            "random_percent": r,
+        }
+        for t, r in grid
+    ]
 
 
 def plot_heatmaps(rows, sources, embedding_names, directory):
     """One PNG per metric: a top_percent x random_percent grid of fold means, one panel per embedding."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tops = sorted({s["top_percent"] for s in sources})
     randoms = sorted({s["random_percent"] for s in sources})
+    by_key = {(row["embedding"], row["method"]): row for row in rows}
     paths = []
     for metric in HEATMAP_METRICS:
-        figure, axes = plt.subplots(1, len(embedding_names), figsize=(4.5 * len(embedding_names), 3.8), squeeze=False)
-        for axis, name in zip(axes[0], embedding_names):
+        figure, axes = plots.pyplot().subplots(
+            1, len(embedding_names), figsize=(4.5 * len(embedding_names), 3.8), squeeze=False
+        )
+        for axis, name in zip(axes[0], embedding_names, strict=True):
             grid = np.full((len(tops), len(randoms)), np.nan)
             for source in sources:
-                match = [r for r in rows if r["embedding"] == name and r["method"] == source["method"]]
-                if match:
-                    grid[tops.index(source["top_percent"]), randoms.index(source["random_percent"])] = \
-                        match[0][f"{metric}_mean"]
-            image = axis.imshow(grid, cmap="viridis_r" if metric in igarss_exp2.LOWER_IS_BETTER else "viridis",
-                                aspect="auto")
+                if (name, source["method"]) in by_key:
+                    position = tops.index(source["top_percent"]), randoms.index(source["random_percent"])
+                    grid[position] = by_key[(name, source["method"])][f"{metric}_mean"]
+            colours = "viridis_r" if metric in igarss_exp2.LOWER_IS_BETTER else "viridis"
+            image = axis.imshow(grid, cmap=colours, aspect="auto")
             for (i, j), value in np.ndenumerate(grid):
                 if np.isfinite(value):
                     axis.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color="w")
@@ -104,66 +139,70 @@ def plot_heatmaps(rows, sources, embedding_names, directory):
             axis.set_title(f"{name}: {metric}")
             figure.colorbar(image, ax=axis)
         figure.tight_layout()
-        path = Path(directory) / f"sweep_heatmap_{metric}.png"
-        atomic.save_figure(figure, path)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(Path(directory) / f"sweep_heatmap_{metric}.png")
+        plots.save(figure, paths[-1])
     return paths
+
+
+def best_grid_points(rows, sources, args):
+    """Per metric, the grid point with the best mean over embeddings of the fold means."""
+    by_method = {s["method"]: s for s in sources}
+    report = {}
+    for metric in igarss_exp2.METRICS:
+        means = {
+            s["method"]: np.mean([r[f"{metric}_mean"] for r in rows if r["method"] == s["method"]])
+            for s in sources
+        }
+        pick = min if metric in igarss_exp2.LOWER_IS_BETTER else max
+        best = pick(means, key=means.get)
+        report[metric] = {
+            "value": float(means[best]),
+            "top_percent": by_method[best]["top_percent"],
+            "random_percent": by_method[best]["random_percent"],
+        }
+    for metric in ("acc", "r2_feat", "r2_loc"):
+        best = report[metric]
+        print(
+            f"summary: best {metric} {best['value']:.3f} at top_percent {best['top_percent']:.2f} "
+            f"random_percent {best['random_percent']:.2f} "
+            f"(mean over {len(args.embeddings)} embeddings x {len(args.folds)} folds)"
+        )
+    return report
 
 
 @cli_entry
 def main(args):
     runs.seed_everything(args.seed, args.deterministic)
-    command = "python igarss_exp1_sweep.py" + (" --demo" if args.demo else "") + \
-        (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
+    command = igarss_exp2.exp1_command("igarss_exp1_sweep.py", args)
     if args.demo:
-        args.data, args.embeddings_dir = igarss_exp2.demo_inputs(args, "igarss_exp2_sweep")
-        # Demo: fewer epochs with a 30x learning rate, so the heads converge in about a minute.
-        if args.epochs == get_args_parser().get_default("epochs"):
-            args.epochs = 100
-        if args.learning_rate == get_args_parser().get_default("learning_rate"):
-            args.learning_rate = 3e-3
-        grid = [(t / 100, r / 100) for t, r in trained_grid(args.results_dir, args.embeddings)]
-        if not grid:
-            raise InputError(Path(args.results_dir) / "trained_models" / "exp1_emb_proj",
-                             "holds no exp1 sweep models (tp*_rp*/tg_matl_best_fold*.h5)",
-                             f"the models written by `{command}`; run it first")
-    else:
-        grid = [(t, r) for t in args.top_percents for r in args.random_percents]
-    args.folds = igarss_exp2.checked_folds(args.folds)
+        args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp2_sweep")
+    grid = sweep_grid(args, command)
+    args.folds = awir.checked_folds(args.folds)
     runs.print_args(args)
 
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)
     sources = sweep_sources(grid, command)
-    print(f"samples {len(data['class_label'])}, test {len(data['test'])}, grid {len(grid)} points, "
-          f"task heads {3 * len(args.embeddings) * len(sources) * len(args.folds)}")
+    print(
+        f"samples {len(data['class_label'])}, test {len(data['test'])}, grid {len(grid)} points, "
+        f"task heads {3 * len(args.embeddings) * len(sources) * len(args.folds)}"
+    )
 
-    # ---- model + train + evaluate ----
+    # ---- train ----
     igarss_exp2.run_task_heads(data, sources, args, config_name="exp2_sweep_config.json")
 
-    # ---- summary ----
+    # ---- evaluate ----
     directory = Path(args.results_dir) / "exp2_results"
-    rows = igarss_exp2.summarise(args.results_dir, args.embeddings, [s["method"] for s in sources], args.folds)
+    rows = igarss_exp2.summarise(
+        args.results_dir, args.embeddings, [s["method"] for s in sources], args.folds
+    )
     by_method = {s["method"]: s for s in sources}
     for row in rows:
         row["top_percent"] = by_method[row["method"]]["top_percent"]
         row["random_percent"] = by_method[row["method"]]["random_percent"]
     igarss_exp2.write_summary(rows, directory, prefix="sweep_summary")
     plot_heatmaps(rows, sources, args.embeddings, directory)
-    report = {}
-    for metric in igarss_exp2.METRICS:
-        means = {s["method"]: np.mean([r[f"{metric}_mean"] for r in rows if r["method"] == s["method"]])
-                 for s in sources}
-        pick = min if metric in igarss_exp2.LOWER_IS_BETTER else max
-        best = pick(means, key=means.get)
-        report[metric] = {"value": float(means[best]), "top_percent": by_method[best]["top_percent"],
-                          "random_percent": by_method[best]["random_percent"]}
-    for metric in ("acc", "r2_feat", "r2_loc"):
-        best = report[metric]
-        print(f"summary: best {metric} {best['value']:.3f} at top_percent {best['top_percent']:.2f} random_percent "
-              f"{best['random_percent']:.2f} (mean over {len(args.embeddings)} embeddings x {len(args.folds)} folds)")
-    return report
+    return best_grid_points(rows, sources, args)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 """TG-MATL data protocol shared by the four igarss scripts: loading, box targets, clusters, folds.
 
-Everything follows the TG-MATL spec: `data.npz` holds `class_label` (N,) in {0,1,2} and `box_label`
-(N,4) pixel boxes `[xmin, xmax, ymin, ymax]` in 300x300 images; the foundation-model embeddings are
-`embeddings/awir_{clip,dinov2,mae}_emb.npy`. One fold protocol (a fixed stratified test set and 8
-stratified folds of the remaining pool, stratified by class x box cluster) is computed once, saved
-to `results/splits/folds_test{test_size}.json`, and reused by every script.
+As in the paper's reference code (README: igarss_exp1.py): `data.npz` holds `class_label` (N,)
+in {0,1,2} and `box_label` (N,4) pixel boxes `[xmin, xmax, ymin, ymax]` in 300x300 images; the
+foundation-model embeddings are `embeddings/awir_{clip,dinov2,mae}_emb.npy`. One fold protocol (a
+fixed stratified test set and 8 stratified folds of the remaining pool, stratified by class x box
+cluster) is computed once, saved to `results/splits/folds_test{test_size}.json`, and reused by
+every script.
 """
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from common import atomic
+from common import atomic, cli
 from common.errors import InputError, require, require_file, require_finite
 
 IMAGE_SIZE = 300
@@ -120,7 +122,64 @@ def load_labels(data_path):
     return class_label, box_label
 
 
-# What to do when earlier TG-MATL outputs were made with other arguments.
+def add_protocol_arguments(parser, demo_help: str) -> None:
+    """The flags of the four igarss scripts: inputs, the fold protocol, training, run control, --demo."""
+    parser.add_argument(
+        "--data",
+        default="data.npz",
+        help="data.npz with class_label (N,) and box_label (N,4) [xmin,xmax,ymin,ymax].",
+    )
+    parser.add_argument(
+        "--embeddings_dir",
+        default="embeddings",
+        help="Folder of awir_{clip,dinov2,mae}_emb.npy, (N, D).",
+    )
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        default=list(EMBEDDING_NAMES),
+        choices=EMBEDDING_NAMES,
+        help="Which foundation embeddings to use.",
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="Mini-batch size (paper: 32).")
+    parser.add_argument(
+        "--test_size",
+        type=float,
+        default=0.7,
+        help="Fraction held out as the fixed test set (paper: 0.7, i.e. 168 of 240).",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=5000, help="Training epochs (paper: 5000, no early stop)."
+    )
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4).")
+    cli.add_workers_argument(
+        parser, default=min(os.cpu_count() or 1, 8), what="stacks of heads trained side by side, one per core"
+    )
+    # Finished heads live at the reference's fixed paths, so there is no run folder: a re-run reuses
+    # them when the training arguments agree and --overwrite retrains them.
+    cli.add_run_arguments(parser, run_name=False, resume=False)
+    cli.add_demo_argument(parser, demo_help)
+
+
+def checked_folds(folds):
+    """--folds as sorted unique fold numbers; a number outside 1..8 is an InputError."""
+    bad_folds = [fold for fold in folds if not 1 <= fold <= NUM_FOLDS]
+    if bad_folds:
+        raise InputError("--folds", f"has {bad_folds}", f"fold numbers in 1..{NUM_FOLDS}")
+    return sorted(set(folds))
+
+
+def demo_inputs(args, script: str) -> tuple[Path, Path]:
+    """--demo: the synthetic AWIR-like data and embeddings, written once from `args.seed`.
+
+    Every igarss script regenerates the same data from the same seed, so the folds file and the heads
+    of an earlier stage apply.
+    """
+    return make_demo_data(cli.demo_data_dir(args, script), seed=args.seed)
+
+
+# The hint of `runs.check_same_settings` when earlier TG-MATL outputs were made with other arguments
+# (the four igarss scripts reuse finished heads in a fixed results tree rather than run folders).
 RESUME_HINT = "the same arguments to resume, --overwrite to retrain, or another --results_dir"
 
 
@@ -155,7 +214,7 @@ def load_embedding(embeddings_dir, name, num_samples):
     return embedding
 
 
-# ---- box targets (spec: Data) ----
+# ---- box targets (the MATL and TG-MATL papers' box annotations; README: igarss_exp2.py) ----
 
 
 def box_width_height(box_label):
@@ -173,7 +232,7 @@ def box_location(box_label):
 
 
 def raw_box_features(box_label):
-    """The 13 box-geometry features in the spec's order, before any normalisation."""
+    """The 13 box-geometry features in the reference code's order, before any normalisation."""
     _, width, height = box_width_height(box_label)
     area = width * height
     ssd = 1.0 - np.minimum(width / (height + EPS), height / (width + EPS))
@@ -216,7 +275,7 @@ def min_max_scale(values, reference=None):
 
 
 def box_features(box_label):
-    """13-d box features, min-max normalised over the whole dataset (spec: Data)."""
+    """13-d box features, min-max normalised over the whole dataset, as the reference code does."""
     return min_max_scale(raw_box_features(box_label))
 
 
@@ -373,8 +432,6 @@ def make_demo_data(directory, num_samples=240, seed=0, widths=None):
     Each embedding is a random linear image of (class one-hot, box geometry) plus nuisance noise,
     so projection heads can separate classes and MATL can separate box clusters.
     """
-    from common import atomic
-
     widths = widths or PAPER_EMBEDDING_WIDTHS
     rng = np.random.default_rng(seed)
     class_label = np.repeat(np.arange(NUM_CLASSES), int(np.ceil(num_samples / NUM_CLASSES)))[:num_samples]
@@ -397,3 +454,42 @@ def make_demo_data(directory, num_samples=240, seed=0, widths=None):
         embedding = signal @ mixing + rng.normal(0, 2.0, (num_samples, widths[name]))
         atomic.save_npy(embedding_path(directory / "embeddings", name), embedding.astype(np.float32))
     return directory / "data.npz", directory / "embeddings"
+
+
+# ---- exp1 projections: the inputs of the exp2 task heads ----
+
+
+def exp1_head_path(results_dir, embedding, tag, fold, model_subdir=""):
+    """Where igarss_exp1.py (model_subdir "") and its sweep (tp{T}_rp{R}) save a projection head."""
+    folder = Path(results_dir) / "trained_models" / "exp1_emb_proj" / embedding / model_subdir
+    return folder / f"{tag}_best_fold{fold}.h5"
+
+
+def project_with_exp1_head(path, embedding, command):
+    """Apply one saved igarss_exp1 ProjectionHead to every sample; one-line errors for bad files."""
+    import keras
+
+    if not Path(path).is_file():
+        raise InputError(path, "exp1 projection head not found", f"the head of `{command}`; run it first")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:  # h5py/Keras
+        detail = str(error).splitlines()[0][:120] if str(error) else ""
+        raise InputError(
+            path,
+            f"cannot be loaded as a Keras model ({type(error).__name__}: {detail})",
+            f"a .h5 written by `{command}`; delete it and re-run that command",
+        ) from None
+    input_width = model.input_shape[-1]
+    if input_width != embedding.shape[1]:
+        raise InputError(
+            path,
+            f"takes {input_width}-d inputs but the embedding is {embedding.shape[1]}-d",
+            f"a head trained on this embedding by `{command}`",
+        )
+    projection = np.asarray(model(embedding, training=False), np.float32)
+    if projection.ndim != 2 or not np.isfinite(projection).all():
+        problem = f"gives outputs of shape {projection.shape}"
+        problem += " with non-finite values" if projection.ndim == 2 else ""
+        raise InputError(path, problem, "a ProjectionHead with finite (N, 64) outputs")
+    return projection

@@ -14,6 +14,9 @@ axis, and per model the engine keeps
 Gradients of the summed per-model losses are exactly the per-model gradients because no parameter
 is shared, so the result equals training the models one by one (up to float rounding of batched
 matrix products). The epoch loop runs inside one XLA-compiled tf.function per chunk of epochs.
+
+Also here: the Keras initialisers drawn from each model's own generator, BatchNorm over the valid
+samples of each model's batch, and the split of many heads into stacks for worker processes.
 """
 
 import time
@@ -52,9 +55,104 @@ def run_side_by_side(jobs, run, finished, workers, deterministic=False):
     )
 
 
-def model_generator(seed, model_key):
+def model_generator(seed: int, model_key: int) -> np.random.Generator:
     """The per-model random stream (initialisation and batch order)."""
     return np.random.default_rng([int(seed), int(model_key)])
+
+
+# ---- Keras initialisers and layers with a leading model axis ----
+
+
+def glorot_uniform(generator: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
+    """Keras GlorotUniform: uniform in +-sqrt(6 / (fan_in + fan_out))."""
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return generator.uniform(-limit, limit, (fan_in, fan_out))
+
+
+def glorot_normal(generator: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
+    """Keras GlorotNormal: truncated normal (redraw beyond 2 sd), sd = sqrt(2/(in+out)) / 0.8796."""
+    scale = np.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978
+    values = generator.standard_normal((fan_in, fan_out))
+    outside = np.abs(values) > 2
+    while outside.any():
+        values[outside] = generator.standard_normal(outside.sum())
+        outside = np.abs(values) > 2
+    return values * scale
+
+
+def batch_norm_initial(num_models: int, width: int) -> tuple[dict, dict]:
+    """Keras BatchNormalization's initial values per model: (gamma 1, beta 0), (moving mean 0, variance 1)."""
+    params = {"gamma": np.ones((num_models, width)), "beta": np.zeros((num_models, width))}
+    state = {"moving_mean": np.zeros((num_models, width)), "moving_variance": np.ones((num_models, width))}
+    return params, state
+
+
+def masked_batch_norm(hidden, weight, count, moving, gamma, beta, training, momentum, epsilon):
+    """Keras BatchNormalization of `hidden` `(M, B, E)` using only the valid samples of each model's batch.
+
+    `weight` `(M, B, 1)` is 1 for valid samples, `count` `(M, 1, 1)` their number; `moving` is the pair
+    (moving mean, moving variance) `(M, E)`. Training mode normalises with the mean and biased variance
+    of the valid samples and moves the statistics like Keras; inference uses the moving statistics.
+    Returns the normalised values and the (updated) moving pair.
+    """
+    moving_mean, moving_variance = moving
+    if training:
+        mean = tf.reduce_sum(hidden * weight, axis=1, keepdims=True) / count
+        variance = tf.reduce_sum(tf.square(hidden - mean) * weight, axis=1, keepdims=True) / count
+        moving = (
+            moving_mean * momentum + mean[:, 0] * (1 - momentum),
+            moving_variance * momentum + variance[:, 0] * (1 - momentum),
+        )
+    else:
+        mean, variance = moving_mean[:, None, :], moving_variance[:, None, :]
+    normalised = (hidden - mean) * tf.math.rsqrt(variance + epsilon) * gamma[:, None, :] + beta[:, None, :]
+    return normalised, moving
+
+
+# ---- planning: which heads share a stack ----
+
+
+def split_into_stacks(groups, workers: int, cost, label) -> list[dict]:
+    """Split the heads of each group (heads that can share a graph) into stacks, largest work first.
+
+    `groups` maps a key to heads (dicts with a "fold"); the folds of a group are dealt round-robin to
+    at most `workers` stacks. `cost(key)` is the work of one head, `label(key)` names the stack in
+    progress lines. Each job holds "group", "heads", "label" and "cost".
+    """
+    jobs = []
+    for key, heads in groups.items():
+        folds = sorted({head["fold"] for head in heads})
+        parts = max(1, min(workers, len(folds)))
+        for part in range(parts):
+            members = [head for head in heads if folds.index(head["fold"]) % parts == part]
+            name = f"{label(key)}[{part + 1}/{parts}]"
+            jobs.append({"group": key, "heads": members, "label": name, "cost": cost(key) * len(members)})
+    return sorted(jobs, key=lambda job: -job["cost"])
+
+
+def progress_printer(label: str):
+    """A `progress` callback for `StackedModels.fit` printing one line per chunk of epochs."""
+
+    def progress(done, total, seconds, train_loss, val_loss):
+        print(
+            f"  {label} epoch {done}/{total}  {seconds:6.1f}s  mean train loss "
+            f"{train_loss.mean():.4f}  mean val loss {val_loss.mean():.4f}",
+            flush=True,
+        )
+
+    return progress
+
+
+def fold_index_lists(folds, heads) -> tuple[list, list]:
+    """Each head's training and validation indices, from `folds` [(train, val)] and the head's fold."""
+    return [folds[head["fold"] - 1][0] for head in heads], [folds[head["fold"] - 1][1] for head in heads]
+
+
+def finished_line(job: dict, result: dict, epochs: int) -> str:
+    """`  <stack>: <n> heads in <s>s (<ms> ms per head-epoch)`, printed as each stack finishes."""
+    heads, seconds = len(result["heads"]), result["seconds"]
+    per_head_epoch = 1e3 * seconds / (heads * epochs)
+    return f"  {job['label']}: {heads} heads in {seconds:.1f}s ({per_head_epoch:.3f} ms per head-epoch)"
 
 
 def epoch_permutations(generators, train_counts, num_epochs, padded_length):
@@ -74,6 +172,9 @@ def pad_index_lists(index_lists, multiple):
     for model, indices in enumerate(index_lists):
         padded[model, : len(indices)] = indices
     return padded, counts
+
+
+# ---- the engine ----
 
 
 class StackedModels:
@@ -310,3 +411,20 @@ class StackedModels:
             out, _ = self.forward(params, state, tf.constant(chunk), valid, False)
             outputs.append(out.numpy())
         return np.concatenate(outputs, axis=1)
+
+
+class OnePassValidationStack(StackedModels):
+    """StackedModels whose validation pass is one forward over each model's whole validation list.
+
+    For a per-sample loss in inference mode (no BatchNorm batch statistics, no triplets) the mean
+    over the list equals Keras's batch-weighted mean over 32-sample batches; one pass avoids padding
+    9 validation samples to 32.
+    """
+
+    validation_padding = 1
+
+    def _mean_loss(self, index, counts, params, state):
+        valid = tf.range(tf.shape(index)[1])[None, :] < counts[:, None]
+        batch = self._gather(index)
+        outputs, _ = self.forward(params, state, batch["x"], valid, False)
+        return self.loss(outputs, batch, valid)

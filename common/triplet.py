@@ -30,7 +30,7 @@ def pairwise_distance(embeddings):
 
 
 def batch_all_triplet_loss(distance, labels, valid, margin):
-    """Batch-all triplet loss L_BA per model (spec: Losses).
+    """Batch-all triplet loss L_BA per model (MATL paper, arXiv 2504.08054: the DTL loss).
 
     Valid triplets (a, p, n) are pairwise distinct, all valid, with y_a = y_p != y_n;
     l = max(0, D_ap - D_an + m); L = sum(l) / (count(l > 1e-16) + 1e-16), 0 when nothing violates.
@@ -63,7 +63,7 @@ def batch_all_triplet_loss(distance, labels, valid, margin):
 
 
 def batch_hard_triplet_loss(distance, labels, valid, margin):
-    """Batch-hard triplet loss per model: mean over anchors of max(0, d+ - d- + m) (spec: DTL-Hard).
+    """Batch-hard triplet loss per model: mean over anchors of max(0, d+ - d- + m): the paper's DTL-Hard.
 
     d+ is the largest distance to another sample of the anchor's class (0 if there is none); d- is
     the smallest distance to a sample of another class, or the row maximum when there is none.
@@ -88,7 +88,10 @@ def batch_hard_triplet_loss(distance, labels, valid, margin):
 
 
 def matl_loss(distance, class_label, box_cluster, valid, margin, box_weight):
-    """MATL = (1 - w) L_BA(class) + w L_BA(box cluster), each normalised by its own violating count."""
+    """MATL = (1 - w) L_BA(class) + w L_BA(box cluster), each normalised by its own violating count.
+
+    The MATL paper (arXiv 2504.08054) weighs the class and box-annotation triplet terms by w.
+    """
     return (1.0 - box_weight) * batch_all_triplet_loss(
         distance, class_label, valid, margin
     ) + box_weight * batch_all_triplet_loss(distance, box_cluster, valid, margin)
@@ -105,7 +108,7 @@ def _rank_within_class(key, labels, valid):
 
 
 def task_guided_selection(score, class_label, valid, top_percent, random_percent, random_key=None):
-    """Task-guided sample selection per batch and class (spec: TG-MATL).
+    """The paper's task-guided sample selection per batch and class (README: igarss_exp1.py).
 
     For each class c present among the valid samples (n_c of them) keep the top
     k_top = max(1, floor(n_c * top_percent)) by score, plus k_more = min(floor(n_c * random_percent),

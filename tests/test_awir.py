@@ -14,10 +14,22 @@ def test_box_features_equal_their_formulas_on_a_hand_made_box():
     # [xmin, xmax, ymin, ymax]: a 30 x 10 box.
     features = awir.raw_box_features(np.array([[10, 40, 20, 30]]))[0]
     width, height = 30.0, 10.0
-    inertia_xx, inertia_yy = width * height ** 3 / 12, height * width ** 3 / 12
-    expected = [width, height, 300.0, 1 - 1 / 3, 80.0, math.sqrt(1000.0), 3.0, math.log(3.0),
-                4 * math.pi * 300 / 80 ** 2, math.log(inertia_xx / inertia_yy),
-                (inertia_xx + inertia_yy) / 300, math.log(300.0), math.atan2(height, width)]
+    inertia_xx, inertia_yy = width * height**3 / 12, height * width**3 / 12
+    expected = [
+        width,
+        height,
+        300.0,
+        1 - 1 / 3,
+        80.0,
+        math.sqrt(1000.0),
+        3.0,
+        math.log(3.0),
+        4 * math.pi * 300 / 80**2,
+        math.log(inertia_xx / inertia_yy),
+        (inertia_xx + inertia_yy) / 300,
+        math.log(300.0),
+        math.atan2(height, width),
+    ]
     np.testing.assert_allclose(features, expected, rtol=1e-9)
     assert len(awir.BOX_FEATURE_NAMES) == 13
 
@@ -39,13 +51,14 @@ def test_feature_targets_are_renormalised_on_the_training_fold_and_clipped():
 
 
 def demo_labels(tmp_path, num_samples=240):
-    data_path, _ = awir.make_demo_data(tmp_path / "demo", num_samples=num_samples, widths={"clip": 8, "dinov2": 8,
-                                                                                           "mae": 8})
+    data_path, _ = awir.make_demo_data(
+        tmp_path / "demo", num_samples=num_samples, widths={"clip": 8, "dinov2": 8, "mae": 8}
+    )
     return data_path, awir.load_labels(data_path)
 
 
 def test_fold_protocol_sizes_determinism_and_reuse(tmp_path):
-    data_path, (class_label, box_label) = demo_labels(tmp_path)
+    _, (class_label, box_label) = demo_labels(tmp_path)
     cluster = awir.box_cluster_labels(box_label)
     np.testing.assert_array_equal(cluster, awir.box_cluster_labels(box_label))
     test, folds = awir.load_or_make_folds(tmp_path / "results", 0.7, class_label, box_label, cluster)
@@ -59,11 +72,13 @@ def test_fold_protocol_sizes_determinism_and_reuse(tmp_path):
     saved = json.loads(awir.folds_path(tmp_path / "results", 0.7).read_text())
     assert saved["num_samples"] == 240 and saved["test"] == test.tolist()
     # Recomputing gives the same split, and the saved file is what is reused.
-    test_again, folds_again = awir.make_folds(class_label, cluster, 0.7)
+    test_again, _ = awir.make_folds(class_label, cluster, 0.7)
     np.testing.assert_array_equal(test, test_again)
-    reused_test, reused_folds = awir.load_or_make_folds(tmp_path / "results", 0.7, class_label, box_label, cluster)
+    reused_test, reused_folds = awir.load_or_make_folds(
+        tmp_path / "results", 0.7, class_label, box_label, cluster
+    )
     np.testing.assert_array_equal(reused_test, test)
-    for (train, val), (train2, val2) in zip(folds, reused_folds):
+    for (train, val), (train2, val2) in zip(folds, reused_folds, strict=True):
         np.testing.assert_array_equal(train, train2)
         np.testing.assert_array_equal(val, val2)
 

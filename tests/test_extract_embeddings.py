@@ -10,17 +10,18 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-import extract_embeddings as ee  # noqa: E402
+import extract_embeddings as ee
+from common import npy
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "extract_embeddings.py"
@@ -29,13 +30,24 @@ WIDTHS = {"clip": 512, "dinov2": 768, "mae": 768}
 
 def offline_env(hf_home):
     """Environment for a subprocess with no hub access and an empty Hugging Face cache."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(hf_home),
-            "CUDA_VISIBLE_DEVICES": ""}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(hf_home),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
 
 
 def run_script(*arguments, hf_home, cwd=REPO):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], cwd=cwd, capture_output=True,
-                          text=True, env=offline_env(hf_home), timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, arguments)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=offline_env(hf_home),
+        timeout=300,
+    )
 
 
 def run_main(*arguments):
@@ -77,16 +89,29 @@ def models(demo):
 @pytest.fixture
 def small_data(tmp_path):
     rgb = small_images()
-    return write_npz(tmp_path / "data.npz", class_label=np.arange(len(rgb)) % 3, rgb=rgb,
-                     box_label=np.tile([0, 10, 0, 10], (len(rgb), 1)))
+    return write_npz(
+        tmp_path / "data.npz",
+        class_label=np.arange(len(rgb)) % 3,
+        rgb=rgb,
+        box_label=np.tile([0, 10, 0, 10], (len(rgb), 1)),
+    )
 
 
 def test_help():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0
-    for flag in ("--data", "--model", "--model_path", "--embeddings_dir", "--input", "--batch_size",
-                 "--device", "--demo"):
+    for flag in (
+        "--data",
+        "--model",
+        "--model_path",
+        "--embeddings_dir",
+        "--input",
+        "--batch_size",
+        "--device",
+        "--demo",
+    ):
         assert flag in result.stdout
 
 
@@ -106,9 +131,13 @@ def test_demo_writes_every_documented_file(demo):
         record = json.loads((demo_dir / "embeddings" / f"awir_{name}_emb.json").read_text())
         assert record["derived"]["shape"] == [240, width] and record["derived"]["model"] == name
     assert sorted(path.name for path in (demo_dir / "embeddings").iterdir()) == sorted(
-        f"awir_{name}_emb.{suffix}" for name in WIDTHS for suffix in ("npy", "json"))
-    assert result.stdout.strip().splitlines()[-1].startswith(
-        "demo: clip (240, 512), dinov2 (240, 768), mae (240, 768) -> ")
+        f"awir_{name}_emb.{suffix}" for name in WIDTHS for suffix in ("npy", "json")
+    )
+    assert (
+        result.stdout.strip()
+        .splitlines()[-1]
+        .startswith("demo: clip (240, 512), dinov2 (240, 768), mae (240, 768) -> ")
+    )
 
 
 def test_embedding_rows_follow_the_images(demo, models):
@@ -134,10 +163,32 @@ def test_igarss_exp1_accepts_the_files(demo, models, tmp_path):
     """The TG-MATL experiment reads all three files (one loss, two epochs: the files are the point)."""
     _, demo_dir = demo
     result = subprocess.run(
-        [sys.executable, "igarss_exp1.py", "--data", str(demo_dir / "data.npz"), "--embeddings_dir",
-         str(demo_dir / "embeddings"), "--embeddings", "clip", "dinov2", "mae", "--methods", "dtl",
-         "--epochs", "2", "--workers", "1", "--results_dir", str(tmp_path / "results")],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=offline_env(tmp_path / "hf_home"))
+        [
+            sys.executable,
+            "igarss_exp1.py",
+            "--data",
+            str(demo_dir / "data.npz"),
+            "--embeddings_dir",
+            str(demo_dir / "embeddings"),
+            "--embeddings",
+            "clip",
+            "dinov2",
+            "mae",
+            "--methods",
+            "dtl",
+            "--epochs",
+            "2",
+            "--workers",
+            "1",
+            "--results_dir",
+            str(tmp_path / "results"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=offline_env(tmp_path / "hf_home"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -145,17 +196,38 @@ def test_two_runs_give_identical_arrays(models, small_data, tmp_path):
     """Bit-for-bit re-runs, in this process and in a fresh one (MAE's patch order is fixed, not random)."""
     for name, folder in models.items():
         for run in ("first", "second"):
-            run_main("--data", small_data, "--model", name, "--model_path", folder, "--batch_size", 3,
-                     "--embeddings_dir", tmp_path / run)
+            run_main(
+                "--data",
+                small_data,
+                "--model",
+                name,
+                "--model_path",
+                folder,
+                "--batch_size",
+                3,
+                "--embeddings_dir",
+                tmp_path / run,
+            )
         first = np.load(tmp_path / "first" / f"awir_{name}_emb.npy")
         assert first.shape == (7, WIDTHS[name])
         assert np.array_equal(first, np.load(tmp_path / "second" / f"awir_{name}_emb.npy"))
-    result = run_script("--data", small_data, "--model", "mae", "--model_path", models["mae"],
-                        "--batch_size", 3,
-                        "--embeddings_dir", tmp_path / "fresh", hf_home=tmp_path / "hf_home")
+    result = run_script(
+        "--data",
+        small_data,
+        "--model",
+        "mae",
+        "--model_path",
+        models["mae"],
+        "--batch_size",
+        3,
+        "--embeddings_dir",
+        tmp_path / "fresh",
+        hf_home=tmp_path / "hf_home",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert np.array_equal(np.load(tmp_path / "first" / "awir_mae_emb.npy"),
-                          np.load(tmp_path / "fresh" / "awir_mae_emb.npy"))
+    assert np.array_equal(
+        np.load(tmp_path / "first" / "awir_mae_emb.npy"), np.load(tmp_path / "fresh" / "awir_mae_emb.npy")
+    )
 
 
 def test_embeddings_equal_the_models_own_outputs(models, small_data, tmp_path):
@@ -165,11 +237,22 @@ def test_embeddings_equal_the_models_own_outputs(models, small_data, tmp_path):
 
     images = list(np.load(small_data)["rgb"])
     for name, folder in models.items():
-        run_main("--data", small_data, "--model", name, "--model_path", folder, "--batch_size", 4,
-                 "--embeddings_dir", tmp_path)
+        run_main(
+            "--data",
+            small_data,
+            "--model",
+            name,
+            "--model_path",
+            folder,
+            "--batch_size",
+            4,
+            "--embeddings_dir",
+            tmp_path,
+        )
         ours = np.load(tmp_path / f"awir_{name}_emb.npy")
         pixel_values = AutoImageProcessor.from_pretrained(folder, backend="pil")(
-            images=images, return_tensors="pt")["pixel_values"]
+            images=images, return_tensors="pt"
+        )["pixel_values"]
         with torch.no_grad():
             if name == "clip":
                 clip = CLIPModel.from_pretrained(folder).eval()
@@ -186,18 +269,42 @@ def test_embeddings_equal_the_models_own_outputs(models, small_data, tmp_path):
 
 def test_batch_size_does_not_change_embeddings(models, small_data, tmp_path):
     for batch_size in (1, 7):
-        run_main("--data", small_data, "--model", "dinov2", "--model_path", models["dinov2"],
-                 "--batch_size", batch_size, "--embeddings_dir", tmp_path / str(batch_size))
-    np.testing.assert_allclose(np.load(tmp_path / "1" / "awir_dinov2_emb.npy"),
-                               np.load(tmp_path / "7" / "awir_dinov2_emb.npy"), rtol=1e-5, atol=1e-5)
+        run_main(
+            "--data",
+            small_data,
+            "--model",
+            "dinov2",
+            "--model_path",
+            models["dinov2"],
+            "--batch_size",
+            batch_size,
+            "--embeddings_dir",
+            tmp_path / str(batch_size),
+        )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "1" / "awir_dinov2_emb.npy"),
+        np.load(tmp_path / "7" / "awir_dinov2_emb.npy"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_identical_images_give_identical_rows(models, tmp_path):
     rgb = small_images(4)
     rgb[3] = rgb[0]
     data = write_npz(tmp_path / "data.npz", class_label=np.zeros(4, int), rgb=rgb)
-    run_main("--data", data, "--model", "clip", "--model_path", models["clip"], "--batch_size", 3,
-             "--embeddings_dir", tmp_path)
+    run_main(
+        "--data",
+        data,
+        "--model",
+        "clip",
+        "--model_path",
+        models["clip"],
+        "--batch_size",
+        3,
+        "--embeddings_dir",
+        tmp_path,
+    )
     embeddings = np.load(tmp_path / "awir_clip_emb.npy")
     np.testing.assert_allclose(embeddings[3], embeddings[0], rtol=1e-6, atol=1e-6)
     assert not np.allclose(embeddings[1], embeddings[0], atol=1e-4)
@@ -216,14 +323,38 @@ def test_thermal_input_scalings_agree(models, tmp_path):
     }
     results = {}
     for variant, values in variants.items():
-        data = write_npz(tmp_path / f"{variant}.npz", class_label=np.zeros(5, int), thermal=values,
-                         rgb=np.repeat(thermal, 3, axis=-1))
+        data = write_npz(
+            tmp_path / f"{variant}.npz",
+            class_label=np.zeros(5, int),
+            thermal=values,
+            rgb=np.repeat(thermal, 3, axis=-1),
+        )
         rescale = "minmax" if variant == "kelvin" else "auto"
-        run_main("--data", data, "--model", "dinov2", "--model_path", models["dinov2"], "--input", "thermal",
-                 "--rescale", rescale, "--embeddings_dir", tmp_path / variant)
+        run_main(
+            "--data",
+            data,
+            "--model",
+            "dinov2",
+            "--model_path",
+            models["dinov2"],
+            "--input",
+            "thermal",
+            "--rescale",
+            rescale,
+            "--embeddings_dir",
+            tmp_path / variant,
+        )
         results[variant] = np.load(tmp_path / variant / "awir_dinov2_emb.npy")
-    run_main("--data", tmp_path / "uint8.npz", "--model", "dinov2", "--model_path", models["dinov2"],
-             "--embeddings_dir", tmp_path / "as_rgb")
+    run_main(
+        "--data",
+        tmp_path / "uint8.npz",
+        "--model",
+        "dinov2",
+        "--model_path",
+        models["dinov2"],
+        "--embeddings_dir",
+        tmp_path / "as_rgb",
+    )
     assert np.array_equal(results["uint8"], results["unit_float"])
     assert np.array_equal(results["uint8"], results["kelvin"])
     assert np.array_equal(results["uint8"], np.load(tmp_path / "as_rgb" / "awir_dinov2_emb.npy"))
@@ -236,12 +367,13 @@ def test_streaming_reader_matches_np_load(tmp_path):
         path = tmp_path / f"{writer.__name__}.npz"
         writer(path, rgb=images, thermal=np.asfortranarray(images[..., :1].astype(np.float32)))
         for key in ("rgb", "thermal"):
-            batches = [batch for _, batch in ee.iter_npz_batches(path, key, 2)]
+            batches = [batch for _, batch in npy.iter_npz_batches(path, key, 2)]
             assert [len(batch) for batch in batches] == [2, 2, 1]
             assert np.array_equal(np.concatenate(batches), np.load(path)[key])
 
 
 # ---- bad input: one line, exit 2, nothing written ----
+
 
 def assert_clean_failure(capsys, expected_fragment, embeddings_dir, call):
     with pytest.raises(SystemExit) as exit_info:
@@ -281,41 +413,106 @@ def bad_data(tmp_path, case):
     raise ValueError(case)
 
 
-@pytest.mark.parametrize("case", ["missing", "not_npz", "npy_not_npz", "no_rgb", "four_channels", "length_mismatch", "nan",
-                                  "out_of_range", "objects"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "not_npz",
+        "npy_not_npz",
+        "no_rgb",
+        "four_channels",
+        "length_mismatch",
+        "nan",
+        "out_of_range",
+        "objects",
+    ],
+)
 def test_bad_data_is_one_clear_line(models, tmp_path, capsys, case):
     data, fragment = bad_data(tmp_path, case)
     out = tmp_path / "embeddings"
-    assert_clean_failure(capsys, fragment, out, lambda: run_main(
-        "--data", data, "--model", "clip", "--model_path", models["clip"], "--embeddings_dir", out))
+    assert_clean_failure(
+        capsys,
+        fragment,
+        out,
+        lambda: run_main(
+            "--data", data, "--model", "clip", "--model_path", models["clip"], "--embeddings_dir", out
+        ),
+    )
 
 
 def test_bad_model_folders_are_one_clear_line(models, small_data, tmp_path, capsys):
     out = tmp_path / "embeddings"
     # A DINOv2 folder given for CLIP would otherwise load as a randomly initialised CLIP.
-    assert_clean_failure(capsys, "holds a 'dinov2' model", out, lambda: run_main(
-        "--data", small_data, "--model", "clip", "--model_path", models["dinov2"], "--embeddings_dir", out))
-    assert_clean_failure(capsys, "no such folder", out, lambda: run_main(
-        "--data", small_data, "--model", "clip", "--model_path", tmp_path / "clip-vit-base-patch32",
-        "--embeddings_dir", out))
+    assert_clean_failure(
+        capsys,
+        "holds a 'dinov2' model",
+        out,
+        lambda: run_main(
+            "--data", small_data, "--model", "clip", "--model_path", models["dinov2"], "--embeddings_dir", out
+        ),
+    )
+    assert_clean_failure(
+        capsys,
+        "no such folder",
+        out,
+        lambda: run_main(
+            "--data",
+            small_data,
+            "--model",
+            "clip",
+            "--model_path",
+            tmp_path / "clip-vit-base-patch32",
+            "--embeddings_dir",
+            out,
+        ),
+    )
     empty = tmp_path / "empty_model"
     empty.mkdir()
-    assert_clean_failure(capsys, "no usable config.json", out, lambda: run_main(
-        "--data", small_data, "--model", "clip", "--model_path", empty, "--embeddings_dir", out))
+    assert_clean_failure(
+        capsys,
+        "no usable config.json",
+        out,
+        lambda: run_main(
+            "--data", small_data, "--model", "clip", "--model_path", empty, "--embeddings_dir", out
+        ),
+    )
     # A checkpoint missing weights would leave them randomly initialised.
     from safetensors.torch import load_file, save_file
 
     partial = tmp_path / "partial_model"
     shutil.copytree(models["dinov2"], partial)
     weights = load_file(partial / "model.safetensors")
-    save_file({key: value for key, value in weights.items() if "layernorm" not in key},
-              partial / "model.safetensors", metadata={"format": "pt"})
-    assert_clean_failure(capsys, "checkpoint lacks", out, lambda: run_main(
-        "--data", small_data, "--model", "dinov2", "--model_path", partial, "--embeddings_dir", out))
+    save_file(
+        {key: value for key, value in weights.items() if "layernorm" not in key},
+        partial / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    assert_clean_failure(
+        capsys,
+        "checkpoint lacks",
+        out,
+        lambda: run_main(
+            "--data", small_data, "--model", "dinov2", "--model_path", partial, "--embeddings_dir", out
+        ),
+    )
     if not torch.cuda.is_available():
-        assert_clean_failure(capsys, "no CUDA", out, lambda: run_main(
-            "--data", small_data, "--model", "clip", "--model_path", models["clip"], "--device", "cuda",
-            "--embeddings_dir", out))
+        assert_clean_failure(
+            capsys,
+            "no CUDA",
+            out,
+            lambda: run_main(
+                "--data",
+                small_data,
+                "--model",
+                "clip",
+                "--model_path",
+                models["clip"],
+                "--device",
+                "cuda",
+                "--embeddings_dir",
+                out,
+            ),
+        )
 
 
 def test_existing_embeddings_are_kept_without_overwrite(models, small_data, tmp_path, capsys):
@@ -323,20 +520,36 @@ def test_existing_embeddings_are_kept_without_overwrite(models, small_data, tmp_
     out.mkdir()
     (out / "awir_clip_emb.npy").write_bytes(b"finished earlier")
     with pytest.raises(SystemExit) as exit_info:
-        run_main("--data", small_data, "--model", "clip", "--model_path", models["clip"],
-                 "--embeddings_dir", out)
+        run_main(
+            "--data", small_data, "--model", "clip", "--model_path", models["clip"], "--embeddings_dir", out
+        )
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "awir_clip_emb.npy").read_bytes() == b"finished earlier"
-    run_main("--data", small_data, "--model", "clip", "--model_path", models["clip"], "--embeddings_dir", out,
-             "--overwrite")
+    run_main(
+        "--data",
+        small_data,
+        "--model",
+        "clip",
+        "--model_path",
+        models["clip"],
+        "--embeddings_dir",
+        out,
+        "--overwrite",
+    )
     assert np.load(out / "awir_clip_emb.npy").shape == (7, 512)
 
 
 def test_missing_model_without_network_is_one_line(small_data, tmp_path):
     """The default hub id with no network and an empty cache: one line naming the model, exit 2."""
-    result = run_script("--data", small_data, "--model", "dinov2",
-                        "--embeddings_dir", tmp_path / "embeddings",
-                        hf_home=tmp_path / "hf_home")
+    result = run_script(
+        "--data",
+        small_data,
+        "--model",
+        "dinov2",
+        "--embeddings_dir",
+        tmp_path / "embeddings",
+        hf_home=tmp_path / "hf_home",
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: facebook/dinov2-base: ") and result.stderr.count("\n") == 1
     assert "expected a local dinov2 model folder" in result.stderr
@@ -344,8 +557,18 @@ def test_missing_model_without_network_is_one_line(small_data, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_bits(models, small_data, tmp_path, monkeypatch, capsys):
-    arguments = ["--data", small_data, "--model", "mae", "--model_path", models["mae"], "--batch_size", 2,
-                 "--checkpoint_every", 3]
+    arguments = [
+        "--data",
+        small_data,
+        "--model",
+        "mae",
+        "--model_path",
+        models["mae"],
+        "--batch_size",
+        2,
+        "--checkpoint_every",
+        3,
+    ]
     run_main(*arguments, "--embeddings_dir", tmp_path / "uninterrupted")
     # Stop in the third batch: the checkpoint after two batches (rows 0-3) is on disk.
     real_embed_batch, calls = ee.embed_batch, []
@@ -362,16 +585,28 @@ def test_interrupted_run_resumes_to_the_same_bits(models, small_data, tmp_path, 
         run_main(*arguments, "--embeddings_dir", out)
     assert exit_info.value.code == 130 and not (out / "awir_mae_emb.npy").exists()
     assert [path.name for path in sorted((out / ".awir_mae_emb.partial").iterdir())] == [
-        "rows_000000000_000000004.npy", "run.json"]
+        "rows_000000000_000000004.npy",
+        "run.json",
+    ]
     monkeypatch.setattr(ee, "embed_batch", real_embed_batch)
     capsys.readouterr()
-    assert_clean_failure(capsys, "--resume to continue it", tmp_path / "nothing",
-                         lambda: run_main(*arguments, "--embeddings_dir", out))
-    assert_clean_failure(capsys, "another data file, model or setting", tmp_path / "nothing",
-                         lambda: run_main(*arguments, "--embeddings_dir", out, "--resume", "--input", "rgb",
-                                          "--batch_size", 1))
+    assert_clean_failure(
+        capsys,
+        "--resume to continue it",
+        tmp_path / "nothing",
+        lambda: run_main(*arguments, "--embeddings_dir", out),
+    )
+    assert_clean_failure(
+        capsys,
+        "partial embeddings were made with batch_size=2 (now 1)",
+        tmp_path / "nothing",
+        lambda: run_main(
+            *arguments, "--embeddings_dir", out, "--resume", "--input", "rgb", "--batch_size", 1
+        ),
+    )
     run_main(*arguments, "--embeddings_dir", out, "--resume")
     assert "resume: 4 of 7 images" in capsys.readouterr().out
-    assert np.array_equal(np.load(out / "awir_mae_emb.npy"),
-                          np.load(tmp_path / "uninterrupted" / "awir_mae_emb.npy"))
+    assert np.array_equal(
+        np.load(out / "awir_mae_emb.npy"), np.load(tmp_path / "uninterrupted" / "awir_mae_emb.npy")
+    )
     assert sorted(path.name for path in out.iterdir()) == ["awir_mae_emb.json", "awir_mae_emb.npy"]

@@ -2,22 +2,16 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import assert_main_error, no_temporary_files, parse, run_script
 
 import igarss_exp2
-from common import awir
-from common.stacked_training import model_generator
+from common import awir, stacked_training
 
 EXP1_METHODS = ("dtl", "dtl_hard", "matl", "tg_matl_30_10")
-ALL_METHODS = ("base",) + EXP1_METHODS
-
-
-def run_script(*arguments, timeout=600):
-    return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, timeout=timeout, check=False)
+ALL_METHODS = ("base", *EXP1_METHODS)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +22,38 @@ def demo_results(tmp_path_factory):
 
     results = tmp_path_factory.mktemp("exp2") / "results"
     # exp1 in this process (its own tests run it as a subprocess); exp2 as the user runs it.
-    igarss_exp1.main(igarss_exp1.get_args_parser().parse_args(
-        ["--demo", "--embeddings", "clip", "--epochs", "40", "--learning_rate", "1e-2", "--workers", "1",
-         "--results_dir", str(results)]))
-    exp2 = run_script("igarss_exp2.py", "--demo", "--embeddings", "clip", "--epochs", "60", "--learning_rate",
-                      "3e-3", "--workers", "1", "--results_dir", str(results))
+    igarss_exp1.main(
+        parse(
+            igarss_exp1,
+            [
+                "--demo",
+                "--embeddings",
+                "clip",
+                "--epochs",
+                "40",
+                "--learning_rate",
+                "1e-2",
+                "--workers",
+                "1",
+                "--results_dir",
+                results,
+            ],
+        )
+    )
+    exp2 = run_script(
+        "igarss_exp2.py",
+        "--demo",
+        "--embeddings",
+        "clip",
+        "--epochs",
+        "60",
+        "--learning_rate",
+        "3e-3",
+        "--workers",
+        "1",
+        "--results_dir",
+        str(results),
+    )
     assert exp2.returncode == 0, exp2.stderr[-2000:]
     return results, exp2.stdout
 
@@ -51,7 +72,9 @@ def test_demo_writes_every_documented_file(demo_results):
     for method in ALL_METHODS:
         for fold in range(1, 9):
             for stem in ("class_head", "reg_boxfeat_head", "reg_boxloc_head"):
-                assert (results / "trained_models" / "exp2_task_heads" / "clip" / method / f"{stem}_run{fold}.h5").is_file()
+                assert (
+                    results / "trained_models" / "exp2_task_heads" / "clip" / method / f"{stem}_run{fold}.h5"
+                ).is_file()
             npy = results / "exp2_results" / "clip" / f"{method}_fold{fold}_taskhead_metrics.npy"
             record = np.load(npy, allow_pickle=True).item()  # our own file: the reference's dict format
             twin = json.loads(npy.with_suffix(".json").read_text())
@@ -62,7 +85,7 @@ def test_demo_writes_every_documented_file(demo_results):
         assert (results / "exp2_results" / name).stat().st_size > 0
     table = (results / "exp2_results" / "summary.md").read_text()
     assert "| clip | tg_matl_30_10 | 8 |" in table and "**" in table and "+-" in table
-    assert not list(results.rglob("*.tmp*")), "temporary files left behind"
+    assert no_temporary_files(results), "temporary files left behind"
     for method in ALL_METHODS:
         assert f"summary: {method} acc" in stdout
 
@@ -72,14 +95,24 @@ def test_exported_heads_reload_and_reproduce_the_metrics(demo_results):
     import keras
 
     results, _ = demo_results
-    data = awir.load_awir(results / "demo_data" / "igarss_exp2" / "data.npz",
-                          results / "demo_data" / "igarss_exp2" / "embeddings", ["clip"], results, 0.7)
+    data = awir.load_awir(
+        results / "demo_data" / "igarss_exp2" / "data.npz",
+        results / "demo_data" / "igarss_exp2" / "embeddings",
+        ["clip"],
+        results,
+        0.7,
+    )
     fold, test = 3, data["test"]
-    projection = igarss_exp2.project_with_exp1_head(
-        igarss_exp2.exp1_head_path(results, "clip", "tg_matl_30_10", fold), data["embeddings"]["clip"], "exp1")
-    twin = json.loads((results / "exp2_results" / "clip" / f"tg_matl_30_10_fold{fold}_taskhead_metrics.json").read_text())
+    projection = awir.project_with_exp1_head(
+        awir.exp1_head_path(results, "clip", "tg_matl_30_10", fold), data["embeddings"]["clip"], "exp1"
+    )
+    twin = json.loads(
+        (results / "exp2_results" / "clip" / f"tg_matl_30_10_fold{fold}_taskhead_metrics.json").read_text()
+    )
     for kind in igarss_exp2.HEAD_KINDS:
-        model = keras.models.load_model(igarss_exp2.task_head_path(results, "clip", "tg_matl_30_10", kind, fold))
+        model = keras.models.load_model(
+            igarss_exp2.task_head_path(results, "clip", "tg_matl_30_10", kind, fold)
+        )
         assert model.loss is not None
         units = igarss_exp2.HEAD_KINDS[kind]["units"]
         predictions = model.predict(projection[test], verbose=0)
@@ -101,23 +134,19 @@ def test_heads_learn_and_triplet_projections_keep_box_geometry(demo_results):
 
 # ---- bad input ----
 
+
 def exp2_args(results, **overrides):
-    args = igarss_exp2.get_args_parser().parse_args(["--demo", "--embeddings", "clip", "--epochs", "2",
-                                                     "--workers", "1", "--results_dir", str(results)])
+    args = parse(
+        igarss_exp2,
+        ["--demo", "--embeddings", "clip", "--epochs", "2", "--workers", "1", "--results_dir", results],
+    )
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
 
 
 def assert_input_error(capsys, args, *fragments):
-    with pytest.raises(SystemExit) as exit_info:
-        igarss_exp2.main(args)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "\n" not in error and "Traceback" not in error
-    for fragment in fragments:
-        assert fragment in error, error
-    return error
+    return assert_main_error(capsys, lambda: igarss_exp2.main(args), *fragments)
 
 
 def assert_nothing_written(results):
@@ -127,8 +156,13 @@ def assert_nothing_written(results):
 
 def test_missing_exp1_head_names_the_command(tmp_path, capsys):
     results = tmp_path / "results"
-    assert_input_error(capsys, exp2_args(results), "dtl_best_fold1.h5", "exp1 projection head not found",
-                       f"python igarss_exp1.py --demo --results_dir {results}")
+    assert_input_error(
+        capsys,
+        exp2_args(results),
+        "dtl_best_fold1.h5",
+        "exp1 projection head not found",
+        f"python igarss_exp1.py --demo --results_dir {results}",
+    )
     assert_nothing_written(results)
 
 
@@ -142,7 +176,7 @@ def copy_exp1_tree(demo_results, tmp_path):
 
 def test_corrupt_exp1_head(demo_results, tmp_path, capsys):
     results = copy_exp1_tree(demo_results, tmp_path)
-    bad = igarss_exp2.exp1_head_path(results, "clip", "dtl", 1)
+    bad = awir.exp1_head_path(results, "clip", "dtl", 1)
     bad.write_bytes(b"not an hdf5 file")
     assert_input_error(capsys, exp2_args(results), str(bad), "cannot be loaded as a Keras model")
     assert_nothing_written(results)
@@ -158,14 +192,26 @@ def test_folds_file_of_other_data(demo_results, tmp_path, capsys):
     assert_nothing_written(results)
 
 
+def test_other_training_settings_are_refused(demo_results, tmp_path, capsys):
+    """Finished task heads of other training arguments are not mixed with new ones."""
+    results = copy_exp1_tree(demo_results, tmp_path)
+    config = "trained_models/exp2_task_heads/exp2_config.json"
+    (results / config).parent.mkdir(parents=True)
+    shutil.copy(demo_results[0] / config, results / config)
+    assert_input_error(capsys, exp2_args(results), "exp2_config.json", "epochs=60 (now 2)")
+    assert not (results / "exp2_results").exists()
+    assert not list((results / "trained_models" / "exp2_task_heads").rglob("*.h5"))
+
+
 def test_bad_fold_number(tmp_path, capsys):
     assert_input_error(capsys, exp2_args(tmp_path / "results", folds=[0, 9]), "--folds", "1..8")
 
 
 # ---- the maths of the stacked task heads ----
 
+
 def test_glorot_normal_matches_keras_statistics():
-    values = igarss_exp2.glorot_normal(np.random.default_rng(0), 200, 300)
+    values = stacked_training.glorot_normal(np.random.default_rng(0), 200, 300)
     expected_sd = np.sqrt(2 / 500)
     assert np.abs(values).max() <= 2 * expected_sd / 0.87962566103423978 + 1e-12
     assert values.std() == pytest.approx(expected_sd, rel=0.03)
@@ -182,10 +228,14 @@ def test_loss_from_logits_equals_keras_losses():
     logits = outputs[0, :5, :3]
     softmax = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     expected = keras.losses.CategoricalCrossentropy()(onehot[0, :5, :3], softmax)
-    assert float(igarss_exp2.task_head_loss("class", outputs, onehot, valid)[0]) == pytest.approx(float(expected), 1e-5)
+    assert float(igarss_exp2.task_head_loss("class", outputs, onehot, valid)[0]) == pytest.approx(
+        float(expected), 1e-5
+    )
     target = rng.uniform(size=(1, 6, igarss_exp2.OUTPUT_UNITS)).astype(np.float32)
     expected = keras.losses.MeanSquaredError()(target[0, :5, :13], 1 / (1 + np.exp(-outputs[0, :5, :13])))
-    assert float(igarss_exp2.task_head_loss("boxfeat", outputs, target, valid)[0]) == pytest.approx(float(expected), 1e-5)
+    assert float(igarss_exp2.task_head_loss("boxfeat", outputs, target, valid)[0]) == pytest.approx(
+        float(expected), 1e-5
+    )
 
 
 def test_stacked_training_equals_keras_one_by_one_and_exports_exactly(tmp_path):
@@ -199,42 +249,63 @@ def test_stacked_training_equals_keras_one_by_one_and_exports_exactly(tmp_path):
     num_samples, input_dim, batch_size, epochs = 40, 6, 8, 3
     x = rng.normal(size=(num_samples, input_dim)).astype(np.float32)
     class_label = rng.integers(0, 3, num_samples)
-    targets = {"class": np.zeros((num_samples, igarss_exp2.OUTPUT_UNITS), np.float32),
-               "boxfeat": np.zeros((num_samples, igarss_exp2.OUTPUT_UNITS), np.float32)}
+    targets = {
+        "class": np.zeros((num_samples, igarss_exp2.OUTPUT_UNITS), np.float32),
+        "boxfeat": np.zeros((num_samples, igarss_exp2.OUTPUT_UNITS), np.float32),
+    }
     targets["class"][np.arange(num_samples), class_label] = 1
     targets["boxfeat"][:, :13] = rng.uniform(size=(num_samples, 13))
     kinds = ["class", "boxfeat"]
-    train = [np.arange(0, 30), np.arange(5, 35)]   # 30 samples: batches of 8, 8, 8, 6
+    train = [np.arange(0, 30), np.arange(5, 35)]  # 30 samples: batches of 8, 8, 8, 6
     val = [np.arange(30, 40), np.arange(0, 5)]
     keys = [11, 12]
-    generators = [model_generator(0, key) for key in keys]
+    generators = [stacked_training.model_generator(0, key) for key in keys]
     params, state = igarss_exp2.initial_task_head_params(input_dim, kinds, generators)
     initial = {k: v.copy() for k, v in params.items()}
 
     def loss(outputs, batch, valid):
-        return tf.concat([igarss_exp2.task_head_loss(kind, outputs[i:i + 1], batch["target"][i:i + 1], valid[i:i + 1])
-                          for i, kind in enumerate(kinds)], axis=0)
+        return tf.concat(
+            [
+                igarss_exp2.task_head_loss(
+                    kind, outputs[i : i + 1], batch["target"][i : i + 1], valid[i : i + 1]
+                )
+                for i, kind in enumerate(kinds)
+            ],
+            axis=0,
+        )
 
-    stack = igarss_exp2.TaskHeadStack(params, igarss_exp2.task_head_forward, loss, {},
-                                      {"x": np.stack([x, x]), "target": np.stack([targets[k] for k in kinds])},
-                                      state=state, learning_rate=1e-2, batch_size=batch_size, model_keys=keys)
+    stack = stacked_training.OnePassValidationStack(
+        params,
+        igarss_exp2.task_head_forward,
+        loss,
+        {},
+        {"x": np.stack([x, x]), "target": np.stack([targets[k] for k in kinds])},
+        state=state,
+        learning_rate=1e-2,
+        batch_size=batch_size,
+        model_keys=keys,
+    )
     stack.fit(train, val, epochs, generators, chunk_epochs=epochs)
     for model_index, kind in enumerate(kinds):
         units = igarss_exp2.HEAD_KINDS[kind]["units"]
         model = igarss_exp2.build_task_head(input_dim, kind, learning_rate=1e-2)
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=model.loss, jit_compile=False)  # no XLA wait
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-2), loss=model.loss, jit_compile=False
+        )  # no XLA wait
         for layer in range(1, 5):
-            model.get_layer(f"dense{layer}").set_weights([initial[f"kernel{layer}"][model_index],
-                                                         initial[f"bias{layer}"][model_index]])
-        model.get_layer("output").set_weights([initial["kernel_out"][model_index][:, :units],
-                                               initial["bias_out"][model_index][:units]])
+            model.get_layer(f"dense{layer}").set_weights(
+                [initial[f"kernel{layer}"][model_index], initial[f"bias{layer}"][model_index]]
+            )
+        model.get_layer("output").set_weights(
+            [initial["kernel_out"][model_index][:, :units], initial["bias_out"][model_index][:units]]
+        )
         # The stack's batches: generators continue after initialisation, one permutation per epoch.
-        generator = model_generator(0, keys[model_index])
+        generator = stacked_training.model_generator(0, keys[model_index])
         igarss_exp2.initial_task_head_params(input_dim, [kind], [generator])
-        for epoch in range(epochs):
+        for _ in range(epochs):
             order = train[model_index][generator.permutation(30)]
             for start in range(0, 30, batch_size):
-                batch = order[start:start + batch_size]
+                batch = order[start : start + batch_size]
                 model.train_on_batch(x[batch], targets[kind][batch, :units])
         final_params = {k: v.numpy()[model_index] for k, v in stack.params.items()}
         final_state = {k: v.numpy()[model_index] for k, v in stack.state.items()}
@@ -247,8 +318,9 @@ def test_stacked_training_equals_keras_one_by_one_and_exports_exactly(tmp_path):
             np.testing.assert_allclose(final_params[f"beta{layer}"], beta, atol=2e-5)
             np.testing.assert_allclose(final_state[f"moving_mean{layer}"], moving_mean, atol=2e-5)
             np.testing.assert_allclose(final_state[f"moving_variance{layer}"], moving_variance, atol=2e-5)
-        np.testing.assert_allclose(final_params["kernel_out"][:, :units], model.get_layer("output").get_weights()[0],
-                                   atol=2e-5)
+        np.testing.assert_allclose(
+            final_params["kernel_out"][:, :units], model.get_layer("output").get_weights()[0], atol=2e-5
+        )
         assert np.all(final_params["kernel_out"][:, units:] == 0)
         # Export the best-validation head and reload it.
         best_params, best_state = stack.best()

@@ -1,16 +1,13 @@
 """igarss_exp2_sweep.py: CLI, a tiny demo sweep on generated exp1 sweep heads, resumption, bad inputs."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
-import pytest
+from conftest import assert_main_error, parse, run_script
 
 import igarss_exp2
 import igarss_exp2_sweep
-from common import awir
-from common import atomic
+from common import atomic, awir
 
 GRID = ((0.4, 0.1), (0.5, 0.2))
 
@@ -24,23 +21,43 @@ def write_exp1_sweep_heads(results, grid, folds, input_dim=awir.PAPER_EMBEDDING_
     rng = np.random.default_rng(0)
     for top_percent, random_percent in grid:
         for fold in folds:
-            model.set_weights([rng.normal(0, 0.05, (input_dim, 64)).astype(np.float32), np.zeros(64, np.float32)])
-            path = igarss_exp2.exp1_head_path(results, "clip", "tg_matl", fold,
-                                              igarss_exp2_sweep.config_dir(top_percent, random_percent))
+            model.set_weights(
+                [rng.normal(0, 0.05, (input_dim, 64)).astype(np.float32), np.zeros(64, np.float32)]
+            )
+            path = awir.exp1_head_path(
+                results, "clip", "tg_matl", fold, igarss_exp2_sweep.config_dir(top_percent, random_percent)
+            )
             atomic.save_keras(model, path)
 
 
 def sweep_args(results, *extra):
-    return igarss_exp2_sweep.get_args_parser().parse_args(
-        ["--embeddings", "clip", "--epochs", "3", "--folds", "1", "2", "--workers", "1",
-         "--results_dir", str(results), *extra])
+    return parse(
+        igarss_exp2_sweep,
+        [
+            "--embeddings",
+            "clip",
+            "--epochs",
+            "3",
+            "--folds",
+            "1",
+            "2",
+            "--workers",
+            "1",
+            "--results_dir",
+            results,
+            *extra,
+        ],
+    )
 
 
 def test_help():
-    result = subprocess.run([sys.executable, "igarss_exp2_sweep.py", "--help"], capture_output=True, text=True,
-                            timeout=300, check=False)
+    result = run_script("igarss_exp2_sweep.py", "--help", timeout=300)
     assert result.returncode == 0
-    assert "--top_percents" in result.stdout and "--random_percents" in result.stdout and "--demo" in result.stdout
+    assert (
+        "--top_percents" in result.stdout
+        and "--random_percents" in result.stdout
+        and "--demo" in result.stdout
+    )
 
 
 def test_demo_sweep_writes_grid_summary_and_resumes(tmp_path, capsys):
@@ -64,34 +81,56 @@ def test_demo_sweep_writes_grid_summary_and_resumes(tmp_path, capsys):
     for metric in igarss_exp2_sweep.HEATMAP_METRICS:
         assert (results / "exp2_results" / f"sweep_heatmap_{metric}.png").stat().st_size > 0
     # A second run reuses every finished (embedding, config, fold) set instead of retraining.
-    first = json.loads((results / "exp2_results" / "clip" / "tg_matl_tp40_rp10_fold1_taskhead_metrics.json").read_text())
+    first = json.loads(
+        (results / "exp2_results" / "clip" / "tg_matl_tp40_rp10_fold1_taskhead_metrics.json").read_text()
+    )
     igarss_exp2_sweep.main(sweep_args(results, "--demo"))
     output = capsys.readouterr().out
     assert "reusing 4 finished" in output and "# ---- train" not in output
-    again = json.loads((results / "exp2_results" / "clip" / "tg_matl_tp40_rp10_fold1_taskhead_metrics.json").read_text())
+    again = json.loads(
+        (results / "exp2_results" / "clip" / "tg_matl_tp40_rp10_fold1_taskhead_metrics.json").read_text()
+    )
     assert again == first
+    # Other training arguments are refused instead of mixed into the finished sets.
+    assert_main_error(
+        capsys,
+        lambda: igarss_exp2_sweep.main(sweep_args(results, "--demo", "--epochs", "4")),
+        "exp2_sweep_config.json",
+        "epochs=3 (now 4)",
+    )
 
 
 def test_missing_sweep_model_names_the_exp1_sweep_command(tmp_path, capsys):
     results = tmp_path / "results"
     data_path, embeddings_dir = awir.make_demo_data(tmp_path / "data", seed=0)
     write_exp1_sweep_heads(results, GRID[:1], (1, 2))
-    args = sweep_args(results, "--data", str(data_path), "--embeddings_dir", str(embeddings_dir),
-                      "--top_percents", "0.4", "--random_percents", "0.1", "0.2")
-    with pytest.raises(SystemExit) as exit_info:
-        igarss_exp2_sweep.main(args)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "\n" not in error
-    assert "tp40_rp20/tg_matl_best_fold1.h5" in error and "python igarss_exp1_sweep.py" in error
+    args = sweep_args(
+        results,
+        "--data",
+        str(data_path),
+        "--embeddings_dir",
+        str(embeddings_dir),
+        "--top_percents",
+        "0.4",
+        "--random_percents",
+        "0.1",
+        "0.2",
+    )
+    assert_main_error(
+        capsys,
+        lambda: igarss_exp2_sweep.main(args),
+        "tp40_rp20/tg_matl_best_fold1.h5",
+        "python igarss_exp1_sweep.py",
+    )
     assert not (results / "exp2_results").exists()
 
 
 def test_demo_without_sweep_models(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        igarss_exp2_sweep.main(sweep_args(tmp_path / "results", "--demo"))
-    assert exit_info.value.code == 2
-    assert "python igarss_exp1_sweep.py --demo" in capsys.readouterr().err
+    assert_main_error(
+        capsys,
+        lambda: igarss_exp2_sweep.main(sweep_args(tmp_path / "results", "--demo")),
+        "python igarss_exp1_sweep.py --demo",
+    )
 
 
 def test_config_dir_uses_integer_percent():

@@ -51,7 +51,7 @@ def brute_selection(score, labels, valid, top_percent, random_percent, random_ke
         ranked = sorted(members, key=lambda i: (-score[i], i))  # ties: the earlier sample first
         keep[ranked[:k_top]] = True
         if random_key is None:
-            keep[ranked[k_top:k_top + k_more]] = True
+            keep[ranked[k_top : k_top + k_more]] = True
         else:
             rest = sorted(ranked[k_top:], key=lambda i: (-random_key[i], i))
             keep[rest[:k_more]] = True
@@ -80,10 +80,12 @@ def test_distance_batch_all_and_batch_hard_equal_brute_force(seed):
     batch_all = stacked(triplet.batch_all_triplet_loss, points, labels, valid, MARGIN)
     batch_hard = stacked(triplet.batch_hard_triplet_loss, points, labels, valid, MARGIN)
     for model in range(len(points)):
-        assert batch_all[model] == pytest.approx(brute_batch_all(points[model], labels[model], valid[model]),
-                                                 rel=1e-4, abs=1e-5)
-        assert batch_hard[model] == pytest.approx(brute_batch_hard(points[model], labels[model], valid[model]),
-                                                  rel=1e-4, abs=1e-5)
+        assert batch_all[model] == pytest.approx(
+            brute_batch_all(points[model], labels[model], valid[model]), rel=1e-4, abs=1e-5
+        )
+        assert batch_hard[model] == pytest.approx(
+            brute_batch_hard(points[model], labels[model], valid[model]), rel=1e-4, abs=1e-5
+        )
 
 
 def test_batch_all_is_zero_without_violations_and_hard_uses_row_maximum_without_negatives():
@@ -96,7 +98,9 @@ def test_batch_all_is_zero_without_violations_and_hard_uses_row_maximum_without_
     same_class = np.zeros((1, 4), np.int32)
     expected = brute_batch_hard(points[0], same_class[0], valid[0])
     assert expected > 0
-    assert stacked(triplet.batch_hard_triplet_loss, points, same_class, valid, MARGIN)[0] == pytest.approx(expected, rel=1e-5)
+    assert stacked(triplet.batch_hard_triplet_loss, points, same_class, valid, MARGIN)[0] == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_batch_all_gradient_equals_relu_form():
@@ -107,20 +111,36 @@ def test_batch_all_gradient_equals_relu_form():
     def relu_form(distance, labels, valid):
         same = tf.equal(labels[:, :, None], labels[:, None, :])
         index = tf.range(labels.shape[1])
-        distinct = ((index[:, None, None] != index[None, :, None]) & (index[:, None, None] != index[None, None, :])
-                    & (index[None, :, None] != index[None, None, :]))
-        mask = (distinct[None] & same[:, :, :, None] & ~same[:, :, None, :] & valid[:, :, None, None]
-                & valid[:, None, :, None] & valid[:, None, None, :])
-        loss = tf.nn.relu(distance[:, :, :, None] - distance[:, :, None, :] + MARGIN) * tf.cast(mask, tf.float32)
-        return tf.reduce_sum(loss, [1, 2, 3]) / (tf.reduce_sum(tf.cast(loss > 1e-16, tf.float32), [1, 2, 3]) + 1e-16)
+        distinct = (
+            (index[:, None, None] != index[None, :, None])
+            & (index[:, None, None] != index[None, None, :])
+            & (index[None, :, None] != index[None, None, :])
+        )
+        mask = (
+            distinct[None]
+            & same[:, :, :, None]
+            & ~same[:, :, None, :]
+            & valid[:, :, None, None]
+            & valid[:, None, :, None]
+            & valid[:, None, None, :]
+        )
+        loss = tf.nn.relu(distance[:, :, :, None] - distance[:, :, None, :] + MARGIN) * tf.cast(
+            mask, tf.float32
+        )
+        return tf.reduce_sum(loss, [1, 2, 3]) / (
+            tf.reduce_sum(tf.cast(loss > 1e-16, tf.float32), [1, 2, 3]) + 1e-16
+        )
 
     with tf.GradientTape(persistent=True) as tape:
         distance = triplet.pairwise_distance(points)
-        ours = tf.reduce_sum(triplet.batch_all_triplet_loss(distance, tf.constant(labels), tf.constant(valid), MARGIN))
+        ours = tf.reduce_sum(
+            triplet.batch_all_triplet_loss(distance, tf.constant(labels), tf.constant(valid), MARGIN)
+        )
         reference = tf.reduce_sum(relu_form(distance, tf.constant(labels), tf.constant(valid)))
     np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(tape.gradient(ours, points).numpy(), tape.gradient(reference, points).numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        tape.gradient(ours, points).numpy(), tape.gradient(reference, points).numpy(), atol=1e-6
+    )
 
 
 def test_distance_gradient_is_finite_for_coinciding_points():
@@ -136,11 +156,13 @@ def test_matl_equals_weighted_sum_of_brute_force_terms(seed):
     clusters = np.random.default_rng(seed + 100).integers(0, 3, labels.shape).astype(np.int32)
     box_weight = 0.3
     distance = triplet.pairwise_distance(tf.constant(points))
-    ours = triplet.matl_loss(distance, tf.constant(labels), tf.constant(clusters), tf.constant(valid), MARGIN,
-                             box_weight).numpy()
+    ours = triplet.matl_loss(
+        distance, tf.constant(labels), tf.constant(clusters), tf.constant(valid), MARGIN, box_weight
+    ).numpy()
     for model in range(len(points)):
-        expected = ((1 - box_weight) * brute_batch_all(points[model], labels[model], valid[model])
-                    + box_weight * brute_batch_all(points[model], clusters[model], valid[model]))
+        expected = (1 - box_weight) * brute_batch_all(
+            points[model], labels[model], valid[model]
+        ) + box_weight * brute_batch_all(points[model], clusters[model], valid[model])
         assert ours[model] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
@@ -160,11 +182,22 @@ def test_task_guided_selection_equals_brute_force(seed, mode):
     random_percent = np.array([0.1, 0.05, 0.2, 0.3, 0.9])  # the last asks for more than the class has
     random_key = rng.random((num_models, batch_size)) if mode == "random" else None
     keep = triplet.task_guided_selection(
-        tf.constant(score), tf.constant(labels), tf.constant(valid), tf.constant(top_percent),
-        tf.constant(random_percent), None if random_key is None else tf.constant(random_key)).numpy()
+        tf.constant(score),
+        tf.constant(labels),
+        tf.constant(valid),
+        tf.constant(top_percent),
+        tf.constant(random_percent),
+        None if random_key is None else tf.constant(random_key),
+    ).numpy()
     for model in range(num_models):
-        expected = brute_selection(score[model], labels[model], valid[model], top_percent[model],
-                                   random_percent[model], None if random_key is None else random_key[model])
+        expected = brute_selection(
+            score[model],
+            labels[model],
+            valid[model],
+            top_percent[model],
+            random_percent[model],
+            None if random_key is None else random_key[model],
+        )
         np.testing.assert_array_equal(keep[model], expected)
 
 
@@ -174,11 +207,13 @@ def test_selection_counts_follow_the_floor_rule():
     labels = np.zeros((1, 10), np.int32)
     valid = np.ones((1, 10), bool)
     score = np.arange(10, dtype=np.float64)[None]
-    keep = triplet.task_guided_selection(tf.constant(score), tf.constant(labels), tf.constant(valid),
-                                         tf.constant([0.7]), tf.constant([0.0])).numpy()
+    keep = triplet.task_guided_selection(
+        tf.constant(score), tf.constant(labels), tf.constant(valid), tf.constant([0.7]), tf.constant([0.0])
+    ).numpy()
     assert keep.sum() == 7 and keep[0, 3:].all()
-    keep = triplet.task_guided_selection(tf.constant(score), tf.constant(labels), tf.constant(valid),
-                                         tf.constant([0.7]), tf.constant([0.5])).numpy()
+    keep = triplet.task_guided_selection(
+        tf.constant(score), tf.constant(labels), tf.constant(valid), tf.constant([0.7]), tf.constant([0.5])
+    ).numpy()
     assert keep.all()
 
 
@@ -186,12 +221,18 @@ def test_tg_matl_is_matl_on_the_selected_triplets():
     points, labels, valid = random_batches(3, num_models=2, batch_size=24)
     clusters = np.random.default_rng(9).integers(0, 3, labels.shape).astype(np.int32)
     score = np.random.default_rng(10).random(labels.shape)
-    keep = triplet.task_guided_selection(tf.constant(score), tf.constant(labels), tf.constant(valid),
-                                         tf.constant([0.5, 0.5]), tf.constant([0.2, 0.2]))
+    keep = triplet.task_guided_selection(
+        tf.constant(score),
+        tf.constant(labels),
+        tf.constant(valid),
+        tf.constant([0.5, 0.5]),
+        tf.constant([0.2, 0.2]),
+    )
     distance = triplet.pairwise_distance(tf.constant(points))
     ours = triplet.matl_loss(distance, tf.constant(labels), tf.constant(clusters), keep, MARGIN, 0.5).numpy()
     for model in range(2):
         kept = brute_selection(score[model], labels[model], valid[model], 0.5, 0.2)
-        expected = 0.5 * brute_batch_all(points[model], labels[model], kept) + \
-            0.5 * brute_batch_all(points[model], clusters[model], kept)
+        expected = 0.5 * brute_batch_all(points[model], labels[model], kept) + 0.5 * brute_batch_all(
+            points[model], clusters[model], kept
+        )
         assert ours[model] == pytest.approx(expected, rel=1e-4, abs=1e-5)
