@@ -40,10 +40,6 @@ import sys
 import time
 from pathlib import Path
 
-# fmt: off
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
-# fmt: on
-
 import numpy as np
 import torch
 import transformers

@@ -22,12 +22,9 @@ It ends with
 """
 
 import functools
-import os
 from pathlib import Path
 
-# fmt: off
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
-# fmt: on
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import numpy as np
 

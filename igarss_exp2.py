@@ -30,13 +30,10 @@ It ends with one line per method; the demo prints, e.g.
 
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
-# fmt: off
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
-# fmt: on
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import numpy as np
 import tensorflow as tf

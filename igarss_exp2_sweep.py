@@ -23,13 +23,10 @@ line each for acc, r2_feat and r2_loc naming the best grid point (fold means, th
     summary: best r2_feat <value> at top_percent <T> random_percent <R> (mean over 3 embeddings x 8 folds)
 """
 
-import os
 import re
 from pathlib import Path
 
-# fmt: off
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501
-# fmt: on
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import numpy as np
 

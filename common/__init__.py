@@ -13,7 +13,8 @@ startup           imported before TensorFlow: keeps its C++ start-up lines out o
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
 lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
-awir              TG-MATL data protocol: labels, box features, clusters, the one fold split
+awir              TG-MATL data protocol: labels, box features, clusters, the one fold split, shared flags
+npy               .npy/.npz headers read without loading; rows streamed in batches; row-chunk checkpoints
 spml_losses       SPML baselines: losses, label state, single positives, mAP/F1, batches, trainer
 aid_multilabel    AID-multilabel reader: JPEG tree + label CSVs, single positives, validation split, demo data
 bigearthnet       BigEarthNet v2 reader: LMDB of safetensors bands, metadata.parquet, single positives
