@@ -15,8 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_script(script, *arguments, cwd=REPO, timeout=900, env=None):
-    """Run `python <script> <arguments>` (a subprocess, as a user would) and return the completed process."""
-    environment = {**os.environ, **(env or {})}
+    """Run `python <script> <arguments>` (a subprocess, as a user would) and return the completed process.
+
+    TensorFlow's log level is left to the script (as for a user who set none), unless `env` sets it.
+    """
+    environment = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    environment.update(env or {})
     return subprocess.run(
         [sys.executable, str(REPO / script), *map(str, arguments)],
         cwd=cwd,
