@@ -20,12 +20,13 @@ def test_concept_relevance_is_product_of_active_weights():
 def test_acquisition_score_matches_hand_computation():
     uncertainty = np.array([0.2, 0.6, 0.4, 0.6])
     relevance = np.array([1.0, 2.0, 6.0, 3.0])
-    u_normalised = np.array([0.0, 1.0, 0.5, 1.0])            # (u - 0.2) / 0.4
-    r_normalised = np.array([0.0, 0.2, 1.0, 0.4])            # (r - 1) / 5
+    u_normalised = np.array([0.0, 1.0, 0.5, 1.0])  # (u - 0.2) / 0.4
+    r_normalised = np.array([0.0, 0.2, 1.0, 0.4])  # (r - 1) / 5
     np.testing.assert_allclose(owl.min_max(uncertainty), u_normalised)
     np.testing.assert_allclose(owl.min_max(relevance), r_normalised)
-    np.testing.assert_allclose(owl.acquisition_score(uncertainty, relevance, 0.3),
-                               0.3 * u_normalised + 0.7 * r_normalised)
+    np.testing.assert_allclose(
+        owl.acquisition_score(uncertainty, relevance, 0.3), 0.3 * u_normalised + 0.7 * r_normalised
+    )
     # A constant vector carries no ranking information and normalises to zeros, not NaN.
     np.testing.assert_array_equal(owl.min_max([5.0, 5.0, 5.0]), [0.0, 0.0, 0.0])
 
@@ -58,8 +59,13 @@ def _tiny_args(**overrides):
 def _tiny_arm(tmp_path, **overrides):
     args = _tiny_args(initial_budget=4, query_budget=30, **overrides)
     images, labels, _ = owl_gps_data.synthetic_dataset(40, 8, 0.3, 1)
-    data = {"source": owl_gps_data.ArrayPatches(images), "labels": labels,
-            "active": np.zeros((40, 1), dtype=bool), "locations": None, "name": "tiny"}
+    data = {
+        "source": owl_gps_data.ArrayPatches(images),
+        "labels": labels,
+        "active": np.zeros((40, 1), dtype=bool),
+        "locations": None,
+        "name": "tiny",
+    }
     learner = owl.Learner(args, 8)
     return owl.ActiveLearningRun(args, data, learner, tmp_path, "concept", 0), learner
 
@@ -80,7 +86,9 @@ def test_query_never_reselects_labelled_and_caps_at_pool(tmp_path):
 
 def test_alpha_schedule():
     assert owl.alpha_for_round(0.5, "constant", 7, 10) == 0.5
-    assert [owl.alpha_for_round(0.5, "linear", t, 10) for t in (0, 3, 7, 9)] == pytest.approx([0.3, 0.6, 1.0, 1.0])
+    assert [owl.alpha_for_round(0.5, "linear", t, 10) for t in (0, 3, 7, 9)] == pytest.approx(
+        [0.3, 0.6, 1.0, 1.0]
+    )
 
 
 def test_entropy_formula():
@@ -104,12 +112,14 @@ def test_learner_reptile_step_on_tiny_model(keep_optimizer_state):
     learner.initialise(3)
     images, labels, _ = owl_gps_data.synthetic_dataset(12, 8, 0.3, 2)
     patches = owl_gps_data.ArrayPatches(images).read(np.arange(12))
-    learner.train_round(patches, labels, np.random.default_rng(0))   # gives Adam non-zero moments
+    learner.train_round(patches, labels, np.random.default_rng(0))  # gives Adam non-zero moments
     theta = learner.members[0].get_weights()
     query_loss = learner.reptile(patches[:10], labels[:10], np.random.default_rng(1))
     adapted = learner.adapted.get_weights()
-    assert any(not np.allclose(a, t) for a, t in zip(adapted, theta)), "the inner SGD step changed nothing"
-    for updated, before, after in zip(learner.members[0].get_weights(), theta, adapted):
+    assert any(not np.allclose(a, t) for a, t in zip(adapted, theta, strict=True)), (
+        "the inner SGD step changed nothing"
+    )
+    for updated, before, after in zip(learner.members[0].get_weights(), theta, adapted, strict=True):
         np.testing.assert_allclose(updated, before + 0.25 * (after - before), rtol=1e-5, atol=1e-7)
     assert np.isfinite(query_loss) and query_loss > 0
     moments = [v for v in learner.optimizers[0].variables if "momentum" in v.path]
@@ -120,12 +130,16 @@ def test_uncertainty_estimators_are_bounded_and_batched():
     images, _, _ = owl_gps_data.synthetic_dataset(17, 8, 0.0, 4)
     source = owl_gps_data.ArrayPatches(images)
     ids = np.arange(17)
-    for uncertainty, mc_score in (("entropy", "entropy"), ("mc_dropout", "entropy"), ("mc_dropout", "bald"),
-                                  ("ensemble", "entropy")):
+    for uncertainty, mc_score in (
+        ("entropy", "entropy"),
+        ("mc_dropout", "entropy"),
+        ("mc_dropout", "bald"),
+        ("ensemble", "entropy"),
+    ):
         learner = owl.Learner(_tiny_args(uncertainty=uncertainty, mc_score=mc_score), 8)
         learner.initialise(0)
         learner.reseed_dropout(0, 1, 2)
-        scores = learner.pool_uncertainty(source, ids)   # 17 patches in batches of 7
+        scores = learner.pool_uncertainty(source, ids)  # 17 patches in batches of 7
         assert scores.shape == (17,)
         assert (scores >= -1e-6).all() and (scores <= math.log(2) + 1e-6).all()
         if uncertainty == "entropy":
@@ -177,4 +191,3 @@ def test_read_queue_validation(tmp_path):
     path.write_text("id,row,col,score,label\n4,,,0.9,1\n")
     with pytest.raises(InputError, match="queued id 9 is missing"):
         owl_gps_data.read_queue(path, [4, 9])
-

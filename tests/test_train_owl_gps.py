@@ -13,7 +13,9 @@ from common import atomic, owl_gps_data
 
 SCRIPT = "train_owl_gps.py"
 # Tiny settings for everything but the learning check: 16 px patches, 2 epochs.
-TINY = "--n_samples 120 --image_size 16 --epochs 2 --initial_budget 10 --query_budget 8 --deterministic".split()
+TINY = (
+    "--n_samples 120 --image_size 16 --epochs 2 --initial_budget 10 --query_budget 8 --deterministic".split()
+)
 
 
 def run_main(*arguments):
@@ -47,14 +49,29 @@ def demo(tmp_path_factory):
 def test_help():
     result = run_script(SCRIPT, "--help")
     assert result.returncode == 0
-    for flag in ("--query_strategy", "--uncertainty", "--alpha_schedule", "--oracle", "--concept_weights", "--resume"):
+    for flag in (
+        "--query_strategy",
+        "--uncertainty",
+        "--alpha_schedule",
+        "--oracle",
+        "--concept_weights",
+        "--resume",
+    ):
         assert flag in result.stdout
 
 
 def test_demo_writes_documented_files(demo):
     _, results, run_dir = demo
-    for name in ("config.json", "rounds.csv", "labels.csv", "auc_curve.png", "metrics.json", "model.keras",
-                 "checkpoints/state.json", "checkpoints/round_010.npz"):
+    for name in (
+        "config.json",
+        "rounds.csv",
+        "labels.csv",
+        "auc_curve.png",
+        "metrics.json",
+        "model.keras",
+        "checkpoints/state.json",
+        "checkpoints/round_010.npz",
+    ):
         assert (run_dir / name).is_file(), name
     for name in ("images.npy", "labels.npy", "concepts.csv"):
         assert (results / "demo_data" / "train_owl_gps" / name).is_file()
@@ -89,7 +106,18 @@ def test_demo_hides_tensorflow_start_up_logs(demo):
 
 
 def test_strategy_all_with_seeds_plots_four_strategies(tmp_path):
-    run_main("--demo", *TINY, "--n_rounds", "2", "--query_strategy", "all", "--seeds", "2", "--results_dir", tmp_path)
+    run_main(
+        "--demo",
+        *TINY,
+        "--n_rounds",
+        "2",
+        "--query_strategy",
+        "all",
+        "--seeds",
+        "2",
+        "--results_dir",
+        tmp_path,
+    )
     run_dir = tmp_path / "train_owl_gps" / "demo"
     comparison = read_csv(run_dir / "strategy_comparison.csv")
     assert sorted({row["strategy"] for row in comparison}) == sorted(owl.STRATEGIES)
@@ -97,8 +125,14 @@ def test_strategy_all_with_seeds_plots_four_strategies(tmp_path):
     rounds = read_csv(run_dir / "rounds.csv")
     assert len(rounds) == 4 * 2 * 2
     # Identical splits and initial labels across strategies for a given seed.
-    initial = {strategy: sorted(r["id"] for r in read_csv(run_dir / f"{strategy}_seed1" / "labels.csv")
-                                if r["strategy"] == "initial") for strategy in owl.STRATEGIES}
+    initial = {
+        strategy: sorted(
+            r["id"]
+            for r in read_csv(run_dir / f"{strategy}_seed1" / "labels.csv")
+            if r["strategy"] == "initial"
+        )
+        for strategy in owl.STRATEGIES
+    }
     assert len({tuple(ids) for ids in initial.values()}) == 1
     first_round = {r["test_auc"] for r in rounds if r["round"] == "1" and r["seed"] == "1"}
     assert len(first_round) == 1, "round 1 trains on the same labels with the same initial weights"
@@ -146,8 +180,20 @@ def test_resume_with_changed_settings_is_refused(tmp_path, capsys):
 
 
 def test_ensemble_and_linear_schedule_run(tmp_path):
-    run_main("--demo", *TINY, "--n_rounds", "2", "--uncertainty", "ensemble", "--ensemble_size", "2",
-             "--alpha_schedule", "linear", "--results_dir", tmp_path)
+    run_main(
+        "--demo",
+        *TINY,
+        "--n_rounds",
+        "2",
+        "--uncertainty",
+        "ensemble",
+        "--ensemble_size",
+        "2",
+        "--alpha_schedule",
+        "linear",
+        "--results_dir",
+        tmp_path,
+    )
     run_dir = tmp_path / "train_owl_gps" / "demo"
     assert (run_dir / "model.keras").is_file() and (run_dir / "model_member1.keras").is_file()
     assert [float(r["alpha"]) for r in read_csv(run_dir / "rounds.csv")] == pytest.approx([0.3, 0.8])
@@ -176,20 +222,24 @@ def test_csv_oracle_round_trip_equals_simulated_run(tmp_path, capsys):
         if round_number == 1:
             # A blank answer is refused with one line and the label store is left as it was.
             store_before = (run_dir / "labels.csv").read_bytes()
-            expect_input_error(capsys, [*common, "--run_name", "human", "--oracle", "csv", "--resume"],
-                               "blank label for id")
+            expect_input_error(
+                capsys, [*common, "--run_name", "human", "--oracle", "csv", "--resume"], "blank label for id"
+            )
             assert (run_dir / "labels.csv").read_bytes() == store_before
             bad = [{**row, "label": "2" if i == 0 else truth[int(row["id"])]} for i, row in enumerate(rows)]
             atomic.write_csv(queue_path, bad, list(rows[0]))
-            expect_input_error(capsys, [*common, "--run_name", "human", "--oracle", "csv", "--resume"],
-                               "is not 0/1")
+            expect_input_error(
+                capsys, [*common, "--run_name", "human", "--oracle", "csv", "--resume"], "is not 0/1"
+            )
             assert (run_dir / "labels.csv").read_bytes() == store_before
         filled = [{**row, "label": int(truth[int(row["id"])])} for row in rows]
         atomic.write_csv(queue_path, filled, list(rows[0]))
         result = run_main(*common, "--run_name", "human", "--oracle", "csv", "--resume")
         assert (result is None) == (round_number < 2)
     simulated = tmp_path / "train_owl_gps" / "simulated"
-    assert without_seconds(read_csv(simulated / "rounds.csv")) == without_seconds(read_csv(run_dir / "rounds.csv"))
+    assert without_seconds(read_csv(simulated / "rounds.csv")) == without_seconds(
+        read_csv(run_dir / "rounds.csv")
+    )
     assert read_csv(simulated / "labels.csv") == read_csv(run_dir / "labels.csv")
     assert (run_dir / "metrics.json").is_file()
 
@@ -199,8 +249,8 @@ def test_geotiff_with_concepts_and_labels_csv(tmp_path):
     from common.raster import write_geotiff
 
     rng = np.random.default_rng(0)
-    scene = rng.random((4, 16 * 8, 16 * 8)).astype(np.float32)   # an 8 x 8 grid of 16 px patches
-    scene[:, 0:3, 16:19] = -9999.0                                  # patch (0, 1) touches nodata
+    scene = rng.random((4, 16 * 8, 16 * 8)).astype(np.float32)  # an 8 x 8 grid of 16 px patches
+    scene[:, 0:3, 16:19] = -9999.0  # patch (0, 1) touches nodata
     write_geotiff(tmp_path / "scene.tif", scene, nodata=-9999.0)
     grid = [(row, col) for row in range(8) for col in range(8)]
     with open(tmp_path / "concepts.csv", "w") as file:
@@ -209,13 +259,31 @@ def test_geotiff_with_concepts_and_labels_csv(tmp_path):
     with open(tmp_path / "labels.csv", "w") as file:
         file.write("row,col,label\n")
         file.writelines(f"{r},{c},{(r * 8 + c) % 3 == 0:d}\n" for r, c in grid)
-    run_main("--geotiff", tmp_path / "scene.tif", "--concepts_csv", tmp_path / "concepts.csv",
-             "--labels_csv", tmp_path / "labels.csv", "--patch_size", "16", "--initial_budget", "10",
-             "--query_budget", "6", "--n_rounds", "2", "--epochs", "1", "--results_dir", tmp_path / "out",
-             "--run_name", "scene")
+    run_main(
+        "--geotiff",
+        tmp_path / "scene.tif",
+        "--concepts_csv",
+        tmp_path / "concepts.csv",
+        "--labels_csv",
+        tmp_path / "labels.csv",
+        "--patch_size",
+        "16",
+        "--initial_budget",
+        "10",
+        "--query_budget",
+        "6",
+        "--n_rounds",
+        "2",
+        "--epochs",
+        "1",
+        "--results_dir",
+        tmp_path / "out",
+        "--run_name",
+        "scene",
+    )
     run_dir = tmp_path / "out" / "train_owl_gps" / "scene"
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["derived"]["n_samples"] == 63                     # the nodata patch is dropped
+    assert config["derived"]["n_samples"] == 63  # the nodata patch is dropped
     labels = read_csv(run_dir / "labels.csv")
     assert len(labels) == 16 and all(row["row"] != "" and row["col"] != "" for row in labels)
     assert ("0", "1") not in {(row["row"], row["col"]) for row in labels}
@@ -224,17 +292,39 @@ def test_geotiff_with_concepts_and_labels_csv(tmp_path):
     land_cover = np.kron(np.arange(64).reshape(8, 8) % 4, np.ones((16, 16))).astype(np.uint8)
     write_geotiff(tmp_path / "land_cover.tif", land_cover)
     write_geotiff(tmp_path / "distance.tif", np.full((128, 128), 0.2, np.float32))
-    run_main("--geotiff", tmp_path / "scene.tif", "--land_cover_geotiff", tmp_path / "land_cover.tif",
-             "--distance_geotiff", tmp_path / "distance.tif", "--labels_csv", tmp_path / "labels.csv",
-             "--patch_size", "16", "--initial_budget", "10", "--n_rounds", "1", "--epochs", "1",
-             "--results_dir", tmp_path / "out", "--run_name", "rasters")
+    run_main(
+        "--geotiff",
+        tmp_path / "scene.tif",
+        "--land_cover_geotiff",
+        tmp_path / "land_cover.tif",
+        "--distance_geotiff",
+        tmp_path / "distance.tif",
+        "--labels_csv",
+        tmp_path / "labels.csv",
+        "--patch_size",
+        "16",
+        "--initial_budget",
+        "10",
+        "--n_rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--results_dir",
+        tmp_path / "out",
+        "--run_name",
+        "rasters",
+    )
     assert (tmp_path / "out" / "train_owl_gps" / "rasters" / "metrics.json").is_file()
     data = owl_gps_data.load_geotiff_dataset(
-        tmp_path / "scene.tif", ["urban", "near_industrial"], patch_size=16,
-        land_cover_geotiff=tmp_path / "land_cover.tif", distance_geotiff=tmp_path / "distance.tif")
+        tmp_path / "scene.tif",
+        ["urban", "near_industrial"],
+        patch_size=16,
+        land_cover_geotiff=tmp_path / "land_cover.tif",
+        distance_geotiff=tmp_path / "distance.tif",
+    )
     expected_urban = [(r * 8 + c) % 4 == 1 for r, c in data["locations"]]
     np.testing.assert_array_equal(data["active"][:, 0], expected_urban)
-    assert data["active"][:, 1].all()                              # mean distance 0.2 < 0.3
+    assert data["active"][:, 1].all()  # mean distance 0.2 < 0.3
 
 
 @pytest.fixture
@@ -244,12 +334,18 @@ def data_dir(tmp_path):
     return tmp_path / "data"
 
 
-@pytest.mark.parametrize("problem, fragment", [
-    ("rank", "rank 4"), ("bands", "has 3 bands in axis 1"), ("labels", "label 2 at index 5 is not 0/1"),
-    ("fractional_labels", "label 0.5 at index 0 is not 0/1"),
-    ("missing_id", "no row for id 7"), ("missing_column", "missing column(s) urban"),
-    ("nan", "patch 3 contains NaN"),
-])
+@pytest.mark.parametrize(
+    "problem, fragment",
+    [
+        ("rank", "rank 4"),
+        ("bands", "has 3 bands in axis 1"),
+        ("labels", "label 2 at index 5 is not 0/1"),
+        ("fractional_labels", "label 0.5 at index 0 is not 0/1"),
+        ("missing_id", "no row for id 7"),
+        ("missing_column", "missing column(s) urban"),
+        ("nan", "patch 3 contains NaN"),
+    ],
+)
 def test_bad_data_gives_one_line_and_exit_2(data_dir, tmp_path, capsys, problem, fragment):
     images = np.load(data_dir / "images.npy")
     if problem == "rank":
@@ -270,10 +366,12 @@ def test_bad_data_gives_one_line_and_exit_2(data_dir, tmp_path, capsys, problem,
         if problem == "missing_id":
             lines = [line for line in lines if not line.startswith("7,")]
         else:
-            lines = [",".join(part for i, part in enumerate(line.split(",")) if i not in (1, 3)) for line in lines]
+            lines = [
+                ",".join(part for i, part in enumerate(line.split(",")) if i not in (1, 3)) for line in lines
+            ]
         (data_dir / "concepts.csv").write_text("\n".join(lines) + "\n")
-    line = expect_input_error(capsys, ["--data_dir", data_dir, "--results_dir", tmp_path / "out", "--epochs", "1"],
-                              fragment)
+    line = expect_input_error(
+        capsys, ["--data_dir", data_dir, "--results_dir", tmp_path / "out", "--epochs", "1"], fragment
+    )
     assert str(data_dir) in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("labels.csv"))
-
