@@ -259,8 +259,8 @@ class Learner:
 
         Dropout is the only stochastic layer and sits after Dense(128), so running the convolutional
         trunk once and only the Dropout -> Dense(2) head T times gives exactly the distribution of T
-        full passes at about 1/T of the cost. Moments are accumulated in place: only batch-sized
-        tensors are ever held, never pool x T probabilities.
+        full passes at about 1/T of the cost (test_mc_dropout_moments_equal_full_passes). Moments are
+        accumulated in place: only batch-sized tensors are ever held, never pool x T probabilities.
         """
         tf, passes = self.tf, self.args.mc_passes
         dropout, logits = model.layers[-2], model.layers[-1]
