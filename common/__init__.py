@@ -9,6 +9,7 @@ pipelines         tf.data helpers: (seed, epoch) orders, reader errors as InputE
 plots             Agg backend, atomic save, confusion matrices, curves, grouped bars
 reports           mean +- std over folds or seeds, CSV and markdown tables
 parallel          one spawn-process job runner behind every --workers
+startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split

@@ -254,3 +254,25 @@ def test_run_jobs_in_processes_equals_in_process():
     parallel.run_jobs(square, [1, 2, 3], 1, on_result=here.__setitem__)
     parallel.run_jobs(square, [1, 2, 3], 2, on_result=there.__setitem__, in_order=True)
     assert here == there == {1: 1, 2: 4, 3: 9}
+
+
+# ---- startup ----
+
+
+def test_startup_keeps_tensorflow_start_up_lines_out_unless_a_level_is_set():
+    import subprocess
+    import sys
+
+    code = "import common.startup, sys, tensorflow as tf; tf.ones(2); print('own', file=sys.stderr)"
+    environment = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
+    )
+    assert quiet.stderr == "own\n"
+    chosen = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**environment, "TF_CPP_MIN_LOG_LEVEL": "0"},
+    )
+    assert "oneDNN" in chosen.stderr or "cpu_feature_guard" in chosen.stderr
