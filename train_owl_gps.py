@@ -15,8 +15,7 @@ Commands:
     python train_owl_gps.py --demo                                  # tutorial loop, ~10 s CPU
     python train_owl_gps.py --demo --query_strategy all --seeds 5   # four strategies, shaded bands
     python train_owl_gps.py --demo --uncertainty mc_dropout --alpha_schedule linear
-    python train_owl_gps.py --data_dir DIR                          # DIR/images.npy (N,4,H,W),
-                                                                    # labels.npy, concepts.csv
+    python train_owl_gps.py --data_dir DIR          # DIR/images.npy (N,4,H,W), labels.npy, concepts.csv
     python train_owl_gps.py --geotiff scene.tif --concepts_csv c.csv --labels_csv l.csv
     python train_owl_gps.py --data_dir DIR --oracle csv             # writes queue_round{t}.csv, stops
     python train_owl_gps.py --data_dir DIR --oracle csv --resume    # reads your labels, continues
@@ -30,20 +29,16 @@ are pure noise, as in the tutorial, and the test AUC stays near 0.5 by design.
 `--query_strategy all --seeds 5` takes about 20 times longer.
 """
 
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault(
-    "TF_CPP_MIN_LOG_LEVEL", "2"
-)  # TensorFlow's C++ start-up logs, unless the user chose a level
+import common.startup  # noqa: F401  (loads TensorFlow quietly; must come before it)
 
 import numpy as np
 
-from common import atomic, checkpoints, cli, owl_gps_data, plots, reports, runs
-from common.errors import InputError, cli_entry, require, require_file
+from common import atomic, checkpoints, cli, owl_gps_data, reports, runs
+from common.errors import InputError, cli_entry, require
 
 SCRIPT_STEM = "train_owl_gps"
 STRATEGIES = ("concept", "uncertainty", "relevance", "random")
@@ -57,83 +52,46 @@ RUN_SETTINGS = (
     *("n_samples", "image_size"),
 )
 KEEP_CHECKPOINTS = 3
+# One printed row of the round table: strategy, seed, then the round's figures.
+ROUND_LINE = "{:>11} seed {} | round {round:>2} | labelled {n_labeled:>4} | alpha {alpha:.2f}"
+ROUND_LINE += " | test AUC {test_auc:.4f} | train loss {train_loss:.4f}"
+ROUND_LINE += " | meta query loss {meta_query_loss:.4f} | {seconds:.1f}s"
+# (flag, default, help) per argument group, after the data flags of common.owl_gps_data; the type is
+# the default's, a tuple default lists the choices (the first is the default) and False makes a switch.
+FLAGS = {
+    "active learning": (
+        ("--seeds", 1, "Repeat every strategy with seeds seed..seed+seeds-1 (mean +- std bands)."),
+        ("--n_rounds", 10, "Active-learning rounds."),
+        ("--initial_budget", 20, "Random initial labels."),
+        ("--query_budget", 10, "Labels queried per round."),
+        ("--alpha", 0.5, "Weight of uncertainty against concept relevance."),
+        ("--concept_weights", "urban=2,near_industrial=3", "Relevance = product of active weights."),
+        ("--mc_passes", 20, "MC-dropout forward passes T."),
+        ("--ensemble_size", 5, "Deep-ensemble members K; disagreement = mutual information."),
+        ("--score_batch_size", 1024, "Pool patches scored per batch (memory bounded by one batch)."),
+        ("--query_strategy", (*STRATEGIES, "all"), "concept: alpha*u + (1-alpha)*r; all: every strategy."),
+        ("--alpha_schedule", ("constant", "linear"), "linear: alpha_t = min(1, t / n_rounds + 0.3)."),
+        ("--uncertainty", ("entropy", "mc_dropout", "ensemble"), "Softmax entropy, MC-dropout or ensemble."),
+        ("--mc_score", ("entropy", "bald"), "MC-dropout score: predictive entropy or BALD."),
+        ("--oracle", ("simulated", "csv"), "csv: writes queue_round{t}.csv, stops, reads it on --resume."),
+    ),
+    "training and Reptile": (
+        ("--epochs", 5, "Epochs over the labelled set per round."),
+        ("--batch_size", 16, "Training batch size."),
+        ("--learning_rate", 1e-3, "Adam learning rate."),
+        ("--inner_lr", 0.01, "Reptile inner SGD learning rate."),
+        ("--meta_lr", 0.1, "Reptile: theta <- theta + meta_lr * (theta_adapted - theta); 0 disables."),
+        ("--inner_steps", 5, "At most this many inner batches over the support half."),
+        ("--inner_batch_size", 8, "Reptile inner batch size."),
+        ("--keep_optimizer_state", False, "Keep Adam's stale moments after Reptile (tutorial); else reset."),
+    ),
+}
 
 
 def get_args_parser():
-    parser = cli.Parser(
-        "train_owl_gps", description="Concept-weighted active learning with Reptile (OWL-GPS)."
-    )
+    parser = cli.Parser(SCRIPT_STEM, description="Concept-weighted active learning with Reptile (OWL-GPS).")
     cli.add_demo_argument(parser, "in the --data_dir format (images.npy, labels.npy, concepts.csv).")
-    # (flag, default, help) per group; the type is the default's. Defaults are the tutorial's values.
-    groups = {
-        "data": (
-            ("--data_dir", "", "Folder with images.npy (N,4,H,W) float, labels.npy (N,) 0/1, concepts.csv."),
-            ("--geotiff", "", "A 4-band (R,G,B,NIR) GeoTIFF tiled into non-overlapping patches."),
-            ("--concepts_csv", "", "With --geotiff: concepts per patch keyed by patch grid row, col."),
-            (
-                "--land_cover_geotiff",
-                "",
-                "Instead of --concepts_csv: land cover (1 = urban), patch majority.",
-            ),
-            (
-                "--distance_geotiff",
-                "",
-                "With --land_cover_geotiff: distance to industry in [0,1], patch mean.",
-            ),
-            ("--labels_csv", "", "With --geotiff: known labels (row, col, label); without: --oracle csv."),
-            ("--patch_size", 32, "GeoTIFF patch size in pixels."),
-            ("--reflectance_scale", 1.0, "GeoTIFF values are divided by this (10000 for Sentinel-2 L2A)."),
-            ("--near_industrial_threshold", 0.3, "near_industrial = dist_industrial < threshold."),
-            ("--test_fraction", 0.2, "Seeded 80/20 pool/test split."),
-            ("--data_seed", 42, "Seed of the synthetic generator."),
-            ("--n_samples", 500, "Synthetic patches."),
-            ("--image_size", 32, "Synthetic patch size."),
-            ("--signal", 0.1, "Strength of the planted NIR/red blob; 0 is the tutorial's pure noise."),
-        ),
-        "active learning": (
-            ("--seeds", 1, "Repeat every strategy with seeds seed..seed+seeds-1 (mean +- std bands)."),
-            ("--n_rounds", 10, "Active-learning rounds."),
-            ("--initial_budget", 20, "Random initial labels."),
-            ("--query_budget", 10, "Labels queried per round."),
-            ("--alpha", 0.5, "Weight of uncertainty against concept relevance."),
-            ("--concept_weights", "urban=2,near_industrial=3", "Relevance = product of active weights."),
-            ("--mc_passes", 20, "MC-dropout forward passes T."),
-            ("--ensemble_size", 5, "Deep-ensemble members K; disagreement = mutual information."),
-            ("--score_batch_size", 1024, "Pool patches scored per batch (memory bounded by one batch)."),
-        ),
-        "training and Reptile": (
-            ("--epochs", 5, "Epochs over the labelled set per round."),
-            ("--batch_size", 16, "Training batch size."),
-            ("--learning_rate", 1e-3, "Adam learning rate."),
-            ("--inner_lr", 0.01, "Reptile inner SGD learning rate."),
-            ("--meta_lr", 0.1, "Reptile: theta <- theta + meta_lr * (theta_adapted - theta); 0 disables."),
-            ("--inner_steps", 5, "At most this many inner batches over the support half."),
-            ("--inner_batch_size", 8, "Reptile inner batch size."),
-        ),
-    }
-    made = {title: parser.add_argument_group(title) for title in groups}
-    for title, flags in groups.items():
-        for flag, default, text in flags:
-            made[title].add_argument(flag, type=type(default), default=default, help=text)
-    choices = (
-        (
-            "--query_strategy",
-            (*STRATEGIES, "all"),
-            "concept: alpha*u + (1-alpha)*r; uncertainty; relevance; all.",
-        ),
-        ("--alpha_schedule", ("constant", "linear"), "linear: alpha_t = min(1, t / n_rounds + 0.3)."),
-        (
-            "--uncertainty",
-            ("entropy", "mc_dropout", "ensemble"),
-            "Softmax entropy, MC-dropout or an ensemble.",
-        ),
-        ("--mc_score", ("entropy", "bald"), "MC-dropout score: predictive entropy or BALD."),
-        ("--oracle", ("simulated", "csv"), "csv: writes queue_round{t}.csv, stops, reads it on --resume."),
-    )
-    for flag, options, text in choices:
-        made["active learning"].add_argument(flag, default=options[0], choices=options, help=text)
-    keep = "Keep Adam's moments across the Reptile step (the tutorial's stale momentum); else reset."
-    made["training and Reptile"].add_argument("--keep_optimizer_state", action="store_true", help=keep)
+    owl_gps_data.add_flag_groups(parser, {"data": owl_gps_data.DATA_FLAGS, **FLAGS})
     cli.add_run_arguments(parser)
     return parser
 
@@ -227,8 +185,7 @@ def build_simple_cnn(image_size, name="simple_cnn"):
 class Learner:
     """One SimpleCNN (or K for an ensemble) with Adam, compiled train/predict steps and Reptile.
 
-    The models and their compiled functions are built once and re-initialised per seed, so comparing
-    strategies over many seeds does not pay the tracing cost again.
+    Built once and re-initialised per seed, so comparing strategies over seeds traces the steps once.
     """
 
     def __init__(self, args, image_size):
@@ -242,12 +199,11 @@ class Learner:
         size = args.ensemble_size if args.uncertainty == "ensemble" else 1
         self.members = [build_simple_cnn(image_size, f"simple_cnn_{k}") for k in range(size)]
         self.optimizers = [keras.optimizers.Adam(args.learning_rate) for _ in self.members]
-        for model, optimizer in zip(self.members, self.optimizers, strict=True):
+        pairs = list(zip(self.members, self.optimizers, strict=True))
+        for model, optimizer in pairs:
             optimizer.build(model.trainable_variables)
         self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self.train_steps = [
-            self._make_train_step(m, o) for m, o in zip(self.members, self.optimizers, strict=True)
-        ]
+        self.train_steps = [self._make_train_step(model, optimizer) for model, optimizer in pairs]
         self.adapted = build_simple_cnn(image_size, "adapted_copy")
         self.inner_step = self._make_train_step(self.adapted, keras.optimizers.SGD(args.inner_lr))
         self.probabilities = [self._make_predict(m) for m in self.members]
@@ -293,57 +249,17 @@ class Learner:
         return train_step
 
     def _make_predict(self, model):
-        tf = self.tf
-        return tf.function(
-            lambda x: tf.nn.softmax(model(x, training=False)), input_signature=[self.patch_spec]
-        )
+        softmax, signature = self.tf.nn.softmax, [self.patch_spec]
+        return self.tf.function(lambda x: softmax(model(x, training=False)), input_signature=signature)
 
     def reseed_dropout(self, *key):
-        """Set every dropout stream from (seed, round, phase, member): resumed rounds draw identically."""
-        for index, model in enumerate([*self.members, self.adapted]):
-            state = int(np.random.SeedSequence([*key, index]).generate_state(1)[0])
-            for layer in model.layers:
-                if hasattr(layer, "seed_generator"):
-                    layer.seed_generator.state.assign(np.array([state, 0], dtype=np.int64))
+        """Dropout streams from (seed, round, phase, member): a resumed round draws identically."""
+        owl_gps_data.reseed_dropout([*self.members, self.adapted], key)
 
     def initialise(self, seed):
-        """Fresh weights from each layer's own initialisers, seeded by (seed, member, layer)."""
-        for index, model in enumerate(self.members):
-            for position, layer in enumerate(model.layers):
-                if not hasattr(layer, "kernel_initializer"):
-                    continue
-                layer_seed = int(np.random.SeedSequence([seed, 1, index, position]).generate_state(1)[0] >> 1)
-                config = {**layer.kernel_initializer.get_config(), "seed": layer_seed}
-                kernel_initializer = type(layer.kernel_initializer).from_config(config)
-                layer.kernel.assign(kernel_initializer(layer.kernel.shape))
-                layer.bias.assign(layer.bias_initializer(layer.bias.shape))
-        self.reset_optimizers()
-
-    def reset_optimizers(self):
-        for optimizer in self.optimizers:
-            for variable in optimizer.variables:
-                if not variable.path.endswith("learning_rate"):
-                    variable.assign(np.zeros(variable.shape, variable.dtype))
-
-    def checkpoint_arrays(self):
-        """Every member's weights and Adam slots, keyed `member{k}/...` and `member{k}_optimizer/...`."""
-        arrays = {}
-        for k, (model, optimizer) in enumerate(zip(self.members, self.optimizers, strict=True)):
-            arrays.update(checkpoints.variable_arrays(f"member{k}", model.weights))
-            arrays.update(
-                checkpoints.variable_arrays(
-                    f"member{k}_optimizer", optimizer.variables, [f"{optimizer.name}/"]
-                )
-            )
-        return arrays
-
-    def restore(self, arrays, source):
-        """Inverse of `checkpoint_arrays`; a checkpoint of other settings is an InputError naming `source`."""
-        for k, (model, optimizer) in enumerate(zip(self.members, self.optimizers, strict=True)):
-            checkpoints.assign_arrays(arrays, f"member{k}", model.weights, source)
-            checkpoints.assign_arrays(
-                arrays, f"member{k}_optimizer", optimizer.variables, source, [f"{optimizer.name}/"]
-            )
+        """Fresh seeded weights for every member and zeroed Adam moments."""
+        owl_gps_data.initialise_weights(self.members, seed)
+        owl_gps_data.reset_slots(self.optimizers)
 
     def train_round(self, images, labels, rng):
         """Tutorial training: args.epochs epochs of Adam over the labelled set, fresh shuffle each epoch."""
@@ -357,22 +273,17 @@ class Learner:
             losses.append(total / len(labels))
         return float(np.mean(losses))
 
-    def iterate_batches(self, source, ids):
-        for start in range(0, len(ids), self.args.score_batch_size):
-            batch_ids = ids[start : start + self.args.score_batch_size]
-            yield start, batch_ids, source.read(batch_ids)
-
     def predict_positive(self, source, ids):
         """P(class 1) averaged over members, batch by batch."""
         out = np.empty(len(ids), np.float64)
-        for start, batch_ids, x in self.iterate_batches(source, ids):
+        for start, batch_ids, x in owl_gps_data.batches(source, ids, self.args.score_batch_size):
             out[start : start + len(batch_ids)] = np.mean([p(x).numpy()[:, 1] for p in self.probabilities], 0)
         return out
 
     def pool_uncertainty(self, source, ids):
         """Entropy (tutorial), MC-dropout predictive entropy / BALD, or ensemble mutual information."""
         out = np.empty(len(ids), np.float64)
-        for start, batch_ids, x in self.iterate_batches(source, ids):
+        for start, batch_ids, x in owl_gps_data.batches(source, ids, self.args.score_batch_size):
             if self.args.uncertainty == "mc_dropout":
                 mean, mean_entropy = (t.numpy() for t in self.mc(x))
                 score = entropy(mean) - (mean_entropy if self.args.mc_score == "bald" else 0.0)
@@ -402,45 +313,35 @@ class Learner:
             query_probability = self.adapted_probabilities(images[n_support:]).numpy()
             picked = query_probability[np.arange(len(labels) - n_support), labels[n_support:]]
             query_losses.append(float(-np.log(np.clip(picked, 1e-12, 1)).mean()))
-            model.set_weights(
-                reptile_update(model.get_weights(), self.adapted.get_weights(), self.args.meta_lr)
-            )
+            theta, theta_adapted = model.get_weights(), self.adapted.get_weights()
+            model.set_weights(reptile_update(theta, theta_adapted, self.args.meta_lr))
         if not self.args.keep_optimizer_state:
-            self.reset_optimizers()
+            owl_gps_data.reset_slots(self.optimizers)
         return float(np.mean(query_losses))
 
 
 # ---- one active-learning run (one strategy, one seed) ----
 
 
-class AwaitingLabels(Exception):
-    """The CSV oracle wrote a queue for a person to label; the same command with --resume continues."""
-
-    def __init__(self, queue_path, count):
-        super().__init__(str(queue_path))
-        self.queue_path, self.count = Path(queue_path), count
-
-
 class ActiveLearningRun:
     """The tutorial loop for one (strategy, seed): query -> oracle -> Reptile -> train -> evaluate.
 
-    A checkpoint is written after every round's training and evaluation (members, Adam slots, the
-    round table); the label store labels.csv is written whenever labels arrive. Every random draw is
-    keyed by (seed, round, phase), so a resumed run repeats the interrupted round exactly.
+    Every round ends with a checkpoint (members, Adam slots, round table) and new labels reach
+    labels.csv at once; draws are keyed by (seed, round, phase), so a resumed round repeats exactly.
     """
 
     def __init__(self, args, data, learner, arm_dir, strategy, seed):
         self.args, self.data, self.learner, self.strategy, self.seed = args, data, learner, strategy, seed
-        self.arm_dir = Path(arm_dir)
-        self.checkpoint_dir, self.store_path = self.arm_dir / "checkpoints", self.arm_dir / "labels.csv"
+        self.arm_dir, self.source = Path(arm_dir), data["source"]
+        self.checkpoint_dir = self.arm_dir / "checkpoints"
         test_fraction = 0.0 if data["labels"] is None else args.test_fraction
-        self.test_ids, self.pool_ids, self.initial_ids = split_pool_test(
-            data["source"].count, test_fraction, args.initial_budget, seed
-        )
+        split = split_pool_test(self.source.count, test_fraction, args.initial_budget, seed)
+        self.test_ids, self.pool_ids, self.initial_ids = split
         weights = list(parse_concept_weights(args.concept_weights).values())
         self.relevance = concept_relevance(data["active"], weights)
-        self.identity = {"strategy": strategy, "seed": seed, "n_samples": data["source"].count}
-        self.store, self.rows, self.queue = [], [], None  # labels.csv rows, the round table, a pending queue
+        self.identity = {"strategy": strategy, "seed": seed, "n_samples": self.source.count}
+        # labels.csv, the round table, and the queue a person is labelling (ids, scores) if any.
+        self.store, self.rows, self.queue = owl_gps_data.LabelStore(self.arm_dir / "labels.csv"), [], None
 
     def run(self):
         """Run (or continue) to args.n_rounds; raises AwaitingLabels when a person must label a queue."""
@@ -467,8 +368,7 @@ class ActiveLearningRun:
         if round_number == 0:
             return self.initial_ids, [None] * len(self.initial_ids)
         started = time.perf_counter()
-        labelled_ids = np.array([row["id"] for row in self.store], dtype=np.int64)
-        candidates = np.setdiff1d(self.pool_ids, labelled_ids)
+        candidates = np.setdiff1d(self.pool_ids, self.store.ids())
         rng = np.random.default_rng([self.seed, round_number, 2])
         if self.strategy == "random":
             chosen = rng.choice(candidates, min(self.args.query_budget, len(candidates)), replace=False)
@@ -478,7 +378,7 @@ class ActiveLearningRun:
             self.learner.reseed_dropout(self.seed, round_number, 2)
             uncertainty = np.zeros(len(candidates))
             if alpha > 0:
-                uncertainty = self.learner.pool_uncertainty(self.data["source"], candidates)
+                uncertainty = self.learner.pool_uncertainty(self.source, candidates)
             score = acquisition_score(uncertainty, self.relevance[candidates], alpha)
             chosen = select_top_k(candidates, score, self.args.query_budget, rng)
             scores = list(score[np.searchsorted(candidates, chosen)])
@@ -496,18 +396,14 @@ class ActiveLearningRun:
         owl_gps_data.write_queue(queue_path, ids, scores, self.data)
         queue = {"ids": [int(i) for i in ids], "scores": [None if s is None else float(s) for s in scores]}
         self.save_checkpoint(round_number, queue)
-        if not self.store_path.exists():
-            atomic.write_csv(self.store_path, [], list(owl_gps_data.LABEL_FIELDS))
+        if not self.store.path.exists():
+            self.store.write()
         self.report()
-        raise AwaitingLabels(queue_path, len(ids))
+        raise owl_gps_data.AwaitingLabels(queue_path, len(ids))
 
     def add_labels(self, round_number, ids, labels, scores):
         strategy = "initial" if round_number == 0 else self.strategy
-        locations = self.data["locations"]
-        self.store = self.store + owl_gps_data.label_rows(
-            ids, labels, round_number, scores, strategy, locations
-        )
-        atomic.write_csv(self.store_path, self.store, list(owl_gps_data.LABEL_FIELDS))
+        self.store.add(ids, labels, round_number, scores, strategy, self.data["locations"])
 
     def adapt(self, round_number, ids, labels):
         """Reptile on the newly labelled batch (only when it holds at least 4 samples)."""
@@ -515,9 +411,7 @@ class ActiveLearningRun:
         if len(ids) >= 4 and self.args.meta_lr > 0:
             self.learner.reseed_dropout(self.seed, round_number, 3)
             rng = np.random.default_rng([self.seed, round_number, 3])
-            self.rows[-1]["meta_query_loss"] = self.learner.reptile(
-                self.data["source"].read(ids), labels, rng
-            )
+            self.rows[-1]["meta_query_loss"] = self.learner.reptile(self.source.read(ids), labels, rng)
         self.rows[-1]["seconds"] += time.perf_counter() - started
 
     def train_and_evaluate(self, round_number):
@@ -526,49 +420,40 @@ class ActiveLearningRun:
 
         started = time.perf_counter()
         self.learner.reseed_dropout(self.seed, round_number, 0)
-        ids = np.array([row["id"] for row in self.store], dtype=np.int64)
-        labels = np.array([row["label"] for row in self.store], dtype=np.int64)
+        ids, labels = self.store.ids(), self.store.labels()
         rng = np.random.default_rng([self.seed, round_number, 1])
-        train_loss = self.learner.train_round(self.data["source"].read(ids), labels, rng)
+        train_loss = self.learner.train_round(self.source.read(ids), labels, rng)
         test_auc = float("nan")
         truth = self.data["labels"][self.test_ids] if len(self.test_ids) else []
         if len(np.unique(truth)) == 2:
-            positive = self.learner.predict_positive(self.data["source"], self.test_ids)
-            test_auc = float(roc_auc_score(truth, positive))
+            test_auc = float(roc_auc_score(truth, self.learner.predict_positive(self.source, self.test_ids)))
         row = {"round": round_number, "n_labeled": len(ids), "alpha": self.round_alpha(round_number)}
         row |= {"test_auc": test_auc, "train_loss": train_loss, "meta_query_loss": float("nan")}
         self.rows.append({**row, "seconds": time.perf_counter() - started})
 
     def round_alpha(self, round_number):
         fixed = {"uncertainty": 1.0, "relevance": 0.0, "random": float("nan")}
-        if self.strategy in fixed:
-            return fixed[self.strategy]
-        return alpha_for_round(
-            self.args.alpha, self.args.alpha_schedule, round_number - 1, self.args.n_rounds
-        )
+        schedule = (self.args.alpha, self.args.alpha_schedule, round_number - 1, self.args.n_rounds)
+        return fixed[self.strategy] if self.strategy in fixed else alpha_for_round(*schedule)
 
     # -- checkpoints and outputs --
     def save_checkpoint(self, round_number, queue=None):
         state = {"round": round_number, "rows": self.rows, "queue": queue, **self.identity}
-        arrays = self.learner.checkpoint_arrays()
-        checkpoints.save(
-            self.checkpoint_dir, f"round_{round_number:03d}", arrays, state, keep=KEEP_CHECKPOINTS
-        )
+        arrays = owl_gps_data.member_arrays(self.learner.members, self.learner.optimizers)
+        checkpoints.save(self.checkpoint_dir, f"round_{round_number:03d}", arrays, state, KEEP_CHECKPOINTS)
 
     def restore(self):
         """Load the newest checkpoint; returns its round, or None when there is none."""
         loaded = checkpoints.load(self.checkpoint_dir)
         if loaded is None:
             return None
-        state, arrays = loaded
-        state_path = self.checkpoint_dir / checkpoints.STATE_FILE
-        runs.check_same_settings(
-            state_path, self.identity, what="the checkpoints", hint="the same data and run"
-        )
-        self.learner.restore(arrays, self.checkpoint_dir / f"{state['checkpoint']}.npz")
+        (state, arrays), state_path = loaded, self.checkpoint_dir / checkpoints.STATE_FILE
+        hint = "the same data and run"
+        runs.check_same_settings(state_path, self.identity, what="the checkpoints", hint=hint)
+        npz = self.checkpoint_dir / f"{state['checkpoint']}.npz"
+        owl_gps_data.restore_members(arrays, self.learner.members, self.learner.optimizers, npz)
         # Labels of a round interrupted after its checkpoint are dropped: that round is redone identically.
-        store = owl_gps_data.read_label_store(require_file(self.store_path, "the run's label store"))
-        self.store = [row for row in store if row["round"] < state["round"]]
+        self.store = owl_gps_data.LabelStore.read(self.store.path, before_round=state["round"])
         self.rows = [row for row in state["rows"] if row["round"] <= state["round"]]
         if state["queue"] is not None:
             self.queue = (np.array(state["queue"]["ids"], dtype=np.int64), state["queue"]["scores"])
@@ -576,84 +461,25 @@ class ActiveLearningRun:
 
     def report(self):
         """Write rounds.csv and print the newest row of the round table."""
-        table = [{key: fmt(row[key]) for key in ROUND_FIELDS} for row in self.rows]
-        atomic.write_csv(self.arm_dir / "rounds.csv", table, list(ROUND_FIELDS))
-        if not self.rows:
-            return
-        row = self.rows[-1]
-        cells = [
-            f"{self.strategy:>11} seed {self.seed}",
-            f"round {row['round']:>2}",
-            f"labelled {row['n_labeled']:>4}",
-        ]
-        cells += [
-            f"alpha {row['alpha']:.2f}",
-            f"test AUC {row['test_auc']:.4f}",
-            f"train loss {row['train_loss']:.4f}",
-        ]
-        cells += [f"meta query loss {row['meta_query_loss']:.4f}", f"{row['seconds']:.1f}s"]
-        print(" | ".join(cells), flush=True)
-
-
-def fmt(value):
-    return repr(value) if isinstance(value, float) else value
+        owl_gps_data.write_round_table(self.arm_dir / "rounds.csv", self.rows, ROUND_FIELDS)
+        if self.rows:
+            print(ROUND_LINE.format(self.strategy, self.seed, **self.rows[-1]), flush=True)
 
 
 # ---- outputs ----
-
-
-def summarise_curves(all_rows):
-    """{strategy: [{round, n_labeled, auc_mean, auc_std, n_seeds}]} over seeds (NaN AUCs skipped)."""
-    curves = {}
-    for strategy in dict.fromkeys(row["strategy"] for row in all_rows):
-        rows = [row for row in all_rows if row["strategy"] == strategy]
-        curves[strategy] = []
-        for round_number in sorted({row["round"] for row in rows}):
-            same = [row for row in rows if row["round"] == round_number]
-            aucs = np.array([row["test_auc"] for row in same], dtype=np.float64)
-            mean, std = reports.mean_std(aucs[np.isfinite(aucs)])
-            point = {"strategy": strategy, "round": round_number, "n_labeled": same[0]["n_labeled"]}
-            curves[strategy].append({**point, "auc_mean": mean, "auc_std": std, "n_seeds": len(same)})
-    return curves
-
-
-def save_auc_plot(curves, path, title):
-    """AUC vs labelled count per strategy; mean +- std over seeds as a shaded band."""
-    figure, axis = plots.pyplot().subplots(figsize=(6, 4))
-    for strategy, rows in curves.items():
-        counts, mean, std = (
-            np.array([row[key] for row in rows]) for key in ("n_labeled", "auc_mean", "auc_std")
-        )
-        axis.plot(counts, mean, marker="o", label=f"{strategy} (n={rows[0]['n_seeds']})")
-        axis.fill_between(counts, mean - std, mean + std, alpha=0.2)
-    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    axis.set(xlabel="labelled patches", ylabel="test ROC-AUC")
-    axis.set_title(title, fontsize=9)
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    plots.save(figure, path)
 
 
 def write_results(args, run_dir, all_rows, seeds):
     """rounds.csv and strategy_comparison.csv (several runs), auc_curve.png and metrics.json."""
     import keras
 
-    curves = summarise_curves(all_rows)
-    if len({(row["strategy"], row["seed"]) for row in all_rows}) > 1:
-        table = [{key: fmt(value) for key, value in row.items()} for row in all_rows]
-        atomic.write_csv(run_dir / "rounds.csv", table, ["strategy", "seed", *ROUND_FIELDS])
-        points = [point for rows in curves.values() for point in rows]
-        atomic.write_csv(run_dir / "strategy_comparison.csv", points, list(points[0]))
     setting = f"{args.uncertainty} uncertainty, alpha {args.alpha} ({args.alpha_schedule})"
-    save_auc_plot(curves, run_dir / "auc_curve.png", f"OWL-GPS: {setting}, {len(seeds)} seed(s)")
+    title = f"OWL-GPS: {setting}, {len(seeds)} seed(s)"
+    curves = owl_gps_data.write_round_tables(run_dir, all_rows, ROUND_FIELDS, title)
     final = {strategy: rows[-1] for strategy, rows in curves.items()}
     finite = {s: [r["auc_mean"] for r in rows if np.isfinite(r["auc_mean"])] for s, rows in curves.items()}
-    metrics = {
-        "n_rounds": args.n_rounds,
-        "n_labeled": next(iter(final.values()))["n_labeled"],
-        "seeds": seeds,
-    }
-    metrics |= {"uncertainty": args.uncertainty, "keras": keras.__version__}
+    metrics = {"n_rounds": args.n_rounds, "n_labeled": next(iter(final.values()))["n_labeled"]}
+    metrics |= {"seeds": seeds, "uncertainty": args.uncertainty, "keras": keras.__version__}
     metrics["final_test_auc"] = {s: row["auc_mean"] for s, row in final.items()}
     metrics["final_test_auc_std"] = {s: row["auc_std"] for s, row in final.items()}
     metrics["mean_test_auc_over_rounds"] = {s: reports.mean_std(values)[0] for s, values in finite.items()}
@@ -663,10 +489,8 @@ def write_results(args, run_dir, all_rows, seeds):
 
 def summary_line(metrics):
     """The last line a run prints; its figures are those of metrics.json."""
-    spread = {
-        s: f"+-{std:.4f}" if len(metrics["seeds"]) > 1 else ""
-        for s, std in metrics["final_test_auc_std"].items()
-    }
+    several = len(metrics["seeds"]) > 1
+    spread = {s: f"+-{std:.4f}" if several else "" for s, std in metrics["final_test_auc_std"].items()}
     aucs = " ".join(f"{s}={mean:.4f}{spread[s]}" for s, mean in metrics["final_test_auc"].items())
     counts = f"n_labeled={metrics['n_labeled']} rounds={metrics['n_rounds']}"
     return f"final: test_auc {aucs} {counts} uncertainty={metrics['uncertainty']}"
@@ -677,63 +501,34 @@ def summary_line(metrics):
 
 def check_arguments(args):
     """Reject impossible settings; returns the concept weights."""
-    for name in ("n_rounds", "initial_budget", "query_budget", "seeds", "epochs", "mc_passes"):
+    counts = ("n_rounds", "initial_budget", "query_budget", "seeds", "epochs", "mc_passes", "ensemble_size")
+    for name in counts:
         require(getattr(args, name) >= 1, f"--{name}", f"is {getattr(args, name)}", "at least 1")
-    require(args.ensemble_size >= 1, "--ensemble_size", f"is {args.ensemble_size}", "at least 1")
     require(0.0 <= args.alpha <= 1.0, "--alpha", f"is {args.alpha}", "a value in [0, 1]")
-    several = args.query_strategy == "all" or args.seeds > 1
+    one_arm = args.query_strategy != "all" and args.seeds == 1
     expected = "one --query_strategy and --seeds 1 when a person labels the queue"
-    require(
-        not several or args.oracle == "simulated",
-        "--oracle",
-        "csv with several strategies or seeds",
-        expected,
-    )
+    several = "csv with several strategies or seeds"
+    require(one_arm or args.oracle == "simulated", "--oracle", several, expected)
     sources = [f"--{flag}" for flag in ("demo", "data_dir", "geotiff") if getattr(args, flag)]
     given = " and ".join(sources) or "no data source"
     require(len(sources) == 1, "arguments", f"{given} given", "exactly one of --demo, --data_dir, --geotiff")
     return parse_concept_weights(args.concept_weights)
 
 
-def load_data(args, concept_names):
-    """The demo set (written in the --data_dir format first), a --data_dir, or a tiled --geotiff."""
-    if args.demo:
-        demo_dir = cli.demo_data_dir(args, SCRIPT_STEM)
-        images, labels, concepts = owl_gps_data.synthetic_dataset(
-            args.n_samples, args.image_size, args.signal, args.data_seed
-        )
-        owl_gps_data.write_dataset(demo_dir, images, labels, concepts)
-        args.data_dir = str(demo_dir)
-        share = f"{labels.mean():.0%} targets, signal {args.signal}"
-        print(f"demo: wrote {len(labels)} synthetic patches ({share}) to {demo_dir}")
-    if not args.geotiff:
-        return owl_gps_data.load_npy_dataset(args.data_dir, concept_names, args.near_industrial_threshold)
-    files = {
-        key: getattr(args, key)
-        for key in ("concepts_csv", "land_cover_geotiff", "distance_geotiff", "labels_csv")
-    }
-    scale, threshold = args.reflectance_scale, args.near_industrial_threshold
-    data = owl_gps_data.load_geotiff_dataset(
-        args.geotiff, concept_names, args.patch_size, scale, threshold, **files
-    )
-    print(f"geotiff: {data['source'].count} patches of {args.patch_size}px kept from {args.geotiff}")
-    return data
-
-
 def describe_data(args, data):
     """Check the split against the budgets and print it; returns the test set size."""
     source, labels, name = data["source"], data["labels"], data["name"]
+    if args.demo:
+        share = f"{labels.mean():.0%} targets, signal {args.signal}"
+        print(f"demo: wrote {source.count} synthetic patches ({share}) to {args.data_dir}")
+    if args.geotiff:
+        print(f"geotiff: {source.count} patches of {args.patch_size}px kept from {args.geotiff}")
     expected = "known labels for the simulated oracle, or --oracle csv"
     require(labels is not None or args.oracle == "csv", "--labels_csv", "missing", expected)
     require(source.height == source.width, name, "patches are not square", "square patches")
     n_test = round(args.test_fraction * source.count) if labels is not None else 0
-    pool = source.count - n_test
-    require(
-        pool >= args.initial_budget,
-        name,
-        f"pool of {pool} patches",
-        f"at least --initial_budget ({args.initial_budget}) patches",
-    )
+    pool, budget = source.count - n_test, f"at least --initial_budget ({args.initial_budget}) patches"
+    require(pool >= args.initial_budget, name, f"pool of {pool} patches", budget)
     if labels is None:
         print(f"data: {source.count} patches, no known labels (test AUC is NaN)")
     else:
@@ -744,33 +539,21 @@ def describe_data(args, data):
 
 def prepare_run(args, data, n_test, arms, weights):
     """The run folder; --resume refuses changed settings; config.json records the run."""
-    several = f"x{args.seeds}" if args.seeds > 1 else ""
-    derived = (
-        f"{args.query_strategy}_{args.uncertainty}_alpha{args.alpha:g}_{args.alpha_schedule}_seed{args.seed}"
-    )
-    run_name = args.run_name or ("demo" if args.demo else derived + several)
+    derived = f"{args.query_strategy}_{args.uncertainty}_alpha{args.alpha:g}_{args.alpha_schedule}"
+    derived += f"_seed{args.seed}" + (f"x{args.seeds}" if args.seeds > 1 else "")
+    run_name = args.run_name or ("demo" if args.demo else derived)
     run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, run_name, args.overwrite, args.resume)
     config_path = run_dir / "config.json"
     unfinished = args.resume or args.overwrite or not config_path.exists()
     expected = "--resume to continue it, --overwrite to replace it, or another --run_name"
     require(unfinished, run_dir, "an unfinished run with this name exists", expected)
     if args.resume:
-        settings, hint = runs.settings_of(args, RUN_SETTINGS), "the settings of the run being resumed"
-        runs.check_same_settings(
-            config_path, settings, what="the run being resumed", section="args", hint=hint
-        )
+        settings, what = runs.settings_of(args, RUN_SETTINGS), "the run being resumed"
+        hint = f"the settings of {what}"
+        runs.check_same_settings(config_path, settings, what=what, section="args", hint=hint)
     sizes = {"n_samples": data["source"].count, "n_test": n_test, "image_size": data["source"].height}
     runs.write_config(run_dir, args, **sizes, arms=arms, concept_weights=weights)
     return run_dir
-
-
-def awaiting_labels_message(waiting):
-    """What a person does next when the CSV oracle stopped for labels: the file to fill, the command."""
-    argv = [argument for argument in sys.argv[1:] if argument != "--resume"]
-    command = shlex.join(["python", Path(sys.argv[0]).name, *argv, "--resume"])
-    sheet = waiting.queue_path.with_suffix(".png").name
-    what = f"0/1 in the label column; contact sheet {sheet}"
-    return f"oracle: label the {waiting.count} patches in {waiting.queue_path} ({what}), then run: {command}"
 
 
 @cli_entry
@@ -783,7 +566,7 @@ def main(args):
     arms = [(strategy, seed) for strategy in strategies for seed in seeds]
 
     # ---- data ----
-    data = load_data(args, list(weights))
+    data = owl_gps_data.load_from_args(args, list(weights), cli.demo_data_dir(args, SCRIPT_STEM))
     n_test = describe_data(args, data)
     run_dir = prepare_run(args, data, n_test, arms, weights)
     print(f"run: {run_dir} ({len(arms)} run(s): {', '.join(strategies)} x seeds {seeds})")
@@ -799,8 +582,8 @@ def main(args):
         arm_dir = run_dir if len(arms) == 1 else run_dir / f"{strategy}_seed{seed}"
         try:
             rows = ActiveLearningRun(args, data, learner, arm_dir, strategy, seed).run()
-        except AwaitingLabels as waiting:
-            print(awaiting_labels_message(waiting))
+        except owl_gps_data.AwaitingLabels as waiting:
+            print(waiting.instruction(sys.argv))
             return None
         for index, member in enumerate(learner.members):
             atomic.save_keras(member, arm_dir / (f"model_member{index}.keras" if index else "model.keras"))

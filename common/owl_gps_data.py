@@ -1,4 +1,4 @@
-"""OWL-GPS inputs: 4-band patch readers (.npy, GeoTIFF tiles), concept and label CSVs, the labelling queue.
+"""OWL-GPS inputs and run files: patch readers, concept CSVs, label store, queue, round tables, member state.
 
 A dataset is a dict `{"source", "labels", "active", "locations", "name"}`: `source.read(ids)` returns
 patches `(len(ids), H, W, 4)` float32 (R, G, B, NIR), `labels` is `(N,)` 0/1 or None, `active` is
@@ -6,22 +6,46 @@ the `(N, C)` boolean matrix of the named concepts, `locations` is `(N, 2)` patch
 GeoTIFF tiles and None otherwise. Every problem with the user's files is an InputError naming the
 file. The queue helpers are the CSV oracle's file protocol: the script writes `queue_round{t}.csv`
 with a blank label column (and a contact sheet), a person fills it, and the script reads it back.
+The input flags and `load_from_args` choose between the demo set, a --data_dir and a --geotiff.
+The round tables are the per-round results (rounds.csv) and their mean +- std over seeds. The
+member-state helpers seed, reset and checkpoint Keras models and optimizers by variable path, so a
+resumed round draws exactly as an uninterrupted one.
 """
 
 import csv
 import math
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from common import atomic, plots
+from common import atomic, checkpoints, plots, reports
 from common.errors import InputError, require, require_dir, require_file
 from common.raster import open_geotiff, patch_windows, read_window
 
 LABEL_FIELDS = ("id", "row", "col", "label", "round", "score", "strategy")
 QUEUE_FIELDS = ("id", "row", "col", "score", "label")
 _FLAG_WORDS = {"true": 1, "false": 0}
+# (flag, default, help) of the input flags (see `add_flag_groups`). Defaults are the tutorial's values.
+DATA_FLAGS = (
+    ("--data_dir", "", "Folder with images.npy (N,4,H,W) float, labels.npy (N,) 0/1, concepts.csv."),
+    ("--geotiff", "", "A 4-band (R,G,B,NIR) GeoTIFF tiled into non-overlapping patches."),
+    ("--concepts_csv", "", "With --geotiff: concepts per patch keyed by patch grid row, col."),
+    ("--land_cover_geotiff", "", "Instead of --concepts_csv: land cover (1 = urban), patch majority."),
+    ("--distance_geotiff", "", "With --land_cover_geotiff: distance to industry in [0,1], patch mean."),
+    ("--labels_csv", "", "With --geotiff: known labels (row, col, label); without: --oracle csv."),
+    ("--patch_size", 32, "GeoTIFF patch size in pixels."),
+    ("--reflectance_scale", 1.0, "GeoTIFF values are divided by this (10000 for Sentinel-2 L2A)."),
+    ("--near_industrial_threshold", 0.3, "near_industrial = dist_industrial < threshold."),
+    ("--test_fraction", 0.2, "Seeded 80/20 pool/test split."),
+    ("--data_seed", 42, "Seed of the synthetic generator."),
+    ("--n_samples", 500, "Synthetic patches."),
+    ("--image_size", 32, "Synthetic patch size."),
+    ("--signal", 0.1, "Strength of the planted NIR/red blob; 0 is the tutorial's pure noise."),
+)
+GEOTIFF_OPTIONS = ("patch_size", "reflectance_scale", "concepts_csv", "land_cover_geotiff")
+GEOTIFF_OPTIONS += ("distance_geotiff", "labels_csv")
 
 
 class ArrayPatches:
@@ -405,56 +429,160 @@ def load_geotiff_dataset(
     }
 
 
+def add_flag_groups(parser, groups: dict) -> None:
+    """Add `{title: ((flag, default, help), ...)}` as argument groups; the type is the default's.
+
+    A tuple default lists the choices (the first is the default); False makes a switch.
+    """
+    for title, flags in groups.items():
+        group = parser.add_argument_group(title)
+        for flag, default, text in flags:
+            if default is False:
+                group.add_argument(flag, action="store_true", help=text)
+            elif isinstance(default, tuple):
+                group.add_argument(flag, default=default[0], choices=default, help=text)
+            else:
+                group.add_argument(flag, type=type(default), default=default, help=text)
+
+
+def load_from_args(args, concept_names: Sequence[str], demo_dir) -> dict:
+    """The demo set (written to `demo_dir` in the --data_dir format first), a --data_dir or a --geotiff."""
+    if args.demo:
+        sizes = (args.n_samples, args.image_size, args.signal, args.data_seed)
+        write_dataset(demo_dir, *synthetic_dataset(*sizes))
+        args.data_dir = str(demo_dir)
+    threshold = args.near_industrial_threshold
+    if not args.geotiff:
+        return load_npy_dataset(args.data_dir, concept_names, threshold)
+    options = {key: getattr(args, key) for key in GEOTIFF_OPTIONS}
+    return load_geotiff_dataset(args.geotiff, concept_names, threshold=threshold, **options)
+
+
+def batches(source, ids, batch_size: int):
+    """`(start, batch ids, patches)` over `ids`, `batch_size` at a time: memory is bounded by one batch."""
+    for start in range(0, len(ids), batch_size):
+        batch_ids = ids[start : start + batch_size]
+        yield start, batch_ids, source.read(batch_ids)
+
+
+# ---- seeded model state: every draw is keyed, so a resumed round repeats an uninterrupted one ----
+
+
+def reseed_dropout(models: Sequence, key: Sequence[int]) -> None:
+    """Set every dropout stream of `models[i]` from the seed sequence `(*key, i)`."""
+    for index, model in enumerate(models):
+        state = int(np.random.SeedSequence([*key, index]).generate_state(1)[0])
+        for layer in model.layers:
+            if hasattr(layer, "seed_generator"):
+                layer.seed_generator.state.assign(np.array([state, 0], dtype=np.int64))
+
+
+def initialise_weights(models: Sequence, seed: int) -> None:
+    """Fresh weights from each layer's own initialisers, seeded by (seed, model, layer)."""
+    for index, model in enumerate(models):
+        for position, layer in enumerate(model.layers):
+            if not hasattr(layer, "kernel_initializer"):
+                continue
+            layer_seed = int(np.random.SeedSequence([seed, 1, index, position]).generate_state(1)[0] >> 1)
+            config = {**layer.kernel_initializer.get_config(), "seed": layer_seed}
+            layer.kernel.assign(type(layer.kernel_initializer).from_config(config)(layer.kernel.shape))
+            layer.bias.assign(layer.bias_initializer(layer.bias.shape))
+
+
+def reset_slots(optimizers: Sequence) -> None:
+    """Zero every optimizer variable except the learning rate: moments and the iteration count."""
+    for optimizer in optimizers:
+        for variable in optimizer.variables:
+            if not variable.path.endswith("learning_rate"):
+                variable.assign(np.zeros(variable.shape, variable.dtype))
+
+
+def _member_groups(models: Sequence, optimizers: Sequence):
+    # Weights as `member{k}/...`, optimizer slots as `member{k}_optimizer/...` without the optimizer's name.
+    for k, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
+        yield f"member{k}", model.weights, ()
+        yield f"member{k}_optimizer", optimizer.variables, (f"{optimizer.name}/",)
+
+
+def member_arrays(models: Sequence, optimizers: Sequence) -> dict[str, np.ndarray]:
+    """Every model's weights and optimizer slots, keyed by group and variable path."""
+    groups = _member_groups(models, optimizers)
+    return {key: array for group in groups for key, array in checkpoints.variable_arrays(*group).items()}
+
+
+def restore_members(arrays, models: Sequence, optimizers: Sequence, source) -> None:
+    """Inverse of `member_arrays`; a checkpoint of other settings is an InputError naming `source`."""
+    for group, variables, strip in _member_groups(models, optimizers):
+        checkpoints.assign_arrays(arrays, group, variables, source, strip)
+
+
 # ---- the label store and the labelling queue ----
 
 
-def read_label_store(path) -> list[dict]:
-    """A run's labels.csv as a list of rows; a hand-edited, unreadable row is an InputError."""
-    with open(path, newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file))
-    try:
-        return [
-            {
-                "id": int(row["id"]),
-                "row": row["row"],
-                "col": row["col"],
-                "label": int(row["label"]),
-                "round": int(row["round"]),
-                "score": row["score"],
-                "strategy": row["strategy"],
-            }
-            for row in rows
-        ]
-    except (KeyError, TypeError, ValueError) as error:
-        raise InputError(
-            path,
-            f"cannot be read ({error})",
-            f"columns {', '.join(LABEL_FIELDS)} with integer id, label and round, as this script writes them",
-        ) from None
+class LabelStore:
+    """A run's labels.csv: every label so far with its grid cell, round, score and strategy.
+
+    It is the record a person reads and the run's memory of what is labelled; each change rewrites it.
+    """
+
+    def __init__(self, path, rows: Sequence[dict] = ()):
+        self.path, self.rows = Path(path), list(rows)
+
+    @classmethod
+    def read(cls, path, before_round: int) -> "LabelStore":
+        """The labels of rounds before `before_round`; a hand-edited, unreadable row is an InputError."""
+        path = require_file(path, "the run's label store")
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = list(csv.DictReader(file))
+        try:
+            integers = ("id", "label", "round")
+            rows = [
+                {key: int(row[key]) if key in integers else row[key] for key in LABEL_FIELDS} for row in rows
+            ]
+        except (KeyError, TypeError, ValueError) as error:
+            expected = f"columns {', '.join(LABEL_FIELDS)} with integer id, label and round"
+            expected += ", as this script writes them"
+            raise InputError(path, f"cannot be read ({error})", expected) from None
+        return cls(path, [row for row in rows if row["round"] < before_round])
+
+    def ids(self) -> np.ndarray:
+        return np.array([row["id"] for row in self.rows], dtype=np.int64)
+
+    def labels(self) -> np.ndarray:
+        return np.array([row["label"] for row in self.rows], dtype=np.int64)
+
+    def add(self, ids, labels, round_number: int, scores, strategy: str, locations) -> None:
+        """Append newly labelled patches (scores kept exactly, as repr) and rewrite the file."""
+        new = []
+        for sample, label, score in zip(ids, labels, scores, strict=True):
+            row, col = _grid_cells(locations, sample)
+            score_text = "" if score is None else repr(float(score))
+            cells = (int(sample), row, col, int(label), round_number, score_text, strategy)
+            new.append(dict(zip(LABEL_FIELDS, cells, strict=True)))
+        self.rows = [*self.rows, *new]
+        self.write()
+
+    def write(self) -> None:
+        atomic.write_csv(self.path, self.rows, list(LABEL_FIELDS))
+
+
+class AwaitingLabels(Exception):
+    """The CSV oracle wrote a queue for a person to label; the same command with --resume continues."""
+
+    def __init__(self, queue_path, count: int):
+        super().__init__(str(queue_path))
+        self.queue_path, self.count = Path(queue_path), count
+
+    def instruction(self, argv: Sequence[str]) -> str:
+        """What the person does next: the file to fill, then the command `argv` with --resume."""
+        rest = [argument for argument in argv[1:] if argument != "--resume"]
+        command = shlex.join(["python", Path(argv[0]).name, *rest, "--resume"])
+        what = f"0/1 in the label column; contact sheet {self.queue_path.with_suffix('.png').name}"
+        return f"oracle: label the {self.count} patches in {self.queue_path} ({what}), then run: {command}"
 
 
 def _grid_cells(locations, sample) -> tuple:
     return ("", "") if locations is None else (int(locations[sample][0]), int(locations[sample][1]))
-
-
-def label_rows(ids, labels, round_number: int, scores, strategy: str, locations) -> list[dict]:
-    """Rows of the label store for newly labelled patches (scores kept exactly, as repr)."""
-    rows = []
-    for sample, label, score in zip(ids, labels, scores, strict=True):
-        row, col = _grid_cells(locations, sample)
-        score_text = "" if score is None else repr(float(score))
-        rows.append(
-            {
-                "id": int(sample),
-                "row": row,
-                "col": col,
-                "label": int(label),
-                "round": round_number,
-                "score": score_text,
-                "strategy": strategy,
-            }
-        )
-    return rows
 
 
 def write_queue(path, ids, scores, data: dict) -> Path:
@@ -525,4 +653,61 @@ def save_contact_sheet(patches: np.ndarray, ids, scores, path, columns: int = 5)
             axis.imshow(np.clip((image - low) / max(high - low, 1e-6), 0, 1))
             subtitle = f"\ns={score:.2f}" if score is not None else ""
             axis.set_title(f"id {sample} {title}{subtitle}", fontsize=7)
+    plots.save(figure, path)
+
+
+# ---- the round tables ----
+
+
+def write_round_table(path, rows: Sequence[dict], fields: Sequence[str]) -> None:
+    """Round rows as CSV; floats as repr, so a resumed run's table can be compared digit for digit."""
+    table = [
+        {key: repr(row[key]) if isinstance(row[key], float) else row[key] for key in fields} for row in rows
+    ]
+    atomic.write_csv(path, table, list(fields))
+
+
+def write_round_tables(run_dir, all_rows: Sequence[dict], fields: Sequence[str], title: str) -> dict:
+    """rounds.csv and strategy_comparison.csv (several runs) and auc_curve.png; returns the curves.
+
+    `all_rows` are round rows with their `strategy` and `seed`; one run's rounds.csv is its own.
+    """
+    run_dir, curves = Path(run_dir), summarise_curves(all_rows)
+    if len({(row["strategy"], row["seed"]) for row in all_rows}) > 1:
+        write_round_table(run_dir / "rounds.csv", all_rows, ("strategy", "seed", *fields))
+        points = [point for rows in curves.values() for point in rows]
+        atomic.write_csv(run_dir / "strategy_comparison.csv", points, list(points[0]))
+    save_auc_plot(curves, run_dir / "auc_curve.png", title)
+    return curves
+
+
+def summarise_curves(all_rows: Sequence[dict]) -> dict:
+    """{strategy: [{round, n_labeled, auc_mean, auc_std, n_seeds}]} over seeds (NaN AUCs skipped)."""
+    curves = {}
+    for strategy in dict.fromkeys(row["strategy"] for row in all_rows):
+        rows = [row for row in all_rows if row["strategy"] == strategy]
+        curves[strategy] = []
+        for round_number in sorted({row["round"] for row in rows}):
+            same = [row for row in rows if row["round"] == round_number]
+            aucs = np.array([row["test_auc"] for row in same], dtype=np.float64)
+            mean, std = reports.mean_std(aucs[np.isfinite(aucs)])
+            point = {"strategy": strategy, "round": round_number, "n_labeled": same[0]["n_labeled"]}
+            curves[strategy].append({**point, "auc_mean": mean, "auc_std": std, "n_seeds": len(same)})
+    return curves
+
+
+def save_auc_plot(curves: dict, path, title: str) -> None:
+    """AUC vs labelled count per strategy; mean +- std over seeds as a shaded band."""
+    figure, axis = plots.pyplot().subplots(figsize=(6, 4))
+    for strategy, rows in curves.items():
+        counts, mean, std = (
+            np.array([row[key] for row in rows]) for key in ("n_labeled", "auc_mean", "auc_std")
+        )
+        axis.plot(counts, mean, marker="o", label=f"{strategy} (n={rows[0]['n_seeds']})")
+        axis.fill_between(counts, mean - std, mean + std, alpha=0.2)
+    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axis.set(xlabel="labelled patches", ylabel="test ROC-AUC")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
     plots.save(figure, path)
