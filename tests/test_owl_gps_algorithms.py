@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import train_owl_gps as owl
+from common import owl_gps_data
 from common.errors import InputError
 
 
@@ -19,12 +20,13 @@ def test_concept_relevance_is_product_of_active_weights():
 def test_acquisition_score_matches_hand_computation():
     uncertainty = np.array([0.2, 0.6, 0.4, 0.6])
     relevance = np.array([1.0, 2.0, 6.0, 3.0])
-    u_normalised = np.array([0.0, 1.0, 0.5, 1.0])            # (u - 0.2) / 0.4
-    r_normalised = np.array([0.0, 0.2, 1.0, 0.4])            # (r - 1) / 5
+    u_normalised = np.array([0.0, 1.0, 0.5, 1.0])  # (u - 0.2) / 0.4
+    r_normalised = np.array([0.0, 0.2, 1.0, 0.4])  # (r - 1) / 5
     np.testing.assert_allclose(owl.min_max(uncertainty), u_normalised)
     np.testing.assert_allclose(owl.min_max(relevance), r_normalised)
-    np.testing.assert_allclose(owl.acquisition_score(uncertainty, relevance, 0.3),
-                               0.3 * u_normalised + 0.7 * r_normalised)
+    np.testing.assert_allclose(
+        owl.acquisition_score(uncertainty, relevance, 0.3), 0.3 * u_normalised + 0.7 * r_normalised
+    )
     # A constant vector carries no ranking information and normalises to zeros, not NaN.
     np.testing.assert_array_equal(owl.min_max([5.0, 5.0, 5.0]), [0.0, 0.0, 0.0])
 
@@ -56,9 +58,14 @@ def _tiny_args(**overrides):
 
 def _tiny_arm(tmp_path, **overrides):
     args = _tiny_args(initial_budget=4, query_budget=30, **overrides)
-    images, labels, _ = owl.generate_synthetic(40, 8, 0.3, 1)
-    data = {"source": owl.ArrayPatches(images), "labels": labels,
-            "active": np.zeros((40, 1), dtype=bool), "locations": None, "name": "tiny"}
+    images, labels, _ = owl_gps_data.synthetic_dataset(40, 8, 0.3, 1)
+    data = {
+        "source": owl_gps_data.ArrayPatches(images),
+        "labels": labels,
+        "active": np.zeros((40, 1), dtype=bool),
+        "locations": None,
+        "name": "tiny",
+    }
     learner = owl.Learner(args, 8)
     return owl.ActiveLearningRun(args, data, learner, tmp_path, "concept", 0), learner
 
@@ -66,8 +73,7 @@ def _tiny_arm(tmp_path, **overrides):
 def test_query_never_reselects_labelled_and_caps_at_pool(tmp_path):
     arm, learner = _tiny_arm(tmp_path)
     learner.initialise(0)
-    arm.store, arm.rows = [], []
-    arm.add_labels(arm.initial_ids, arm.oracle(arm.initial_ids), 0, [None] * 4, "initial")
+    arm.add_labels(0, arm.initial_ids, arm.oracle(0, arm.initial_ids, [None] * 4), [None] * 4)
     arm.train_and_evaluate(1)
     # The pool holds 32 patches, 4 labelled: a budget of 30 gets the 28 unlabelled ones, once each.
     chosen, scores = arm.query(1)
@@ -80,7 +86,9 @@ def test_query_never_reselects_labelled_and_caps_at_pool(tmp_path):
 
 def test_alpha_schedule():
     assert owl.alpha_for_round(0.5, "constant", 7, 10) == 0.5
-    assert [owl.alpha_for_round(0.5, "linear", t, 10) for t in (0, 3, 7, 9)] == pytest.approx([0.3, 0.6, 1.0, 1.0])
+    assert [owl.alpha_for_round(0.5, "linear", t, 10) for t in (0, 3, 7, 9)] == pytest.approx(
+        [0.3, 0.6, 1.0, 1.0]
+    )
 
 
 def test_entropy_formula():
@@ -102,14 +110,16 @@ def test_learner_reptile_step_on_tiny_model(keep_optimizer_state):
     args = _tiny_args(meta_lr=0.25, inner_lr=0.05, keep_optimizer_state=keep_optimizer_state)
     learner = owl.Learner(args, 8)
     learner.initialise(3)
-    images, labels, _ = owl.generate_synthetic(12, 8, 0.3, 2)
-    patches = owl.ArrayPatches(images).read(np.arange(12))
-    learner.train_round(patches, labels, np.random.default_rng(0))   # gives Adam non-zero moments
+    images, labels, _ = owl_gps_data.synthetic_dataset(12, 8, 0.3, 2)
+    patches = owl_gps_data.ArrayPatches(images).read(np.arange(12))
+    learner.train_round(patches, labels, np.random.default_rng(0))  # gives Adam non-zero moments
     theta = learner.members[0].get_weights()
     query_loss = learner.reptile(patches[:10], labels[:10], np.random.default_rng(1))
     adapted = learner.adapted.get_weights()
-    assert any(not np.allclose(a, t) for a, t in zip(adapted, theta)), "the inner SGD step changed nothing"
-    for updated, before, after in zip(learner.members[0].get_weights(), theta, adapted):
+    assert any(not np.allclose(a, t) for a, t in zip(adapted, theta, strict=True)), (
+        "the inner SGD step changed nothing"
+    )
+    for updated, before, after in zip(learner.members[0].get_weights(), theta, adapted, strict=True):
         np.testing.assert_allclose(updated, before + 0.25 * (after - before), rtol=1e-5, atol=1e-7)
     assert np.isfinite(query_loss) and query_loss > 0
     moments = [v for v in learner.optimizers[0].variables if "momentum" in v.path]
@@ -117,15 +127,19 @@ def test_learner_reptile_step_on_tiny_model(keep_optimizer_state):
 
 
 def test_uncertainty_estimators_are_bounded_and_batched():
-    images, _, _ = owl.generate_synthetic(17, 8, 0.0, 4)
-    source = owl.ArrayPatches(images)
+    images, _, _ = owl_gps_data.synthetic_dataset(17, 8, 0.0, 4)
+    source = owl_gps_data.ArrayPatches(images)
     ids = np.arange(17)
-    for uncertainty, mc_score in (("entropy", "entropy"), ("mc_dropout", "entropy"), ("mc_dropout", "bald"),
-                                  ("ensemble", "entropy")):
+    for uncertainty, mc_score in (
+        ("entropy", "entropy"),
+        ("mc_dropout", "entropy"),
+        ("mc_dropout", "bald"),
+        ("ensemble", "entropy"),
+    ):
         learner = owl.Learner(_tiny_args(uncertainty=uncertainty, mc_score=mc_score), 8)
         learner.initialise(0)
         learner.reseed_dropout(0, 1, 2)
-        scores = learner.pool_uncertainty(source, ids)   # 17 patches in batches of 7
+        scores = learner.pool_uncertainty(source, ids)  # 17 patches in batches of 7
         assert scores.shape == (17,)
         assert (scores >= -1e-6).all() and (scores <= math.log(2) + 1e-6).all()
         if uncertainty == "entropy":
@@ -135,12 +149,29 @@ def test_uncertainty_estimators_are_bounded_and_batched():
             np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_mc_dropout_moments_equal_full_passes():
+    """The trunk-once MC-dropout twin gives the moments of T full stochastic passes of the model."""
+    import tensorflow as tf
+
+    learner = owl.Learner(_tiny_args(uncertainty="mc_dropout", mc_passes=4), 8)
+    learner.initialise(0)
+    images, _, _ = owl_gps_data.synthetic_dataset(9, 8, 0.3, 5)
+    x = owl_gps_data.ArrayPatches(images).read(np.arange(9))
+    learner.reseed_dropout(0, 1, 2)
+    mean, mean_entropy = (t.numpy() for t in learner.mc(x))
+    learner.reseed_dropout(0, 1, 2)
+    model = learner.members[0]
+    passes = np.stack([tf.nn.softmax(model(x, training=True)).numpy() for _ in range(4)])
+    np.testing.assert_allclose(mean, passes.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean_entropy, owl.entropy(passes).mean(0), rtol=1e-4, atol=1e-5)
+
+
 def test_lazy_npy_reader_matches_np_load(tmp_path):
     images = np.random.default_rng(0).random((50, 4, 6, 5)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
-    eager = owl.open_images_npy(tmp_path / "images.npy")
-    lazy = owl.open_images_npy(tmp_path / "images.npy", in_memory_bytes=0)
-    assert isinstance(eager, owl.ArrayPatches) and isinstance(lazy, owl.NpyPatches)
+    eager = owl_gps_data.open_images_npy(tmp_path / "images.npy")
+    lazy = owl_gps_data.open_images_npy(tmp_path / "images.npy", in_memory_bytes=0)
+    assert isinstance(eager, owl_gps_data.ArrayPatches) and isinstance(lazy, owl_gps_data.NpyPatches)
     for ids in (np.arange(10, 20), np.array([49, 0, 17]), np.array([5, 3, 4])):
         expected = np.transpose(images[ids], (0, 2, 3, 1))
         np.testing.assert_array_equal(lazy.read(ids), expected)
@@ -150,14 +181,13 @@ def test_lazy_npy_reader_matches_np_load(tmp_path):
 def test_read_queue_validation(tmp_path):
     path = tmp_path / "queue_round1.csv"
     path.write_text("id,row,col,score,label\n4,,,0.9,1\n9,,,0.8,0\n")
-    np.testing.assert_array_equal(owl.read_queue(path, [4, 9]), [1, 0])
+    np.testing.assert_array_equal(owl_gps_data.read_queue(path, [4, 9]), [1, 0])
     path.write_text("id,row,col,score,label\n4,,,0.9,1\n9,,,0.8,\n")
     with pytest.raises(InputError, match="line 3: blank label for id 9"):
-        owl.read_queue(path, [4, 9])
+        owl_gps_data.read_queue(path, [4, 9])
     path.write_text("id,row,col,score,label\n4,,,0.9,yes\n9,,,0.8,0\n")
     with pytest.raises(InputError, match="label 'yes' for id 4 is not 0/1"):
-        owl.read_queue(path, [4, 9])
+        owl_gps_data.read_queue(path, [4, 9])
     path.write_text("id,row,col,score,label\n4,,,0.9,1\n")
     with pytest.raises(InputError, match="queued id 9 is missing"):
-        owl.read_queue(path, [4, 9])
-
+        owl_gps_data.read_queue(path, [4, 9])

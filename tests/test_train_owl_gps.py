@@ -3,29 +3,23 @@ comparison, exact resume, the CSV oracle round trip, the GeoTIFF path and bad in
 
 import csv
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_main_error, call_main, run_script
 
 import train_owl_gps as owl
+from common import atomic, owl_gps_data
 
-SCRIPT = Path(__file__).resolve().parents[1] / "train_owl_gps.py"
+SCRIPT = "train_owl_gps.py"
 # Tiny settings for everything but the learning check: 16 px patches, 2 epochs.
-TINY = ["--n_samples", "120", "--image_size", "16", "--epochs", "2", "--initial_budget", "10",
-        "--query_budget", "8", "--deterministic"]
-
-
-def run_script(*arguments, cwd=None):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True,
-                          cwd=cwd or SCRIPT.parent, timeout=300)
+TINY = (
+    "--n_samples 120 --image_size 16 --epochs 2 --initial_budget 10 --query_budget 8 --deterministic".split()
+)
 
 
 def run_main(*arguments):
-    return owl.main(owl.get_args_parser().parse_args([str(a) for a in arguments]))
+    return call_main(owl, [str(a) for a in arguments])
 
 
 def read_csv(path):
@@ -40,49 +34,90 @@ def without_seconds(rows):
 def expect_input_error(capsys, arguments, fragment):
     """main() as the command line runs it: one `error: <file>: ...` line on stderr, exit code 2."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(*arguments)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error: ") and fragment in error[0], error
-    assert "Traceback" not in error[0]
-    return error[0]
+    return assert_main_error(capsys, lambda: run_main(*arguments), fragment)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The default demo (tutorial sizes), run once as a user would."""
+    results = tmp_path_factory.mktemp("owl_demo")
+    completed = run_script(SCRIPT, "--demo", "--results_dir", results)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return completed, results, results / "train_owl_gps" / "demo"
 
 
 def test_help():
-    result = run_script("--help")
+    result = run_script(SCRIPT, "--help")
     assert result.returncode == 0
-    for flag in ("--strategy", "--uncertainty", "--alpha_schedule", "--oracle", "--concept_weights", "--resume"):
+    for flag in (
+        "--query_strategy",
+        "--uncertainty",
+        "--alpha_schedule",
+        "--oracle",
+        "--concept_weights",
+        "--resume",
+    ):
         assert flag in result.stdout
 
 
-def test_demo_writes_documented_files_and_learns(tmp_path):
-    """The default demo (tutorial sizes): files, round table, and concept AUC clearly above chance."""
-    result = run_script("--demo", "--results_dir", tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = tmp_path / "train_owl_gps" / "demo"
-    for name in ("config.json", "rounds.csv", "labels.csv", "auc_curve.png", "metrics.json", "model.keras",
-                 "checkpoints/latest.json", "checkpoints/round_010.npz"):
+def test_demo_writes_documented_files(demo):
+    _, results, run_dir = demo
+    for name in (
+        "config.json",
+        "rounds.csv",
+        "labels.csv",
+        "auc_curve.png",
+        "metrics.json",
+        "model.keras",
+        "checkpoints/state.json",
+        "checkpoints/round_010.npz",
+    ):
         assert (run_dir / name).is_file(), name
     for name in ("images.npy", "labels.npy", "concepts.csv"):
-        assert (tmp_path / "demo_data" / "train_owl_gps" / name).is_file()
+        assert (results / "demo_data" / "train_owl_gps" / name).is_file()
+
+
+def test_demo_round_table_and_label_store(demo):
+    _, _, run_dir = demo
     rounds = read_csv(run_dir / "rounds.csv")
     assert [int(r["n_labeled"]) for r in rounds] == list(range(20, 120, 10))
     assert rounds[-1]["meta_query_loss"] == "nan" and float(rounds[0]["meta_query_loss"]) > 0
     labels = read_csv(run_dir / "labels.csv")
     assert len(labels) == 110 == len({row["id"] for row in labels})
     assert sum(row["strategy"] == "initial" for row in labels) == 20
+
+
+def test_demo_learns_and_prints_the_metrics(demo):
+    """The concept AUC is clearly above chance, and the summary line shows metrics.json's figure."""
+    completed, _, run_dir = demo
+    rounds = read_csv(run_dir / "rounds.csv")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     final_auc = metrics["final_test_auc"]["concept"]
     assert final_auc == pytest.approx(float(rounds[-1]["test_auc"]))
     assert final_auc > 0.7, final_auc
-    summary = result.stdout.strip().splitlines()[-1]
+    summary = completed.stdout.strip().splitlines()[-1]
     assert summary.startswith("final:") and f"concept={final_auc:.4f}" in summary
-    assert "round 10" in result.stdout
+    assert "round 10" in completed.stdout
+
+
+def test_demo_hides_tensorflow_start_up_logs(demo):
+    completed, _, _ = demo
+    assert "cpu_feature_guard" not in completed.stderr
 
 
 def test_strategy_all_with_seeds_plots_four_strategies(tmp_path):
-    run_main("--demo", *TINY, "--n_rounds", "2", "--strategy", "all", "--seeds", "2", "--results_dir", tmp_path)
+    run_main(
+        "--demo",
+        *TINY,
+        "--n_rounds",
+        "2",
+        "--query_strategy",
+        "all",
+        "--seeds",
+        "2",
+        "--results_dir",
+        tmp_path,
+    )
     run_dir = tmp_path / "train_owl_gps" / "demo"
     comparison = read_csv(run_dir / "strategy_comparison.csv")
     assert sorted({row["strategy"] for row in comparison}) == sorted(owl.STRATEGIES)
@@ -90,8 +125,14 @@ def test_strategy_all_with_seeds_plots_four_strategies(tmp_path):
     rounds = read_csv(run_dir / "rounds.csv")
     assert len(rounds) == 4 * 2 * 2
     # Identical splits and initial labels across strategies for a given seed.
-    initial = {strategy: sorted(r["id"] for r in read_csv(run_dir / f"{strategy}_seed1" / "labels.csv")
-                                if r["strategy"] == "initial") for strategy in owl.STRATEGIES}
+    initial = {
+        strategy: sorted(
+            r["id"]
+            for r in read_csv(run_dir / f"{strategy}_seed1" / "labels.csv")
+            if r["strategy"] == "initial"
+        )
+        for strategy in owl.STRATEGIES
+    }
     assert len({tuple(ids) for ids in initial.values()}) == 1
     first_round = {r["test_auc"] for r in rounds if r["round"] == "1" and r["seed"] == "1"}
     assert len(first_round) == 1, "round 1 trains on the same labels with the same initial weights"
@@ -100,19 +141,29 @@ def test_strategy_all_with_seeds_plots_four_strategies(tmp_path):
     assert set(metrics["final_test_auc"]) == set(owl.STRATEGIES)
 
 
-def test_resume_after_round_k_matches_uninterrupted(tmp_path):
+def test_resume_after_round_k_matches_uninterrupted(tmp_path, monkeypatch):
     common = ["--demo", *TINY, "--results_dir", tmp_path, "--uncertainty", "mc_dropout", "--mc_passes", "3"]
     run_main(*common, "--n_rounds", "4", "--run_name", "straight")
     # Extending a finished 2-round run to 4 rounds.
     run_main(*common, "--n_rounds", "2", "--run_name", "extended")
     run_main(*common, "--n_rounds", "4", "--run_name", "extended", "--resume")
-    # A run stopped right after round 2's checkpoint, with round 3's labels already in the store.
-    straight = tmp_path / "train_owl_gps" / "straight"
+    # A run interrupted in round 3's Reptile step, after round 3's labels reached the store.
+    reptile, calls = owl.Learner.reptile, []
+
+    def interrupted_reptile(self, *arguments):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return reptile(self, *arguments)
+
+    monkeypatch.setattr(owl.Learner, "reptile", interrupted_reptile)
+    with pytest.raises(SystemExit):
+        run_main(*common, "--n_rounds", "4", "--run_name", "crashed")
     crashed = tmp_path / "train_owl_gps" / "crashed"
-    shutil.copytree(straight, crashed)
-    (crashed / "metrics.json").unlink()
-    (crashed / "checkpoints" / "latest.json").write_text(json.dumps({"round": 2, "file": "round_002"}))
+    assert {row["round"] for row in read_csv(crashed / "labels.csv")} == {"0", "1", "2", "3"}
+    monkeypatch.setattr(owl.Learner, "reptile", reptile)
     run_main(*common, "--n_rounds", "4", "--run_name", "crashed", "--resume")
+    straight = tmp_path / "train_owl_gps" / "straight"
     expected_rounds = without_seconds(read_csv(straight / "rounds.csv"))
     assert len(expected_rounds) == 4
     for other in ("extended", "crashed"):
@@ -125,12 +176,24 @@ def test_resume_after_round_k_matches_uninterrupted(tmp_path):
 def test_resume_with_changed_settings_is_refused(tmp_path, capsys):
     common = ["--demo", *TINY, "--n_rounds", "1", "--results_dir", tmp_path]
     run_main(*common)
-    expect_input_error(capsys, [*common, "--resume", "--alpha", "0.7"], "--alpha 0.5 -> 0.7")
+    expect_input_error(capsys, [*common, "--resume", "--alpha", "0.7"], "alpha=0.5 (now 0.7)")
 
 
 def test_ensemble_and_linear_schedule_run(tmp_path):
-    run_main("--demo", *TINY, "--n_rounds", "2", "--uncertainty", "ensemble", "--ensemble_size", "2",
-             "--alpha_schedule", "linear", "--results_dir", tmp_path)
+    run_main(
+        "--demo",
+        *TINY,
+        "--n_rounds",
+        "2",
+        "--uncertainty",
+        "ensemble",
+        "--ensemble_size",
+        "2",
+        "--alpha_schedule",
+        "linear",
+        "--results_dir",
+        tmp_path,
+    )
     run_dir = tmp_path / "train_owl_gps" / "demo"
     assert (run_dir / "model.keras").is_file() and (run_dir / "model_member1.keras").is_file()
     assert [float(r["alpha"]) for r in read_csv(run_dir / "rounds.csv")] == pytest.approx([0.3, 0.8])
@@ -159,20 +222,24 @@ def test_csv_oracle_round_trip_equals_simulated_run(tmp_path, capsys):
         if round_number == 1:
             # A blank answer is refused with one line and the label store is left as it was.
             store_before = (run_dir / "labels.csv").read_bytes()
-            expect_input_error(capsys, [*common, "--run_name", "human", "--oracle", "csv", "--resume"],
-                               "blank label for id")
+            expect_input_error(
+                capsys, [*common, "--run_name", "human", "--oracle", "csv", "--resume"], "blank label for id"
+            )
             assert (run_dir / "labels.csv").read_bytes() == store_before
             bad = [{**row, "label": "2" if i == 0 else truth[int(row["id"])]} for i, row in enumerate(rows)]
-            owl.atomic_write_csv(queue_path, bad, list(rows[0]))
-            expect_input_error(capsys, [*common, "--run_name", "human", "--oracle", "csv", "--resume"],
-                               "is not 0/1")
+            atomic.write_csv(queue_path, bad, list(rows[0]))
+            expect_input_error(
+                capsys, [*common, "--run_name", "human", "--oracle", "csv", "--resume"], "is not 0/1"
+            )
             assert (run_dir / "labels.csv").read_bytes() == store_before
         filled = [{**row, "label": int(truth[int(row["id"])])} for row in rows]
-        owl.atomic_write_csv(queue_path, filled, list(rows[0]))
+        atomic.write_csv(queue_path, filled, list(rows[0]))
         result = run_main(*common, "--run_name", "human", "--oracle", "csv", "--resume")
         assert (result is None) == (round_number < 2)
     simulated = tmp_path / "train_owl_gps" / "simulated"
-    assert without_seconds(read_csv(simulated / "rounds.csv")) == without_seconds(read_csv(run_dir / "rounds.csv"))
+    assert without_seconds(read_csv(simulated / "rounds.csv")) == without_seconds(
+        read_csv(run_dir / "rounds.csv")
+    )
     assert read_csv(simulated / "labels.csv") == read_csv(run_dir / "labels.csv")
     assert (run_dir / "metrics.json").is_file()
 
@@ -182,8 +249,8 @@ def test_geotiff_with_concepts_and_labels_csv(tmp_path):
     from common.raster import write_geotiff
 
     rng = np.random.default_rng(0)
-    scene = rng.random((4, 16 * 8, 16 * 8)).astype(np.float32)   # an 8 x 8 grid of 16 px patches
-    scene[:, 0:3, 16:19] = -9999.0                                  # patch (0, 1) touches nodata
+    scene = rng.random((4, 16 * 8, 16 * 8)).astype(np.float32)  # an 8 x 8 grid of 16 px patches
+    scene[:, 0:3, 16:19] = -9999.0  # patch (0, 1) touches nodata
     write_geotiff(tmp_path / "scene.tif", scene, nodata=-9999.0)
     grid = [(row, col) for row in range(8) for col in range(8)]
     with open(tmp_path / "concepts.csv", "w") as file:
@@ -192,13 +259,31 @@ def test_geotiff_with_concepts_and_labels_csv(tmp_path):
     with open(tmp_path / "labels.csv", "w") as file:
         file.write("row,col,label\n")
         file.writelines(f"{r},{c},{(r * 8 + c) % 3 == 0:d}\n" for r, c in grid)
-    run_main("--geotiff", tmp_path / "scene.tif", "--concepts_csv", tmp_path / "concepts.csv",
-             "--labels_csv", tmp_path / "labels.csv", "--patch_size", "16", "--initial_budget", "10",
-             "--query_budget", "6", "--n_rounds", "2", "--epochs", "1", "--results_dir", tmp_path / "out",
-             "--run_name", "scene")
+    run_main(
+        "--geotiff",
+        tmp_path / "scene.tif",
+        "--concepts_csv",
+        tmp_path / "concepts.csv",
+        "--labels_csv",
+        tmp_path / "labels.csv",
+        "--patch_size",
+        "16",
+        "--initial_budget",
+        "10",
+        "--query_budget",
+        "6",
+        "--n_rounds",
+        "2",
+        "--epochs",
+        "1",
+        "--results_dir",
+        tmp_path / "out",
+        "--run_name",
+        "scene",
+    )
     run_dir = tmp_path / "out" / "train_owl_gps" / "scene"
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["derived"]["n_samples"] == 63                     # the nodata patch is dropped
+    assert config["derived"]["n_samples"] == 63  # the nodata patch is dropped
     labels = read_csv(run_dir / "labels.csv")
     assert len(labels) == 16 and all(row["row"] != "" and row["col"] != "" for row in labels)
     assert ("0", "1") not in {(row["row"], row["col"]) for row in labels}
@@ -207,32 +292,60 @@ def test_geotiff_with_concepts_and_labels_csv(tmp_path):
     land_cover = np.kron(np.arange(64).reshape(8, 8) % 4, np.ones((16, 16))).astype(np.uint8)
     write_geotiff(tmp_path / "land_cover.tif", land_cover)
     write_geotiff(tmp_path / "distance.tif", np.full((128, 128), 0.2, np.float32))
-    run_main("--geotiff", tmp_path / "scene.tif", "--land_cover_geotiff", tmp_path / "land_cover.tif",
-             "--distance_geotiff", tmp_path / "distance.tif", "--labels_csv", tmp_path / "labels.csv",
-             "--patch_size", "16", "--initial_budget", "10", "--n_rounds", "1", "--epochs", "1",
-             "--results_dir", tmp_path / "out", "--run_name", "rasters")
+    run_main(
+        "--geotiff",
+        tmp_path / "scene.tif",
+        "--land_cover_geotiff",
+        tmp_path / "land_cover.tif",
+        "--distance_geotiff",
+        tmp_path / "distance.tif",
+        "--labels_csv",
+        tmp_path / "labels.csv",
+        "--patch_size",
+        "16",
+        "--initial_budget",
+        "10",
+        "--n_rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--results_dir",
+        tmp_path / "out",
+        "--run_name",
+        "rasters",
+    )
     assert (tmp_path / "out" / "train_owl_gps" / "rasters" / "metrics.json").is_file()
-    data = owl.load_geotiff_dataset(owl.get_args_parser().parse_args(
-        ["--geotiff", str(tmp_path / "scene.tif"), "--land_cover_geotiff", str(tmp_path / "land_cover.tif"),
-         "--distance_geotiff", str(tmp_path / "distance.tif"), "--patch_size", "16"]), ["urban", "near_industrial"])
+    data = owl_gps_data.load_geotiff_dataset(
+        tmp_path / "scene.tif",
+        ["urban", "near_industrial"],
+        patch_size=16,
+        land_cover_geotiff=tmp_path / "land_cover.tif",
+        distance_geotiff=tmp_path / "distance.tif",
+    )
     expected_urban = [(r * 8 + c) % 4 == 1 for r, c in data["locations"]]
     np.testing.assert_array_equal(data["active"][:, 0], expected_urban)
-    assert data["active"][:, 1].all()                              # mean distance 0.2 < 0.3
+    assert data["active"][:, 1].all()  # mean distance 0.2 < 0.3
 
 
 @pytest.fixture
 def data_dir(tmp_path):
-    images, labels, concepts = owl.generate_synthetic(40, 8, 0.3, 0)
-    owl.write_dataset(tmp_path / "data", images, labels, concepts)
+    images, labels, concepts = owl_gps_data.synthetic_dataset(40, 8, 0.3, 0)
+    owl_gps_data.write_dataset(tmp_path / "data", images, labels, concepts)
     return tmp_path / "data"
 
 
-@pytest.mark.parametrize("problem, fragment", [
-    ("rank", "rank 4"), ("bands", "has 3 bands in axis 1"), ("labels", "label 2 at index 5 is not 0/1"),
-    ("fractional_labels", "label 0.5 at index 0 is not 0/1"),
-    ("missing_id", "no row for id 7"), ("missing_column", "missing column(s) urban"),
-    ("nan", "patch 3 contains NaN"),
-])
+@pytest.mark.parametrize(
+    "problem, fragment",
+    [
+        ("rank", "rank 4"),
+        ("bands", "has 3 bands in axis 1"),
+        ("labels", "label 2 at index 5 is not 0/1"),
+        ("fractional_labels", "label 0.5 at index 0 is not 0/1"),
+        ("missing_id", "no row for id 7"),
+        ("missing_column", "missing column(s) urban"),
+        ("nan", "patch 3 contains NaN"),
+    ],
+)
 def test_bad_data_gives_one_line_and_exit_2(data_dir, tmp_path, capsys, problem, fragment):
     images = np.load(data_dir / "images.npy")
     if problem == "rank":
@@ -253,10 +366,12 @@ def test_bad_data_gives_one_line_and_exit_2(data_dir, tmp_path, capsys, problem,
         if problem == "missing_id":
             lines = [line for line in lines if not line.startswith("7,")]
         else:
-            lines = [",".join(part for i, part in enumerate(line.split(",")) if i not in (1, 3)) for line in lines]
+            lines = [
+                ",".join(part for i, part in enumerate(line.split(",")) if i not in (1, 3)) for line in lines
+            ]
         (data_dir / "concepts.csv").write_text("\n".join(lines) + "\n")
-    line = expect_input_error(capsys, ["--data_dir", data_dir, "--results_dir", tmp_path / "out", "--epochs", "1"],
-                              fragment)
+    line = expect_input_error(
+        capsys, ["--data_dir", data_dir, "--results_dir", tmp_path / "out", "--epochs", "1"], fragment
+    )
     assert str(data_dir) in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("labels.csv"))
-
