@@ -12,6 +12,7 @@ parallel          one spawn-process job runner behind every --workers
 startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
+owl_gps_data      OWL-GPS inputs and run files: patch readers, concept CSVs, label store, queue, round tables
 lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split, shared flags
 npy               .npy/.npz headers read without loading; rows streamed in batches; row-chunk checkpoints
