@@ -87,17 +87,25 @@ def round_eager(rounds):
         for _ in range(5):
             order = rng.permutation(len(ids))
             for start in range(0, len(ids), 16):
-                batch = ids[order[start:start + 16]]
+                batch = ids[order[start : start + 16]]
                 with tf.GradientTape() as tape:
                     loss = loss_fn(labels[batch], model(patches[batch], training=True))
                 gradients = tape.gradient(loss, model.trainable_variables)
                 optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        p_test = np.concatenate([tf.nn.softmax(model(patches[test_ids[s:s + 64]], training=False)).numpy()
-                                 for s in range(0, len(test_ids), 64)])
+        p_test = np.concatenate(
+            [
+                tf.nn.softmax(model(patches[test_ids[s : s + 64]], training=False)).numpy()
+                for s in range(0, len(test_ids), 64)
+            ]
+        )
         auc = roc_auc_score(labels[test_ids], p_test[:, 1])
         candidates = np.setdiff1d(pool_ids, ids)
-        p_pool = np.concatenate([tf.nn.softmax(model(patches[candidates[s:s + 64]], training=False)).numpy()
-                                 for s in range(0, len(candidates), 64)])
+        p_pool = np.concatenate(
+            [
+                tf.nn.softmax(model(patches[candidates[s : s + 64]], training=False)).numpy()
+                for s in range(0, len(candidates), 64)
+            ]
+        )
         score = owl.acquisition_score(owl.entropy(p_pool), relevance[candidates], 0.5)
         new = candidates[np.argsort(-score)[:10]]
         labelled += list(new)
@@ -106,7 +114,9 @@ def round_eager(rounds):
         support = new[:5]
         with tf.GradientTape() as tape:
             loss = loss_fn(labels[support], adapted(patches[support], training=True))
-        sgd.apply_gradients(zip(tape.gradient(loss, adapted.trainable_variables), adapted.trainable_variables))
+        sgd.apply_gradients(
+            zip(tape.gradient(loss, adapted.trainable_variables), adapted.trainable_variables)
+        )
         model.set_weights(owl.reptile_update(model.get_weights(), adapted.get_weights(), 0.1))
         times.append(time.perf_counter() - started)
     return {"seconds_per_round": float(np.mean(times[1:])), "final_auc": float(auc)}
@@ -132,8 +142,11 @@ def pool_ours(path, passes, limit):
     learner.pool_uncertainty(source, np.arange(8))  # trace the compiled steps outside the timing
     started = time.perf_counter()
     scores = learner.pool_uncertainty(source, np.arange(min(limit, source.count)))
-    return {"seconds": time.perf_counter() - started, "reader": type(source).__name__,
-            "mean_score": float(scores.mean())}
+    return {
+        "seconds": time.perf_counter() - started,
+        "reader": type(source).__name__,
+        "mean_score": float(scores.mean()),
+    }
 
 
 def pool_in_memory(path, passes, limit):
@@ -144,7 +157,9 @@ def pool_in_memory(path, passes, limit):
         np.lib.format.read_magic(file)
         shape, _, dtype = np.lib.format.read_array_header_1_0(file)
         count = min(limit, shape[0])
-        images = np.fromfile(file, dtype=dtype, count=count * int(np.prod(shape[1:]))).reshape(count, *shape[1:])
+        images = np.fromfile(file, dtype=dtype, count=count * int(np.prod(shape[1:]))).reshape(
+            count, *shape[1:]
+        )
     images = np.transpose(images, (0, 2, 3, 1))
     args = script_args(uncertainty="mc_dropout", mc_passes=passes)
     learner = owl.Learner(args, images.shape[1])
@@ -153,16 +168,21 @@ def pool_in_memory(path, passes, limit):
     step = tf.function(lambda x: tf.nn.softmax(model(x, training=True)), reduce_retracing=True)
     step(images[:8])
     started = time.perf_counter()
-    probabilities = np.stack([np.concatenate([step(images[s:s + 1024]).numpy()
-                                              for s in range(0, len(images), 1024)]) for _ in range(passes)])
+    probabilities = np.stack(
+        [
+            np.concatenate([step(images[s : s + 1024]).numpy() for s in range(0, len(images), 1024)])
+            for _ in range(passes)
+        ]
+    )
     scores = owl.entropy(probabilities.mean(0))
     return {"seconds": time.perf_counter() - started, "mean_score": float(scores.mean())}
 
 
 def child(arguments):
     """Run one measurement in a fresh process; return its JSON result plus its peak memory."""
-    result = subprocess.run([sys.executable, "-m", "bench.owl_gps_speed", *arguments], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.owl_gps_speed", *arguments], capture_output=True, text=True, cwd=ROOT
+    )
     if result.returncode != 0:
         sys.exit(f"benchmark step {arguments} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -173,17 +193,24 @@ def main():
     parser.add_argument("--rounds", type=int, default=4, help="Timed rounds (after one warm-up round).")
     parser.add_argument("--pool_size", type=int, default=100_000, help="Patches in the large pool.")
     parser.add_argument("--mc_passes", type=int, default=20, help="MC-dropout passes.")
-    parser.add_argument("--baseline_pool_size", type=int, default=20_000,
-                        help="Patches for the in-memory baseline and the same-size comparison (0 skips it).")
+    parser.add_argument(
+        "--baseline_pool_size",
+        type=int,
+        default=20_000,
+        help="Patches for the in-memory baseline and the same-size comparison (0 skips it).",
+    )
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.phase:
-        phases = {"round_ours": lambda: round_ours(args.rounds), "round_eager": lambda: round_eager(args.rounds),
-                  "pool_ours": lambda: pool_ours(args.path, args.mc_passes, args.limit),
-                  "pool_in_memory": lambda: pool_in_memory(args.path, args.mc_passes, args.limit)}
+        phases = {
+            "round_ours": lambda: round_ours(args.rounds),
+            "round_eager": lambda: round_eager(args.rounds),
+            "pool_ours": lambda: pool_ours(args.path, args.mc_passes, args.limit),
+            "pool_in_memory": lambda: pool_in_memory(args.path, args.mc_passes, args.limit),
+        }
         result = phases[args.phase]()
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
@@ -192,28 +219,44 @@ def main():
     common = ["--rounds", str(args.rounds), "--mc_passes", str(args.mc_passes)]
     ours, eager = child(["--phase", "round_ours", *common]), child(["--phase", "round_eager", *common])
     print("tutorial data, seconds per round (train 5 epochs + test AUC + pool scoring + Reptile):")
-    print(f"  ours (compiled steps)        {ours['seconds_per_round']:.3f} s   peak {ours['peak_rss_mb']:.0f} MB")
-    print(f"  baseline (eager, tutorial)   {eager['seconds_per_round']:.3f} s   peak {eager['peak_rss_mb']:.0f} MB")
+    print(
+        f"  ours (compiled steps)        {ours['seconds_per_round']:.3f} s   peak {ours['peak_rss_mb']:.0f} MB"
+    )
+    print(
+        f"  baseline (eager, tutorial)   {eager['seconds_per_round']:.3f} s   peak {eager['peak_rss_mb']:.0f} MB"
+    )
 
     with tempfile.TemporaryDirectory(dir=ROOT / "results" if (ROOT / "results").is_dir() else None) as folder:
         path = Path(folder) / "images.npy"
         write_pool(path, args.pool_size)
-        print(f"pool of {args.pool_size} patches ({path.stat().st_size / 2**30:.2f} GiB on disk), "
-              f"MC-dropout {args.mc_passes} passes:")
-        streamed = child(["--phase", "pool_ours", "--path", str(path), "--limit", str(args.pool_size), *common])
-        print(f"  ours, {args.pool_size} patches (streamed, {streamed['reader']})   {streamed['seconds']:.1f} s   "
-              f"peak {streamed['peak_rss_mb']:.0f} MB ({'under' if streamed['peak_rss_mb'] < 2048 else 'OVER'} "
-              "the 2 GB budget)")
+        print(
+            f"pool of {args.pool_size} patches ({path.stat().st_size / 2**30:.2f} GiB on disk), "
+            f"MC-dropout {args.mc_passes} passes:"
+        )
+        streamed = child(
+            ["--phase", "pool_ours", "--path", str(path), "--limit", str(args.pool_size), *common]
+        )
+        print(
+            f"  ours, {args.pool_size} patches (streamed, {streamed['reader']})   {streamed['seconds']:.1f} s   "
+            f"peak {streamed['peak_rss_mb']:.0f} MB ({'under' if streamed['peak_rss_mb'] < 2048 else 'OVER'} "
+            "the 2 GB budget)"
+        )
         if args.baseline_pool_size:
             size = str(min(args.baseline_pool_size, args.pool_size))
             small = child(["--phase", "pool_ours", "--path", str(path), "--limit", size, *common])
             in_memory = child(["--phase", "pool_in_memory", "--path", str(path), "--limit", size, *common])
-            print(f"  ours, {size} patches                        {small['seconds']:.1f} s   "
-                  f"peak {small['peak_rss_mb']:.0f} MB")
-            print(f"  baseline, {size} patches (in memory, T full passes)  {in_memory['seconds']:.1f} s   "
-                  f"peak {in_memory['peak_rss_mb']:.0f} MB")
-            print(f"  {size} patches: peak memory ours / baseline {small['peak_rss_mb'] / in_memory['peak_rss_mb']:.2f}, "
-                  f"time baseline / ours {in_memory['seconds'] / small['seconds']:.2f}")
+            print(
+                f"  ours, {size} patches                        {small['seconds']:.1f} s   "
+                f"peak {small['peak_rss_mb']:.0f} MB"
+            )
+            print(
+                f"  baseline, {size} patches (in memory, T full passes)  {in_memory['seconds']:.1f} s   "
+                f"peak {in_memory['peak_rss_mb']:.0f} MB"
+            )
+            print(
+                f"  {size} patches: peak memory ours / baseline {small['peak_rss_mb'] / in_memory['peak_rss_mb']:.2f}, "
+                f"time baseline / ours {in_memory['seconds'] / small['seconds']:.2f}"
+            )
     print(f"round-time ratio baseline / ours: {eager['seconds_per_round'] / ours['seconds_per_round']:.2f}")
 
 

@@ -32,9 +32,14 @@ FULL_HEADS, FULL_EPOCHS = 96, 5000
 
 def our_seconds(data, task_scores, epochs, workers):
     args = igarss_exp1.get_args_parser().parse_args(["--epochs", str(epochs), "--workers", str(workers)])
-    heads = {name: [{"method": method, "fold": fold, "key": 1000 * e + 100 * m + fold}
-                    for m, method in enumerate(igarss_exp1.METHODS) for fold in range(1, 9)]
-             for e, name in enumerate(awir.EMBEDDING_NAMES)}
+    heads = {
+        name: [
+            {"method": method, "fold": fold, "key": 1000 * e + 100 * m + fold}
+            for m, method in enumerate(igarss_exp1.METHODS)
+            for fold in range(1, 9)
+        ]
+        for e, name in enumerate(awir.EMBEDDING_NAMES)
+    }
     jobs = igarss_exp1.split_into_jobs(heads, data["embeddings"], workers)
     started = time.perf_counter()
     igarss_exp1.train_jobs(jobs, data, task_scores, args, record=lambda job, result: None)
@@ -62,25 +67,49 @@ def baseline_seconds_per_head_epoch(data, task_scores, epochs, heads_per_method)
             train, val = data["folds"][fold - 1]
 
             def loss(y_true, y_pred, method=method):
-                batch = {"class_label": tf.cast(y_true[None, :, 0], tf.int32),
-                         "box_cluster": tf.cast(y_true[None, :, 1], tf.int32),
-                         "task_score": tf.cast(y_true[None, :, 2], tf.float64)}
+                batch = {
+                    "class_label": tf.cast(y_true[None, :, 0], tf.int32),
+                    "box_cluster": tf.cast(y_true[None, :, 1], tf.int32),
+                    "task_score": tf.cast(y_true[None, :, 2], tf.float64),
+                }
                 valid = tf.ones_like(batch["class_label"], tf.bool)
-                return igarss_exp1.method_loss(method, y_pred[None], batch, valid, args,
-                                               np.array([args.top_percent]), np.array([args.random_percent]))[0]
+                return igarss_exp1.method_loss(
+                    method,
+                    y_pred[None],
+                    batch,
+                    valid,
+                    args,
+                    np.array([args.top_percent]),
+                    np.array([args.random_percent]),
+                )[0]
 
             def targets(indices):
-                return np.stack([data["class_label"][indices], data["box_cluster"][indices],
-                                 task_scores[fold - 1][indices]], axis=1).astype(np.float32)
+                return np.stack(
+                    [
+                        data["class_label"][indices],
+                        data["box_cluster"][indices],
+                        task_scores[fold - 1][indices],
+                    ],
+                    axis=1,
+                ).astype(np.float32)
 
             model = igarss_exp1.build_projection_head(embedding.shape[1])
             model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
             timer = EpochTimer()
             with tempfile.TemporaryDirectory() as folder:
-                checkpoint = keras.callbacks.ModelCheckpoint(str(Path(folder) / "best.weights.h5"),
-                                                             save_best_only=True, save_weights_only=True)
-                model.fit(embedding[train], targets(train), batch_size=32, epochs=epochs, shuffle=True,
-                          validation_data=(embedding[val], targets(val)), callbacks=[timer, checkpoint], verbose=0)
+                checkpoint = keras.callbacks.ModelCheckpoint(
+                    str(Path(folder) / "best.weights.h5"), save_best_only=True, save_weights_only=True
+                )
+                model.fit(
+                    embedding[train],
+                    targets(train),
+                    batch_size=32,
+                    epochs=epochs,
+                    shuffle=True,
+                    validation_data=(embedding[val], targets(val)),
+                    callbacks=[timer, checkpoint],
+                    verbose=0,
+                )
             steady.extend(timer.times[1:])
     return float(np.mean(steady))
 
@@ -104,13 +133,21 @@ def main():
     startup = max(short - per_epoch_all_heads * args.short_epochs, 0.0)
     ours = per_epoch_all_heads / FULL_HEADS
     ours_full = startup + per_epoch_all_heads * FULL_EPOCHS
-    print(f"ours: {short:.1f}s for {args.short_epochs} epochs, {long:.1f}s for {args.long_epochs} epochs of "
-          f"{FULL_HEADS} heads ({args.workers} workers): {1e3 * ours:.3f} ms per head-epoch, start-up {startup:.1f}s")
-    baseline = baseline_seconds_per_head_epoch(data, task_scores, args.baseline_epochs, args.baseline_heads_per_method)
-    print(f"baseline: {1e3 * baseline:.3f} ms per head-epoch (steady-state epochs of "
-          f"{4 * args.baseline_heads_per_method} model.fit runs)")
-    print(f"projected full protocol ({FULL_HEADS} heads x {FULL_EPOCHS} epochs): ours {ours_full / 60:.1f} min, "
-          f"baseline {baseline * FULL_HEADS * FULL_EPOCHS / 3600:.1f} h")
+    print(
+        f"ours: {short:.1f}s for {args.short_epochs} epochs, {long:.1f}s for {args.long_epochs} epochs of "
+        f"{FULL_HEADS} heads ({args.workers} workers): {1e3 * ours:.3f} ms per head-epoch, start-up {startup:.1f}s"
+    )
+    baseline = baseline_seconds_per_head_epoch(
+        data, task_scores, args.baseline_epochs, args.baseline_heads_per_method
+    )
+    print(
+        f"baseline: {1e3 * baseline:.3f} ms per head-epoch (steady-state epochs of "
+        f"{4 * args.baseline_heads_per_method} model.fit runs)"
+    )
+    print(
+        f"projected full protocol ({FULL_HEADS} heads x {FULL_EPOCHS} epochs): ours {ours_full / 60:.1f} min, "
+        f"baseline {baseline * FULL_HEADS * FULL_EPOCHS / 3600:.1f} h"
+    )
     print(f"speedup_vs_per_model_fit: {baseline / ours:.1f}")
 
 

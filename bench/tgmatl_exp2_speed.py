@@ -54,8 +54,16 @@ def baseline_epoch_seconds(x, targets, kind, train, val, epochs, seed):
     started = time.perf_counter()
     model = igarss_exp2.build_task_head(x.shape[1], kind)
     keep_best = KeepBest()
-    model.fit(x[train], targets[train, :units], batch_size=32, epochs=epochs, shuffle=True, verbose=0,
-              validation_data=(x[val], targets[val, :units]), callbacks=[keep_best])
+    model.fit(
+        x[train],
+        targets[train, :units],
+        batch_size=32,
+        epochs=epochs,
+        shuffle=True,
+        verbose=0,
+        validation_data=(x[val], targets[val, :units]),
+        callbacks=[keep_best],
+    )
     model.set_weights(keep_best.weights)
     stamps = np.array(keep_best.stamps)
     return stamps[0] - started, float(np.median(np.diff(stamps)))
@@ -86,11 +94,16 @@ def stacked_epoch_seconds(units, inputs, data, args, chunk_epochs, chunks=3):
         job["inputs"] = {head["input"]: inputs[head["input"]] for head in job["heads"]}
     timings = []
     cpu_started = cpu_seconds()
-    wall = run_side_by_side(jobs, functools.partial(train_job, data=data, args=args, chunk_epochs=chunk_epochs),
-                            lambda job, result: timings.append(result["chunk_seconds"]), args.workers)
+    wall = run_side_by_side(
+        jobs,
+        functools.partial(train_job, data=data, args=args, chunk_epochs=chunk_epochs),
+        lambda job, result: timings.append(result["chunk_seconds"]),
+        args.workers,
+    )
     per_epoch = sum((t[-1] - t[0]) / ((chunks - 1) * chunk_epochs) for t in timings)
-    compile_seconds = sum(max(t[0] - chunk_epochs * (t[-1] - t[0]) / ((chunks - 1) * chunk_epochs), 0.0)
-                          for t in timings)
+    compile_seconds = sum(
+        max(t[0] - chunk_epochs * (t[-1] - t[0]) / ((chunks - 1) * chunk_epochs), 0.0) for t in timings
+    )
     # Cores this process actually got (the machine may be shared): CPU seconds per wall second.
     cores_used = (cpu_seconds() - cpu_started) / wall
     return compile_seconds, per_epoch, len(jobs), cores_used
@@ -114,51 +127,72 @@ def main():
             if method == "base":
                 inputs[("dinov2", method, fold)] = embedding
             else:  # A random linear projection stands in for the exp1 head: speed does not depend on it.
-                inputs[("dinov2", method, fold)] = (embedding @ rng.normal(0, 0.05, (embedding.shape[1], 64))
-                                                    ).astype(np.float32)
-            units.append({"embedding": "dinov2", "method": method, "fold": fold, "input": ("dinov2", method, fold),
-                          "key": source_index * 100 + fold})
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; workers {bench_args.workers}")
+                inputs[("dinov2", method, fold)] = (
+                    embedding @ rng.normal(0, 0.05, (embedding.shape[1], 64))
+                ).astype(np.float32)
+            units.append(
+                {
+                    "embedding": "dinov2",
+                    "method": method,
+                    "fold": fold,
+                    "input": ("dinov2", method, fold),
+                    "key": source_index * 100 + fold,
+                }
+            )
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; workers {bench_args.workers}"
+    )
 
     # ---- baseline: one model.fit per head ----
     train, val = data["folds"][0]
     class_target = igarss_exp2.head_targets(data, 1, "class")
     feature_target = igarss_exp2.head_targets(data, 1, "boxfeat")
-    base_setup, base_epoch = baseline_epoch_seconds(embedding, class_target, "class", train, val,
-                                                    bench_args.baseline_epochs, 0)
+    base_setup, base_epoch = baseline_epoch_seconds(
+        embedding, class_target, "class", train, val, bench_args.baseline_epochs, 0
+    )
     projected = inputs[("dinov2", "dtl", 1)]
-    proj_setup, proj_epoch = baseline_epoch_seconds(projected, feature_target, "boxfeat", train, val,
-                                                    bench_args.baseline_epochs, 1)
+    proj_setup, proj_epoch = baseline_epoch_seconds(
+        projected, feature_target, "boxfeat", train, val, bench_args.baseline_epochs, 1
+    )
     # The protocol's mix: 1 of 5 inputs is a raw embedding, 4 of 5 are 64-d projections.
     baseline_epoch = 0.2 * base_epoch + 0.8 * proj_epoch
     baseline_setup = 0.2 * base_setup + 0.8 * proj_setup
-    print(f"baseline model.fit: 768-d head {1e3 * base_epoch:.2f} ms/epoch (setup + first epoch {base_setup:.2f}s), "
-          f"64-d head {1e3 * proj_epoch:.2f} ms/epoch (setup + first epoch {proj_setup:.2f}s)")
+    print(
+        f"baseline model.fit: 768-d head {1e3 * base_epoch:.2f} ms/epoch (setup + first epoch {base_setup:.2f}s), "
+        f"64-d head {1e3 * proj_epoch:.2f} ms/epoch (setup + first epoch {proj_setup:.2f}s)"
+    )
 
     # ---- ours: the real plan for one embedding ----
     args = argparse.Namespace(seed=0, learning_rate=1e-4, batch_size=32, workers=bench_args.workers, epochs=0)
-    compile_seconds, stack_epoch_seconds, num_stacks, cores_used = stacked_epoch_seconds(units, inputs, data, args,
-                                                                            bench_args.chunk_epochs)
+    compile_seconds, stack_epoch_seconds, num_stacks, cores_used = stacked_epoch_seconds(
+        units, inputs, data, args, bench_args.chunk_epochs
+    )
     heads = 3 * len(units)
     # Stacks run side by side on `workers` threads: the wall time per epoch is the summed cost / workers.
     per_epoch = stack_epoch_seconds / bench_args.workers
     fixed = compile_seconds / bench_args.workers
     ours_model_epoch = per_epoch / heads
-    print(f"stacked: {heads} heads in {num_stacks} stacks, {1e3 * per_epoch:.1f} ms wall per epoch of all {heads} "
-          f"heads ({1e3 * ours_model_epoch:.3f} ms per model-epoch), compile {fixed:.1f}s wall, "
-          f"{cores_used:.2f} of {bench_args.workers} cores used")
+    print(
+        f"stacked: {heads} heads in {num_stacks} stacks, {1e3 * per_epoch:.1f} ms wall per epoch of all {heads} "
+        f"heads ({1e3 * ours_model_epoch:.3f} ms per model-epoch), compile {fixed:.1f}s wall, "
+        f"{cores_used:.2f} of {bench_args.workers} cores used"
+    )
 
     # ---- projections of the full protocol (3 embeddings x 5 inputs x 8 folds x 3 heads, 5000 epochs) ----
     baseline_full = FULL_HEADS * (baseline_setup + FULL_EPOCHS * baseline_epoch)
     # Three embeddings like this one (CLIP's 512-d inputs are cheaper, so this is an upper bound).
     ours_full = 3 * (fixed + FULL_EPOCHS * per_epoch)
-    print(f"projected full protocol ({FULL_HEADS} heads x {FULL_EPOCHS} epochs): per-model fit "
-          f"{baseline_full / 3600:.1f} h, stacked {ours_full / 60:.1f} min")
+    print(
+        f"projected full protocol ({FULL_HEADS} heads x {FULL_EPOCHS} epochs): per-model fit "
+        f"{baseline_full / 3600:.1f} h, stacked {ours_full / 60:.1f} min"
+    )
     # On a shared machine the stacks got fewer cores than workers; with all of them free the same CPU
     # work takes cores_used / workers of the wall time.
     idle_share = min(cores_used / bench_args.workers, 1.0)
-    print(f"stacked full protocol with all {bench_args.workers} cores free (from CPU time): "
-          f"{ours_full * idle_share / 60:.1f} min")
+    print(
+        f"stacked full protocol with all {bench_args.workers} cores free (from CPU time): "
+        f"{ours_full * idle_share / 60:.1f} min"
+    )
     print(f"speedup_vs_per_model_fit: {baseline_epoch / ours_model_epoch:.1f}")
 
 
