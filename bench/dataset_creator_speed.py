@@ -39,9 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent  # the children run at the reposit
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=10980, help="Tile side in pixels (S2 tile: 10980).")
-    parser.add_argument("--compress", choices=("deflate", "lzw", "none"), default="deflate",
-                        help="Compression of the generated GeoTIFFs (cloud-optimised GeoTIFFs are "
-                             "usually compressed).")
+    parser.add_argument(
+        "--compress",
+        choices=("deflate", "lzw", "none"),
+        default="deflate",
+        help="Compression of the generated GeoTIFFs (cloud-optimised GeoTIFFs are usually compressed).",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each side; the fastest counts.")
     parser.add_argument("--tmp_dir", default=None, help="Where to generate the tile (default: system temp).")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,9 +63,17 @@ def generate_tile(folder, size, compress, seed):
     land_codes = np.array([10, 20, 30, 40, 50, 60, 90, 95, 100], dtype=np.uint8)  # no water, no no-data
     coarse = rng.choice(land_codes, size=(size // 300 + 2, size // 300 + 2)).astype(np.uint8)
     means = np.zeros((256, 4), np.float32)
-    band_means = {10: (300, 500, 250, 2800), 20: (700, 800, 500, 2200), 30: (800, 1000, 600, 2600),
-                  40: (1100, 1100, 800, 3000), 50: (1600, 1500, 1400, 1800), 60: (2200, 2000, 1800, 2400),
-                  90: (500, 700, 500, 1500), 95: (250, 450, 300, 2000), 100: (1200, 1300, 1000, 1900)}
+    band_means = {
+        10: (300, 500, 250, 2800),
+        20: (700, 800, 500, 2200),
+        30: (800, 1000, 600, 2600),
+        40: (1100, 1100, 800, 3000),
+        50: (1600, 1500, 1400, 1800),
+        60: (2200, 2000, 1800, 2400),
+        90: (500, 700, 500, 1500),
+        95: (250, 450, 300, 2000),
+        100: (1200, 1300, 1000, 1900),
+    }
     for code, mean in band_means.items():
         means[code] = mean
     # Smooth brightness over ~64 px, interpolated strip by strip (the full field would be ~0.5 GB).
@@ -77,8 +88,10 @@ def generate_tile(folder, size, compress, seed):
     s2_path.parent.mkdir(parents=True)
     map_path.parent.mkdir(parents=True)
     common = {"driver": "GTiff", "width": size, "height": size, "crs": "EPSG:4326", "transform": transform}
-    with rasterio.open(s2_path, "w", count=4, dtype="uint16", **common, **options) as s2, \
-            rasterio.open(map_path, "w", count=1, dtype="uint8", **common, **options) as label_map:
+    with (
+        rasterio.open(s2_path, "w", count=4, dtype="uint16", **common, **options) as s2,
+        rasterio.open(map_path, "w", count=1, dtype="uint8", **common, **options) as label_map,
+    ):
         for top in range(0, size, 512):
             rows = min(512, size - top)
             r = np.arange(top, top + rows)[:, None]
@@ -87,9 +100,10 @@ def generate_tile(folder, size, compress, seed):
             cell_r = np.clip((r + 40 * np.sin(c / 97.0)) // 300, 0, coarse.shape[0] - 1).astype(int)
             cell_c = np.clip((c + 40 * np.sin(r / 83.0)) // 300, 0, coarse.shape[1] - 1).astype(int)
             codes = coarse[cell_r, cell_c]
-            band = coarse_brightness[top // 64:(top + rows) // 64 + 2]
-            brightness = cv2.resize(band, (band.shape[1] * 64, band.shape[0] * 64),
-                                    interpolation=cv2.INTER_LINEAR)[top % 64:top % 64 + rows, :size]
+            band = coarse_brightness[top // 64 : (top + rows) // 64 + 2]
+            brightness = cv2.resize(
+                band, (band.shape[1] * 64, band.shape[0] * 64), interpolation=cv2.INTER_LINEAR
+            )[top % 64 : top % 64 + rows, :size]
             pixels = means[codes].transpose(2, 0, 1) * brightness
             pixels += rng.normal(0, 40, pixels.shape).astype(np.float32)
             s2.write(np.clip(pixels, 1, 10000).astype(np.uint16), window=((top, top + rows), (0, size)))
@@ -106,8 +120,8 @@ def run_floor(s2_path, map_path, files_folder=None):
     import cv2
     import rasterio
 
+    from common.aras400k import CODE_TO_BGR
     from common.raster import patch_windows
-    from dataset_creator import CODE_TO_BGR
 
     count = 0
     with rasterio.Env(GDAL_CACHEMAX=256), rasterio.open(s2_path) as s2, rasterio.open(map_path) as label_map:
@@ -129,9 +143,10 @@ def run_floor(s2_path, map_path, files_folder=None):
 def timed_child(command):
     """Wall seconds, (user, system) CPU seconds, peak RSS (MB) and output of one child process."""
     started = time.perf_counter()
-    environment = dict(os.environ, PYTHONPATH=str(ROOT))  # the floor imports the script's colour table
-    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))  # the floor imports the ARAS400k colour table
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
@@ -153,49 +168,92 @@ def main(args):
         started = time.perf_counter()
         # Generated in a child: a child's peak RSS starts from its parent's at fork, so the parent
         # must stay small for the peak memory of the timed children to be their own.
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--generate", str(folder), "--size",
-                        str(args.size), "--compress", args.compress, "--seed", str(args.seed)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--generate",
+                str(folder),
+                "--size",
+                str(args.size),
+                "--compress",
+                args.compress,
+                "--seed",
+                str(args.seed),
+            ],
+            check=True,
+        )
         s2_path = folder / "S2RGB_2021" / "ESA_WorldCover_10m_2021_v200_N36E027_S2RGBNIR.tif"
         map_path = folder / "worldcover_2021" / "ESA_WorldCover_10m_2021_v200_N36E027_Map.tif"
         sizes = [p.stat().st_size / 2**20 for p in (s2_path, map_path)]
-        print(f"tile {args.size} x {args.size} x 4 uint16 ({args.size ** 2 * 8 / 2**30:.2f} GiB raw), "
-              f"{args.compress}: S2 file {sizes[0]:.0f} MB, map {sizes[1]:.0f} MB, generated in "
-              f"{time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f} on "
-              f"{os.cpu_count()} CPUs", flush=True)
+        print(
+            f"tile {args.size} x {args.size} x 4 uint16 ({args.size**2 * 8 / 2**30:.2f} GiB raw), "
+            f"{args.compress}: S2 file {sizes[0]:.0f} MB, map {sizes[1]:.0f} MB, generated in "
+            f"{time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.2f} on "
+            f"{os.cpu_count()} CPUs",
+            flush=True,
+        )
         patches = (args.size // 256) ** 2
-        floor_command = [sys.executable, str(Path(__file__).resolve()), "--floor", str(s2_path),
-                         str(map_path)]
+        floor_command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--floor",
+            str(s2_path),
+            str(map_path),
+        ]
         sides = ("floor", "floor+files", "ours")
-        fastest, least_cpu, peak = (dict.fromkeys(sides, float("inf")), dict.fromkeys(sides, float("inf")),
-                                    dict.fromkeys(sides, 0.0))
+        fastest, least_cpu, peak = (
+            dict.fromkeys(sides, float("inf")),
+            dict.fromkeys(sides, float("inf")),
+            dict.fromkeys(sides, 0.0),
+        )
         for repeat in range(args.repeats):
             out = folder / f"out{repeat}"
-            commands = {"floor": floor_command,
-                        "floor+files": floor_command + ["--floor_files", str(out)],
-                        "ours": [sys.executable, "dataset_creator.py", "--s2_dir", str(s2_path.parent),
-                                 "--map_dir", str(map_path.parent), "--out", str(out), "--workers", "1"]}
+            commands = {
+                "floor": floor_command,
+                "floor+files": [*floor_command, "--floor_files", str(out)],
+                "ours": [
+                    sys.executable,
+                    "dataset_creator.py",
+                    "--s2_dir",
+                    str(s2_path.parent),
+                    "--map_dir",
+                    str(map_path.parent),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    "1",
+                ],
+            }
             for side in sides:
                 out.mkdir(exist_ok=side != "ours")
                 seconds, (user, system), peak_mb, output = timed_child(commands[side])
                 if side == "ours":
                     print("  " + output.strip().splitlines()[-1])
                 shutil.rmtree(out)
-                print(f"{side} run {repeat + 1}: {seconds:.1f} s wall, {user + system:.1f} s CPU "
-                      f"(user {user:.1f}, system {system:.1f}), {patches / seconds:.1f} patches/s, "
-                      f"peak RSS {peak_mb:.0f} MB, "
-                      f"load average {os.getloadavg()[0]:.2f}", flush=True)
+                print(
+                    f"{side} run {repeat + 1}: {seconds:.1f} s wall, {user + system:.1f} s CPU "
+                    f"(user {user:.1f}, system {system:.1f}), {patches / seconds:.1f} patches/s, "
+                    f"peak RSS {peak_mb:.0f} MB, "
+                    f"load average {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
                 fastest[side] = min(fastest[side], seconds)
                 least_cpu[side] = min(least_cpu[side], user + system)
                 peak[side] = max(peak[side], peak_mb)
         for side in sides:
-            print(f"{side}: fastest {fastest[side]:.1f} s wall ({patches / fastest[side]:.1f} patches/s), "
-                  f"least {least_cpu[side]:.1f} s CPU "
-                  f"({patches / least_cpu[side]:.1f} patches per CPU second), "
-                  f"peak RSS {peak[side]:.0f} MB")
+            print(
+                f"{side}: fastest {fastest[side]:.1f} s wall ({patches / fastest[side]:.1f} patches/s), "
+                f"least {least_cpu[side]:.1f} s CPU "
+                f"({patches / least_cpu[side]:.1f} patches per CPU second), "
+                f"peak RSS {peak[side]:.0f} MB"
+            )
         print(f"ours/(floor+files): {least_cpu['ours'] / least_cpu['floor+files']:.3f} (CPU seconds)")
         # CPU seconds are the headline: on a shared machine the wall clock also counts other jobs.
-        print(f"ours/floor: {least_cpu['ours'] / least_cpu['floor']:.3f} (CPU seconds; wall-clock ratio "
-              f"{fastest['ours'] / fastest['floor']:.3f})")
+        print(
+            f"ours/floor: {least_cpu['ours'] / least_cpu['floor']:.3f} (CPU seconds; wall-clock ratio "
+            f"{fastest['ours'] / fastest['floor']:.3f})"
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import segmentation_train as st
+from common import aras400k
 from common.metrics import ConfusionMatrix
 
 
@@ -28,8 +29,12 @@ def get_args_parser():
     parser.add_argument("--image_size", type=int, default=256, help="Patch side (256 in the paper).")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="Timed training steps per data source.")
-    parser.add_argument("--metric_batches", type=int, default=16,
-                        help="Label batches (batch_size x image_size^2 pixels each) for the metrics bench.")
+    parser.add_argument(
+        "--metric_batches",
+        type=int,
+        default=16,
+        help="Label batches (batch_size x image_size^2 pixels each) for the metrics bench.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -39,15 +44,20 @@ def bench_metrics(args):
 
     rng = np.random.default_rng(args.seed)
     shape = (args.batch_size, args.image_size, args.image_size)
-    batches = [(rng.integers(0, st.NUM_CLASSES, shape, dtype=np.uint8),
-                rng.integers(0, st.NUM_CLASSES, shape, dtype=np.uint8)) for _ in range(args.metric_batches)]
+    batches = [
+        (
+            rng.integers(0, aras400k.NUM_CLASSES, shape, dtype=np.uint8),
+            rng.integers(0, aras400k.NUM_CLASSES, shape, dtype=np.uint8),
+        )
+        for _ in range(args.metric_batches)
+    ]
     pixels = args.metric_batches * np.prod(shape)
 
     started = time.perf_counter()
-    confusion = ConfusionMatrix(st.NUM_CLASSES, ignore_index=st.IGNORE_INDEX)
+    confusion = ConfusionMatrix(aras400k.NUM_CLASSES, ignore_index=aras400k.IGNORE_INDEX)
     for truth, predicted in batches:
         confusion.update(truth, predicted)
-    ours = confusion.metrics(st.CLASS_NAMES)
+    ours = confusion.metrics(aras400k.CLASS_NAMES)
     ours_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -58,9 +68,11 @@ def bench_metrics(args):
     accuracy_score(truth, predicted)
     sklearn_seconds = time.perf_counter() - started
     assert abs(f1 - ours["macro_f1"]) < 1e-9
-    print(f"metrics over {pixels / 1e6:.1f} M pixels: streaming {pixels / ours_seconds / 1e6:.1f} Mpx/s "
-          f"({ours_seconds:.2f} s), sklearn on flattened pixels {pixels / sklearn_seconds / 1e6:.1f} Mpx/s "
-          f"({sklearn_seconds:.2f} s)")
+    print(
+        f"metrics over {pixels / 1e6:.1f} M pixels: streaming {pixels / ours_seconds / 1e6:.1f} Mpx/s "
+        f"({ours_seconds:.2f} s), sklearn on flattened pixels {pixels / sklearn_seconds / 1e6:.1f} Mpx/s "
+        f"({sklearn_seconds:.2f} s)"
+    )
     print(f"streaming / sklearn throughput ratio: {sklearn_seconds / ours_seconds:.2f}")
 
 
@@ -77,32 +89,41 @@ def bench_training(args):
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as folder:
-        root = st.make_demo_dataset(Path(folder) / "data", args.image_size, args.images, args.seed)
-        pairs = st.list_split(root, "train", args.image_size)
+        root = aras400k.write_demo_patches(Path(folder) / "data", args.image_size, args.images, args.seed)
+        pairs = aras400k.list_split(root, "train", args.image_size)
         model = st.build_segformer("efficientnetb0", args.image_size)
-        model.compile(optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-2, global_clipnorm=1.0),
-                      loss=st.make_dice_loss(),
-                      jit_compile="auto" if tf.config.list_physical_devices("GPU") else False)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-2, global_clipnorm=1.0),
+            loss=st.MulticlassDiceLoss(),
+            jit_compile="auto" if tf.config.list_physical_devices("GPU") else False,
+        )
         model.optimizer.build(model.trainable_variables)
 
         # Our pipeline, over enough epochs for warm-up plus the timed steps.
         epochs_needed = 2 + -(-(args.steps + 2) * args.batch_size // len(pairs))
-        pipeline = st.make_train_dataset(pairs, args.image_size, args.batch_size, args.seed, 0, epochs_needed)
+        pipeline = aras400k.train_batches(
+            pairs, args.image_size, args.batch_size, args.seed, 0, epochs_needed, st.augment_pair
+        )
         pipeline_step = timed_fit(model, pipeline, args.steps)
 
         # The same images decoded once into memory, repeated, no decoding or augmentation per step.
         images, masks = [], []
-        for image, mask in st.make_eval_dataset(pairs, args.image_size, args.batch_size).unbatch():
+        for image, mask in aras400k.eval_batches(pairs, args.image_size, args.batch_size).unbatch():
             images.append(image.numpy())
             masks.append(mask.numpy())
-        in_memory = (tf.data.Dataset.from_tensor_slices((np.stack(images), np.stack(masks)))
-                     .repeat().batch(args.batch_size))
+        in_memory = (
+            tf.data.Dataset.from_tensor_slices((np.stack(images), np.stack(masks)))
+            .repeat()
+            .batch(args.batch_size)
+        )
         memory_step = timed_fit(model, in_memory, args.steps)
 
     pipeline_rate, memory_rate = args.batch_size / pipeline_step, args.batch_size / memory_step
-    print(f"training efficientnetb0 at {args.image_size} px, batch {args.batch_size}: tf.data pipeline "
-          f"{pipeline_rate:.1f} images/s ({pipeline_step:.2f} s/step), in-memory numpy "
-          f"{memory_rate:.1f} images/s ({memory_step:.2f} s/step)")
+    print(
+        f"training efficientnetb0 at {args.image_size} px, batch {args.batch_size}: tf.data pipeline "
+        f"{pipeline_rate:.1f} images/s ({pipeline_step:.2f} s/step), in-memory numpy "
+        f"{memory_rate:.1f} images/s ({memory_step:.2f} s/step)"
+    )
     print(f"pipeline / in-memory throughput ratio: {pipeline_rate / memory_rate:.3f}")
 
 

@@ -14,6 +14,7 @@ raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
 owl_gps_data      OWL-GPS inputs and run files: patch readers, concept CSVs, label store, queue, round tables
 lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
+aras400k          ARAS400k classes, WorldCover remap, palette, colour <-> label, map mosaic, patch readers
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split, shared flags
 npy               .npy/.npz headers read without loading; rows streamed in batches; row-chunk checkpoints
 spml_losses       SPML baselines: losses, label state, single positives, mAP/F1, batches, trainer

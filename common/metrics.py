@@ -95,3 +95,18 @@ def metrics_from_confusion(counts, class_names=None):
             for i in range(num_classes)
         ],
     }
+
+
+def finite_or_none(value):
+    """`value` as a float, or None when it is missing or not finite (JSON has no NaN)."""
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def json_safe(metrics):
+    """`metrics_from_confusion` output with NaN (class absent from truth and prediction) as None."""
+    result = {key: finite_or_none(value) for key, value in metrics.items() if key != "per_class"}
+    result["per_class"] = [
+        {key: (finite_or_none(value) if isinstance(value, float) else value) for key, value in row.items()}
+        for row in metrics["per_class"]
+    ]
+    return result

@@ -2,20 +2,18 @@
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import rasterio
+from conftest import one_line_error, run_script
 from rasterio.warp import transform as transform_points
 
 import dataset_creator
+from common import aras400k
 from common.raster import write_geotiff
 
-ROOT = Path(__file__).resolve().parent.parent
 RES = 1.0 / 1200  # a coarse EPSG:4326 grid shared by hand-made images and maps
 
 
@@ -31,13 +29,22 @@ def run(argv):
 def make_pair(folder, tile, pixels, codes, lon0=27.0, lat0=39.0, nodata=None, map_codes_origin=None):
     """Write an S2 RGBNIR tile and its WorldCover map (same EPSG:4326 grid unless told) by release names."""
     transform = rasterio.Affine(RES, 0, lon0, 0, -RES, lat0)
-    write_geotiff(folder / "S2RGB_2021" / f"ESA_WorldCover_10m_2021_v200_{tile}_S2RGBNIR.tif", pixels,
-                  transform=transform, crs="EPSG:4326", nodata=nodata)
+    write_geotiff(
+        folder / "S2RGB_2021" / f"ESA_WorldCover_10m_2021_v200_{tile}_S2RGBNIR.tif",
+        pixels,
+        transform=transform,
+        crs="EPSG:4326",
+        nodata=nodata,
+    )
     if codes is not None:
         map_lon0, map_lat0 = map_codes_origin or (lon0, lat0)
-        write_geotiff(folder / "worldcover_2021" / f"ESA_WorldCover_10m_2021_v200_{tile}_Map.tif",
-                      codes.astype(np.uint8), transform=rasterio.Affine(RES, 0, map_lon0, 0, -RES, map_lat0),
-                      crs="EPSG:4326", nodata=0)
+        write_geotiff(
+            folder / "worldcover_2021" / f"ESA_WorldCover_10m_2021_v200_{tile}_Map.tif",
+            codes.astype(np.uint8),
+            transform=rasterio.Affine(RES, 0, map_lon0, 0, -RES, map_lat0),
+            crs="EPSG:4326",
+            nodata=0,
+        )
     return folder / "S2RGB_2021", folder / "worldcover_2021"
 
 
@@ -45,7 +52,7 @@ def land(rows, cols, seed=0):
     rng = np.random.default_rng(seed)
     pixels = rng.integers(200, 3000, (4, rows, cols)).astype(np.uint16)
     codes = np.full((rows, cols), 10, np.uint8)
-    codes[:, cols // 2:] = 40
+    codes[:, cols // 2 :] = 40
     return pixels, codes
 
 
@@ -53,7 +60,7 @@ def decode_mask(path):
     """Mask PNG -> class indices by exact colour; -1 where a colour is not in the palette."""
     rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     classes = np.full(rgb.shape[:2], -1)
-    for index, colour in enumerate(dataset_creator.PALETTE):
+    for index, colour in enumerate(aras400k.PALETTE):
         classes[(rgb == colour).all(axis=-1)] = index
     return classes
 
@@ -66,16 +73,13 @@ def demo(tmp_path_factory):
 
 
 def test_help():
-    result = subprocess.run([sys.executable, "dataset_creator.py", "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = run_script("dataset_creator.py", "--help")
     assert result.returncode == 0
     assert "--s2_dir" in result.stdout and "--max_water_fraction" in result.stdout
 
 
 def test_demo_subprocess_writes_documented_files(tmp_path):
-    result = subprocess.run([sys.executable, "dataset_creator.py", "--demo", "--demo_size", "512",
-                             "--results_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = run_script("dataset_creator.py", "--demo", "--demo_size", 512, "--results_dir", tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "dataset_creator" / "demo"
     for name in ("manifest.csv", "report.json", "config.json"):
@@ -83,8 +87,13 @@ def test_demo_subprocess_writes_documented_files(tmp_path):
     report = json.loads((out / "report.json").read_text())
     totals = report["totals"]
     assert totals["patches"] == 8 and totals["kept"] == 4
-    assert result.stdout.strip().splitlines()[-1].startswith(
-        f"summary: tiles 2 (failed 0), patches 8, kept 4 (train {totals['kept_by_split']['train']}, ")
+    assert (
+        result.stdout.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"summary: tiles 2 (failed 0), patches 8, kept 4 (train {totals['kept_by_split']['train']}, "
+        )
+    )
     for split in ("train", "val"):  # two tiles: one for train, one for val
         images = sorted(p.name for p in (out / split / "images").glob("*.png"))
         masks = sorted(p.name for p in (out / split / "masks").glob("*.png"))
@@ -98,21 +107,30 @@ def test_remap_table_and_palette_exact():
     expected = {10: 0, 95: 0, 20: 1, 30: 2, 90: 2, 100: 2, 40: 3, 50: 4, 60: 5, 70: 5, 80: 6}
     for code in range(256):
         if code in expected:
-            assert dataset_creator.CODE_TO_CLASS[code] == expected[code], code
+            assert aras400k.CODE_TO_CLASS[code] == expected[code], code
         elif code == 0:
-            assert dataset_creator.CODE_TO_CLASS[0] == dataset_creator.NODATA_CLASS
+            assert aras400k.CODE_TO_CLASS[0] == aras400k.NODATA_CLASS
         else:
-            assert dataset_creator.CODE_TO_CLASS[code] == dataset_creator.UNKNOWN_CLASS, code
-    palette = [(0, 100, 0), (255, 182, 193), (154, 205, 50), (255, 215, 0), (139, 69, 19), (211, 211, 211),
-               (0, 0, 255)]
-    assert dataset_creator.PALETTE.tolist() == [list(c) for c in palette]
+            assert aras400k.CODE_TO_CLASS[code] == aras400k.UNKNOWN_CLASS, code
+    palette = [
+        (0, 100, 0),
+        (255, 182, 193),
+        (154, 205, 50),
+        (255, 215, 0),
+        (139, 69, 19),
+        (211, 211, 211),
+        (0, 0, 255),
+    ]
+    assert aras400k.PALETTE.tolist() == [list(c) for c in palette]
     for code, index in expected.items():  # the BGR table OpenCV writes is the palette reversed
-        assert dataset_creator.CODE_TO_BGR[code, 0].tolist() == list(palette[index][::-1])
+        assert aras400k.CODE_TO_BGR[code, 0].tolist() == list(palette[index][::-1])
 
 
 def test_scaling_formulas():
-    image = np.array([[[0, 1000], [2999, 3000]], [[1500, 10], [7, 600]], [[3, 4], [5, 6]],
-                      [[9000, 1], [2, 3]]], dtype=np.uint16)
+    image = np.array(
+        [[[0, 1000], [2999, 3000]], [[1500, 10], [7, 600]], [[3, 4], [5, 6]], [[9000, 1], [2, 3]]],
+        dtype=np.uint16,
+    )
     rgb = dataset_creator.scale_to_uint8(image, "patch_max", "rgb")
     # Reference: patch / patch.max() * 255 truncated; exact integers here. Channels come out B, G, R.
     expected = (image[:3].astype(np.int64) * 255 // 3000).astype(np.uint8)
@@ -122,8 +140,9 @@ def test_scaling_formulas():
     tables = dataset_creator.scaling_tables("fixed", max_reflectance=0.3)
     fixed = dataset_creator.scale_to_uint8(image, "fixed", "rgb", tables)
     assert fixed[..., 2].tolist() == [[0, 85], [254, 255]]  # red: DN/10000 clipped at 0.3 -> x255
-    tables = dataset_creator.scaling_tables("percentile", low_high=(np.array([1000.0, 0, 0, 0]),
-                                                                     np.array([3000.0, 1, 1, 1])))
+    tables = dataset_creator.scaling_tables(
+        "percentile", low_high=(np.array([1000.0, 0, 0, 0]), np.array([3000.0, 1, 1, 1]))
+    )
     percentile = dataset_creator.scale_to_uint8(image, "percentile", "rgb", tables)
     assert percentile[..., 2].tolist() == [[0, 0], [254, 255]]
 
@@ -131,7 +150,7 @@ def test_scaling_formulas():
 def mosaic_classes(s2_path, window, map_paths):
     """Brute force: each pixel centre of the window, projected into every map, looked up by index."""
     with rasterio.open(s2_path) as image:
-        rows, cols = np.mgrid[0:int(window.height), 0:int(window.width)]
+        rows, cols = np.mgrid[0 : int(window.height), 0 : int(window.width)]
         xs, ys = image.transform @ (cols.ravel() + window.col_off + 0.5, rows.ravel() + window.row_off + 0.5)
         crs = image.crs
     codes, sources = np.zeros(xs.size, np.uint8), 0
@@ -140,15 +159,19 @@ def mosaic_classes(s2_path, window, map_paths):
             mx, my = (np.asarray(v) for v in transform_points(crs, label_map.crs, xs, ys))
             map_rows, map_cols = rasterio.transform.rowcol(label_map.transform, mx, my, op=np.floor)
             map_rows, map_cols = np.asarray(map_rows).astype(int), np.asarray(map_cols).astype(int)
-            inside = ((map_rows >= 0) & (map_rows < label_map.height)
-                      & (map_cols >= 0) & (map_cols < label_map.width))
+            inside = (
+                (map_rows >= 0)
+                & (map_rows < label_map.height)
+                & (map_cols >= 0)
+                & (map_cols < label_map.width)
+            )
             sources += bool(inside.any())
             codes[inside] = label_map.read(1)[map_rows[inside], map_cols[inside]]
-    return dataset_creator.CODE_TO_CLASS[codes].reshape(rows.shape), sources
+    return aras400k.CODE_TO_CLASS[codes].reshape(rows.shape), sources
 
 
 def test_masks_equal_the_mosaic_also_across_map_tiles_and_crs(demo):
-    results, out, report = demo
+    results, out, _ = demo
     data = results / "demo_data" / "dataset_creator"
     maps = sorted((data / "worldcover_2021").glob("*_Map.tif"))
     straddling = set()
@@ -162,7 +185,7 @@ def test_masks_equal_the_mosaic_also_across_map_tiles_and_crs(demo):
         decoded = decode_mask(out / row["split"] / "masks" / row["patch"])
         assert (decoded >= 0).all(), "mask holds a colour outside the palette"
         assert np.array_equal(decoded, expected), row["patch"]
-        fractions = [float(row[f"frac_{name}"]) for name in dataset_creator.CLASS_NAMES]
+        fractions = [float(row[f"frac_{name}"]) for name in aras400k.CLASS_KEYS]
         assert np.allclose(fractions, np.bincount(expected.ravel(), minlength=7) / expected.size, atol=1e-6)
         if sources == 2:
             straddling.add(row["tile"])
@@ -182,7 +205,7 @@ def test_filters_counted_by_reason(demo):
     before = report["code_pixels_before_filtering"]
     assert "0" in before and "0" not in after and before["80"] > after.get("80", 0)
     assert sum(report["class_pixels_after_filtering"].values()) == 4 * 256 * 256
-    for code, name in dataset_creator.REMAP_NAMES.items():
+    for code, name in aras400k.REMAP_NAMES.items():
         assert report["remapped_pixels_after_filtering"][name] == after.get(str(code), 0)
 
 
@@ -193,8 +216,20 @@ def test_declared_nodata_value_and_water_threshold(tmp_path):
     s2_dir, map_dir = make_pair(tmp_path, "N36E027", pixels, codes, nodata=7)
     report = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "a", "--split", "none"])
     assert report["totals"]["dropped"] == {"label_nodata": 0, "image_nodata": 1, "water": 1}
-    report = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "b", "--split", "none",
-                  "--max_water_fraction", "0.95"])
+    report = run(
+        [
+            "--s2_dir",
+            s2_dir,
+            "--map_dir",
+            map_dir,
+            "--out",
+            tmp_path / "b",
+            "--split",
+            "none",
+            "--max_water_fraction",
+            "0.95",
+        ]
+    )
     assert report["totals"]["dropped"]["water"] == 0 and report["totals"]["kept"] == 1
 
 
@@ -204,8 +239,20 @@ def test_patch_names_grid_and_bounds(tmp_path):
     run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "a", "--split", "none"])
     names = sorted(p.name for p in (tmp_path / "a" / "images").glob("*.png"))
     assert names == [f"S03W061_{r:03d}_{c:03d}.png" for r in range(2) for c in range(2)]  # edges dropped
-    run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "b", "--split", "none",
-         "--stride", "128"])
+    run(
+        [
+            "--s2_dir",
+            s2_dir,
+            "--map_dir",
+            map_dir,
+            "--out",
+            tmp_path / "b",
+            "--split",
+            "none",
+            "--stride",
+            "128",
+        ]
+    )
     with open(tmp_path / "b" / "manifest.csv") as file:
         manifest = list(csv.DictReader(file))
     assert len(manifest) == 9 and manifest[-1]["patch"] == "S03W061_002_002.png"
@@ -222,15 +269,26 @@ def test_band_modes_formats_and_percentile_scaling(tmp_path):
     pixels, codes = land(256, 512)
     s2_dir, map_dir = make_pair(tmp_path, "N36E027", pixels, codes)
     common = ["--s2_dir", s2_dir, "--map_dir", map_dir, "--split", "none", "--bands", "rgbnir"]
-    run(common + ["--out", tmp_path / "png"])
+    run([*common, "--out", tmp_path / "png"])
     bgra = cv2.imread(str(tmp_path / "png" / "images" / "N36E027_000_001.png"), cv2.IMREAD_UNCHANGED)
     patch = pixels[:, :, 256:].astype(np.int64)
     expected_nir = (patch[3] * 255 // patch.max()).astype(np.uint8)
     assert bgra.shape == (256, 256, 4) and np.array_equal(bgra[..., 3], expected_nir)
-    report = run(common + ["--out", tmp_path / "tif", "--image_format", "tif", "--scaling", "percentile",
-                           "--percentile_windows", "4"])
+    report = run(
+        [
+            *common,
+            "--out",
+            tmp_path / "tif",
+            "--image_format",
+            "tif",
+            "--scaling",
+            "percentile",
+            "--percentile_windows",
+            "4",
+        ]
+    )
     low, high = report["tiles"]["N36E027"]["percentiles"]
-    assert len(low) == 4 and all(lo < hi for lo, hi in zip(low, high))
+    assert len(low) == 4 and all(lo < hi for lo, hi in zip(low, high, strict=True))
     with rasterio.open(tmp_path / "tif" / "images" / "N36E027_000_001.tif") as patch_file:
         assert patch_file.count == 4 and patch_file.dtypes[0] == "uint8"
         assert patch_file.transform == rasterio.Affine(RES, 0, 27.0 + 256 * RES, 0, -RES, 39.0)
@@ -276,17 +334,19 @@ def test_rerun_skips_finished_patches_and_interrupted_run_completes(tmp_path):
     skipped = out / "images" / "N36E027_000_000.png"
     assert stamps[skipped] == skipped.stat().st_mtime_ns
     # Other settings are never mixed into the same folder.
-    assert run(argv + ["--scaling", "fixed"]) == 2
+    assert run([*argv, "--scaling", "fixed"]) == 2
 
 
 def test_workers_match_serial_run(tmp_path):
     for index, tile in enumerate(("N36E027", "N36E030", "N33E027")):
         pixels, codes = land(256, 512, seed=index)
-        s2_dir, map_dir = make_pair(tmp_path, tile, pixels, codes, lon0=27.0 + 3 * (index % 2),
-                                    lat0=39.0 - 3 * (index // 2))
+        s2_dir, map_dir = make_pair(
+            tmp_path, tile, pixels, codes, lon0=27.0 + 3 * (index % 2), lat0=39.0 - 3 * (index // 2)
+        )
     serial = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "serial"])
-    parallel = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "parallel",
-                    "--workers", "2"])
+    parallel = run(
+        ["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "parallel", "--workers", "2"]
+    )
     assert parallel["totals"] == serial["totals"] and serial["totals"]["kept"] == 6
     assert {s: len(t) for s, t in serial["split"]["tiles"].items()} == {"train": 1, "val": 1, "test": 1}
     for path in (tmp_path / "serial").glob("*/*/*.png"):
@@ -296,13 +356,10 @@ def test_workers_match_serial_run(tmp_path):
 
 # ---- bad input: one line, exit 2, nothing half-written ----
 
+
 def assert_clean_error(capsys, code, *fragments):
     assert code == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error: "), error
-    for fragment in fragments:
-        assert fragment in error[0], error[0]
-    return error[0]
+    return one_line_error(capsys.readouterr().err, *fragments)
 
 
 def assert_nothing_written(out):
@@ -324,8 +381,14 @@ def test_unknown_code_names_value_and_position(tmp_path, capsys):
     codes[300, 17] = 37  # inside patch (1, 0), after patches (0, 0) and (0, 1) are written
     s2_dir, map_dir = make_pair(tmp_path, "N36E027", pixels, codes)
     code = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out"])
-    assert_clean_error(capsys, code, "N36E027_Map.tif", "unknown WorldCover code 37",
-                       "map pixel (row 300, col 17)", "N36E027_001_000")
+    assert_clean_error(
+        capsys,
+        code,
+        "N36E027_Map.tif",
+        "unknown WorldCover code 37",
+        "map pixel (row 300, col 17)",
+        "N36E027_001_000",
+    )
     assert_nothing_written(tmp_path / "out")
 
 
@@ -342,8 +405,9 @@ def test_corrupt_non_geotiff_and_band_count(tmp_path, capsys, kind):
         s2_path.with_suffix(".png").replace(s2_path)
         fragment = "not a GeoTIFF"
     else:
-        write_geotiff(s2_path, pixels[:3], transform=rasterio.Affine(RES, 0, 27, 0, -RES, 39),
-                      crs="EPSG:4326")
+        write_geotiff(
+            s2_path, pixels[:3], transform=rasterio.Affine(RES, 0, 27, 0, -RES, 39), crs="EPSG:4326"
+        )
         fragment = "has 3 bands; expected 4 bands"
     code = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out"])
     assert_clean_error(capsys, code, s2_path.name, fragment)
@@ -358,12 +422,13 @@ def test_keep_going_processes_other_tiles_and_reports_failures(tmp_path):
     s2_dir, map_dir = make_pair(tmp_path, "N33E027", pixels, bad_codes, lat0=36.0)
     make_pair(tmp_path, "N30E027", pixels, None, lat0=33.0)  # unpaired
     argv = ["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out", "--split", "none"]
-    result = subprocess.run([sys.executable, "dataset_creator.py", *map(str, argv)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = run_script("dataset_creator.py", *argv)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    report = run(argv + ["--keep_going"])
+    report = run([*argv, "--keep_going"])
     assert report["totals"]["kept"] == 2 and report["totals"]["tiles_failed"] == 2
     assert sorted(f["tile"] for f in report["failures"]) == ["N30E027", "N33E027"]
     assert any("unknown WorldCover code 37" in f["problem"] for f in report["failures"])
     assert sorted(p.name for p in (tmp_path / "out" / "images").glob("*.png")) == [
-        "N36E027_000_000.png", "N36E027_000_001.png"]
+        "N36E027_000_000.png",
+        "N36E027_000_001.png",
+    ]

@@ -1,4 +1,5 @@
-"""The paper's pieces in segmentation_train.py: Dice loss against its formula, streaming metrics
+"""The paper's pieces in segmentation_train.py and common/aras400k.py: Dice loss against its formula,
+streaming metrics
 against sklearn, exact colour decoding, paired augmentation, decoder output size per encoder size,
 and mixed precision keeping float32 logits."""
 
@@ -8,6 +9,7 @@ import tensorflow as tf
 from sklearn.metrics import accuracy_score, jaccard_score, precision_recall_fscore_support
 
 import segmentation_train as st
+from common import aras400k, metrics
 
 
 def softmax(logits):
@@ -35,33 +37,40 @@ def dice_by_formula(labels, logits, num_classes, cross_entropy=False):
 def test_dice_loss_equals_formula_on_hand_made_logits():
     # Two 2x2 images, 3 classes; class 2 never occurs in the truth, so its term is zeroed (smp).
     labels = np.array([[[0, 1], [1, 0]], [[0, 0], [1, 1]]], dtype=np.uint8)
-    logits = np.array([[[[2.0, 0.5, -1.0], [0.1, 1.5, 0.3]], [[-0.5, 0.2, 2.0], [1.0, 1.0, 1.0]]],
-                       [[[0.0, 3.0, 0.0], [2.5, -2.0, 0.5]], [[0.3, 0.9, -0.7], [-1.0, 0.0, 1.0]]]],
-                      dtype=np.float32)
+    logits = np.array(
+        [
+            [[[2.0, 0.5, -1.0], [0.1, 1.5, 0.3]], [[-0.5, 0.2, 2.0], [1.0, 1.0, 1.0]]],
+            [[[0.0, 3.0, 0.0], [2.5, -2.0, 0.5]], [[0.3, 0.9, -0.7], [-1.0, 0.0, 1.0]]],
+        ],
+        dtype=np.float32,
+    )
     for cross_entropy in (False, True):
-        loss = st.make_dice_loss(num_classes=3, cross_entropy=cross_entropy)
+        loss = st.MulticlassDiceLoss(num_classes=3, cross_entropy=cross_entropy)
         expected = dice_by_formula(labels, logits.astype(np.float64), 3, cross_entropy)
         assert float(loss(labels, logits)) == pytest.approx(expected, rel=1e-5)
     # Pixels with an unknown colour (IGNORE_INDEX) leave both sums.
     labels_with_ignore = labels.copy()
     labels_with_ignore[0, 0, 0] = st.IGNORE_INDEX
-    loss = st.make_dice_loss(num_classes=3)
+    loss = st.MulticlassDiceLoss(num_classes=3)
     assert float(loss(labels_with_ignore, logits)) == pytest.approx(
-        dice_by_formula(labels_with_ignore, logits.astype(np.float64), 3), rel=1e-5)
+        dice_by_formula(labels_with_ignore, logits.astype(np.float64), 3), rel=1e-5
+    )
 
 
 def test_dice_loss_is_zero_for_perfect_predictions():
     labels = np.random.default_rng(0).integers(0, 7, (2, 8, 8)).astype(np.uint8)
     logits = 50.0 * np.eye(7, dtype=np.float32)[labels]
-    assert float(st.make_dice_loss()(labels, logits)) == pytest.approx(0.0, abs=1e-6)
-    assert float(st.make_dice_loss()(labels, -logits)) > 0.9
+    assert float(st.MulticlassDiceLoss()(labels, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(st.MulticlassDiceLoss()(labels, -logits)) > 0.9
 
 
 def test_streaming_metrics_equal_sklearn_including_absent_classes():
     rng = np.random.default_rng(0)
     # Classes 5 and 6 occur nowhere; class 4 only in the predictions; some truth pixels are ignored.
     truth = rng.integers(0, 4, (10, 16, 16)).astype(np.uint8)
-    predicted = np.where(rng.random(truth.shape) < 0.6, truth, rng.integers(0, 5, truth.shape)).astype(np.uint8)
+    predicted = np.where(rng.random(truth.shape) < 0.6, truth, rng.integers(0, 5, truth.shape)).astype(
+        np.uint8
+    )
     truth[0, :2] = st.IGNORE_INDEX
     dataset = tf.data.Dataset.from_tensor_slices((predicted, truth)).batch(3)
 
@@ -69,33 +78,37 @@ def test_streaming_metrics_equal_sklearn_including_absent_classes():
         return tf.constant(0.0), tf.constant(float(batch[0].shape[0])), batch[0], batch[1]
 
     _, confusion = st.evaluate(step, tf.distribute.get_strategy(), dataset)
-    metrics = confusion.metrics(st.CLASS_NAMES)
+    scores = confusion.metrics(st.CLASS_NAMES)
     keep = truth.ravel() != st.IGNORE_INDEX
     flat_truth, flat_predicted = truth.ravel()[keep], predicted.ravel()[keep]
     present = [0, 1, 2, 3, 4]
-    precision, recall, f1, _ = precision_recall_fscore_support(flat_truth, flat_predicted, labels=present,
-                                                               zero_division=0)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        flat_truth, flat_predicted, labels=present, zero_division=0
+    )
     iou = jaccard_score(flat_truth, flat_predicted, labels=present, average=None, zero_division=0)
-    assert metrics["accuracy"] == pytest.approx(accuracy_score(flat_truth, flat_predicted))
+    assert scores["accuracy"] == pytest.approx(accuracy_score(flat_truth, flat_predicted))
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1), ("iou", iou)):
-        assert metrics[f"macro_{name}"] == pytest.approx(values.mean())
-        ours = [row[name] for row in metrics["per_class"]]
+        assert scores[f"macro_{name}"] == pytest.approx(values.mean())
+        ours = [row[name] for row in scores["per_class"]]
         assert ours[:5] == pytest.approx(list(values))
         assert np.isnan(ours[5]) and np.isnan(ours[6])
     # metrics.json writes the absent classes as null.
-    assert st.json_metrics(metrics)["per_class"][6]["f1"] is None
+    assert metrics.json_safe(scores)["per_class"][6]["f1"] is None
 
 
 def test_mask_colours_round_trip_and_unknown_colours():
     labels = np.random.default_rng(0).integers(0, 7, (16, 16)).astype(np.uint8)
-    colours = st.labels_to_colours(labels)
-    assert (st.colours_to_labels(colours) == labels).all()
-    assert (st.decode_mask_tf(tf.constant(colours)).numpy() == labels).all()
-    colours[3, 4] = (0, 100, 1)   # one step away from Tree: not a palette colour
-    for decoded in (st.colours_to_labels(colours), st.decode_mask_tf(tf.constant(colours)).numpy()):
+    colours = aras400k.labels_to_colours(labels)
+    assert (aras400k.colours_to_labels(colours) == labels).all()
+    assert (aras400k.decode_mask_tf(tf.constant(colours)).numpy() == labels).all()
+    colours[3, 4] = (0, 100, 1)  # one step away from Tree: not a palette colour
+    for decoded in (
+        aras400k.colours_to_labels(colours),
+        aras400k.decode_mask_tf(tf.constant(colours)).numpy(),
+    ):
         assert decoded[3, 4] == st.IGNORE_INDEX
         assert (np.delete(decoded.ravel(), 3 * 16 + 4) == np.delete(labels.ravel(), 3 * 16 + 4)).all()
-    assert (st.PALETTE[[0, 6]] == [(0, 100, 0), (0, 0, 255)]).all()
+    assert (aras400k.PALETTE[[0, 6]] == [(0, 100, 0), (0, 0, 255)]).all()
 
 
 def test_augmentation_moves_image_and_mask_identically():
@@ -106,9 +119,13 @@ def test_augmentation_moves_image_and_mask_identically():
     augment = tf.function(st.augment_pair)
     changed, brightened = 0, 0
     for seed in range(60):
-        new_image, new_mask = (value.numpy() for value in augment(tf.constant(image), tf.constant(mask),
-                                                                 tf.constant([0, seed], tf.int64)))
-        assert sorted(np.bincount(new_mask.ravel(), minlength=7)) == sorted(np.bincount(mask.ravel(), minlength=7))
+        new_image, new_mask = (
+            value.numpy()
+            for value in augment(tf.constant(image), tf.constant(mask), tf.constant([0, seed], tf.int64))
+        )
+        assert sorted(np.bincount(new_mask.ravel(), minlength=7)) == sorted(
+            np.bincount(mask.ravel(), minlength=7)
+        )
         # Brightness/contrast is one increasing affine map per image: each class keeps one value, in order.
         values = [np.unique(new_image[..., 0][new_mask == c]) for c in np.unique(new_mask)]
         assert all(v.size == 1 for v in values)
@@ -125,7 +142,7 @@ def test_augmentation_moves_image_and_mask_identically():
 def test_decoder_output_has_input_size(encoder):
     model = st.build_segformer(encoder, 64, decoder_width=32)
     assert tuple(model.output.shape) == (None, 64, 64, st.NUM_CLASSES)
-    strides = [64 // feature.shape[1] for feature in st.encoder_pyramid(model, 64)]
+    strides = [64 // feature.shape[1] for feature in aras400k.encoder_pyramid(model, 64)]
     assert strides == [4, 8, 16, 32]
 
 
@@ -135,7 +152,7 @@ def test_mixed_precision_keeps_float32_logits():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         model = st.build_segformer("efficientnetb0", 32, decoder_width=16)
-        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=st.make_dice_loss())
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=st.MulticlassDiceLoss())
         assert model.get_layer("decoder_fuse_conv").compute_dtype == "float16"
         assert model.output.dtype == "float32"
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -151,12 +168,14 @@ def test_bad_image_size_and_weights_file(tmp_path):
     bad = tmp_path / "weights.h5"
     bad.write_bytes(b"not an h5 file")
     with pytest.raises(st.InputError, match="cannot be loaded into efficientnetb0"):
-        st.build_encoder("efficientnetb0", 32, weights=bad)
+        aras400k.build_encoder("efficientnetb0", 32, weights=bad)
 
 
 def small_compiled_model(width=4):
     import keras
 
+    # A fresh session gives every build the same layer names, and so the same checkpoint keys.
+    keras.backend.clear_session()
     inputs = keras.Input((3,))
     outputs = keras.layers.Dense(2)(keras.layers.Dropout(0.5)(keras.layers.Dense(width)(inputs)))
     model = keras.Model(inputs, outputs)
@@ -173,17 +192,18 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_seeds(tmp_path):
     model.train_on_batch(np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32))
     state = {"epochs_done": 1, "history": [{"epoch": 1, "loss": 0.5}]}
     st.save_checkpoint(model, tmp_path, state)
-    assert state["checkpoint"] == "checkpoint_epoch001.npz" and (tmp_path / "state.json").is_file()
+    assert (tmp_path / "checkpoint_epoch001.npz").is_file() and (tmp_path / "state.json").is_file()
+    saved = [np.asarray(v) for v in (*model.variables, *model.optimizer.variables)]
 
     restored = small_compiled_model()
-    st.load_checkpoint(restored, tmp_path / state["checkpoint"])
-    for saved, loaded in ((model.variables, restored.variables),
-                          (model.optimizer.variables, restored.optimizer.variables)):
-        for a, b in zip(saved, loaded, strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    loaded_state = st.load_checkpoint(restored, tmp_path)
+    assert loaded_state["checkpoint"] == "checkpoint_epoch001" and loaded_state["epochs_done"] == 1
+    loaded = [np.asarray(v) for v in (*restored.variables, *restored.optimizer.variables)]
+    for a, b in zip(saved, loaded, strict=True):
+        np.testing.assert_array_equal(a, b)
     # A later checkpoint replaces the earlier file; a checkpoint of another model is refused.
     state.update(epochs_done=2)
-    st.save_checkpoint(model, tmp_path, state)
+    st.save_checkpoint(restored, tmp_path, state)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["checkpoint_epoch002.npz"]
     with pytest.raises(st.InputError, match="has shape"):
-        st.load_checkpoint(small_compiled_model(width=5), tmp_path / "checkpoint_epoch002.npz")
+        st.load_checkpoint(small_compiled_model(width=5), tmp_path)

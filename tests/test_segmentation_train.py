@@ -1,28 +1,34 @@
 """segmentation_train.py end to end: --help, a tiny --demo (mirrored strategy on the CPU, with the
-mixed-precision request refused), the documented outputs, learning, the analysis mode, and bad
-inputs (one error line, exit 2, nothing written)."""
+mixed-precision request refused), the documented outputs, learning, resume, and bad inputs (one
+error line, exit 2, nothing written)."""
 
 import csv
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import assert_main_error, call_main, no_temporary_files, run_script
 
 import segmentation_train as st
+from common import aras400k
 
-SCRIPT = str(Path(__file__).resolve().parents[1] / "segmentation_train.py")
-DOCUMENTED_FILES = ["config.json", "log.csv", "state.json", "best.weights.h5", "best_model.keras", "metrics.json", "per_class.csv",
-                    "confusion_matrix.png", "curves.png", "predictions.zip", "examples.png"]
-
-
-def run_script(*args, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(SCRIPT).parent, check=False)
+SCRIPT = "segmentation_train.py"
+DOCUMENTED_FILES = [
+    "config.json",
+    "log.csv",
+    "state.json",
+    "best.weights.h5",
+    "best_model.keras",
+    "metrics.json",
+    "per_class.csv",
+    "confusion_matrix.png",
+    "curves.png",
+    "predictions.zip",
+    "examples.png",
+]
 
 
 def read_csv(path):
@@ -35,41 +41,53 @@ def write_pair(split_dir, name, labels, image_size=64, mask_colours=None):
     (split_dir / "masks").mkdir(parents=True, exist_ok=True)
     image = np.random.default_rng(0).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
     cv2.imwrite(str(split_dir / "images" / name), image)
-    colours = st.labels_to_colours(labels) if mask_colours is None else mask_colours
+    colours = aras400k.labels_to_colours(labels) if mask_colours is None else mask_colours
     cv2.imwrite(str(split_dir / "masks" / name), cv2.cvtColor(colours, cv2.COLOR_RGB2BGR))
 
 
 def make_dataset(root, image_size=64):
     rng = np.random.default_rng(1)
-    for split in st.SPLITS:
+    for split in aras400k.SPLITS:
         for index in range(2):
-            labels = rng.integers(0, st.NUM_CLASSES, (image_size, image_size)).astype(np.uint8)
+            labels = rng.integers(0, aras400k.NUM_CLASSES, (image_size, image_size)).astype(np.uint8)
             write_pair(root / split, f"p_{index}.png", labels, image_size)
     return root
 
 
-def assert_input_error(completed, *fragments, results=None):
-    assert completed.returncode == 2, completed.stderr
-    lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), completed.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+def assert_input_error(capsys, argv, *fragments, results=None):
+    """main (in-process: TensorFlow's start-up lines would precede the error line of a subprocess)
+    stops with one error line and exit 2, and writes no run folder."""
+    assert_main_error(capsys, lambda: call_main(st, [str(item) for item in argv]), *fragments)
     if results is not None:
         assert not (results / "segmentation_train").exists()
 
 
 def test_help():
-    completed = run_script("--help")
+    completed = run_script(SCRIPT, "--help")
     assert completed.returncode == 0
-    for flag in ("--data_root", "--encoder", "--unknown_colour", "--analyze", "--mixed_precision", "--demo"):
+    for flag in ("--data_root", "--encoder", "--unknown_colour", "--mixed_precision", "--demo", "--threads"):
         assert flag in completed.stdout
+    assert "--analyze" not in completed.stdout
+
+
+def test_demo_defaults_keep_the_paper_values_in_help():
+    paper = st.get_args_parser().parse_args([])
+    assert (paper.epochs, paper.batch_size, paper.image_size, paper.encoder) == (
+        20,
+        24,
+        256,
+        "efficientnetb7",
+    )
+    demo = st.get_args_parser().parse_args("--demo --epochs 3".split())
+    assert (demo.epochs, demo.batch_size, demo.image_size, demo.encoder) == (3, 8, 64, "efficientnetb0")
+    assert demo.bn_momentum == 0.9 and paper.bn_momentum == 0.99
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    completed = run_script("--demo", "--demo_images", 24, "--batch_size", 4, "--epochs", 6, "--strategy", "mirrored",
-                           "--mixed_precision", "--results_dir", results)
+    argv = "--demo --demo_images 24 --batch_size 4 --epochs 6 --strategy mirrored --mixed_precision".split()
+    completed = run_script(SCRIPT, *argv, "--results_dir", results)
     return results, completed
 
 
@@ -80,25 +98,35 @@ def test_demo_writes_documented_files(demo_run):
     for name in DOCUMENTED_FILES:
         assert (run_dir / name).is_file(), name
     # No temporary or superseded checkpoint files are left behind.
-    assert not list(run_dir.glob(".*tmp*"))
+    assert no_temporary_files(run_dir)
     assert len(list(run_dir.glob("checkpoint_epoch*.npz"))) == 1
     assert "note: --mixed_precision needs a GPU" in completed.stdout
     assert "1 replica(s)" in completed.stdout
 
+
+def test_demo_summary_matches_metrics(demo_run):
+    results, completed = demo_run
+    run_dir = results / "segmentation_train" / "demo"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert completed.stdout.strip().splitlines()[-1] == metrics["summary"]
     assert f"{100 * metrics['test']['macro_f1']:.2f}" in metrics["summary"]
     per_class = read_csv(run_dir / "per_class.csv")
-    assert [row["class"] for row in per_class] == st.CLASS_NAMES
+    assert [row["class"] for row in per_class] == aras400k.CLASS_NAMES
     log = read_csv(run_dir / "log.csv")
     assert len(log) == metrics["epochs_trained"] >= 1
 
-    test_images = sorted(p.name for p in (results / "demo_data" / "segmentation_train" / "test" / "images").glob("*.png"))
+
+def test_demo_predictions_are_palette_coloured(demo_run):
+    results, _ = demo_run
+    run_dir = results / "segmentation_train" / "demo"
+    test_dir = results / "demo_data" / "segmentation_train" / "test" / "images"
+    test_images = sorted(p.name for p in test_dir.glob("*.png"))
     with zipfile.ZipFile(run_dir / "predictions.zip") as archive:
         assert sorted(archive.namelist()) == test_images
         colours = cv2.imdecode(np.frombuffer(archive.read(test_images[0]), np.uint8), cv2.IMREAD_COLOR)
     # Predictions are colour-coded with the palette only.
-    assert (st.colours_to_labels(cv2.cvtColor(colours, cv2.COLOR_BGR2RGB)) < st.NUM_CLASSES).all()
+    labels = aras400k.colours_to_labels(cv2.cvtColor(colours, cv2.COLOR_BGR2RGB))
+    assert (labels < aras400k.NUM_CLASSES).all()
 
 
 def test_demo_learns(demo_run):
@@ -111,87 +139,106 @@ def test_demo_learns(demo_run):
     assert metrics["test"]["macro_f1"] > 0.3
 
 
-def test_finished_run_is_kept(demo_run):
+def test_finished_run_is_kept(demo_run, capsys):
     results, _ = demo_run
     metrics_path = results / "segmentation_train" / "demo" / "metrics.json"
     before = metrics_path.read_bytes()
-    completed = run_script("--demo", "--demo_images", 24, "--results_dir", results)
-    assert_input_error(completed, "a finished run with this name exists", "--overwrite")
+    argv = ["--demo", "--demo_images", 24, "--results_dir", results]
+    assert_input_error(capsys, argv, "a finished run with this name exists", "--overwrite")
     assert metrics_path.read_bytes() == before
 
 
-def test_analyze_writes_plots_and_silhouette(demo_run, capsys):
-    # In-process and t-SNE only: UMAP's numba compilation alone costs about half a minute of CPU.
-    results, _ = demo_run
-    data = results / "demo_data" / "segmentation_train"
-    args = st.get_args_parser().parse_args([
-        "--analyze", str(data / "train" / "images"), str(data / "val" / "images"),
-        "--model", str(results / "segmentation_train" / "demo" / "best_model.keras"),
-        "--analyze_samples", "8", "--analyze_embeddings", "tsne", "--batch_size", "8",
-        "--run_name", "analysis", "--results_dir", str(results)])
-    st.main(args)
-    run_dir = results / "segmentation_train" / "analysis"
-    scores = json.loads((run_dir / "silhouette.json").read_text())
-    assert (run_dir / "tsne.png").is_file()
-    rows = read_csv(run_dir / "embedding.csv")
-    assert len(rows) == 16 and set(rows[0]) == {"file", "folder", "tsne_x", "tsne_y"}
-    assert set(scores["overall"]) == {"features", "tsne"}
-    assert -1 <= scores["overall"]["features"] <= 1
-    assert list(scores["pairwise"]) == ["train vs val"]
-    assert scores["images_per_folder"] == {"train": 8, "val": 8}
-    assert capsys.readouterr().out.strip().splitlines()[-1] == scores["summary"]
+TINY = (
+    "--demo --demo_images 8 --batch_size 4 --image_size 32 --decoder_width 16 --results_dir {} --run_name {}"
+)
 
 
-def test_image_without_mask(tmp_path):
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    # In-process, so TensorFlow starts once for the three runs.
+    call_main(st, TINY.format(tmp_path, "whole") + " --epochs 3")
+    call_main(st, TINY.format(tmp_path, "parts") + " --epochs 1")
+    call_main(st, TINY.format(tmp_path, "parts") + " --epochs 3 --resume")
+    whole, parts = (read_csv(tmp_path / "segmentation_train" / run / "log.csv") for run in ("whole", "parts"))
+    columns = ["epoch", "loss", "val_loss", "val_macro_f1", "val_macro_iou", "learning_rate"]
+    assert [[row[c] for c in columns] for row in parts] == [[row[c] for c in columns] for row in whole]
+    metrics = [
+        json.loads((tmp_path / "segmentation_train" / run / "metrics.json").read_text())
+        for run in ("whole", "parts")
+    ]
+    assert metrics[0]["test"] == metrics[1]["test"]
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    call_main(st, TINY.format(tmp_path, "run") + " --epochs 1")
+    capsys.readouterr()
+    argv = (TINY.format(tmp_path, "run") + " --epochs 2 --resume --loss dice_ce").split()
+    assert_input_error(capsys, argv, "config.json", "loss=dice (now dice_ce)", "the same arguments to resume")
+
+
+def test_image_without_mask(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
     (root / "val" / "masks" / "p_1.png").unlink()
-    completed = run_script("--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results")
-    assert_input_error(completed, "val/images/p_1.png: has no mask", "expected a mask of the same name",
-                       results=tmp_path / "results")
+    argv = ["--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results"]
+    fragments = ("val/images/p_1.png: has no mask", "expected a mask of the same name")
+    assert_input_error(capsys, argv, *fragments, results=tmp_path / "results")
 
 
-def test_mask_size_mismatch(tmp_path):
+def test_mask_size_mismatch(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
-    small = st.labels_to_colours(np.zeros((32, 32), np.uint8))
+    small = aras400k.labels_to_colours(np.zeros((32, 32), np.uint8))
     cv2.imwrite(str(root / "train" / "masks" / "p_0.png"), small)
-    completed = run_script("--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results")
-    assert_input_error(completed, "train/masks/p_0.png: is 32x32 pixels", "64x64",
-                       results=tmp_path / "results")
+    argv = ["--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results"]
+    assert_input_error(
+        capsys, argv, "train/masks/p_0.png: is 32x32 pixels", "64x64", results=tmp_path / "results"
+    )
 
 
-def test_unknown_colour_is_an_error(tmp_path):
+def test_unknown_colour_is_an_error(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
-    colours = st.labels_to_colours(np.zeros((64, 64), np.uint8))
+    colours = aras400k.labels_to_colours(np.zeros((64, 64), np.uint8))
     colours[5, 7] = (1, 2, 3)
     write_pair(root / "test", "p_0.png", None, mask_colours=colours)
-    completed = run_script("--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results")
-    assert_input_error(completed, "test/masks/p_0.png: has 1 pixels of colour (1, 2, 3)", "row 5, col 7",
-                       "--unknown_colour ignore", results=tmp_path / "results")
+    argv = ["--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results"]
+    fragments = (
+        "test/masks/p_0.png: has 1 pixels of colour (1, 2, 3)",
+        "row 5, col 7",
+        "--unknown_colour ignore",
+    )
+    assert_input_error(capsys, argv, *fragments, results=tmp_path / "results")
 
 
-def test_empty_split(tmp_path):
+def test_empty_split(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
     for path in (root / "val").rglob("*.png"):
         path.unlink()
-    completed = run_script("--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results")
-    assert_input_error(completed, "val/images: holds no .png images", results=tmp_path / "results")
+    argv = ["--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results"]
+    assert_input_error(capsys, argv, "val/images: holds no .png images", results=tmp_path / "results")
 
 
-def test_interrupted_run_needs_resume_or_overwrite(tmp_path):
+def test_interrupted_run_needs_resume_or_overwrite(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
     run_dir = tmp_path / "results" / "segmentation_train" / "interrupted"
     run_dir.mkdir(parents=True)
     (run_dir / "state.json").write_text("{}")
-    completed = run_script("--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results", "--run_name", "interrupted")
-    assert_input_error(completed, "an interrupted run with this name exists", "--resume")
+    argv = [
+        "--data_root",
+        root,
+        "--image_size",
+        64,
+        "--results_dir",
+        tmp_path / "results",
+        "--run_name",
+        "interrupted",
+    ]
+    assert_input_error(capsys, argv, "an interrupted run with this name exists", "--resume")
 
 
 def test_unknown_colour_ignore_counts_pixels(tmp_path):
-    colours = st.labels_to_colours(np.full((8, 8), 6, np.uint8))
+    colours = aras400k.labels_to_colours(np.full((8, 8), 6, np.uint8))
     colours[0, :3] = (9, 9, 9)
     write_pair(tmp_path, "x.png", None, image_size=8, mask_colours=colours)
     pairs = [(tmp_path / "images" / "x.png", tmp_path / "masks" / "x.png")]
-    counts = st.check_masks(pairs, "ignore", workers=1)
-    assert counts[6] == 61 and counts[st.NUM_CLASSES] == 3
+    counts = aras400k.check_masks(pairs, "ignore", threads=1)
+    assert counts[6] == 61 and counts[aras400k.NUM_CLASSES] == 3
     with pytest.raises(st.InputError, match=r"3 pixels of colour \(9, 9, 9\)"):
-        st.check_masks(pairs, "error", workers=1)
+        aras400k.check_masks(pairs, "error", threads=1)
