@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import aras400k
+
 ROOT = Path(__file__).resolve().parent.parent  # the children run at the repository root
 
 
@@ -63,19 +65,8 @@ def generate_tile(folder, size, compress, seed):
     land_codes = np.array([10, 20, 30, 40, 50, 60, 90, 95, 100], dtype=np.uint8)  # no water, no no-data
     coarse = rng.choice(land_codes, size=(size // 300 + 2, size // 300 + 2)).astype(np.uint8)
     means = np.zeros((256, 4), np.float32)
-    band_means = {
-        10: (300, 500, 250, 2800),
-        20: (700, 800, 500, 2200),
-        30: (800, 1000, 600, 2600),
-        40: (1100, 1100, 800, 3000),
-        50: (1600, 1500, 1400, 1800),
-        60: (2200, 2000, 1800, 2400),
-        90: (500, 700, 500, 1500),
-        95: (250, 450, 300, 2000),
-        100: (1200, 1300, 1000, 1900),
-    }
-    for code, mean in band_means.items():
-        means[code] = mean
+    for code in land_codes:
+        means[code] = aras400k.DEMO_BAND_MEANS[code]
     # Smooth brightness over ~64 px, interpolated strip by strip (the full field would be ~0.5 GB).
     coarse_brightness = rng.normal(1.0, 0.15, (size // 64 + 3, size // 64 + 3)).astype(np.float32)
     res = 1.0 / 12000  # the release's grid: EPSG:4326, 1/12000 degree, image and map aligned

@@ -636,6 +636,23 @@ def write_demo_patches(root, image_size, train_images, seed):
 # ---- demo tiles in the release's formats ----
 
 
+# Typical Sentinel-2 digital numbers (B, G, R, NIR) of each WorldCover code, for the synthetic demo tiles.
+DEMO_BAND_MEANS = {
+    0: (900, 900, 900, 1500),
+    10: (300, 500, 250, 2800),
+    20: (700, 800, 500, 2200),
+    30: (800, 1000, 600, 2600),
+    40: (1100, 1100, 800, 3000),
+    50: (1600, 1500, 1400, 1800),
+    60: (2200, 2000, 1800, 2400),
+    70: (3500, 3600, 3700, 3400),
+    80: (200, 400, 600, 150),
+    90: (500, 700, 500, 1500),
+    95: (250, 450, 300, 2000),
+    100: (1200, 1300, 1000, 1900),
+}
+
+
 def write_demo_tiles(folder, size, seed) -> tuple[Path, Path]:
     """Two S2 RGBNIR tiles and the two WorldCover map tiles they straddle, in the release's formats.
 
@@ -688,22 +705,8 @@ def write_demo_tiles(folder, size, seed) -> tuple[Path, Path]:
             nodata=0,
         )
 
-    means = {
-        0: (900, 900, 900, 1500),
-        10: (300, 500, 250, 2800),
-        20: (700, 800, 500, 2200),
-        30: (800, 1000, 600, 2600),
-        40: (1100, 1100, 800, 3000),
-        50: (1600, 1500, 1400, 1800),
-        60: (2200, 2000, 1800, 2400),
-        70: (3500, 3600, 3700, 3400),
-        80: (200, 400, 600, 150),
-        90: (500, 700, 500, 1500),
-        95: (250, 450, 300, 2000),
-        100: (1200, 1300, 1000, 1900),
-    }
     reflectance = np.zeros((256, 4), dtype=np.float32)
-    for code, mean in means.items():
+    for code, mean in DEMO_BAND_MEANS.items():
         reflectance[code] = mean
     utm_centre = transform_points("EPSG:4326", "EPSG:32635", [30.15], [36.55])
     pixel_m = 115200.0 / size

@@ -274,7 +274,12 @@ def test_startup_keeps_tensorflow_start_up_lines_out_unless_a_level_is_set():
     import sys
 
     code = "import common.startup, sys, tensorflow as tf; tf.ones(2); print('own', file=sys.stderr)"
-    environment = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    # As in a fresh shell: no level chosen, and not a worker process of a quiet parent.
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("TF_CPP_MIN_LOG_LEVEL", "RSREPRO_QUIET_START_UP")
+    }
     quiet = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
     )
