@@ -1,5 +1,6 @@
 """Shared code of the rsrepro scripts: small modules, each with one purpose.
 
+Mechanisms every script uses:
 errors            InputError, require*, cli_entry: a user mistake ends in one line and exit 2
 atomic            every write through a temporary file and a rename (text, JSON, CSV, npy/npz, Keras, figures)
 runs              seeding, run folders, config.json and the one "same settings" check on resume
@@ -12,14 +13,20 @@ parallel          one spawn-process job runner behind every --workers
 startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
-owl_gps_data      OWL-GPS inputs and run files: patch readers, concept CSVs, label store, queue, round tables
-lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
-aras400k          ARAS400k classes, WorldCover remap, palette, colour <-> label, map mosaic, patch readers
+
+TG-MATL:
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split, shared flags
 npy               .npy/.npz headers read without loading; rows streamed in batches; row-chunk checkpoints
+triplet           triplet losses (batch-all, batch-hard, MATL) and the TG-MATL selection rule
+stacked_training  many small models trained side by side in one compiled graph (TG-MATL heads)
+
+AdaGC / SPML:
 spml_losses       SPML baselines: losses, label state, single positives, mAP/F1, batches, trainer
 aid_multilabel    AID-multilabel reader: JPEG tree + label CSVs, single positives, validation split, demo data
 bigearthnet       BigEarthNet v2 reader: LMDB of safetensors bands, metadata.parquet, single positives
-triplet           triplet losses (batch-all, batch-hard, MATL) and the TG-MATL selection rule
-stacked_training  many small models trained side by side in one compiled graph (TG-MATL heads)
+
+OWL-GPS, ARAS400k, LUCAS:
+owl_gps_data      OWL-GPS inputs and run files: patch readers, concept CSVs, label store, queue, round tables
+aras400k          ARAS400k classes, WorldCover remap, palette, colour <-> label, map mosaic, patch readers
+lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
 """
