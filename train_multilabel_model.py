@@ -5,7 +5,7 @@ Multi-Label Learning in Remote Sensing Image Scene Classification", arXiv 2510.0
 keeps one observed positive. AdaGC's steps as the paper describes them: (1) assume-negative warm-up;
 (2) two EMA teachers whose mean is the pseudo label; (3) the end of early learning detected from the
 teacher's agreement with the observed labels, and a rollback to it; (4) Gradient Calibration (pseudo
-labels as the unobserved targets); (5) mixup. Baselines and readers are in common/ (spml_losses,
+labels as the unobserved targets); (5) mixup. Baselines and readers are in common/ (spml,
 aid_multilabel, bigearthnet); the run ends with the paper's test metrics (mAP, micro AP, F1, per class).
 
     python train_multilabel_model.py --config configs/adagc_aid_random.yaml [--test_only]
@@ -30,11 +30,11 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import aid_multilabel, atomic, bigearthnet, checkpoints, cli, pipelines, plots, runs, spml_losses
+from common import aid_multilabel, atomic, bigearthnet, checkpoints, cli, pipelines, plots, runs, spml
 from common.errors import InputError, cli_entry, require, require_file
 
 SCRIPT_STEM = "train_multilabel_model"
-METHODS = (*spml_losses.BASELINES, "adagc")
+METHODS = (*spml.BASELINES, "adagc")
 # Flags that may change when a run is resumed: where it lives, how far it goes, how it is distributed.
 RESUMABLE_CHANGES = ("config", "demo", "epochs", "overwrite", "resume", "results_dir", "run_name", "strategy")
 SPML_MODES, FULL_OBS, GC_MODES = ("random", "dominant", "manual"), ("full", "observed"), ("target", "scale")
@@ -217,8 +217,8 @@ def loss_gradient_calibration(logits, observed, pseudo_labels, mode="target"):
         targets = tf.where(observed > 0, tf.ones_like(pseudo_labels), pseudo_labels)
         return tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
     positive = tf.cast(observed > 0, logits.dtype)
-    negative = (1 - positive) * (1 - pseudo_labels) * spml_losses.neg_log_one_minus_sigmoid(logits)
-    return positive * spml_losses.neg_log_sigmoid(logits) + negative
+    negative = (1 - positive) * (1 - pseudo_labels) * spml.neg_log_one_minus_sigmoid(logits)
+    return positive * spml.neg_log_sigmoid(logits) + negative
 
 
 def mixup_gradient_calibration(student, images, observed, pseudo_labels, args, seed):
@@ -317,7 +317,7 @@ def make_optimizer(args, learning_rate):
     return keras.optimizers.Adam(learning_rate=learning_rate)
 
 
-class AdaGCTrainer(spml_losses.SpmlTrainer):
+class AdaGCTrainer(spml.SpmlTrainer):
     """AdaGC: AN warm-up (step 1), then Gradient Calibration with mixup (4-5); reports step 3's signal."""
 
     def __init__(self, settings, strategy, build_model, make_optimizer, train_observed, train_full):
@@ -350,7 +350,7 @@ class AdaGCTrainer(spml_losses.SpmlTrainer):
 
 def make_trainer(args, build_model, train):
     """The one place where AdaGC and the baselines part: AdaGC adds its teachers and its two phases."""
-    trainer_class = AdaGCTrainer if args.method == "adagc" else spml_losses.SpmlTrainer
+    trainer_class = AdaGCTrainer if args.method == "adagc" else spml.SpmlTrainer
     strategy = runs.make_strategy(args.strategy)
     optimizer = functools.partial(make_optimizer, args)
     return trainer_class(args, strategy, build_model, optimizer, train["observed"], train["full"])
@@ -390,7 +390,7 @@ def train_one_epoch(args, trainer, data, train_batches, val_dataset, state, epoc
     val_map, val = float("nan"), data["val"]
     if len(val["sources"]):
         labels = val["full"] if args.selection_labels == "full" else val["observed"]
-        val_map = spml_losses.evaluate(trainer.student, val_dataset, labels, data["class_names"])["mAP"]
+        val_map = spml.evaluate(trainer.student, val_dataset, labels, data["class_names"])["mAP"]
     row = dict(zip(LOG_COLUMNS[:5], (epoch, state["phase"], train_loss, agreement, val_map), strict=True))
     row["seconds"] = round(time.perf_counter() - started, 2)
     line = f"epoch {epoch:3d} [{state['phase']}] loss {train_loss:.4f} agreement {agreement:.4f} "
@@ -438,7 +438,7 @@ def fit(args, trainer, data, run_dir, train_batches, val_dataset):
 
 
 def evaluate_and_write(run_dir, model, test_dataset, data, prefix=""):
-    metrics = spml_losses.evaluate(model, test_dataset, data["test"]["full"], data["class_names"])
+    metrics = spml.evaluate(model, test_dataset, data["test"]["full"], data["class_names"])
     columns = ["class", "test_positives", "ap", "f1"]
     atomic.write_csv(run_dir / f"{prefix}per_class.csv", metrics["per_class"], columns)
     return metrics
@@ -537,7 +537,7 @@ def main(args):
     run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, args.run_name, args.overwrite, args.resume)
     with reader_errors.surface():
         # The first 256 training images, always the same ones, give the bands' statistics.
-        statistics_batches = spml_losses.make_dataset(list(train["sources"][:256]), loader, 32)
+        statistics_batches = spml.make_dataset(list(train["sources"][:256]), loader, 32)
         band_mean, band_variance = pipelines.band_statistics(statistics_batches, floor=1e-6)
     record_run(args, run_dir, data, band_mean, band_variance)
     print("weights: " + (args.weights or "none (random initialisation)"))
@@ -546,9 +546,9 @@ def main(args):
     shape, num_classes = (args.image_size, args.image_size, len(band_mean)), len(data["class_names"])
     build = functools.partial(build_classifier, args.backbone, shape, num_classes, band_mean, band_variance)
     trainer = make_trainer(args, functools.partial(build, args.weights), train)
-    batches = spml_losses.TrainBatches(train["sources"], loader, args.batch_size, args.seed, args.augment)
-    val_dataset = spml_losses.make_dataset(val["sources"], loader, args.batch_size)
-    test_dataset = spml_losses.make_dataset(test["sources"], loader, args.batch_size)
+    batches = spml.TrainBatches(train["sources"], loader, args.batch_size, args.seed, args.augment)
+    val_dataset = spml.make_dataset(val["sources"], loader, args.batch_size)
+    test_dataset = spml.make_dataset(test["sources"], loader, args.batch_size)
 
     # ---- train: warm-up -> end of early learning -> rollback -> Gradient Calibration (AdaGC) ----
     with reader_errors.surface():
@@ -576,7 +576,7 @@ def test_only(args, run_dir):
     data, reader_errors = load_data(args), pipelines.ReaderErrors()
     loader = make_loader(data, args.image_size, reader_errors)
     with reader_errors.surface():
-        test_dataset = spml_losses.make_dataset(data["test"]["sources"], loader, args.batch_size)
+        test_dataset = spml.make_dataset(data["test"]["sources"], loader, args.batch_size)
         metrics = evaluate_and_write(
             run_dir, keras.models.load_model(model_path), test_dataset, data, "test_only_"
         )

@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 import numpy as np
 
 import train_multilabel_model as tm
-from common import aid_multilabel, bigearthnet, pipelines, spml_losses
+from common import aid_multilabel, bigearthnet, pipelines, spml
 
 
 def get_args_parser():
@@ -87,8 +87,8 @@ def main(args):
     ben_data = {"reader": "benv2", "lmdb_path": str(ben_root / "lmdb"), "bands": bands}
     errors = pipelines.ReaderErrors()
     aid_loader = tm.make_loader(aid_data, args.image_size, errors)
-    aid_pipeline = spml_losses.make_dataset(aid_paths, aid_loader, args.batch_size)
-    ben_pipeline = spml_losses.make_dataset(patch_ids, tm.make_loader(ben_data, 120, errors), args.batch_size)
+    aid_pipeline = spml.make_dataset(aid_paths, aid_loader, args.batch_size)
+    ben_pipeline = spml.make_dataset(patch_ids, tm.make_loader(ben_data, 120, errors), args.batch_size)
 
     rows = [
         (

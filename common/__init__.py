@@ -21,12 +21,12 @@ triplet           triplet losses (batch-all, batch-hard, MATL) and the TG-MATL s
 stacked_training  many small models trained side by side in one compiled graph (TG-MATL heads)
 
 AdaGC / SPML:
-spml_losses       SPML baselines: losses, label state, single positives, mAP/F1, batches, trainer
+spml              SPML baselines: losses, label state, single positives, mAP/F1, row-index batches, trainer
 aid_multilabel    AID-multilabel reader: JPEG tree + label CSVs, single positives, validation split, demo data
 bigearthnet       BigEarthNet v2 reader: LMDB of safetensors bands, metadata.parquet, single positives
 
 OWL-GPS, ARAS400k, LUCAS:
-owl_gps_data      OWL-GPS inputs and run files: patch readers, concept CSVs, label store, queue, round tables
+owl_gps_data      OWL-GPS inputs and run state: patch readers, concept CSVs, label store, queue, member state
 aras400k          ARAS400k classes, WorldCover remap, palette, colour <-> label, map mosaic, patch readers
 lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
 """

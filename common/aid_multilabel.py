@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic, spml_losses
+from common import atomic, spml
 from common.errors import InputError, require, require_dir, require_file
 
 CLASSES = (
@@ -112,7 +112,7 @@ def train_single_positives(root: Path, train_names, train_full, mode: str, seed:
     elif mode == "random":
         path = root / f"single_positive_labels_random_seed{seed}.csv"
         if not path.exists():
-            observed = spml_losses.single_positive_random(train_full, seed)
+            observed = spml.single_positive_random(train_full, seed)
             write_label_csv(path, train_names, observed)
             return observed
         names, matrix = read_label_csv(path)
@@ -130,7 +130,7 @@ def train_single_positives(root: Path, train_names, train_full, mode: str, seed:
             "dominant needs class area fractions, which AID does not have",
             "random or manual for AID",
         )
-    spml_losses.check_single_positives(observed, train_full, path)
+    spml.check_single_positives(observed, train_full, path)
     return observed
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic, spml_losses
+from common import atomic, spml
 from common.errors import InputError, require, require_dir, require_file
 
 # The 19-class nomenclature in its usual order; column j of every label matrix is class j.
@@ -250,7 +250,7 @@ def read_single_positives(path, train_full: np.ndarray) -> np.ndarray:
     )
     require(np.isin(observed, (0, 1)).all(), path, "values outside 0/1", "+1 observed positive, 0 unobserved")
     observed = observed.astype(np.uint8)
-    spml_losses.check_single_positives(observed, train_full, path)
+    spml.check_single_positives(observed, train_full, path)
     return observed
 
 
@@ -262,10 +262,10 @@ def train_single_positives(
     if path.exists():
         return read_single_positives(path, train_full)
     if mode == "random":
-        observed = spml_losses.single_positive_random(train_full, seed)
+        observed = spml.single_positive_random(train_full, seed)
     elif mode == "dominant":
         fractions = read_class_fractions(class_fractions or root / "class_fractions.csv", train_ids)
-        observed = spml_losses.single_positive_dominant(train_full, fractions)
+        observed = spml.single_positive_dominant(train_full, fractions)
     else:
         raise InputError(
             "--single_positive",
@@ -313,7 +313,7 @@ def load(
         "val": {
             "sources": list(patch_ids[parts["validation"]]),
             "full": val_full,
-            "observed": spml_losses.single_positive_random(val_full, seed),
+            "observed": spml.single_positive_random(val_full, seed),
         },
         "test": {"sources": list(patch_ids[parts["test"]]), "full": full[parts["test"]]},
         "reader": "benv2",

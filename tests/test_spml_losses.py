@@ -1,4 +1,4 @@
-"""Formula, trigger and learning checks of common/spml_losses.py and of AdaGC in train_multilabel_model.py."""
+"""Formula, trigger and learning checks of common/spml.py and of AdaGC in train_multilabel_model.py."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import train_multilabel_model as tm
 from common import runs
-from common import spml_losses as sl
+from common import spml as sl
 
 LOGITS = np.array([[2.0, -1.0, 0.5, -3.0], [0.0, 1.5, -0.5, 4.0], [-2.0, 0.3, 0.3, -0.7]], np.float32)
 OBSERVED = np.array(
