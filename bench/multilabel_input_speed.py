@@ -20,6 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501  # fmt: skip
 
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
 import numpy as np
 
 import train_multilabel_model as tm

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
 import numpy as np
 
 import train_owl_gps as owl

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
 import numpy as np
 
 import segmentation_train as st

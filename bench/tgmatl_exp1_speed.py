@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
 import keras
 import numpy as np
 import tensorflow as tf
