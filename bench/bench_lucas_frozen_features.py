@@ -9,13 +9,10 @@ on the last line, the speed-up baseline / ours.
 """
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up logs, unless the user chose a level  # noqa: E501  # fmt: skip
 
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
