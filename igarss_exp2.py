@@ -24,8 +24,8 @@ The heads of one (embedding, input width) train together in compiled graphs
 moments, BatchNorm statistics, batches and best weights). The full protocol takes about 8.5
 minutes on a 2-core CPU (python -m bench.tgmatl_exp2_speed compares it with model.fit); --demo
 takes a few minutes.
-It ends with one line per method; the demo prints, e.g.
-    summary: tg_matl_30_10 acc 0.919 f1 0.919 r2_feat 0.599 r2_loc -0.459 (mean over 3 embeddings x 8 folds)
+It ends with one line per method; the demo prints on a 2-core CPU, e.g.
+    summary: tg_matl_30_10 acc 0.919 f1 0.919 r2_feat 0.598 r2_loc -0.460 (mean over 3 embeddings x 8 folds)
 """
 
 import functools

@@ -14,9 +14,9 @@ Each side runs --repeats times; the fastest run of each is compared. Peak memory
 maximum resident set size. The land cover holds no water or no-data, so every patch is kept and
 both sides encode the same number of PNGs. The folder is deleted afterwards.
 
-    python bench/dataset_creator_speed.py                   # full size, DEFLATE-compressed tiles
-    python bench/dataset_creator_speed.py --compress none   # uncompressed tiles
-    python bench/dataset_creator_speed.py --size 2048       # quick check
+    python -m bench.dataset_creator_speed                   # full size, DEFLATE-compressed tiles
+    python -m bench.dataset_creator_speed --compress none   # uncompressed tiles
+    python -m bench.dataset_creator_speed --size 2048       # quick check
 
 The last line is `ours/floor: <ratio>`, on CPU seconds (the machine may be shared; on an idle one
 the wall-clock ratio, printed beside it, is the same for these single-threaded runs).

@@ -8,7 +8,7 @@ checkpointing on the demo data (N=240, 63 training / 9 validation samples per fo
     separated; (b) baseline: one `model.fit(..., validation_data, ModelCheckpoint(save_best_only))`
     per head, a few heads for a few epochs (steady-state epochs only, which favours the baseline).
 
-    python bench/tgmatl_exp1_speed.py            # about 5 minutes on 2 cores
+    python -m bench.tgmatl_exp1_speed            # about 5 minutes on 2 cores
 
 The last line is `speedup_vs_per_model_fit: <x>` (baseline seconds per head-epoch / ours).
 """
