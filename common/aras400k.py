@@ -11,6 +11,7 @@ paper's dataset description; README "dataset_creator.py"). This module holds wha
   (`find_tiles`, `overlapping_maps`);
 - the segmentation layout `<root>/{train,val,test}/{images,masks}/*.png` (`list_split`,
   `check_masks`, `load_pair`, `train_batches`, `eval_batches`, `plot_examples`, `write_demo_patches`);
+- the class-percentage tables the captioners read (`class_percentages`, `write_class_percentages`);
 - the EfficientNet encoder both models share (`build_encoder`, `encoder_pyramid`);
 - seeded demo inputs: S2 and WorldCover tiles (`write_demo_tiles`), patches (`write_demo_patches`).
 """
@@ -423,6 +424,49 @@ def scan_mask(mask_path) -> tuple[np.ndarray, tuple | None]:
         row, col = (int(v) for v in np.argwhere(labels == IGNORE_INDEX)[0])
         first_unknown = (row, col, tuple(int(v) for v in rgb[row, col]))
     return counts, first_unknown
+
+
+PERCENTAGE_COLUMNS = ["filename", *CLASS_NAMES]
+
+
+def percentages_csv_path(data_root, split) -> Path:
+    """A split's class-percentage table: `<root>/class_percentages/<split>.csv`, the reference layout."""
+    return Path(data_root) / "class_percentages" / f"{split}.csv"
+
+
+def class_percentages(mask_paths, threads: int = 1) -> list[dict]:
+    """One row per mask: its file name and each class's share of the labelled pixels in percent.
+
+    The captioners build their prompts from these rows (column names are `CLASS_NAMES`, as the
+    reference captioners print them). Shares are of the pixels with a known class and are rounded to
+    2 decimals; an unknown colour is one error line naming the mask.
+    """
+    mask_paths = [Path(path) for path in mask_paths]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        scans = list(pool.map(scan_mask, mask_paths))
+    rows = []
+    for path, (counts, first_unknown) in zip(mask_paths, scans, strict=True):
+        if first_unknown is not None:
+            row, col, colour = first_unknown
+            raise InputError(
+                path,
+                f"has a pixel of colour {colour} at row {row}, col {col}",
+                "only ARAS400k palette colours",
+            )
+        known = counts[:NUM_CLASSES]
+        total = max(int(known.sum()), 1)
+        shares = {name: round(100.0 * int(n) / total, 2) for name, n in zip(CLASS_NAMES, known, strict=True)}
+        rows.append({"filename": path.name, **shares})
+    return rows
+
+
+def write_class_percentages(mask_dir, out_path, threads: int = 1) -> Path:
+    """Write the class-percentage CSV (`PERCENTAGE_COLUMNS`) of every PNG mask in a folder, atomically."""
+    mask_dir = require_dir(mask_dir, "a folder of PNG masks")
+    masks = sorted(mask_dir.glob("*.png"))
+    require(masks, mask_dir, "holds no .png masks", "at least one ARAS400k mask")
+    atomic.write_csv(out_path, class_percentages(masks, threads), PERCENTAGE_COLUMNS)
+    return Path(out_path)
 
 
 def check_masks(pairs, unknown_colour: str, threads: int) -> np.ndarray:
