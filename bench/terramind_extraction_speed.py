@@ -1,0 +1,68 @@
+"""TerraMind v1 encoder speed: the Keras port (ours) vs the PyTorch reference, chips/s on this machine.
+
+Both run the same randomly initialised encoder of `--variant` (real shapes, 12 layers for base) on
+the same standardised 6-band `--image_size` chips: ours is `common.terramind` as
+extract_terramind_embeddings.py runs it (`predict_on_batch`), the baseline the PyTorch transcription
+of terratorch's TerraMindViT in tests/fixtures/make_terramind_fixture.py (`torch.no_grad`, all CPU
+threads). Rounds alternate; the medians are printed, and the ratio ours / baseline on the last line.
+
+    python -m bench.terramind_extraction_speed --variant base --batch_size 8 --rounds 3
+"""
+
+import argparse
+import time
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import numpy as np
+import torch
+
+from common import lucas, runs, terramind
+from tests.fixtures import make_terramind_fixture as reference
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="base", choices=list(terramind.VARIANTS))
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    options = parser.parse_args()
+    runs.seed_everything(0)
+    config = terramind.VARIANTS[options.variant]
+    torch_model = reference.TorchTerraMindS2L2A(
+        config.dim, config.depth, config.num_heads, config.bias, config.gated_mlp, image_size=224
+    )
+    torch_model = reference.randomise(torch_model, seed=0).eval()
+    state = {name: value.detach().numpy() for name, value in torch_model.state_dict().items()}
+    reference.select_bands(torch_model, reference.LUCAS_BANDS)
+    keras_model = terramind.build_encoder(config, options.image_size, len(lucas.BAND_NAMES), config.depth - 1)
+    terramind.assign_weights(keras_model, state, reference.LUCAS_BANDS, options.image_size)
+    size, batch = options.image_size, options.batch_size
+    shape = (batch, size, size, len(lucas.BAND_NAMES))
+    chips = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    torch_chips = torch.from_numpy(np.ascontiguousarray(chips.transpose(0, 3, 1, 2)))
+
+    def ours():
+        return np.asarray(keras_model.predict_on_batch(chips))
+
+    def baseline():
+        with torch.no_grad():
+            return torch_model(torch_chips)[-1].numpy()
+
+    difference = float(np.abs(ours() - baseline()).max())  # also the warm-up of both
+    print(f"TerraMind v1 {options.variant}, {batch} chips of {size} px; max difference {difference:.1e}")
+    times = {"baseline": [], "ours": []}
+    for _ in range(options.rounds):
+        for name, function in (("baseline", baseline), ("ours", ours)):
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    speed = {name: batch / float(np.median(seconds)) for name, seconds in times.items()}
+    print(f"baseline (PyTorch reference): {speed['baseline']:.2f} chips/s")
+    print(f"ours (Keras, common.terramind): {speed['ours']:.2f} chips/s")
+    print(f"speed ratio ours / baseline: {speed['ours'] / speed['baseline']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
