@@ -51,6 +51,7 @@ BAND_MAPPINGS = {
     "study": ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"],
 }
 REFLECTANCE_SCALE = 10000.0  # S2L2A digital numbers = reflectance x 10000, the pretraining data's units
+SAVE_EVERY_SECONDS = 30.0  # flush the outputs and record progress at most this far apart
 # The arguments that change the tokens; a resumed extraction must keep them.
 RESULT_SETTINGS = [
     "data_root",
@@ -168,10 +169,14 @@ def write_random_checkpoint(path, variant, seed=0):
 # ---- extraction ----
 
 
-def embed_batch(encoder, chips, preprocessing):
-    """Tokens `(B, T, D)` of one batch of raw chips."""
+def embed_batch(encoder, chips, preprocessing, batch_size):
+    """Tokens `(B, T, D)` of one batch of raw chips (a short last batch is padded: one traced shape)."""
     _, scale, mean, std = preprocessing
-    return np.asarray(encoder.predict_on_batch(standardise(chips, scale, mean, std)), dtype=np.float32)
+    inputs = standardise(chips, scale, mean, std)
+    count = len(inputs)
+    if count < batch_size:
+        inputs = np.concatenate([inputs, np.zeros((batch_size - count, *inputs.shape[1:]), np.float32)])
+    return np.asarray(encoder.predict_on_batch(inputs), dtype=np.float32)[:count]
 
 
 def open_outputs(run_dir, shape, save_mean, fresh):
@@ -194,22 +199,22 @@ def open_outputs(run_dir, shape, save_mean, fresh):
     return arrays
 
 
-def extract(encoder, reader, preprocessing, arrays, first, batch_size, progress, save_every=30.0):
+def extract(encoder, reader, preprocessing, arrays, first, batch_size, progress):
     """Stream tokens of chips `first..N-1` into the memory maps; `progress(rows)` after each flush.
 
-    A flush plus progress record at most `save_every` seconds apart: an interrupted run loses at most
+    A flush plus progress record at most SAVE_EVERY_SECONDS apart: an interrupted run loses at most
     that much work, and every row the record counts is on disk. Returns (chips, seconds) of this call.
     """
     count = arrays["tokens"].shape[0]
     start_time, last_save, row = time.monotonic(), time.monotonic(), first
     with reader.surface():
         for chips in reader.dataset(np.arange(first, count), None, batch_size).as_numpy_iterator():
-            tokens = embed_batch(encoder, chips, preprocessing)
+            tokens = embed_batch(encoder, chips, preprocessing, batch_size)
             arrays["tokens"][row : row + len(tokens)] = tokens
             if "mean" in arrays:
                 arrays["mean"][row : row + len(tokens)] = tokens.mean(axis=1)
             row += len(tokens)
-            if time.monotonic() - last_save >= save_every or row == count:
+            if time.monotonic() - last_save >= SAVE_EVERY_SECONDS or row == count:
                 for array in arrays.values():
                     array.flush()
                 progress(row)
@@ -289,18 +294,24 @@ def write_outputs(run_dir, encoder, reader, preprocessing, first, args, record):
     print(f"tokens {shape} -> {where}; {chips_done} chips in {seconds:.1f} s ({speed:.2f} chips/s)")
 
 
-def prepare_encoder(args, checkpoint, reader, image_size):
-    """Band mapping, standardisation and the loaded encoder; prints them; returns them and their record."""
+def prepare_encoder(args, tensors, loaded, reader, image_size):
+    """Band mapping, standardisation and the encoder with the checkpoint's `tensors`; prints them.
+
+    Returns:
+        The encoder, the preprocessing of `band_preprocessing` and their record for extraction.json.
+    """
     count = len(reader.paths)
     chip_mean, chip_std = chip_statistics(reader, count, args.batch_size)
     preprocessing = band_preprocessing(args.band_mapping, args.normalisation, chip_mean, chip_std)
     bands, scale, mean, std = preprocessing
-    encoder, loaded = terramind.load_encoder(checkpoint, args.variant, bands, image_size, args.layer)
+    encoder = terramind.build_encoder(terramind.VARIANTS[args.variant], image_size, len(bands), args.layer)
+    terramind.assign_weights(encoder, tensors, bands, image_size)
     shape = (count, *encoder.output.shape[1:])
     grid = image_size // terramind.PATCH_SIZE
     print(f"chips: {count} of {image_size} px -> {grid} x {grid} tokens of {shape[2]} (layer {args.layer})")
     print("bands: " + ", ".join(f"{b} -> {w}" for b, w in zip(lucas.BAND_NAMES, bands, strict=True)))
-    print(f"standardisation: x {scale:g}, mean {np.round(mean, 3).tolist()}, std {np.round(std, 3).tolist()}")
+    rounded = [np.round(values.astype(np.float64), 3).tolist() for values in (mean, std)]
+    print(f"standardisation: x {scale:g}, mean {rounded[0]}, std {rounded[1]}")
     print(
         f"checkpoint: {loaded['encoder_tensors']} encoder tensors, {loaded['ignored_tensors']} others unused"
     )
@@ -333,11 +344,13 @@ def main(args):
     checkpoint = require_file(args.checkpoint, "a TerraMind checkpoint (.pt or .safetensors)")
     settings = runs.settings_of(args, RESULT_SETTINGS) | {"chips": len(paths), "image_size": image_size}
     settings["checkpoint_sha256"] = file_sha256(checkpoint)
+    # The checkpoint is checked before the run folder is made: a wrong file leaves nothing behind.
+    tensors, loaded = terramind.read_encoder_tensors(checkpoint, args.variant)
     run_dir, first = prepare_extraction(args, settings)
 
     # ---- model ----
     if first < len(paths):
-        encoder, preprocessing, record = prepare_encoder(args, checkpoint, reader, image_size)
+        encoder, preprocessing, record = prepare_encoder(args, tensors, loaded, reader, image_size)
         record |= {"settings": settings, "labels_csv_order": str(labels_csv)}
 
         # ---- extract ----

@@ -415,16 +415,25 @@ def assign_weights(model: keras.Model, tensors: dict, bands, image_size: int) ->
             _norm(layer, tensors, "encoder_norm")
 
 
+def read_encoder_tensors(path, variant: str) -> tuple[dict, dict]:
+    """Read a checkpoint and keep its checked encoder tensors (`check_state_dict`).
+
+    Returns:
+        The encoder tensors and a record: checkpoint path, tensors used, tensors outside the encoder.
+    """
+    state = read_checkpoint(path)
+    tensors = check_state_dict(state, variant, path)
+    record = {"checkpoint": str(Path(path)), "variant": variant, "encoder_tensors": len(tensors)}
+    return tensors, record | {"ignored_tensors": len(state) - len(tensors)}
+
+
 def load_encoder(path, variant: str, bands, image_size: int, layer_index: int) -> tuple[keras.Model, dict]:
     """Read, check and load a TerraMind v1 checkpoint into a Keras encoder for `bands`-channel chips.
 
     Returns:
-        The encoder and a record: checkpoint path, tensors loaded, names ignored (outside the encoder).
+        The encoder (`build_encoder`, weights assigned) and the record of `read_encoder_tensors`.
     """
-    state = read_checkpoint(path)
-    tensors = check_state_dict(state, variant, path)
+    tensors, record = read_encoder_tensors(path, variant)
     model = build_encoder(VARIANTS[variant], image_size, len(bands), layer_index)
     assign_weights(model, tensors, bands, image_size)
-    record = {"checkpoint": str(Path(path)), "encoder_tensors": len(tensors)}
-    record["ignored_tensors"] = len(state) - len(tensors)
     return model, record
