@@ -24,11 +24,14 @@ Commands:
         --band_mapping study --normalisation dataset --run_name study
     python extract_terramind_embeddings.py --demo
 
-Runtime: TerraMind-base on a 2-core CPU extracts about 1.3 chips/s at 224 px (bench
-bench.terramind_extraction_speed), so the 1,994 chips take about 25 minutes; GPU speed was not
-measured. The demo (a randomly initialised TerraMind-v1-tiny-shaped checkpoint, 243 synthetic 32 px
-chips, then `train_lucas_classifier.py --grid` on the tokens) takes about 40 s of CPU time and ends:
-    summary (val, 1 seed): wce/identity OA 0.327 macc 0.350 mF1 0.250; ...
+Runtime: the TerraMind-v1-base encoder runs at 3.4 chips/s of 224 px on a shared 2-core CPU
+(`python -m bench.terramind_extraction_speed`; PyTorch reference 2.9 chips/s), so the 1,994 chips take
+about 10 minutes; GPU speed was not measured. The demo (a randomly initialised TerraMind-v1-tiny-
+shaped checkpoint, 243 synthetic 32 px chips, 2 x 2 tokens each, then `train_lucas_classifier.py
+--embeddings <tokens> --grid`) takes about 35 s and ends with the probe's summary line:
+    summary (val, 1 seed): wce/identity OA 0.612+-0.000 macc 0.548+-0.000 mF1 0.517+-0.000; wce/mlp OA
+    0.714+-0.000 macc 0.785+-0.000 mF1 0.719+-0.000; focal/identity OA 0.592+-0.000 macc 0.557+-0.000
+    mF1 0.512+-0.000; focal/mlp OA 0.673+-0.000 macc 0.756+-0.000 mF1 0.709+-0.000
 """
 
 import hashlib
@@ -150,7 +153,7 @@ def write_random_checkpoint(path, variant, seed=0):
     tensors = {}
     for name, shape in terramind.encoder_parameter_shapes(config).items():
         if name.endswith("pos_emb"):
-            value = terramind.sincos_position_embedding(shape[1] ** 0.5 // 1, config.dim)
+            value = terramind.sincos_position_embedding(round(shape[1] ** 0.5), config.dim)
         elif name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight"):
             value = np.ones(shape)
         elif name.endswith("mod_emb"):
