@@ -471,14 +471,21 @@ def qwen_vl_inputs(
 
 
 def add_captioner_arguments(
-    parser, model: str, images: str, percentages: str, out: str, batch_size: int
+    parser,
+    model: str,
+    images: str,
+    percentages: str,
+    out: str,
+    batch_size: int = 0,
+    demo_help: str = "",
+    model_help: str = "",
 ) -> None:
     """The flags of every captioner: inputs, output, batch size, captions per image, retries, seed, demo."""
     add = parser.add_argument
     add(
         "--model",
         default=model,
-        help="Local model folder (save_pretrained / hf download), or a hub id with network.",
+        help=model_help or "Local model folder (save_pretrained / hf download), or a hub id with network.",
     )
     add("--images", default=images, help="Folder of .png patches to caption.")
     add(
@@ -489,7 +496,13 @@ def add_captioner_arguments(
     add(
         "--out", default=out, help="Caption CSV (filename, caption, model, prompt_id); a re-run continues it."
     )
-    add("--batch_size", type=int, default=batch_size, help="Images per generate call (and per CSV append).")
+    if batch_size:
+        add(
+            "--batch_size",
+            type=int,
+            default=batch_size,
+            help="Captions per generate call (and per CSV append).",
+        )
     add("--num_captions", type=int, default=1, help="Captions per image (several need sampling).")
     add("--retries", type=int, default=2, help="Extra tries of a failed batch before its files are reported.")
     add("--seed", type=int, default=0, help="Seeds Python, NumPy and PyTorch (sampling captioners).")
@@ -498,7 +511,8 @@ def add_captioner_arguments(
     parser.add_argument(
         "--demo",
         action="store_true",
-        help="Caption the seeded demo patches with a tiny randomly initialised model of the real "
+        help=demo_help
+        or "Caption the seeded demo patches with a tiny randomly initialised model of the real "
         "architecture (gibberish captions, real pipeline; under a minute on a CPU).",
     )
 
