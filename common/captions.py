@@ -391,7 +391,13 @@ def require_distinct_captions(num_captions: int, generation: Mapping) -> None:
 
 
 def load_pretrained(loader, model_path, what: str, **kwargs):
-    """`loader.from_pretrained(model_path)` with an unusable folder or hub id as one error line."""
+    """`loader.from_pretrained(model_path)` with an unusable folder or hub id as one error line.
+
+    The loading progress bars are turned off, so an error stays the only line on stderr.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     try:
         return loader.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError, KeyError) as error:
