@@ -296,12 +296,18 @@ def demo_captions(folder, images_dir, percentages, seed: int) -> list[Path]:
 
 def make_demo_clip(folder) -> Path:
     """A tiny randomly initialised CLIPModel with a BPE tokenizer and a PIL image processor."""
+    from tokenizers import processors
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     tokenizer = captions.demo_tokenizer(
         ["<|startoftext|>", "<|endoftext|>"], "", bos_token="<|startoftext|>", eos_token="<|endoftext|>"
     )
     tokenizer.pad_token = "<|endoftext|>"
+    # Like CLIP's tokenizer: every text is wrapped in start and end tokens (CLIP pools at the end token).
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)],
+    )
     text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     text.update(
         vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1
