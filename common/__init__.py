@@ -28,6 +28,7 @@ bigearthnet       BigEarthNet v2 reader: LMDB of safetensors bands, metadata.par
 OWL-GPS, ARAS400k, LUCAS:
 owl_gps_data      OWL-GPS inputs and run state: patch readers, concept CSVs, label store, queue, member state
 aras400k          ARAS400k classes, WorldCover remap, palette, colour <-> label, map mosaic, patch readers
+captions          ARAS400k captions: percentage CSVs, reference prompts, resumable caption CSVs, VL inputs
 lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
 terramind         TerraMind v1 S2L2A encoder in Keras, loaded strictly from terratorch-named checkpoints
 """

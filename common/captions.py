@@ -1,0 +1,546 @@
+"""ARAS400k captions: percentage tables, the reference prompts, image lists and resumable caption CSVs.
+
+Every captioner (`vision_language_captioner.py`, `vision_captioner.py`, `text_captioner.py`,
+`gpt_captioner.py`, `ollama_captioner.py`) reads the class-percentage table of a split
+(`common.aras400k.PERCENTAGE_COLUMNS`, values in percent), builds the prompts of the ARAS400k
+reference scripts (Caglar & Temizel, arXiv 2603.09625) from it, and appends its captions to one CSV
+(`CAPTION_COLUMNS`) that a re-run continues. The settings that shape the captions (model, prompt,
+generation config) are recorded next to the CSV and a re-run with other settings is refused.
+"""
+
+import argparse
+import csv
+import io
+import math
+import os
+import random
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from common import aras400k, atomic, runs
+from common.errors import InputError, require, require_dir, require_file
+
+CAPTION_COLUMNS = ["filename", "caption", "model", "prompt_id"]
+IMAGE_EXTENSIONS = (".png",)
+
+# The prompts of the reference scripts, word for word.
+BASE_PROMPT = (
+    "Describe this remote sensing image in 1 or 2 concise sentences, "
+    "focusing on land use and key geographical features."
+)
+TEXT_SYSTEM_PROMPT = "You are a remote sensing expert."
+GPT_SYSTEM_MESSAGE = (
+    "You generate natural, fluent, human-like satellite image captions (1-2 sentences)."
+    "Do not list percentages, statistics, segmentation, or datasets."
+)
+OLLAMA_IMAGE_PROMPT = "Describe this image in detail."
+OLLAMA_EMPTY_PROMPT = (
+    "The provided data indicates no significant land cover percentages. Please describe the scene as a "
+    "blank or non-existent landscape."
+)
+
+
+# ---- percentage tables and image lists ----
+
+
+def read_percentages(path) -> dict[str, dict[str, float]]:
+    """Read a class-percentage CSV into `{filename: {class name: percent}}`, checking every value.
+
+    Columns must be `PERCENTAGE_COLUMNS` (extra columns are ignored); each value a finite number in
+    [0, 100]. Values are read as floats, as pandas reads the reference's float columns.
+    """
+    path = require_file(path, "a class-percentage CSV (filename + the 7 ARAS400k classes in percent)")
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        missing = [name for name in aras400k.PERCENTAGE_COLUMNS if name not in (reader.fieldnames or [])]
+        require(
+            not missing,
+            path,
+            f"lacks the column(s) {', '.join(missing)}",
+            ", ".join(aras400k.PERCENTAGE_COLUMNS),
+        )
+        table = {}
+        for line, row in enumerate(reader, start=2):
+            shares = {}
+            for name in aras400k.CLASS_NAMES:
+                try:
+                    value = float(row[name])
+                except (TypeError, ValueError):
+                    value = math.nan
+                require(
+                    math.isfinite(value) and 0 <= value <= 100,
+                    path,
+                    f"line {line} ({row['filename']}): {name} is {row[name]!r}",
+                    "a percentage between 0 and 100",
+                )
+                shares[name] = value
+            require(
+                row["filename"] not in table,
+                path,
+                f"line {line}: {row['filename']} repeats",
+                "one row per image",
+            )
+            table[row["filename"]] = shares
+    require(table, path, "has no rows", "one row per image")
+    return table
+
+
+def ensure_percentages(masks_dir, csv_path) -> Path:
+    """Write the percentage CSV of a mask folder when it is missing (the demo); return its path."""
+    csv_path = Path(csv_path)
+    if not csv_path.exists():
+        aras400k.write_class_percentages(masks_dir, csv_path)
+    return csv_path
+
+
+def list_images(folder) -> list[str]:
+    """The sorted file names of the PNG images in a folder (the reference captions `.png` only)."""
+    folder = require_dir(folder, "a folder of ARAS400k .png images")
+    names = sorted(path.name for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
+    require(names, folder, "holds no .png images", "at least one ARAS400k .png image")
+    return names
+
+
+def files_to_caption(images_dir, percentages, need_percentages: bool, source) -> list[str]:
+    """The images to caption: those of `images_dir`, or every row of the table when it is empty.
+
+    A text-only captioner needs a row for every image; the first image without one is an error.
+    """
+    names = list_images(images_dir) if images_dir else sorted(percentages)
+    if need_percentages:
+        lacking = [name for name in names if name not in percentages]
+        require(
+            not lacking,
+            source,
+            f"has no row for {len(lacking)} image(s), e.g. {lacking[:1]}",
+            "a row per image",
+        )
+    return names
+
+
+def demo_inputs(root, seed: int, train_images: int = 8, image_size: int = 64) -> tuple[Path, Path]:
+    """Seeded demo patches (common.aras400k) and their percentage CSV; returns (images, CSV)."""
+    root = aras400k.write_demo_patches(root, image_size, train_images, seed)
+    csv_path = aras400k.percentages_csv_path(root, "train")
+    stale = csv_path.exists() and csv_path.stat().st_mtime < (root / "demo.json").stat().st_mtime
+    if stale:
+        csv_path.unlink()
+    return root / "train" / "images", ensure_percentages(root / "train" / "masks", csv_path)
+
+
+# ---- the reference prompts ----
+
+
+def present_classes(shares: Mapping[str, float]) -> list[str]:
+    """`Class (v%)` for every class above 0, in column order, v rounded to 2 decimals as the references do."""
+    return [f"{name} ({round(value, 2)}%)" for name, value in shares.items() if value > 0]
+
+
+def vision_language_prompt(shares: Mapping[str, float] | None) -> tuple[str, str]:
+    """The Qwen3-VL prompt of `vision_language_captioner.py` and its id ("percentages" or "base")."""
+    classes = present_classes(shares or {})
+    if not classes:
+        return BASE_PROMPT, "base"
+    return (
+        "This remote sensing image contains the following land cover distribution: "
+        f"{', '.join(classes)}. Based on this information, describe the scene in 1 or 2 concise sentences "
+        "focusing on spatial layout and dominant land use types.",
+        "percentages",
+    )
+
+
+def text_messages(shares: Mapping[str, float]) -> list[dict]:
+    """The chat of `text_captioner.py`: the system line and the percentages ("unidentified" when none)."""
+    class_info = ", ".join(present_classes(shares)) or "unidentified land cover"
+    user = (
+        f"An image shows: {class_info}. "
+        "Describe the scene in 1 or 2 concise sentences focusing on dominant land use."
+    )
+    return [{"role": "system", "content": TEXT_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def gpt_user_message(shares: Mapping[str, float]) -> str:
+    """The GPT user message: `Class v%` with v truncated to an integer, classes above 0 only."""
+    return ", ".join(f"{name} {int(value)}%" for name, value in shares.items() if value > 0)
+
+
+def ollama_percentage_prompt(shares: Mapping[str, float]) -> str:
+    """The Ollama description prompt: classes sorted by share, "a large amount of ... and some ...".
+
+    The reference reads integer percentages as text; here shares are truncated to integers first,
+    the sort is stable (ties keep column order) and classes at 0 % are left out, as there.
+    """
+    integers = {name: int(value) for name, value in shares.items()}
+    ordered = [
+        (name, value) for name, value in sorted(integers.items(), key=lambda item: -item[1]) if value != 0
+    ]
+    if not ordered:
+        return OLLAMA_EMPTY_PROMPT
+    parts = [
+        "Based on the following percentages of land cover classes, generate a concise, factual, and "
+        "objective description of the scene.",
+        "The scene is primarily composed of:",
+    ]
+    for index, (name, value) in enumerate(ordered):
+        if index == 0:
+            parts.append(f"a large amount of {name.lower()} ({value}%),")
+        elif index == len(ordered) - 1:
+            parts.append(f"and some {name.lower()} ({value}%).")
+        else:
+            parts.append(f"{name.lower()} ({value}%),")
+    parts.append("Do not add details that are not provided in the percentages.")
+    return " ".join(parts)
+
+
+# ---- the caption CSV: resumable, header once, settings recorded ----
+
+
+def settings_path(out_csv) -> Path:
+    """Where the settings of a caption CSV are recorded: `<out>.settings.json` next to it."""
+    out_csv = Path(out_csv)
+    return out_csv.with_name(out_csv.name + ".settings.json")
+
+
+class CaptionLog:
+    """The append-only caption CSV of one captioner run, and what it still lacks.
+
+    Opening reads the captions already there (a record cut off by a crash is dropped and reported),
+    refuses a file made with other settings (`settings_path`), and counts the captions per file;
+    `append` writes rows and syncs them to disk, so a killed run loses at most the batch in flight.
+    """
+
+    def __init__(self, out_csv, settings: Mapping, num_captions: int, overwrite: bool = False):
+        require(num_captions >= 1, "--num_captions", f"is {num_captions}", "at least 1")
+        self.path = Path(out_csv)
+        self.num_captions = num_captions
+        if overwrite:
+            for stale in (self.path, settings_path(self.path)):
+                stale.unlink(missing_ok=True)
+        hint = (
+            "the same model and generation settings to continue, --overwrite to start over, or another --out"
+        )
+        if self.path.exists() and not settings_path(self.path).exists():
+            raise InputError(self.path, "exists but has no settings record next to it", hint)
+        self.settings = runs.check_same_settings(
+            settings_path(self.path), settings, what="its captions", hint=hint
+        )
+        self.counts = Counter(row["filename"] for row in self._read_existing())
+        atomic.write_json(settings_path(self.path), {**self.settings, "versions": runs.library_versions()})
+
+    def _read_existing(self) -> list[dict]:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return []
+        text = self.path.read_text(encoding="utf-8")
+        rows = list(csv.reader(io.StringIO(text)))
+        require(
+            rows and rows[0] == CAPTION_COLUMNS, self.path, "has another header", ",".join(CAPTION_COLUMNS)
+        )
+        if not text.endswith("\n"):
+            # A crash during an append left half a record: keep the complete ones only.
+            print(
+                f"{self.path}: dropping an incomplete last record ({rows[-1][:1]}) left by an interrupted run"
+            )
+            rows = rows[:-1]
+            atomic.write_text(self.path, _csv_text(rows))
+        broken = [index + 1 for index, row in enumerate(rows) if len(row) != len(CAPTION_COLUMNS)]
+        require(not broken, self.path, f"line {broken[:1]} has another number of fields", "4 fields per line")
+        return [dict(zip(CAPTION_COLUMNS, row, strict=True)) for row in rows[1:]]
+
+    def missing(self, filenames: Sequence[str]) -> list[tuple[str, int]]:
+        """`(filename, caption number)` of every caption still to make, file by file."""
+        return [(name, index) for name in filenames for index in range(self.counts[name], self.num_captions)]
+
+    def append(self, rows: Sequence[Mapping]) -> None:
+        """Append caption rows (the header first when the file is new) and sync them to disk."""
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        lines = ([CAPTION_COLUMNS] if new else []) + [[row[key] for key in CAPTION_COLUMNS] for row in rows]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8", newline="") as file:
+            file.write(_csv_text(lines))
+            file.flush()
+            os.fsync(file.fileno())
+        self.counts.update(row["filename"] for row in rows)
+
+
+def _csv_text(rows) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def read_captions(path) -> list[dict]:
+    """Read a caption CSV (`CAPTION_COLUMNS`; extra columns kept) as a list of dicts."""
+    path = require_file(path, "a caption CSV (filename, caption, model, prompt_id)")
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        lacking = [name for name in ("filename", "caption") if name not in (reader.fieldnames or [])]
+        require(not lacking, path, f"lacks the column(s) {', '.join(lacking)}", ",".join(CAPTION_COLUMNS))
+        return list(reader)
+
+
+# ---- running batches: failures reported by file name and retried ----
+
+
+def caption_batches(
+    jobs: Sequence[tuple[str, int]],
+    batch_size: int,
+    make_captions: Callable[[list[tuple[str, int]]], list[dict]],
+    log: CaptionLog,
+    retries: int = 2,
+    seed: int | None = None,
+) -> tuple[int, list[str], float]:
+    """Caption `jobs` batch by batch, appending each finished batch to `log`.
+
+    With `seed`, PyTorch is re-seeded before each batch from the seed and the batch's first job, so
+    a resumed run samples the same captions as an uninterrupted one (finished batches are a prefix).
+
+    A batch that raises is reported with its file names and tried again up to `retries` times; its
+    files are left out of the CSV if it keeps failing, so a later run retries them. Returns the
+    number of captions written, the files that failed and the seconds spent.
+    """
+    start = time.perf_counter()
+    written, failed = 0, []
+    batches = [list(jobs[index : index + batch_size]) for index in range(0, len(jobs), batch_size)]
+    for number, batch in enumerate(batches, start=1):
+        for attempt in range(retries + 1):
+            if seed is not None:
+                seed_torch(seed + zlib.crc32(f"{batch[0][0]}#{batch[0][1]}".encode()))
+            try:
+                rows = make_captions(batch)
+                break
+            except Exception as error:  # every failure is named; none stops the other batches
+                names = ", ".join(sorted({name for name, _ in batch}))
+                again = f"; trying again ({attempt + 1}/{retries})" if attempt < retries else "; giving up"
+                problem = f"{type(error).__name__}: {error}"
+                print(f"batch {number}/{len(batches)} failed for {names}: {problem}{again}", flush=True)
+        else:
+            failed.extend(sorted({name for name, _ in batch}))
+            continue
+        log.append(rows)
+        written += len(rows)
+        print(f"batch {number}/{len(batches)}: {written}/{len(jobs)} captions", flush=True)
+    return written, failed, time.perf_counter() - start
+
+
+def finish(log: CaptionLog, written: int, failed: Sequence[str], seconds: float, images: int) -> None:
+    """Print the throughput line; failed files are one error line (exit 2) after the others finished."""
+    rate = images / seconds if seconds > 0 else float("inf")
+    print(
+        f"captioned {images - len(set(failed))} images ({written} captions) in {seconds:.1f} s: "
+        f"{rate:.2f} images/s -> {log.path}"
+    )
+    if failed:
+        names = sorted(set(failed))
+        raise InputError(
+            log.path,
+            f"{len(names)} image(s) failed after retries and have no caption: {', '.join(names[:10])}",
+            "the same command again to retry them (finished captions are kept)",
+        )
+
+
+# ---- PyTorch captioners: seeding, device, generation records, demo tokenizers ----
+
+
+def seed_torch(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (sampling captioners draw from torch's generator)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def torch_device_and_dtype(device: str, dtype: str):
+    """`--device auto|cpu|cuda` and `--dtype auto|bfloat16|float32` (auto: bf16 on a GPU, fp32 on a CPU)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    require(
+        device != "cuda" or torch.cuda.is_available(),
+        "--device",
+        "is cuda but no GPU is visible",
+        "cpu or auto",
+    )
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def generation_record(model, **overrides) -> dict:
+    """The generation settings in effect: the checkpoint's GenerationConfig updated by our overrides."""
+    config = model.generation_config.to_dict()
+    config.update(overrides)
+    keys = ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "num_beams")
+    return {key: config.get(key) for key in keys}
+
+
+def require_distinct_captions(num_captions: int, generation: Mapping) -> None:
+    """Several captions per image need sampling: greedy decoding would repeat the first one."""
+    require(
+        num_captions == 1 or generation.get("do_sample"),
+        "--num_captions",
+        f"is {num_captions} but decoding is greedy (every caption would be the same)",
+        "1, or a sampling generation config",
+    )
+
+
+def load_pretrained(loader, model_path, what: str, **kwargs):
+    """`loader.from_pretrained(model_path)` with an unusable folder or hub id as one error line.
+
+    The loading progress bars are turned off, so an error stays the only line on stderr.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        return loader.from_pretrained(model_path, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            model_path, f"cannot load {what} ({first[:200]})", f"a local {what} folder or a hub id"
+        ) from None
+
+
+DEMO_SENTENCES = [
+    "This remote sensing image shows tree cover, shrubland, grassland and cropland fields.",
+    "Built-up areas, bare or sparse vegetation and water bodies appear in the scene.",
+    "Describe the scene in 1 or 2 concise sentences focusing on spatial layout and dominant land use.",
+]
+
+
+def demo_tokenizer(special_tokens: Sequence[str], chat_template: str, vocab_size: int = 320, **named):
+    """A byte-level BPE tokenizer trained on a few sentences, as a fast tokenizer with a chat template.
+
+    `named` maps the tokenizer's roles (eos_token, pad_token, ...) to entries of `special_tokens`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(DEMO_SENTENCES, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template, **named)
+
+
+def qwen_vl_inputs(
+    tokenizer, image_processor, conversations, images, image_token: str = "<|image_pad|>"
+) -> dict:
+    """Model inputs for a batch of Qwen3-VL chats, assembled the way `Qwen3VLProcessor` does.
+
+    The processor itself cannot be built without torchvision (its video processor needs it), so its
+    steps are done here with the checkpoint's own tokenizer, chat template and (PIL) image
+    processor: render the chat, expand each image placeholder to one token per merged patch
+    (`grid_t * grid_h * grid_w / merge_size**2`), tokenize with left padding, and mark the image
+    tokens in `mm_token_type_ids` (M-RoPE needs them). `tests/test_captioners.py` checks the result
+    against the processor's own `apply_chat_template` for the same batch.
+    """
+    import torch
+
+    texts = [
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        for chat in conversations
+    ]
+    pixels = image_processor(images, return_tensors="pt")
+    merge = image_processor.merge_size**2
+    tokens_per_image = iter((pixels["image_grid_thw"].prod(-1) // merge).tolist())
+    expanded = []
+    for text in texts:
+        first, *rest = text.split(image_token)
+        expanded.append(first + "".join(image_token * next(tokens_per_image) + piece for piece in rest))
+    encoded = tokenizer(
+        expanded, padding=True, padding_side="left", return_tensors="pt", return_token_type_ids=False
+    )
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "mm_token_type_ids": (encoded["input_ids"] == image_token_id).to(torch.long),
+        "pixel_values": pixels["pixel_values"],
+        "image_grid_thw": pixels["image_grid_thw"],
+    }
+
+
+# ---- the flags every captioner shares ----
+
+
+def add_captioner_arguments(
+    parser,
+    model: str,
+    images: str,
+    percentages: str,
+    out: str,
+    batch_size: int = 0,
+    demo_help: str = "",
+    model_help: str = "",
+) -> None:
+    """The flags of every captioner: inputs, output, batch size, captions per image, retries, seed, demo."""
+    add = parser.add_argument
+    add(
+        "--model",
+        default=model,
+        help=model_help or "Local model folder (save_pretrained / hf download), or a hub id with network.",
+    )
+    add("--images", default=images, help="Folder of .png patches to caption.")
+    add(
+        "--percentages",
+        default=percentages,
+        help="Class-percentage CSV of the split (filename + 7 classes in %%).",
+    )
+    add(
+        "--out", default=out, help="Caption CSV (filename, caption, model, prompt_id); a re-run continues it."
+    )
+    if batch_size:
+        add(
+            "--batch_size",
+            type=int,
+            default=batch_size,
+            help="Captions per generate call (and per CSV append).",
+        )
+    add("--num_captions", type=int, default=1, help="Captions per image (several need sampling).")
+    add("--retries", type=int, default=2, help="Extra tries of a failed batch before its files are reported.")
+    add("--seed", type=int, default=0, help="Seeds Python, NumPy and PyTorch (sampling captioners).")
+    add("--overwrite", action="store_true", help="Delete --out and its settings record and start over.")
+    add("--results_dir", default="results", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help=demo_help
+        or "Caption the seeded demo patches with a tiny randomly initialised model of the real "
+        "architecture (gibberish captions, real pipeline; under a minute on a CPU).",
+    )
+
+
+def add_torch_arguments(parser) -> None:
+    """--device and --dtype of the transformers captioners."""
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when visible."
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32"),
+        help="auto: bfloat16 on cuda, float32 on cpu.",
+    )
+
+
+def demo_paths(args, script_stem: str) -> Path:
+    """Point a captioner's flags at the demo data; returns the demo folder (under results/demo_data)."""
+    folder = Path(args.results_dir) / "demo_data" / script_stem
+    args.images, args.percentages = (str(path) for path in demo_inputs(folder / "patches", args.seed))
+    args.out = str(Path(args.results_dir) / script_stem / "demo" / "captions.csv")
+    # The demo re-creates its captions each time, so its throughput line is always measured.
+    args.overwrite = True
+    return folder
