@@ -251,7 +251,8 @@ def test_tutorial_concepts_pkl_is_read_without_running_code(tmp_path, layout):
         "rows": [{"land_cover": c, "dist_industrial": d} for c, d in zip(land_cover, distance, strict=True)],
         "columns": {"land_cover": land_cover, "dist_industrial": distance},
         "by_id": {
-            i: {"land_cover": c, "dist_industrial": d} for i, (c, d) in enumerate(zip(land_cover, distance))
+            i: {"land_cover": c, "dist_industrial": d}
+            for i, (c, d) in enumerate(zip(land_cover, distance, strict=True))
         },
     }[layout]
     _write_tutorial_pickle(tmp_path / "concepts.pkl", structure)
