@@ -7,9 +7,10 @@ GeoTIFF tiles and None otherwise. Every problem with the user's files is an Inpu
 file. The queue helpers are the CSV oracle's file protocol: the script writes `queue_round{t}.csv`
 with a blank label column (and a contact sheet), a person fills it, and the script reads it back.
 The input flags and `load_from_args` choose between the demo set, a --data_dir and a --geotiff.
-The round tables are the per-round results (rounds.csv) and their mean +- std over seeds. The
-member-state helpers seed, reset and checkpoint Keras models and optimizers by variable path, so a
-resumed round draws exactly as an uninterrupted one.
+The round tables are the per-round results (rounds.csv), their mean +- std over seeds and the run's
+metrics.json and summary line. The tutorial's concepts.pkl is read by an unpickler that refuses
+every class, so no code in it can run. The member-state helpers seed, reset and checkpoint Keras
+models and optimizers by variable path, so a resumed round draws exactly as an uninterrupted one.
 """
 
 import csv
@@ -30,7 +31,7 @@ QUEUE_FIELDS = ("id", "row", "col", "score", "label")
 _FLAG_WORDS = {"true": 1, "false": 0}
 # (flag, default, help) of the input flags (see `add_flag_groups`). Defaults are the tutorial's values.
 DATA_FLAGS = (
-    ("--data_dir", "", "Folder with images.npy (N,4,H,W) float, labels.npy (N,) 0/1, concepts.csv."),
+    ("--data_dir", "", "Folder: images.npy (N,4,H,W), labels.npy (N,) 0/1 if known, concepts.csv or .pkl."),
     ("--geotiff", "", "A 4-band (R,G,B,NIR) GeoTIFF tiled into non-overlapping patches."),
     ("--concepts_csv", "", "With --geotiff: concepts per patch keyed by patch grid row, col."),
     ("--land_cover_geotiff", "", "Instead of --concepts_csv: land cover (1 = urban), patch majority."),
