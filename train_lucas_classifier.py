@@ -16,15 +16,18 @@ Commands:
     python train_lucas_classifier.py --data_root lucas_chips --loss wce --decoder identity
     python train_lucas_classifier.py --labels_csv lucas_chips/chips_LC_class.csv \\
         --embeddings terramind_embeddings.npy --grid --seeds 5
-    python train_lucas_classifier.py --demo --grid --seeds 2
+    python train_lucas_classifier.py --demo --grid --seeds 5
 
-Runtime: the demo (243 synthetic 32 px chips, simplecnn, 4 configurations x 2 seeds x 30 epochs)
-needs about 47 s of CPU time; a frozen backbone sees the chips once and only the heads train.
+Runtime: the demo (498 synthetic 32 px chips in the study's class proportions, simplecnn, 4
+configurations x 5 seeds x 30 epochs) takes about 2 minutes on a shared 2-core CPU; a frozen
+backbone sees the chips once and only the heads train.
 
 The demo should print, as its last line (per-class tables and plots are in the run folder):
-    summary (val, 2 seeds): wce/identity OA 0.633+-0.058 macc 0.509+-0.094 mF1 0.406+-0.130; wce/mlp
-    OA 0.755+-0.058 macc 0.706+-0.136 mF1 0.663+-0.168; focal/identity OA 0.571+-0.000 macc
-    0.606+-0.052 mF1 0.433+-0.036; focal/mlp OA 0.745+-0.014 macc 0.702+-0.059 mF1 0.668+-0.089
+    summary (val, 5 seeds): wce/identity OA 0.636+-0.040 macc 0.588+-0.051 mF1 0.475+-0.051; wce/mlp
+    OA 0.728+-0.031 macc 0.763+-0.073 mF1 0.672+-0.085; focal/identity OA 0.614+-0.033 macc
+    0.342+-0.103 mF1 0.318+-0.112; focal/mlp OA 0.740+-0.027 macc 0.641+-0.043 mF1 0.634+-0.049
+The focal loss is the study's (TerraTorch's loss="focal": segmentation_models_pytorch
+FocalLoss(mode="multiclass", normalized=True)); `--focal_form lin` is Lin et al.'s softmax form.
 Study reference (val set, frozen TerraMind-base): weighted CE + identity macro acc 0.402, OA 0.451,
 macro F1 0.339; MLP decoder within 0.5 pt; focal loss macro acc 0.306-0.314, OA 0.536-0.541.
 """
@@ -43,9 +46,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, checkpoints, cli, lucas, pipelines, plots, reports, runs
+from common import atomic, checkpoints, cli, lucas, pipelines, reports, runs
 from common.errors import InputError, cli_entry, require
-from common.metrics import ConfusionMatrix
 
 SCRIPT_STEM = "train_lucas_classifier"
 CLASS_NAMES = lucas.CLASS_NAMES
@@ -56,7 +58,15 @@ HEADLINE_KEYS = ["overall_accuracy", "macro_accuracy", "macro_f1", "macro_precis
 RESULT_SETTINGS = [
     *("data_root", "labels_csv", "embeddings", "image_size", "val_fraction", "test_fraction", "split_seed"),
     *("backbone", "weights", "freeze_backbone", "mlp_dim", "head_dropout", "class_weights"),
-    *("focal_gamma", "focal_weighting", "batch_size", "learning_rate", "weight_decay", "monitor"),
+    *(
+        "focal_gamma",
+        "focal_form",
+        "focal_weighting",
+        "batch_size",
+        "learning_rate",
+        "weight_decay",
+        "monitor",
+    ),
     *("precision", "demo_scale"),
 ]
 
@@ -82,7 +92,18 @@ def get_args_parser():
     add("--loss", default="wce", choices=["wce", "focal", "ce"], help="Weighted CE, focal or plain CE.")
     add("--class_weights", default="balanced", choices=["balanced", "sqrt"], help="N / (C n_c) or its root.")
     add("--focal_gamma", type=float, default=2.0, help="Focal loss focusing parameter gamma.")
-    add("--focal_weighting", default="alpha", choices=["alpha", "none"], help="none: as the study's toolkit.")
+    add(
+        "--focal_form",
+        default="smp",
+        choices=["smp", "lin"],
+        help="smp: the study's (sigmoid); lin: softmax.",
+    )
+    add(
+        "--focal_weighting",
+        default="alpha",
+        choices=["alpha", "none"],
+        help="lin form: class weights as alpha.",
+    )
     train = parser.add_argument_group("training")
     add = train.add_argument
     add("--grid", action="store_true", help="Run all four configurations {wce, focal} x {identity, mlp}.")
@@ -91,11 +112,17 @@ def get_args_parser():
     add("--batch_size", type=int, default=8, help="Global batch size (study: 8).")
     add("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (study: 1e-4).")
     add("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay (study: 0.05).")
-    add("--monitor", default="val_loss", choices=["val_loss", "val_macro_accuracy"], help="Checkpoint rule.")
+    monitors = ["val_macro_accuracy", "val_loss"]
+    add(
+        "--monitor",
+        default=monitors[0],
+        choices=monitors,
+        help="Best epoch kept (study: val macro accuracy).",
+    )
     add("--precision", default="auto", choices=["auto", "mixed16", "float32"], help="auto: mixed16 on GPUs.")
     cli.add_strategy_argument(train)
-    cli.add_demo_argument(train, "with the study's class proportions (about a minute on a CPU).")
-    add("--demo_scale", type=float, default=0.12, help="Demo chips per class = study counts x this (>= 5).")
+    cli.add_demo_argument(train, "in the study's class proportions (about 25 s per seed on a CPU).")
+    add("--demo_scale", type=float, default=0.25, help="Demo chips per class = study counts x this (>= 5).")
     cli.add_run_arguments(parser)
     # A demo's few short epochs would barely move the head at the study's learning rate.
     parser.demo_defaults(epochs=30, learning_rate=1e-3, backbone="simplecnn")
@@ -149,7 +176,7 @@ def class_weights_from_counts(train_labels, num_classes, kind="balanced"):
 
 @keras.saving.register_keras_serializable(package="rsrepro")
 class SoftmaxFocalLoss(keras.losses.Loss):
-    """Softmax focal loss (Lin et al., ICCV 2017, Eq. 5) from logits.
+    """Softmax focal loss (Lin et al., ICCV 2017, Eq. 5) from logits: `--focal_form lin`, and the CE losses.
 
     FL_i = -alpha_{y_i} (1 - p_{y_i})^gamma log p_{y_i}. gamma = 0 with alpha = class weights is
     weighted cross-entropy, with alpha = None plain cross-entropy. `weighted_mean` divides by
@@ -184,68 +211,47 @@ class SoftmaxFocalLoss(keras.losses.Loss):
         return config | {"weighted_mean": self.weighted_mean}
 
 
+@keras.saving.register_keras_serializable(package="rsrepro")
+class OneVsRestFocalLoss(keras.losses.Loss):
+    """The study's focal loss: segmentation_models_pytorch FocalLoss(mode="multiclass", normalized=True).
+
+    TerraTorch's classification task builds it for loss="focal": for each class c a one-vs-rest
+    sigmoid focal term f_ic l_ic with l_ic = BCE(z_ic, [y_i = c]) and f_ic = (1 - exp(-l_ic))^gamma;
+    `normalized` (Ren et al., arXiv 1909.07829) divides it by max(sum_i f_ic, 1e-6) over the batch;
+    the mean over the batch is summed over classes. No class weights (alpha None). The gradient flows
+    through the normaliser as in PyTorch (test_one_vs_rest_focal_loss_equals_its_transcription).
+    """
+
+    def __init__(self, gamma=2.0, normalized=True, name="one_vs_rest_focal_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.gamma, self.normalized = float(gamma), bool(normalized)
+
+    def call(self, y_true, y_pred):
+        logits = ops.cast(y_pred, "float32")
+        targets = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), ops.shape(y_pred)[-1])
+        # Binary cross-entropy from logits per sample and class; softplus keeps its gradient exact at 0.
+        bce = ops.softplus(logits) - logits * targets
+        focal_factor = ops.power(1.0 - ops.exp(-bce), self.gamma)
+        loss = focal_factor * bce
+        if self.normalized:
+            loss = loss / ops.maximum(ops.sum(focal_factor, axis=0, keepdims=True), 1e-6)
+        # Per sample, summed over classes: the base class's batch mean then equals sum_c mean_i.
+        return ops.sum(loss, axis=-1)
+
+    def get_config(self):
+        return super().get_config() | {"gamma": self.gamma, "normalized": self.normalized}
+
+
 def make_loss(loss_name, class_weights, args):
-    """`--loss`: wce (study: weighted CE, PyTorch reduction), focal (Lin et al. Eq. 5) or plain CE."""
+    """`--loss`: wce (study: weighted CE, PyTorch reduction), focal (study's smp form or Lin's) or CE."""
     if loss_name == "wce":
         return SoftmaxFocalLoss(class_weights, gamma=0.0, weighted_mean=True, name="weighted_ce")
+    if loss_name == "focal" and args.focal_form == "smp":
+        return OneVsRestFocalLoss(gamma=args.focal_gamma, normalized=True)
     if loss_name == "focal":
         alpha = class_weights if args.focal_weighting == "alpha" else None
         return SoftmaxFocalLoss(alpha, gamma=args.focal_gamma, name="focal_loss")
     return SoftmaxFocalLoss(None, gamma=0.0, name="cross_entropy")
-
-
-def classification_metrics(truth, prediction):
-    """OA, macro accuracy (balanced accuracy), macro F1 / precision, per-class values, confusion counts."""
-    confusion = ConfusionMatrix(len(CLASS_NAMES)).update(truth, prediction)
-    values = confusion.metrics(CLASS_NAMES)
-    support = confusion.counts.sum(axis=1)
-    rows = values["per_class"]
-    recall = np.array([row["recall"] for row in rows])
-    # Per class, the study's accuracy is the recall.
-    kept = ("class", "support", "precision", "f1")
-    per_class = [{key: row[key] for key in kept} | {"accuracy": row["recall"]} for row in rows]
-    return {
-        "overall_accuracy": values["accuracy"],
-        # Balanced accuracy: a class absent from the truth has no recall and is not averaged.
-        "macro_accuracy": float(np.mean(recall[support > 0])),
-        "macro_f1": values["macro_f1"],
-        "macro_precision": values["macro_precision"],
-        "per_class": per_class,
-        "confusion_matrix": confusion.counts.tolist(),
-    }
-
-
-@keras.saving.register_keras_serializable(package="rsrepro")
-class MacroAccuracy(keras.metrics.Metric):
-    """Streaming macro accuracy (= balanced accuracy = mean recall over classes present in the truth).
-
-    The in-graph twin of `classification_metrics`' macro accuracy, for `--monitor val_macro_accuracy`;
-    test_macro_accuracy_equals_sklearn_balanced_accuracy proves both equal to sklearn's.
-    """
-
-    def __init__(self, num_classes, name="macro_accuracy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.num_classes = int(num_classes)
-        shape = (self.num_classes, self.num_classes)
-        self.counts = self.add_variable(shape=shape, initializer="zeros", name="counts", dtype="float32")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        truth = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-        prediction = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
-        pairs = ops.bincount(truth * self.num_classes + prediction, minlength=self.num_classes**2)
-        self.counts.assign_add(ops.cast(ops.reshape(pairs, (self.num_classes, self.num_classes)), "float32"))
-
-    def result(self):
-        support = ops.sum(self.counts, axis=1)
-        recall = ops.diagonal(self.counts) / ops.maximum(support, 1.0)
-        present = ops.cast(support > 0, "float32")
-        return ops.sum(recall * present) / ops.maximum(ops.sum(present), 1.0)
-
-    def reset_state(self):
-        self.counts.assign(ops.zeros_like(self.counts))
-
-    def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes}
 
 
 def prepare_inputs(args):
@@ -363,7 +369,10 @@ def train_and_evaluate(folder, build_model, data, loss, args, strategy, **compil
     """
     folder.mkdir(parents=True, exist_ok=True)
     resumed = checkpoints.load(folder) if args.resume else None
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"), MacroAccuracy(len(CLASS_NAMES))]
+    metrics = [
+        keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+        lucas.MacroAccuracy(len(CLASS_NAMES)),
+    ]
     with strategy.scope():
         model = build_model()
         optimizer = keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay)
@@ -382,7 +391,7 @@ def train_and_evaluate(folder, build_model, data, loss, args, strategy, **compil
         model.fit(data.train, validation_data=data.val, shuffle=False, **fit)
     best_model = keras.saving.load_model(folder / "checkpoint_best.keras")
     return {
-        split: classification_metrics(labels, np.argmax(predict_logits(best_model, inputs), -1))
+        split: lucas.classification_metrics(labels, np.argmax(predict_logits(best_model, inputs), -1))
         for split, (inputs, labels) in data.evaluate.items()
     }
 
@@ -492,40 +501,6 @@ def summarise(results, split):
     return summary
 
 
-def write_tables(run_dir, summary, split):
-    """summary_<split>.csv / .md (the trade-off table) and per_class_<split>.csv."""
-    columns = [f"{key}_{stat}" for key in HEADLINE_KEYS for stat in ("mean", "std")]
-    header = [f"config ({split}, mean +- std over seeds)", "OA", "macro acc", "macro F1", "macro precision"]
-    rows, cells, per_class = [], [], []
-    for config, v in summary.items():
-        rows.append({"config": config, "split": split, "seeds": v["seeds"]})
-        rows[-1] |= {column: round(v[column], 4) for column in columns}
-        means = [reports.format_mean_std(v[f"{k}_mean"], v[f"{k}_std"], 3) for k in HEADLINE_KEYS]
-        cells.append([config, *means])
-        accuracies = zip(CLASS_NAMES, v["per_class_accuracy_mean"], v["per_class_accuracy_std"], strict=True)
-        for name, mean, std in accuracies:
-            per_class.append({"config": config, "class": name, "accuracy_mean": round(mean, 4)})
-            per_class[-1]["accuracy_std"] = round(std, 4)
-    markdown = reports.markdown_table(header, cells)
-    reports.write_table(run_dir / f"summary_{split}", rows, list(rows[0]), markdown)
-    atomic.write_csv(run_dir / f"per_class_{split}.csv", per_class, list(per_class[0]))
-
-
-def plot_results(run_dir, summary, split):
-    """Per-class accuracy bars of every configuration and one confusion matrix per configuration."""
-    figure, axis = plots.pyplot().subplots(figsize=(11, 4))
-    bars = {name: (v["per_class_accuracy_mean"], v["per_class_accuracy_std"]) for name, v in summary.items()}
-    plots.grouped_bars(axis, CLASS_NAMES, bars)
-    axis.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=30, ha="right")
-    axis.set(ylabel=f"per-class accuracy ({split})", ylim=(0, 1))
-    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    plots.save(figure, run_dir / f"per_class_accuracy_{split}.png")
-    for config, v in summary.items():
-        title = f"{config} ({split}, summed over {v['seeds']} seeds, row-normalised)"
-        path = run_dir / f"confusion_{config.replace('/', '_')}_{split}.png"
-        plots.confusion_matrix(v["confusion_matrix_sum"], CLASS_NAMES, path, title, "counts", fontsize=7)
-
-
 def summary_line(summary, split):
     """The run's last line (also in metrics.json): OA, macro accuracy and macro F1 per configuration."""
     parts = [
@@ -542,8 +517,8 @@ def report(run_dir, results, eval_splits):
     """Tables and plots per evaluated split; metrics.json (marks the run finished); the summary line."""
     summaries = {split: summarise(results, split) for split in eval_splits}
     for split, summary in summaries.items():
-        write_tables(run_dir, summary, split)
-        plot_results(run_dir, summary, split)
+        lucas.write_tables(run_dir, summary, split, HEADLINE_KEYS)
+        lucas.plot_results(run_dir, summary, split)
     headline = "test" if "test" in summaries else "val"
     line = summary_line(summaries[headline], headline)
     print((run_dir / f"summary_{headline}.md").read_text(), end="")

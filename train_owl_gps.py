@@ -15,18 +15,19 @@ Commands:
     python train_owl_gps.py --demo                                  # tutorial loop, ~10 s CPU
     python train_owl_gps.py --demo --query_strategy all --seeds 5   # four strategies, shaded bands
     python train_owl_gps.py --demo --uncertainty mc_dropout --alpha_schedule linear
-    python train_owl_gps.py --data_dir DIR          # DIR/images.npy (N,4,H,W), labels.npy, concepts.csv
+    python train_owl_gps.py --data_dir DIR          # DIR/images.npy (N,4,H,W), labels.npy, concepts.csv/.pkl
     python train_owl_gps.py --geotiff scene.tif --concepts_csv c.csv --labels_csv l.csv
     python train_owl_gps.py --data_dir DIR --oracle csv             # writes queue_round{t}.csv, stops
+                                                                    # (labels.npy optional: unlabelled pool)
     python train_owl_gps.py --data_dir DIR --oracle csv --resume    # reads your labels, continues
     python train_owl_gps.py --demo --resume --n_rounds 15           # extend a finished run
 
 Runtime: `--demo` takes about 10 seconds on a CPU (500 patches of 32x32, 10 rounds). It prints one
 row per round and ends with
-    final: test_auc concept=0.9015 n_labeled=110 rounds=10 uncertainty=entropy
+    final: test_auc concept=0.9093 n_labeled=110 rounds=10 uncertainty=entropy
 (the numbers are in metrics.json; the last digits depend on the CPU). With `--signal 0` the pixels
 are pure noise, as in the tutorial, and the test AUC stays near 0.5 by design.
-`--query_strategy all --seeds 5` takes about 20 times longer.
+`--query_strategy all --seeds 5` (20 runs) takes about 80 seconds.
 """
 
 import sys
@@ -37,7 +38,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly; must come before
 
 import numpy as np
 
-from common import atomic, checkpoints, cli, owl_gps_data, reports, runs
+from common import atomic, checkpoints, cli, owl_gps_data, runs
 from common.errors import InputError, cli_entry, require
 
 SCRIPT_STEM = "train_owl_gps"
@@ -49,7 +50,7 @@ RUN_SETTINGS = (
     *("ensemble_size", "initial_budget", "query_budget", "epochs", "batch_size", "learning_rate"),
     *("inner_lr", "meta_lr", "inner_steps", "inner_batch_size", "concept_weights", "keep_optimizer_state"),
     *("test_fraction", "oracle", "seed", "data_dir", "geotiff", "patch_size", "signal", "data_seed"),
-    *("n_samples", "image_size"),
+    *("n_samples", "image_size", "ensemble_eval", "reptile_support"),
 )
 KEEP_CHECKPOINTS = 3
 # One printed row of the round table: strategy, seed, then the round's figures.
@@ -74,6 +75,11 @@ FLAGS = {
         ("--uncertainty", ("entropy", "mc_dropout", "ensemble"), "Softmax entropy, MC-dropout or ensemble."),
         ("--mc_score", ("entropy", "bald"), "MC-dropout score: predictive entropy or BALD."),
         ("--oracle", ("simulated", "csv"), "csv: writes queue_round{t}.csv, stops, reads it on --resume."),
+        (
+            "--ensemble_eval",
+            False,
+            "Evaluate the averaged ensemble (else member 0, as for other estimators).",
+        ),
     ),
     "training and Reptile": (
         ("--epochs", 5, "Epochs over the labelled set per round."),
@@ -83,6 +89,11 @@ FLAGS = {
         ("--meta_lr", 0.1, "Reptile: theta <- theta + meta_lr * (theta_adapted - theta); 0 disables."),
         ("--inner_steps", 5, "At most this many inner batches over the support half."),
         ("--inner_batch_size", 8, "Reptile inner batch size."),
+        (
+            "--reptile_support",
+            ("lower", "upper"),
+            "Support = lower-scored half of the query (tutorial) or upper.",
+        ),
         ("--keep_optimizer_state", False, "Keep Adam's stale moments after Reptile (tutorial); else reset."),
     ),
 }
@@ -156,6 +167,16 @@ def entropy(probabilities):
     """Tutorial uncertainty: entropy of the softmax, over the last axis."""
     probabilities = np.clip(probabilities, 1e-12, 1.0)
     return -(probabilities * np.log(probabilities)).sum(axis=-1)
+
+
+def support_first(ids, labels, support):
+    """Order a query (highest score first) so that its first len // 2 patches are the Reptile support set.
+
+    The tutorial sorts the scores ascending, keeps the last query_budget (its top-k) and adapts on the
+    first half of them: the lower-scored half (`lower`); `upper` adapts on the higher-scored half.
+    """
+    order = slice(None, None, -1) if support == "lower" else slice(None)
+    return np.asarray(ids)[order], np.asarray(labels)[order]
 
 
 def reptile_update(theta, theta_adapted, meta_lr):
@@ -262,22 +283,31 @@ class Learner:
         owl_gps_data.reset_slots(self.optimizers)
 
     def train_round(self, images, labels, rng):
-        """Tutorial training: args.epochs epochs of Adam over the labelled set, fresh shuffle each epoch."""
+        """Tutorial training: args.epochs epochs of Adam over the labelled set, fresh shuffle each epoch.
+
+        Returns the tutorial's train loss: the mean of the last epoch's batch means (a short last batch
+        counts as much as a full one), averaged over ensemble members.
+        """
         losses = []
         for train_step in self.train_steps:
             for _ in range(self.args.epochs):
-                order, total = rng.permutation(len(labels)), 0.0
+                order, batch_losses = rng.permutation(len(labels)), []
                 for start in range(0, len(labels), self.args.batch_size):
                     batch = order[start : start + self.args.batch_size]
-                    total += float(train_step(images[batch], labels[batch].astype(np.int32))) * len(batch)
-            losses.append(total / len(labels))
+                    batch_losses.append(float(train_step(images[batch], labels[batch].astype(np.int32))))
+            losses.append(np.mean(batch_losses))
         return float(np.mean(losses))
 
     def predict_positive(self, source, ids):
-        """P(class 1) averaged over members, batch by batch."""
+        """P(class 1) of the evaluated classifier, batch by batch.
+
+        That is member 0, trained exactly as the single model of the other estimators, so that the
+        uncertainty estimators differ only in what they query; --ensemble_eval averages all members.
+        """
+        evaluated = self.probabilities if self.args.ensemble_eval else self.probabilities[:1]
         out = np.empty(len(ids), np.float64)
         for start, batch_ids, x in owl_gps_data.batches(source, ids, self.args.score_batch_size):
-            out[start : start + len(batch_ids)] = np.mean([p(x).numpy()[:, 1] for p in self.probabilities], 0)
+            out[start : start + len(batch_ids)] = np.mean([p(x).numpy()[:, 1] for p in evaluated], 0)
         return out
 
     def pool_uncertainty(self, source, ids):
@@ -411,6 +441,7 @@ class ActiveLearningRun:
         if len(ids) >= 4 and self.args.meta_lr > 0:
             self.learner.reseed_dropout(self.seed, round_number, 3)
             rng = np.random.default_rng([self.seed, round_number, 3])
+            ids, labels = support_first(ids, labels, self.args.reptile_support)
             self.rows[-1]["meta_query_loss"] = self.learner.reptile(self.source.read(ids), labels, rng)
         self.rows[-1]["seconds"] += time.perf_counter() - started
 
@@ -466,36 +497,6 @@ class ActiveLearningRun:
             print(ROUND_LINE.format(self.strategy, self.seed, **self.rows[-1]), flush=True)
 
 
-# ---- outputs ----
-
-
-def write_results(args, run_dir, all_rows, seeds):
-    """rounds.csv and strategy_comparison.csv (several runs), auc_curve.png and metrics.json."""
-    import keras
-
-    setting = f"{args.uncertainty} uncertainty, alpha {args.alpha} ({args.alpha_schedule})"
-    title = f"OWL-GPS: {setting}, {len(seeds)} seed(s)"
-    curves = owl_gps_data.write_round_tables(run_dir, all_rows, ROUND_FIELDS, title)
-    final = {strategy: rows[-1] for strategy, rows in curves.items()}
-    finite = {s: [r["auc_mean"] for r in rows if np.isfinite(r["auc_mean"])] for s, rows in curves.items()}
-    metrics = {"n_rounds": args.n_rounds, "n_labeled": next(iter(final.values()))["n_labeled"]}
-    metrics |= {"seeds": seeds, "uncertainty": args.uncertainty, "keras": keras.__version__}
-    metrics["final_test_auc"] = {s: row["auc_mean"] for s, row in final.items()}
-    metrics["final_test_auc_std"] = {s: row["auc_std"] for s, row in final.items()}
-    metrics["mean_test_auc_over_rounds"] = {s: reports.mean_std(values)[0] for s, values in finite.items()}
-    atomic.write_json(run_dir / "metrics.json", metrics)
-    return metrics
-
-
-def summary_line(metrics):
-    """The last line a run prints; its figures are those of metrics.json."""
-    several = len(metrics["seeds"]) > 1
-    spread = {s: f"+-{std:.4f}" if several else "" for s, std in metrics["final_test_auc_std"].items()}
-    aucs = " ".join(f"{s}={mean:.4f}{spread[s]}" for s, mean in metrics["final_test_auc"].items())
-    counts = f"n_labeled={metrics['n_labeled']} rounds={metrics['n_rounds']}"
-    return f"final: test_auc {aucs} {counts} uncertainty={metrics['uncertainty']}"
-
-
 # ---- main's steps ----
 
 
@@ -513,28 +514,6 @@ def check_arguments(args):
     given = " and ".join(sources) or "no data source"
     require(len(sources) == 1, "arguments", f"{given} given", "exactly one of --demo, --data_dir, --geotiff")
     return parse_concept_weights(args.concept_weights)
-
-
-def describe_data(args, data):
-    """Check the split against the budgets and print it; returns the test set size."""
-    source, labels, name = data["source"], data["labels"], data["name"]
-    if args.demo:
-        share = f"{labels.mean():.0%} targets, signal {args.signal}"
-        print(f"demo: wrote {source.count} synthetic patches ({share}) to {args.data_dir}")
-    if args.geotiff:
-        print(f"geotiff: {source.count} patches of {args.patch_size}px kept from {args.geotiff}")
-    expected = "known labels for the simulated oracle, or --oracle csv"
-    require(labels is not None or args.oracle == "csv", "--labels_csv", "missing", expected)
-    require(source.height == source.width, name, "patches are not square", "square patches")
-    n_test = round(args.test_fraction * source.count) if labels is not None else 0
-    pool, budget = source.count - n_test, f"at least --initial_budget ({args.initial_budget}) patches"
-    require(pool >= args.initial_budget, name, f"pool of {pool} patches", budget)
-    if labels is None:
-        print(f"data: {source.count} patches, no known labels (test AUC is NaN)")
-    else:
-        split = f"pool {pool}, test {n_test}, positives {labels.mean():.1%}"
-        print(f"data: {source.count} patches of {source.height}x{source.width}x4, {split}")
-    return n_test
 
 
 def prepare_run(args, data, n_test, arms, weights):
@@ -567,7 +546,7 @@ def main(args):
 
     # ---- data ----
     data = owl_gps_data.load_from_args(args, list(weights), cli.demo_data_dir(args, SCRIPT_STEM))
-    n_test = describe_data(args, data)
+    n_test = owl_gps_data.describe_data(args, data)
     run_dir = prepare_run(args, data, n_test, arms, weights)
     print(f"run: {run_dir} ({len(arms)} run(s): {', '.join(strategies)} x seeds {seeds})")
 
@@ -590,8 +569,8 @@ def main(args):
         all_rows += [{"strategy": strategy, "seed": seed, **row} for row in rows]
 
     # ---- evaluate ----
-    metrics = write_results(args, run_dir, all_rows, seeds)
-    print(summary_line(metrics))
+    metrics = owl_gps_data.write_results(args, run_dir, all_rows, ROUND_FIELDS, seeds)
+    print(owl_gps_data.summary_line(metrics))
     return metrics
 
 

@@ -110,7 +110,8 @@ def round_eager(rounds):
             ]
         )
         score = owl.acquisition_score(owl.entropy(p_pool), relevance[candidates], 0.5)
-        new = candidates[np.argsort(-score)[:10]]
+        # As the tutorial: ascending sort, the last 10 are queried, the first half of them is the support.
+        new = candidates[np.argsort(score)[-10:]]
         labelled += list(new)
         adapted.set_weights(model.get_weights())
         sgd = keras.optimizers.SGD(0.01)

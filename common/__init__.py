@@ -26,9 +26,9 @@ aid_multilabel    AID-multilabel reader: JPEG tree + label CSVs, single positive
 bigearthnet       BigEarthNet v2 reader: LMDB of safetensors bands, metadata.parquet, single positives
 
 OWL-GPS, ARAS400k, LUCAS:
-owl_gps_data      OWL-GPS inputs and run state: patch readers, concept CSVs, label store, queue, member state
+owl_gps_data      OWL-GPS inputs and run state: patch readers, concepts (CSV, plain pickle), labels, results
 aras400k          ARAS400k classes, WorldCover remap, palette, colour <-> label, map mosaic, patch readers
 captions          ARAS400k captions: percentage CSVs, reference prompts, resumable caption CSVs, VL inputs
-lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
+lucas             LUCAS chips: labels CSV, chip reader, stratified split, metrics and tables, 6-band backbones
 terramind         TerraMind v1 S2L2A encoder in Keras, loaded strictly from terratorch-named checkpoints
 """

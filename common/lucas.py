@@ -1,11 +1,13 @@
-"""LUCAS 2018 land-cover chips: labels CSV, chip location, tf.data chip reader, stratified split, demo chips.
+"""LUCAS 2018 land-cover chips and results: labels CSV, chip reader, split, demo chips, metrics, tables.
 
 The layout is the one of the TerraMind-on-LUCAS study: `<root>/<STR18>/<Point_ID>.tif` 6-band float
 reflectance GeoTIFFs ([B4, B3, B2, B8, B11, B12]) plus `<root>/chips_LC_class.csv` with the columns
 `Point_ID, STR18`. STR18 codes 1..10 map to class indices 0..9. Every user mistake (a missing chip, a
 chip without 6 bands, a bad label, NaN reflectance) is an `InputError` naming the file. Precomputed
 embeddings (one row per CSV row) stand in for the chips of a frozen-backbone probe. Keras backbones
-take the 6 bands as input; 3-channel RGB weights are adapted to them (R, G, B -> B4, B3, B2).
+take the 6 bands as input; 3-channel RGB weights are adapted to them (R, G, B -> B4, B3, B2). The
+metrics are the study's (OA, macro accuracy = balanced accuracy, macro F1 / precision, per class),
+with a streaming macro accuracy for checkpoint selection, and the trade-off tables and plots.
 """
 
 import warnings
@@ -15,11 +17,11 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from keras import layers
+from keras import layers, ops
 
-from common import pipelines
-from common.atomic import write_csv
+from common import atomic, pipelines, plots, reports
 from common.errors import InputError, require, require_dir, require_file, require_finite
+from common.metrics import ConfusionMatrix
 from common.raster import open_geotiff, read_window, write_geotiff
 
 LABELS_CSV_NAME = "chips_LC_class.csv"
@@ -270,12 +272,16 @@ def write_demo_chips(root, scale: float, chip_size: int = 32, seed: int = 0) -> 
     """Write seeded synthetic LUCAS-like chips and their labels CSV under `root` (kept if present).
 
     Each class has a rough reflectance signature in [B4, B3, B2, B8, B11, B12]; every chip mixes in
-    another class and gets texture and noise, in the study's class proportions x `scale` (at least
-    5 chips per class).
+    another class and gets texture and noise, in the study's class counts x `scale` (at least 5 chips
+    per class; from scale 0.25 up the floor never binds, so the imbalance is LUCAS's, 704 : 20).
     """
     root = Path(root)
+    chips_per_class = [max(5, round(count * scale)) for count in STUDY_CHIP_COUNTS]
     if (root / LABELS_CSV_NAME).is_file():
-        return root
+        # Kept only when written with this scale; other counts (another --demo_scale) are rewritten.
+        written = np.bincount(read_labels(root / LABELS_CSV_NAME)[1], minlength=len(CLASS_NAMES))
+        if written.tolist() == chips_per_class:
+            return root
     # Neighbouring signatures overlap on purpose.
     spectra = np.array(
         [[.08, .09, .06, .30, .25, .15], [.07, .08, .05, .27, .22, .13], [.06, .08, .05, .32, .24, .12],
@@ -287,8 +293,8 @@ def write_demo_chips(root, scale: float, chip_size: int = 32, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     rows, point_id = [], 100000
     yy, xx = np.mgrid[0:chip_size, 0:chip_size] / chip_size
-    for class_index, count in enumerate(STUDY_CHIP_COUNTS):
-        for _ in range(max(5, round(count * scale))):
+    for class_index, count in enumerate(chips_per_class):
+        for _ in range(count):
             # Land-cover mixing: each chip is partly another class, which makes minorities hard.
             other = rng.integers(len(spectra))
             mixing = rng.uniform(0.0, 0.5)
@@ -300,8 +306,99 @@ def write_demo_chips(root, scale: float, chip_size: int = 32, seed: int = 0) -> 
             point_id += 1
             write_geotiff(root / str(class_index + 1) / f"{point_id}.tif", chip.astype(np.float32))
             rows.append({"Point_ID": point_id, "STR18": class_index + 1})
-    write_csv(root / LABELS_CSV_NAME, rows, ["Point_ID", "STR18"])
+    atomic.write_csv(root / LABELS_CSV_NAME, rows, ["Point_ID", "STR18"])
     return root
+
+
+# ---- metrics ----
+
+
+def classification_metrics(truth, prediction):
+    """OA, macro accuracy (balanced accuracy), macro F1 / precision, per-class values, confusion counts."""
+    confusion = ConfusionMatrix(len(CLASS_NAMES)).update(truth, prediction)
+    values = confusion.metrics(CLASS_NAMES)
+    support = confusion.counts.sum(axis=1)
+    rows = values["per_class"]
+    recall = np.array([row["recall"] for row in rows])
+    # Per class, the study's accuracy is the recall.
+    kept = ("class", "support", "precision", "f1")
+    per_class = [{key: row[key] for key in kept} | {"accuracy": row["recall"]} for row in rows]
+    return {
+        "overall_accuracy": values["accuracy"],
+        # Balanced accuracy: a class absent from the truth has no recall and is not averaged.
+        "macro_accuracy": float(np.mean(recall[support > 0])),
+        "macro_f1": values["macro_f1"],
+        "macro_precision": values["macro_precision"],
+        "per_class": per_class,
+        "confusion_matrix": confusion.counts.tolist(),
+    }
+
+
+@keras.saving.register_keras_serializable(package="rsrepro")
+class MacroAccuracy(keras.metrics.Metric):
+    """Streaming macro accuracy (= balanced accuracy = mean recall over classes present in the truth).
+
+    The in-graph twin of `classification_metrics`' macro accuracy, for `--monitor val_macro_accuracy`;
+    test_macro_accuracy_equals_sklearn_balanced_accuracy proves both equal to sklearn's.
+    """
+
+    def __init__(self, num_classes, name="macro_accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        shape = (self.num_classes, self.num_classes)
+        self.counts = self.add_variable(shape=shape, initializer="zeros", name="counts", dtype="float32")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        truth = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        prediction = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+        pairs = ops.bincount(truth * self.num_classes + prediction, minlength=self.num_classes**2)
+        self.counts.assign_add(ops.cast(ops.reshape(pairs, (self.num_classes, self.num_classes)), "float32"))
+
+    def result(self):
+        support = ops.sum(self.counts, axis=1)
+        recall = ops.diagonal(self.counts) / ops.maximum(support, 1.0)
+        present = ops.cast(support > 0, "float32")
+        return ops.sum(recall * present) / ops.maximum(ops.sum(present), 1.0)
+
+    def reset_state(self):
+        self.counts.assign(ops.zeros_like(self.counts))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def write_tables(run_dir, summary: dict, split: str, headline_keys: list) -> None:
+    """summary_<split>.csv / .md (the trade-off table over `headline_keys`) and per_class_<split>.csv."""
+    columns = [f"{key}_{stat}" for key in headline_keys for stat in ("mean", "std")]
+    header = [f"config ({split}, mean +- std over seeds)", "OA", "macro acc", "macro F1", "macro precision"]
+    rows, cells, per_class = [], [], []
+    for config, v in summary.items():
+        rows.append({"config": config, "split": split, "seeds": v["seeds"]})
+        rows[-1] |= {column: round(v[column], 4) for column in columns}
+        means = [reports.format_mean_std(v[f"{k}_mean"], v[f"{k}_std"], 3) for k in headline_keys]
+        cells.append([config, *means])
+        accuracies = zip(CLASS_NAMES, v["per_class_accuracy_mean"], v["per_class_accuracy_std"], strict=True)
+        for name, mean, std in accuracies:
+            per_class.append({"config": config, "class": name, "accuracy_mean": round(mean, 4)})
+            per_class[-1]["accuracy_std"] = round(std, 4)
+    markdown = reports.markdown_table(header, cells)
+    reports.write_table(run_dir / f"summary_{split}", rows, list(rows[0]), markdown)
+    atomic.write_csv(run_dir / f"per_class_{split}.csv", per_class, list(per_class[0]))
+
+
+def plot_results(run_dir, summary: dict, split: str) -> None:
+    """Per-class accuracy bars of every configuration and one confusion matrix per configuration."""
+    figure, axis = plots.pyplot().subplots(figsize=(11, 4))
+    bars = {name: (v["per_class_accuracy_mean"], v["per_class_accuracy_std"]) for name, v in summary.items()}
+    plots.grouped_bars(axis, CLASS_NAMES, bars)
+    axis.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=30, ha="right")
+    axis.set(ylabel=f"per-class accuracy ({split})", ylim=(0, 1))
+    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    plots.save(figure, run_dir / f"per_class_accuracy_{split}.png")
+    for config, v in summary.items():
+        title = f"{config} ({split}, summed over {v['seeds']} seeds, row-normalised)"
+        path = run_dir / f"confusion_{config.replace('/', '_')}_{split}.png"
+        plots.confusion_matrix(v["confusion_matrix_sum"], CLASS_NAMES, path, title, "counts", fontsize=7)
 
 
 # ---- Keras backbones for the 6-band chips ----

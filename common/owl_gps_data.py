@@ -7,13 +7,15 @@ GeoTIFF tiles and None otherwise. Every problem with the user's files is an Inpu
 file. The queue helpers are the CSV oracle's file protocol: the script writes `queue_round{t}.csv`
 with a blank label column (and a contact sheet), a person fills it, and the script reads it back.
 The input flags and `load_from_args` choose between the demo set, a --data_dir and a --geotiff.
-The round tables are the per-round results (rounds.csv) and their mean +- std over seeds. The
-member-state helpers seed, reset and checkpoint Keras models and optimizers by variable path, so a
-resumed round draws exactly as an uninterrupted one.
+The round tables are the per-round results (rounds.csv), their mean +- std over seeds and the run's
+metrics.json and summary line. The tutorial's concepts.pkl is read by an unpickler that refuses
+every class, so no code in it can run. The member-state helpers seed, reset and checkpoint Keras
+models and optimizers by variable path, so a resumed round draws exactly as an uninterrupted one.
 """
 
 import csv
 import math
+import pickle
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ QUEUE_FIELDS = ("id", "row", "col", "score", "label")
 _FLAG_WORDS = {"true": 1, "false": 0}
 # (flag, default, help) of the input flags (see `add_flag_groups`). Defaults are the tutorial's values.
 DATA_FLAGS = (
-    ("--data_dir", "", "Folder with images.npy (N,4,H,W) float, labels.npy (N,) 0/1, concepts.csv."),
+    ("--data_dir", "", "Folder: images.npy (N,4,H,W), labels.npy (N,) 0/1 if known, concepts.csv or .pkl."),
     ("--geotiff", "", "A 4-band (R,G,B,NIR) GeoTIFF tiled into non-overlapping patches."),
     ("--concepts_csv", "", "With --geotiff: concepts per patch keyed by patch grid row, col."),
     ("--land_cover_geotiff", "", "Instead of --concepts_csv: land cover (1 = urban), patch majority."),
@@ -238,15 +240,17 @@ def integer_column(series, path, column: str) -> np.ndarray:
     return numeric.to_numpy().astype(np.int64)
 
 
-def read_concepts_table(path, key_columns: Sequence[str], concept_names: Sequence[str], threshold: float):
+def read_concepts_table(
+    path, key_columns: Sequence[str], concept_names: Sequence[str], threshold: float, table=None
+):
     """A concepts CSV with 0/1 concept columns, one row per key; urban / near_industrial may be derived.
 
     `urban` = land_cover == 1 and `near_industrial` = dist_industrial < threshold when the columns
-    are absent but their sources are present.
+    are absent but their sources are present. `table` is the already-read table of `path`, if any.
     """
     import pandas as pd
 
-    table = read_keyed_csv(path, ())
+    table = read_keyed_csv(path, ()) if table is None else table
     if "urban" not in table and "land_cover" in table:
         table["urban"] = (table["land_cover"] == 1).astype(int)
     if "near_industrial" not in table and "dist_industrial" in table:
@@ -298,24 +302,91 @@ def align_by_location(table, locations: np.ndarray, path, what: str):
     return keyed.loc[wanted].reset_index(drop=True)
 
 
+# ---- the tutorial's concepts.pkl, read without running any code ----
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles only built-in containers, numbers and strings: any class reference is refused.
+
+    Lists, tuples, dicts, ints, floats, bools, strings and None have pickle opcodes of their own;
+    everything else (numpy arrays, objects, functions) needs `find_class`, which is where code could run.
+    """
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_concepts_pickle(path):
+    """The tutorial's concepts.pkl as a table with an `id` column, read by `_PlainDataUnpickler`.
+
+    Accepted structures: a list of per-patch dicts (`[{"land_cover": 1, "dist_industrial": 0.2}, ...]`,
+    patch i is list item i), a dict of equally long per-concept lists (`{"land_cover": [...], ...}`), or
+    a dict from patch id to its concept dict. Any class in the file is refused with one line.
+    """
+    import pandas as pd
+
+    expected = "a pickle of lists/dicts of plain numbers and strings (write numpy values with .tolist())"
+    try:
+        with open(path, "rb") as file:
+            content = _PlainDataUnpickler(file).load()
+    except pickle.UnpicklingError as error:
+        raise InputError(
+            path, f"holds a Python object of class {error}, refused (no code is run)", expected
+        ) from None
+    except (EOFError, ValueError, TypeError, KeyError, IndexError) as error:
+        raise InputError(
+            path, f"is not a readable pickle ({type(error).__name__}: {error})", expected
+        ) from None
+    if isinstance(content, dict) and content and all(isinstance(v, dict) for v in content.values()):
+        table = pd.DataFrame.from_dict(content, orient="index").rename_axis("id").reset_index()
+    elif isinstance(content, dict) and all(isinstance(v, (list, tuple)) for v in content.values()):
+        lengths = {len(values) for values in content.values()}
+        require(
+            len(lengths) == 1, path, f"has concept lists of lengths {sorted(lengths)}", "one value per patch"
+        )
+        table = pd.DataFrame(content)
+    elif isinstance(content, (list, tuple)) and all(isinstance(row, dict) for row in content):
+        table = pd.DataFrame(list(content))
+    else:
+        shape = "a list of per-patch dicts, a dict of per-concept lists, or a dict of id -> concept dict"
+        raise InputError(path, f"holds a {type(content).__name__} of another layout", shape)
+    if "id" not in table:
+        table.insert(0, "id", np.arange(len(table)))
+    table.columns = [str(column).strip() for column in table.columns]
+    return table
+
+
 # ---- datasets ----
 
 
 def load_npy_dataset(data_dir, concept_names: Sequence[str], threshold: float) -> dict:
-    """`data_dir/images.npy` (N,4,H,W), `labels.npy` (N,) 0/1 and `concepts.csv` keyed by id."""
-    data_dir = require_dir(data_dir, "a folder with images.npy, labels.npy, concepts.csv")
+    """`data_dir/images.npy` (N,4,H,W), optional `labels.npy` (N,) 0/1, concepts keyed by id.
+
+    Concepts come from `concepts.csv`, else from the tutorial's `concepts.pkl` (read without running
+    code). Without labels.npy the pool is unlabelled (labels None): only a person can label it.
+    """
+    data_dir = require_dir(data_dir, "a folder with images.npy, concepts.csv (or .pkl), labels.npy if known")
     source = open_images_npy(data_dir / "images.npy")
-    labels_path = require_file(data_dir / "labels.npy", "labels.npy with one 0/1 label per patch")
-    labels = np.load(labels_path, allow_pickle=False)
-    require(
-        labels.shape == (source.count,),
-        labels_path,
-        f"has shape {labels.shape}",
-        f"shape ({source.count},) matching images.npy",
-    )
-    labels = read_binary_labels(labels, labels_path)
-    concepts_path = data_dir / "concepts.csv"
-    table = read_concepts_table(concepts_path, ("id",), concept_names, threshold)
+    labels_path, labels = data_dir / "labels.npy", None
+    if labels_path.exists():
+        labels = np.load(
+            require_file(labels_path, "labels.npy with one 0/1 label per patch"), allow_pickle=False
+        )
+        require(
+            labels.shape == (source.count,),
+            labels_path,
+            f"has shape {labels.shape}",
+            f"shape ({source.count},) matching images.npy",
+        )
+        labels = read_binary_labels(labels, labels_path)
+    concepts_path, table = data_dir / "concepts.csv", None
+    if not concepts_path.exists() and (data_dir / "concepts.pkl").exists():
+        concepts_path = data_dir / "concepts.pkl"
+        table = read_concepts_pickle(concepts_path)
+    if table is None and not concepts_path.exists():
+        expected = "concepts.csv (id, land_cover, dist_industrial, ...) or the tutorial's concepts.pkl"
+        raise InputError(concepts_path, "file not found", expected)
+    table = read_concepts_table(concepts_path, ("id",), concept_names, threshold, table)
     ids = integer_column(table["id"], concepts_path, "id")
     missing = np.setdiff1d(np.arange(source.count), ids)
     if len(missing):
@@ -456,6 +527,29 @@ def load_from_args(args, concept_names: Sequence[str], demo_dir) -> dict:
         return load_npy_dataset(args.data_dir, concept_names, threshold)
     options = {key: getattr(args, key) for key in GEOTIFF_OPTIONS}
     return load_geotiff_dataset(args.geotiff, concept_names, threshold=threshold, **options)
+
+
+def describe_data(args, data: dict) -> int:
+    """Check the split against the `args` budgets and print it; returns the test set size."""
+    source, labels, name = data["source"], data["labels"], data["name"]
+    if args.demo:
+        share = f"{labels.mean():.0%} targets, signal {args.signal}"
+        print(f"demo: wrote {source.count} synthetic patches ({share}) to {args.data_dir}")
+    if args.geotiff:
+        print(f"geotiff: {source.count} patches of {args.patch_size}px kept from {args.geotiff}")
+    where = "--labels_csv" if args.geotiff else Path(args.data_dir) / "labels.npy"
+    expected = "known labels for the simulated oracle, or --oracle csv to label the pool yourself"
+    require(labels is not None or args.oracle == "csv", where, "missing", expected)
+    require(source.height == source.width, name, "patches are not square", "square patches")
+    n_test = round(args.test_fraction * source.count) if labels is not None else 0
+    pool, budget = source.count - n_test, f"at least --initial_budget ({args.initial_budget}) patches"
+    require(pool >= args.initial_budget, name, f"pool of {pool} patches", budget)
+    if labels is None:
+        print(f"data: {source.count} unlabelled patches, no test set (test AUC unknown)")
+    else:
+        split = f"pool {pool}, test {n_test}, positives {labels.mean():.1%}"
+        print(f"data: {source.count} patches of {source.height}x{source.width}x4, {split}")
+    return n_test
 
 
 def batches(source, ids, batch_size: int):
@@ -679,6 +773,43 @@ def write_round_tables(run_dir, all_rows: Sequence[dict], fields: Sequence[str],
         atomic.write_csv(run_dir / "strategy_comparison.csv", points, list(points[0]))
     save_auc_plot(curves, run_dir / "auc_curve.png", title)
     return curves
+
+
+def write_results(
+    args, run_dir, all_rows: Sequence[dict], fields: Sequence[str], seeds: Sequence[int]
+) -> dict:
+    """The round tables, auc_curve.png and metrics.json (final and mean-over-rounds test AUC per strategy).
+
+    `args` supplies n_rounds, uncertainty, alpha, alpha_schedule and ensemble_eval; returns the metrics.
+    """
+    import keras
+
+    setting = f"{args.uncertainty} uncertainty, alpha {args.alpha} ({args.alpha_schedule})"
+    title = f"OWL-GPS: {setting}, {len(seeds)} seed(s)"
+    curves = write_round_tables(run_dir, all_rows, fields, title)
+    final = {strategy: rows[-1] for strategy, rows in curves.items()}
+    finite = {s: [r["auc_mean"] for r in rows if np.isfinite(r["auc_mean"])] for s, rows in curves.items()}
+    metrics = {"n_rounds": args.n_rounds, "n_labeled": next(iter(final.values()))["n_labeled"]}
+    metrics |= {"seeds": list(seeds), "uncertainty": args.uncertainty, "keras": keras.__version__}
+    metrics["evaluated"] = (
+        "ensemble mean" if args.ensemble_eval and args.uncertainty == "ensemble" else "member 0"
+    )
+    metrics["final_test_auc"] = {s: row["auc_mean"] for s, row in final.items()}
+    metrics["final_test_auc_std"] = {s: row["auc_std"] for s, row in final.items()}
+    metrics["mean_test_auc_over_rounds"] = {s: reports.mean_std(values)[0] for s, values in finite.items()}
+    atomic.write_json(Path(run_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def summary_line(metrics: dict) -> str:
+    """The last line a run prints; its figures are those of metrics.json (AUC "unknown" without labels)."""
+    several = len(metrics["seeds"]) > 1
+    spread = {s: f"+-{std:.4f}" if several else "" for s, std in metrics["final_test_auc_std"].items()}
+    aucs = " ".join(f"{s}={mean:.4f}{spread[s]}" for s, mean in metrics["final_test_auc"].items())
+    if not np.isfinite(list(metrics["final_test_auc"].values())).any():
+        aucs = "unknown (no test labels)"
+    counts = f"n_labeled={metrics['n_labeled']} rounds={metrics['n_rounds']}"
+    return f"final: test_auc {aucs} {counts} uncertainty={metrics['uncertainty']}"
 
 
 def summarise_curves(all_rows: Sequence[dict]) -> dict:

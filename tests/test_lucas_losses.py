@@ -47,13 +47,67 @@ def test_weighted_ce_uses_pytorch_weighted_mean():
     expected = np.sum(ALPHA[LABELS] * nll) / np.sum(ALPHA[LABELS])
 
     class Args:
-        focal_weighting, focal_gamma = "alpha", 2.0
+        focal_weighting, focal_gamma, focal_form = "alpha", 2.0, "lin"
 
     loss = classifier.make_loss("wce", ALPHA, Args)
     np.testing.assert_allclose(float(loss(LABELS, LOGITS)), expected, rtol=1e-5)
+    assert classifier.make_loss("focal", ALPHA, Args).class_weights == list(ALPHA)
     Args.focal_weighting = "none"
     assert classifier.make_loss("focal", ALPHA, Args).class_weights is None
     assert classifier.make_loss("ce", ALPHA, Args).class_weights is None
+    Args.focal_form = "smp"  # the study's form: no class weights at all
+    smp = classifier.make_loss("focal", ALPHA, Args)
+    assert isinstance(smp, classifier.OneVsRestFocalLoss) and smp.normalized and smp.gamma == 2.0
+
+
+def smp_focal_transcription(logits, labels, normalized, gamma=2.0):
+    """segmentation_models_pytorch FocalLoss("multiclass", normalized=...) written out in torch.
+
+    For each class: focal_loss_with_logits(logits[:, c], labels == c, alpha=None, reduction="mean"),
+    i.e. logpt = BCE-with-logits, pt = exp(-logpt), f = (1 - pt)^gamma, loss = f * logpt, divided by
+    clamp_min(sum f, 1e-6) when normalized, then averaged; the per-class losses are summed.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    total = 0
+    for c in range(logits.shape[1]):
+        target = (labels == c).to(logits.dtype)
+        logpt = F.binary_cross_entropy_with_logits(logits[:, c], target, reduction="none")
+        focal_term = (1.0 - torch.exp(-logpt)).pow(gamma)
+        loss = focal_term * logpt
+        if normalized:
+            loss = loss / focal_term.sum().clamp_min(1e-6)
+        total = total + loss.mean()
+    return total
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_one_vs_rest_focal_loss_equals_its_transcription(normalized):
+    """Value and gradient equal smp's formula on hand-made logits, with and without the normaliser."""
+    import tensorflow as tf
+    import torch
+
+    torch_logits = torch.tensor(LOGITS, dtype=torch.float64, requires_grad=True)
+    expected = smp_focal_transcription(torch_logits, torch.tensor(LABELS), normalized)
+    expected.backward()
+    loss = classifier.OneVsRestFocalLoss(gamma=2.0, normalized=normalized)
+    tf_logits = tf.Variable(LOGITS)
+    with tf.GradientTape() as tape:
+        value = loss(LABELS, tf_logits)
+    np.testing.assert_allclose(float(value), expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(value, tf_logits).numpy(), torch_logits.grad.numpy(), atol=1e-6)
+    # By hand for sample 0, class 0 (target 1, z = 2): BCE = log(1 + e^-2), f = (1 - sigmoid(2))^2.
+    bce = np.log1p(np.exp(-2.0))
+    np.testing.assert_allclose((1 - np.exp(-bce)) ** 2, (1 - 1 / (1 + np.exp(-2.0))) ** 2)
+    probability = 1 / (1 + np.exp(-LOGITS.astype(np.float64)))
+    targets = np.eye(3)[LABELS]
+    bce = -(targets * np.log(probability) + (1 - targets) * np.log(1 - probability))
+    factor = (1 - np.exp(-bce)) ** 2
+    terms = factor * bce / (factor.sum(axis=0) if normalized else 1.0)
+    np.testing.assert_allclose(float(value), terms.mean(axis=0).sum(), rtol=1e-5)
+    # It is not Lin's softmax form.
+    assert abs(float(value) - float(classifier.SoftmaxFocalLoss(None, 2.0)(LABELS, LOGITS))) > 1e-2
 
 
 def test_class_weights_balanced_and_sqrt():
@@ -75,10 +129,10 @@ def test_macro_accuracy_equals_sklearn_balanced_accuracy():
     truth = rng.choice(10, size=300, p=np.array(lucas.STUDY_CHIP_COUNTS) / sum(lucas.STUDY_CHIP_COUNTS))
     prediction = np.where(rng.random(300) < 0.6, truth, rng.integers(0, 10, 300))
     truth[truth == 9] = 8  # class 9 now only appears in the predictions
-    metrics = classifier.classification_metrics(truth, prediction)
+    metrics = lucas.classification_metrics(truth, prediction)
     assert np.isclose(metrics["macro_accuracy"], balanced_accuracy_score(truth, prediction))
     assert np.isclose(metrics["overall_accuracy"], np.mean(truth == prediction))
-    streaming = classifier.MacroAccuracy(10)
+    streaming = lucas.MacroAccuracy(10)
     for start in range(0, 300, 64):
         streaming.update_state(truth[start : start + 64], np.eye(10)[prediction[start : start + 64]])
     assert np.isclose(float(streaming.result()), balanced_accuracy_score(truth, prediction), atol=1e-6)

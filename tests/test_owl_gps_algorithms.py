@@ -191,3 +191,91 @@ def test_read_queue_validation(tmp_path):
     path.write_text("id,row,col,score,label\n4,,,0.9,1\n")
     with pytest.raises(InputError, match="queued id 9 is missing"):
         owl_gps_data.read_queue(path, [4, 9])
+
+
+def test_reptile_support_is_the_tutorials_lower_scored_half():
+    """Tutorial: argsort ascending, keep the top k, adapt on their first half (the lower-scored ones)."""
+    rng = np.random.default_rng(0)
+    candidates, scores = np.arange(30), rng.permutation(30) / 30.0
+    chosen = owl.select_top_k(candidates, scores, 10, np.random.default_rng(1))
+    labels = chosen % 2
+    tutorial_top_k = candidates[np.argsort(scores)][-10:]
+    ids, reordered = owl.support_first(chosen, labels, "lower")
+    np.testing.assert_array_equal(ids[:5], tutorial_top_k[:5])  # the tutorial's support set, in order
+    np.testing.assert_array_equal(np.sort(ids[5:]), np.sort(tutorial_top_k[5:]))
+    np.testing.assert_array_equal(reordered, ids % 2)  # labels travel with their ids
+    upper, _ = owl.support_first(chosen, labels, "upper")
+    np.testing.assert_array_equal(np.sort(upper[:5]), np.sort(tutorial_top_k[5:]))
+
+
+def test_train_loss_is_the_mean_of_batch_means():
+    """10 labels in batches of 4: batches of 4, 4 and 2 each count once, as in the tutorial's loop."""
+    learner = owl.Learner(_tiny_args(epochs=2, batch_size=4), 8)
+    learner.train_steps = [lambda x, y: float(len(y))]  # a step whose batch-mean loss is its size
+    loss = learner.train_round(np.zeros((10, 8, 8, 4), np.float32), np.zeros(10), np.random.default_rng(0))
+    assert loss == pytest.approx((4 + 4 + 2) / 3)  # not the per-sample mean (16 + 16 + 4) / 10
+
+
+def test_ensemble_uncertainty_evaluates_member_0_unless_ensemble_eval():
+    images, _, _ = owl_gps_data.synthetic_dataset(9, 8, 0.3, 6)
+    source, ids = owl_gps_data.ArrayPatches(images), np.arange(9)
+    for ensemble_eval in (False, True):
+        learner = owl.Learner(_tiny_args(uncertainty="ensemble", ensemble_eval=ensemble_eval), 8)
+        learner.initialise(0)
+        single = owl.Learner(_tiny_args(), 8)
+        single.initialise(0)
+        members = [p(source.read(ids)).numpy()[:, 1] for p in learner.probabilities]
+        expected = np.mean(members, 0) if ensemble_eval else members[0]
+        np.testing.assert_allclose(learner.predict_positive(source, ids), expected, rtol=1e-6)
+        # Member 0 is initialised as the single model of the entropy estimator: the same classifier.
+        for a, b in zip(learner.members[0].get_weights(), single.members[0].get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not np.allclose(members[0], members[1])
+
+
+def _write_tutorial_pickle(path, structure):
+    import pickle
+
+    with open(path, "wb") as file:
+        pickle.dump(structure, file)
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns", "by_id"])
+def test_tutorial_concepts_pkl_is_read_without_running_code(tmp_path, layout):
+    images, labels, concepts = owl_gps_data.synthetic_dataset(12, 8, 0.3, 0)
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "labels.npy", labels)
+    land_cover = concepts["land_cover"].tolist()
+    distance = concepts["dist_industrial"].tolist()
+    structure = {
+        "rows": [{"land_cover": c, "dist_industrial": d} for c, d in zip(land_cover, distance, strict=True)],
+        "columns": {"land_cover": land_cover, "dist_industrial": distance},
+        "by_id": {
+            i: {"land_cover": c, "dist_industrial": d}
+            for i, (c, d) in enumerate(zip(land_cover, distance, strict=True))
+        },
+    }[layout]
+    _write_tutorial_pickle(tmp_path / "concepts.pkl", structure)
+    data = owl_gps_data.load_npy_dataset(tmp_path, ["urban", "near_industrial"], 0.3)
+    np.testing.assert_array_equal(data["active"][:, 0], concepts["urban"].astype(bool))
+    np.testing.assert_array_equal(data["active"][:, 1], concepts["near_industrial"].astype(bool))
+    np.testing.assert_array_equal(data["labels"], labels)
+
+
+def test_concepts_pkl_with_a_class_is_refused_before_it_runs(tmp_path):
+    images, _, _ = owl_gps_data.synthetic_dataset(4, 8, 0.3, 0)
+    np.save(tmp_path / "images.npy", images)
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("this must never be printed",))
+
+    _write_tutorial_pickle(tmp_path / "concepts.pkl", [{"land_cover": 1, "dist_industrial": Exploit()}])
+    with pytest.raises(InputError, match=r"concepts.pkl.*class builtins.print, refused"):
+        owl_gps_data.load_npy_dataset(tmp_path, ["urban"], 0.3)
+    _write_tutorial_pickle(tmp_path / "concepts.pkl", {"land_cover": np.arange(4)})
+    with pytest.raises(InputError, match=r"class numpy.*\.tolist\(\)"):
+        owl_gps_data.load_npy_dataset(tmp_path, ["urban"], 0.3)
+    (tmp_path / "concepts.pkl").unlink()
+    with pytest.raises(InputError, match=r"concepts.csv: file not found.*concepts.pkl"):
+        owl_gps_data.load_npy_dataset(tmp_path, ["urban"], 0.3)

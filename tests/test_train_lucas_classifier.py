@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_main_error, call_main, no_temporary_files, parse, run_script
 
 import train_lucas_classifier as classifier
+from common import lucas
 from common.raster import write_geotiff
 
 # rasterio's own use of the affine package, inside write_geotiff's default transform.
@@ -63,6 +64,8 @@ def test_help_lists_the_study_options(capsys):
         "--decoder",
         "--class_weights",
         "--focal_weighting",
+        "--focal_form",
+        "--monitor",
         "--grid",
         "--seeds",
         "--test_fraction",
@@ -73,6 +76,9 @@ def test_help_lists_the_study_options(capsys):
         assert flag in text
     # The study's values are the defaults --help shows; --demo's replace them only when not typed.
     assert "Training epochs (study: 100). (--demo: 30) (default: 100)" in " ".join(text.split())
+    assert "(study: val macro accuracy). (default: val_macro_accuracy)" in " ".join(text.split())
+    defaults = classifier.get_args_parser().parse_args([])
+    assert (defaults.focal_form, defaults.monitor) == ("smp", "val_macro_accuracy")
 
 
 def test_demo_defaults_apply_only_to_flags_not_typed():
@@ -140,12 +146,37 @@ def test_demo_summary_line_matches_metrics(demo_run):
     assert len(rows) == 4 and {"overall_accuracy_mean", "macro_accuracy_std", "macro_f1_mean"} <= set(rows[0])
 
 
+def test_demo_checkpoint_is_the_best_val_macro_accuracy_epoch(demo_run):
+    """The study kept the checkpoint of the best val/Accuracy, its macro accuracy."""
+    _, _, run_dir = demo_run
+    for loss, decoder in classifier.GRID:
+        folder = run_dir / f"{loss}_{decoder}" / "seed0"
+        with open(folder / "log.csv") as file:
+            log = [float(row["val_macro_accuracy"]) for row in csv.DictReader(file)]
+        assert json.loads((folder / "state.json").read_text())["best"] == pytest.approx(max(log))
+
+
+def test_demo_chips_have_the_lucas_imbalance(demo_run, tmp_path):
+    _, results, _ = demo_run
+    _, labels = lucas.read_labels(results / "demo_data" / STEM / "chips_LC_class.csv")
+    counts = np.bincount(labels, minlength=10)
+    study = np.array(lucas.STUDY_CHIP_COUNTS)
+    np.testing.assert_allclose(counts / counts.sum(), study / study.sum(), atol=0.002)
+    assert counts.max() / counts.min() == pytest.approx(study.max() / study.min())  # 704 : 20
+    # Chips written with another --demo_scale are rewritten, never silently reused.
+    lucas.write_demo_chips(tmp_path, 0.01, chip_size=4)
+    lucas.write_demo_chips(tmp_path, 0.02, chip_size=4)
+    assert len(lucas.read_labels(tmp_path / lucas.LABELS_CSV_NAME)[1]) == sum(
+        max(5, round(count * 0.02)) for count in study
+    )
+
+
 def test_demo_splits_and_config(demo_run):
     _, _, run_dir = demo_run
     splits = json.loads((run_dir / "splits.json").read_text())
-    assert len(splits["train"]) + len(splits["val"]) == 243 and not set(splits["train"]) & set(splits["val"])
+    assert len(splits["train"]) + len(splits["val"]) == 498 and not set(splits["train"]) & set(splits["val"])
     config = json.loads((run_dir / "config.json").read_text())
-    assert len(config["derived"]["band_mean"]) == 6 and config["derived"]["split_sizes"]["val"] == 49
+    assert len(config["derived"]["band_mean"]) == 6 and config["derived"]["split_sizes"]["val"] == 100
 
 
 def test_seed_summary_is_mean_and_sample_std():

@@ -375,3 +375,21 @@ def test_bad_data_gives_one_line_and_exit_2(data_dir, tmp_path, capsys, problem,
     )
     assert str(data_dir) in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("labels.csv"))
+
+
+def test_csv_oracle_starts_from_an_unlabelled_pool(data_dir, tmp_path, capsys):
+    """No labels.npy: the simulated oracle is refused, a person labels the queues, AUC stays unknown."""
+    (data_dir / "labels.npy").unlink()
+    base = ["--data_dir", data_dir, "--results_dir", tmp_path, "--epochs", "1", "--image_size", "8"]
+    base += ["--initial_budget", "4", "--query_budget", "4", "--n_rounds", "2", "--run_name", "pool"]
+    expect_input_error(capsys, base, "labels.npy: missing")
+    run_dir = tmp_path / "train_owl_gps" / "pool"
+    for round_number in range(2):
+        assert run_main(*base, "--oracle", "csv", *(["--resume"] if round_number else [])) is None
+        queue_path = run_dir / f"queue_round{round_number}.csv"
+        rows = read_csv(queue_path)
+        atomic.write_csv(queue_path, [{**row, "label": int(row["id"]) % 2} for row in rows], list(rows[0]))
+    metrics = run_main(*base, "--oracle", "csv", "--resume")
+    assert np.isnan(metrics["final_test_auc"]["concept"]) and metrics["n_labeled"] == 8
+    assert "final: test_auc unknown (no test labels)" in capsys.readouterr().out
+    assert len(read_csv(run_dir / "labels.csv")) == 8
