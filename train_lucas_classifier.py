@@ -10,7 +10,7 @@ mean +- std over seeds), per-class accuracies and confusion matrices.
 
 TerraMind is a PyTorch model, so the backbone here is any Keras backbone with its input adapted to 6
 bands (`--backbone`, optional local `--weights`), or precomputed foundation-model embeddings
-(`--embeddings`, the study's frozen probe on features extracted elsewhere).
+(`--embeddings`, the study's frozen probe on tokens from extract_terramind_embeddings.py).
 
 Commands:
     python train_lucas_classifier.py --data_root lucas_chips --loss wce --decoder identity
