@@ -45,7 +45,8 @@ SUMMARY_KEYS += ("trigger_how",)
 DATA_KEYS = ("dataset", "data_dir", "single_positive", "lmdb_path", "metadata", "bands", "drop_snow_cloud")
 DATA_KEYS += ("image_size", "batch_size", "val_fraction", "seed", "class_fractions")
 COMPARED_KEYS = ("mAP", "micro_AP", "macro_F1", "micro_F1", "per_class")
-LOG_COLUMNS = ("epoch", "phase", "train_loss", "agreement", "val_mAP", "seconds")
+LOG_COLUMNS = ("epoch", "phase", "train_loss", "agreement", "val_mAP", "teacher_a_decay", "teacher_b_decay")
+LOG_COLUMNS += ("seconds",)  # the decays: AdaGC only
 
 
 # Defaults are the paper's values (README explains the reconstructed ones). Rows: flag, default, help, choices
@@ -416,7 +417,7 @@ def fit(args, trainer, data, run_dir, train_batches, val_dataset):
         keep = args.rollback_window + 1 if state["phase"] == "warmup" else 1
         checkpoints.save(checkpoint_dir, f"epoch_{epoch:03d}", trainer.state_arrays(), state, keep=keep)
         spml.keep_warmup_bests(checkpoint_dir, state)
-        atomic.write_csv(run_dir / "log.csv", state["log"], list(state["log"][0]))  # AdaGC: + decays
+        atomic.write_csv(run_dir / "log.csv", state["log"], [c for c in LOG_COLUMNS if c in state["log"][0]])
     return state
 
 

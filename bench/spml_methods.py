@@ -11,7 +11,7 @@ labels: precision and recall at 0.5, and the mean pseudo label on hidden positiv
 Variants (with --methods) isolate AdaGC's pieces: adagc_no_mixup, adagc_late_gc (Gradient Calibration
 from the fixed epoch epochs - 3) and adagc_constant_decays (teacher_ramp constant).
 
-    python -m bench.spml_methods              # 60 runs; 5-11 minutes on 2 CPU cores (idle to heavily shared)
+    python -m bench.spml_methods              # 60 runs: 13.4 minutes on 2 cores shared with other jobs
     python -m bench.spml_methods --epochs 8 --methods an adagc adagc_no_mixup adagc_late_gc
 
 Writes <out>/table.md, table.csv, runs.csv and spml_methods.png; the last line is AdaGC's mAP against
