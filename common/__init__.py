@@ -21,7 +21,7 @@ triplet           triplet losses (batch-all, batch-hard, MATL) and the TG-MATL s
 stacked_training  many small models trained side by side in one compiled graph (TG-MATL heads)
 
 AdaGC / SPML:
-spml              SPML baselines: losses, label state, single positives, mAP/F1, row-index batches, trainer
+spml              SPML baselines: losses, label state, single positives, mAP/F1, batches, trainer, classifier
 aid_multilabel    AID-multilabel reader: JPEG tree + label CSVs, single positives, validation split, demo data
 bigearthnet       BigEarthNet v2 reader: LMDB of safetensors bands, metadata.parquet, single positives
 

@@ -7,6 +7,7 @@ release): `images_tr/<SceneClass>/*.jpg`, `images_test/<SceneClass>/*.jpg`, `mul
 """
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -196,13 +197,36 @@ def decode_image(path, image_size: int):
 
 # ---- demo data (the real layout, generated) ----
 
+# Scene -> (classes nearly always present, classes sometimes present): the demo's labels co-occur as in
+# AID, where a port shows dock, ship and sea together, and an image has several true labels of which
+# training observes one.
 DEMO_SCENES = {
-    "Airport": ("airplane", "pavement", "bare-soil", "grass", "cars", "buildings"),
-    "Beach": ("sand", "sea", "water", "trees", "buildings"),
-    "Port": ("dock", "ship", "sea", "water", "buildings", "cars", "tanks"),
-    "Residential": ("buildings", "cars", "pavement", "trees", "grass", "court", "mobile-home"),
-    "Farmland": ("field", "grass", "bare-soil", "trees", "chaparral", "buildings"),
+    "Airport": (("airplane", "pavement"), ("bare-soil", "grass", "cars", "buildings")),
+    "Beach": (("sand", "sea"), ("water", "trees", "buildings")),
+    "Port": (("dock", "ship", "sea"), ("water", "buildings", "cars", "tanks")),
+    "Residential": (("buildings", "cars", "trees"), ("pavement", "grass", "court", "mobile-home")),
+    "Farmland": (("field", "grass"), ("bare-soil", "trees", "chaparral", "buildings")),
+    "Industrial": (("buildings", "tanks", "pavement"), ("cars", "bare-soil", "water")),
 }
+DEMO_CORE_PROBABILITY, DEMO_OPTIONAL_PROBABILITY = 0.9, 0.4
+DEMO_VERSION = 2  # written to demo.json; a folder written by another generator is refused, not reused
+
+
+def demo_labels(num_images: int, rng) -> tuple[list[str], np.ndarray]:
+    """(scene per image, (N, 17) labels): core classes with p 0.9, optional ones with p 0.4, at least two."""
+    scenes, labels = [], np.zeros((num_images, len(CLASSES)), np.uint8)
+    for i in range(num_images):
+        scene = list(DEMO_SCENES)[i % len(DEMO_SCENES)]
+        core, optional = DEMO_SCENES[scene]
+        candidates = [*core, *optional]
+        chance = [DEMO_CORE_PROBABILITY] * len(core) + [DEMO_OPTIONAL_PROBABILITY] * len(optional)
+        present = [c for c, p in zip(candidates, chance, strict=True) if rng.random() < p]
+        for name in rng.permutation(candidates):  # at least two true labels per image
+            if len(present) < 2 and name not in present:
+                present.append(str(name))
+        labels[i, [CLASSES.index(c) for c in present]] = 1
+        scenes.append(scene)
+    return scenes, labels
 
 
 def demo_label_pattern(label_index: int, size: int) -> np.ndarray:
@@ -218,39 +242,48 @@ def demo_label_pattern(label_index: int, size: int) -> np.ndarray:
 
 
 def write_demo(root, num_images: int, seed: int, image_size: int = 64) -> Path:
-    """AID-multilabel layout with textured class stamps; returns the folder. Reused when complete."""
+    """AID-multilabel layout: each true label a textured stamp in its own cell of a 3 x 3 grid, so that
+    every label is visible; returns the folder. Reused when this generator wrote it with these settings."""
     import cv2
 
     root = Path(root)
-    if (root / LABELS_CSV).exists() and (root / MANUAL_CSV).exists():
+    settings = {"generator": DEMO_VERSION, "num_images": num_images, "seed": seed, "image_size": image_size}
+    marker = root / "demo.json"
+    if marker.exists() or (root / LABELS_CSV).exists():
+        same = marker.exists() and json.loads(marker.read_text()) == settings
+        found = marker.read_text().strip() if marker.exists() else f"{LABELS_CSV} but no demo.json"
+        expected = f"a demo folder written with {settings} (delete the folder to regenerate it)"
+        require(same and (root / MANUAL_CSV).exists(), root, f"holds other data ({found})", expected)
         return root
     rng = np.random.default_rng(seed)
-    stamp = image_size // 3
-    patterns = [demo_label_pattern(c, stamp) for c in range(len(CLASSES))]
-    names, matrix, manual = [], [], []
-    for i in range(num_images):
-        scene = list(DEMO_SCENES)[i % len(DEMO_SCENES)]
-        candidates = [CLASSES.index(c) for c in DEMO_SCENES[scene]]
-        present = rng.choice(candidates, size=int(rng.integers(2, 4)), replace=False)
+    cell = image_size // 3
+    patterns = [demo_label_pattern(c, cell) for c in range(len(CLASSES))]
+    scenes, matrix = demo_labels(num_images, rng)
+    names, manual = [], []
+    for i, (scene, labels) in enumerate(zip(scenes, matrix, strict=True)):
         image = rng.normal(110, 12, size=(image_size, image_size, 3)).clip(0, 255).astype(np.uint8)
+        present = np.flatnonzero(labels)
+        cells = rng.permutation(9)[: present.size]
         areas = []
-        for c in present:
-            scale = int(rng.integers(stamp // 2, stamp + 1))
-            top, left = rng.integers(0, image_size - scale, size=2)
+        for c, position in zip(present, cells, strict=True):
+            scale = int(rng.integers(cell // 2, cell + 1))
+            top, left = (position // 3) * cell, (position % 3) * cell
+            top, left = (
+                top + int(rng.integers(0, cell - scale + 1)),
+                left + int(rng.integers(0, cell - scale + 1)),
+            )
             image[top : top + scale, left : left + scale] = cv2.resize(patterns[c], (scale, scale))
             areas.append(scale * scale)
         split = "images_tr" if i % 4 else "images_test"
         name = f"{scene.lower()}_{i}"
         with atomic.atomic_path(root / split / scene / f"{name}.jpg") as temporary:
             cv2.imwrite(str(temporary), image[..., ::-1])
-        labels = np.zeros(len(CLASSES), np.uint8)
-        labels[present] = 1
         chosen = np.zeros_like(labels)
         chosen[present[int(np.argmax(areas))]] = 1
         names.append(name)
-        matrix.append(labels)
         manual.append(chosen)
     training = [i for i in range(num_images) if i % 4]
     write_label_csv(root / MANUAL_CSV, [names[i] for i in training], [manual[i] for i in training])
     write_label_csv(root / LABELS_CSV, names, matrix)
+    atomic.write_json(marker, settings)
     return root

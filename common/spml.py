@@ -3,7 +3,8 @@
 Sections: the baseline losses; `BaselineState` (label matrix, LL schedule, ROLE estimator); the
 single-positive protocol (random / dominant positives); the full-label metrics (mAP, micro AP, F1);
 (images, row index) tf.data batches with per-epoch orders; `SpmlTrainer`, the compiled step of one
-baseline, whose hooks a method with more state overrides (AdaGC in train_multilabel_model.py).
+baseline, whose hooks a method with more state overrides (AdaGC in train_multilabel_model.py); the
+classifier (backbone + Dense logits); the best-epoch selection on a trajectory that a rollback shortened.
 
 Every loss takes logits and an `observed` matrix (1 observed positive, 0 unobserved; EM+APL stores a
 soft pseudo label s as -s) and returns `(loss_matrix (B, C), batch_regulariser)`; the training loss is
@@ -20,11 +21,13 @@ the mean of the loss matrix over the B x C entries plus the regulariser, as in C
 import math
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
+from keras import layers
 
-from common import checkpoints, pipelines
-from common.errors import require
+from common import atomic, checkpoints, pipelines
+from common.errors import InputError, require, require_file
 
 BASELINES = ("full", "an", "an_ls", "wan", "epr", "role", "em", "em_apl", "ll_r", "ll_ct", "ll_cp")
 
@@ -129,31 +132,42 @@ def loss_em_apl(logits, observed, alpha: float, beta: float):
     return loss_matrix + pseudo * pseudo_term, 0.0
 
 
-def large_loss_selection(an_loss_matrix, observed, clean_rate):
+def large_loss_rate(method: str, clean_rate, delta_rel: float):
+    """Share of a batch's B x C entries that LL modifies (Kim et al., CVPR 2022, Sec. 3.2).
+
+    LL-R and LL-Ct: 1 - clean_rate, growing by delta_rel percent per epoch. LL-Cp corrects labels for
+    good, so its rate stays fixed at delta_rel percent per batch once the first epoch is over.
+    """
+    if method == "ll_cp":
+        return tf.where(clean_rate < 1.0, delta_rel / 100.0, 0.0)
+    return 1.0 - clean_rate
+
+
+def large_loss_selection(an_loss_matrix, observed, rate):
     """LL (Kim et al.): mask of the k largest AN losses among unobserved entries.
 
-    k = ceil(B * C * (1 - clean_rate)), capped at the number of unobserved entries, chosen by rank with
-    top_k so that exactly k entries are selected even when losses tie at the threshold (the reference's
-    `loss < kth_value` test rejects every tie, and selects observed positives once k exceeds the
-    unobserved count).
+    k = ceil(B * C * rate) (`large_loss_rate`), capped at the number of unobserved entries, chosen by
+    rank with top_k so that exactly k entries are selected even when losses tie at the threshold (the
+    reference's `loss < kth_value` test rejects every tie, and selects observed positives once k exceeds
+    the unobserved count).
     """
     unobserved = tf.equal(tf.reshape(observed, [-1]), 0)
     flat = tf.where(unobserved, tf.reshape(an_loss_matrix, [-1]), tf.fill(tf.shape(unobserved), -np.inf))
     total = tf.cast(tf.size(flat), tf.float32)
-    k = tf.cast(tf.math.ceil(total * (1.0 - clean_rate) - 1e-6), tf.int32)
+    k = tf.cast(tf.math.ceil(total * tf.cast(rate, tf.float32) - 1e-6), tf.int32)
     k = tf.clip_by_value(k, 0, tf.reduce_sum(tf.cast(unobserved, tf.int32)))
     top = tf.math.top_k(flat, k=k).indices
     selected = tf.scatter_nd(top[:, None], tf.ones_like(top, dtype=tf.bool), tf.shape(flat))
     return tf.reshape(selected, tf.shape(an_loss_matrix))
 
 
-def loss_large_loss(logits, observed, clean_rate, mode: str):
+def loss_large_loss(logits, observed, clean_rate, mode: str, delta_rel: float = 0.0):
     """LL-R rejects (zero loss), LL-Ct / LL-Cp correct (target 1) the selected large-loss entries.
 
     Returns `(loss_matrix, selected)`: the selection mask takes the regulariser's place.
     """
     an_matrix, _ = loss_an(logits, observed)
-    selected = large_loss_selection(an_matrix, observed, clean_rate)
+    selected = large_loss_selection(an_matrix, observed, large_loss_rate(mode, clean_rate, delta_rel))
     replacement = tf.zeros_like(an_matrix) if mode == "ll_r" else neg_log_sigmoid(logits)
     return tf.where(selected, replacement, an_matrix), selected
 
@@ -163,7 +177,8 @@ def baseline_loss(
 ):
     """`(loss_matrix, regulariser, selected)` of one baseline; `selected` is the LL mask, else None.
 
-    `settings` carries label_smoothing, expected_num_positives, em_alpha and apl_beta (the parsed flags).
+    `settings` carries label_smoothing, expected_num_positives, em_alpha, apl_beta and delta_rel (the
+    parsed flags).
     """
     if method == "full":
         return (*loss_full(logits, full_labels), None)
@@ -182,20 +197,30 @@ def baseline_loss(
     if method == "em_apl":
         return (*loss_em_apl(logits, observed, settings.em_alpha, settings.apl_beta), None)
     if method in ("ll_r", "ll_ct", "ll_cp"):
-        loss_matrix, selected = loss_large_loss(logits, observed, clean_rate, method)
+        loss_matrix, selected = loss_large_loss(logits, observed, clean_rate, method, settings.delta_rel)
         return loss_matrix, 0.0, selected
     raise ValueError(f"unknown SPML baseline {method!r}")
 
 
-def apl_pseudo_labels(original_observed: np.ndarray, predictions: np.ndarray, theta: float) -> np.ndarray:
-    """EM+APL (reconstructed): per class, the top-theta share of unobserved entries by prediction get -p."""
-    observed = original_observed.astype(np.float32).copy()
-    for column in range(observed.shape[1]):
-        unobserved = np.flatnonzero(original_observed[:, column] == 0)
-        count = math.floor(theta * unobserved.size)
-        if count:
-            chosen = unobserved[np.argsort(-predictions[unobserved, column], kind="stable")[:count]]
-            observed[chosen, column] = -np.clip(predictions[chosen, column], 1e-6, 1.0)
+def apl_negative_counts(original_observed: np.ndarray, neg_proportion: float, epochs: int, warmup: int):
+    """EM+APL (Zhou et al., code `main.py`): entries of class c pseudo-labelled per epoch from the warm-up on,
+    int(neg_proportion * U_c / (epochs - warmup)), U_c being the class's unobserved count at the start."""
+    unobserved = (np.asarray(original_observed) == 0).sum(axis=0)
+    return (neg_proportion * unobserved / max(epochs - warmup, 1)).astype(np.int64)
+
+
+def apl_negative_pseudo_labels(observed: np.ndarray, predictions: np.ndarray, counts) -> np.ndarray:
+    """EM+APL's asymmetric pseudo-labelling step: per class c, the counts[c] still-unobserved entries with
+    the lowest predictions p get a soft negative label, stored as -p (the loss's target is p, weight beta).
+
+    Entries chosen in earlier epochs are no longer 0, so the selection accumulates epoch by epoch. Ties
+    go to the lower row (stable sort); p is floored at 1e-12 so that a chosen entry never reads as 0.
+    """
+    observed = np.asarray(observed, dtype=np.float32).copy()
+    for column, count in enumerate(counts):
+        unobserved = np.flatnonzero(observed[:, column] == 0)
+        chosen = unobserved[np.argsort(predictions[unobserved, column], kind="stable")[:count]]
+        observed[chosen, column] = -np.maximum(predictions[chosen, column], 1e-12)
     return observed
 
 
@@ -296,17 +321,21 @@ class BaselineState:
     """What the baselines keep besides the model: the label matrix, the LL schedule, ROLE's estimator.
 
     The observed labels live on the device because LL-Cp (after every step) and EM+APL (after every
-    epoch) rewrite them; ROLE trains one logit per training image and class with its own optimizer.
+    epoch from its warm-up on) rewrite them; ROLE trains one logit per training image and class with its
+    own optimizer.
     Create it inside the tf.distribute strategy's scope.
     """
 
     def __init__(self, method: str, settings, train_observed, train_full, make_optimizer=None):
-        self.method, self.settings, self.original = method, settings, train_observed
+        self.method, self.settings = method, settings
         self.observed_matrix = tf.Variable(
             train_observed.astype(np.float32), trainable=False, name="observed"
         )
         self.full_matrix = tf.constant(train_full.astype(np.float32))
         self.clean_rate = tf.Variable(1.0, trainable=False, name="clean_rate")
+        if method == "em_apl":
+            epochs, warmup = settings.epochs, settings.warmup_epoch
+            self.apl_counts = apl_negative_counts(train_observed, settings.neg_proportion, epochs, warmup)
         self.estimator_logits, self.estimator_optimizer = None, None
         if method == "role":
             initial = role_initial_estimates(train_observed, settings.seed)
@@ -330,12 +359,14 @@ class BaselineState:
         if self.method == "ll_cp":
             self.observed_matrix.scatter_max(tf.IndexedSlices(selected, indices))
 
+    def wants_predictions(self, epoch: int) -> bool:
+        """EM+APL pseudo-labels after every epoch from `warmup_epoch` on (the reference's `>=`)."""
+        return self.method == "em_apl" and epoch >= self.settings.warmup_epoch
+
     def end_epoch(self, predictions: np.ndarray) -> None:
-        """EM+APL: new soft pseudo labels from the epoch's training predictions."""
-        if self.method == "em_apl":
-            self.observed_matrix.assign(
-                apl_pseudo_labels(self.original, predictions, self.settings.apl_theta)
-            )
+        """EM+APL: the epoch's soft negative labels, from eval-mode predictions on the training images."""
+        current = np.asarray(self.observed_matrix.numpy())
+        self.observed_matrix.assign(apl_negative_pseudo_labels(current, predictions, self.apl_counts))
 
     def checkpoint_groups(self) -> list[tuple[str, list]]:
         """(group name, variables) pairs for `common.checkpoints.variable_arrays` / `assign_arrays`."""
@@ -432,6 +463,8 @@ class SpmlTrainer:
 
     def __init__(self, settings, strategy, build_model, make_optimizer, train_observed, train_full):
         self.settings, self.strategy = settings, strategy
+        # The training images in row order, unaugmented: EM+APL's eval-mode prediction pass.
+        self.prediction_dataset = None
         with strategy.scope():
             self.student = build_model()
             self.optimizer = make_optimizer(settings.learning_rate)
@@ -441,7 +474,6 @@ class SpmlTrainer:
             )
             self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_counter")
         self.estimator = self.baseline.estimator_logits
-        self.train_predictions = np.zeros(train_observed.shape, np.float32)
         self._steps = {}
 
     def checkpoint_groups(self) -> list[tuple[str, list]]:
@@ -460,12 +492,12 @@ class SpmlTrainer:
             checkpoints.assign_arrays(arrays, group, variables, source)
 
     def batch_loss(self, images, indices, observed, phase, extra):
-        """(loss matrix, regulariser, student logits or None); `extra` collects sums to report."""
+        """(loss matrix, regulariser); `extra` collects sums to report."""
         logits = self.student(images, training=True)
         loss_matrix, regulariser, selected = self.baseline.loss(logits, observed, indices)
         if selected is not None:
             extra["corrected"] = tf.cast(selected, tf.float32)
-        return loss_matrix, regulariser, logits
+        return loss_matrix, regulariser
 
     def after_step(self) -> None:
         """Called once per step, in cross-replica context, before the step counter moves on."""
@@ -475,7 +507,7 @@ class SpmlTrainer:
         variables = list(self.student.trainable_variables)
         extra = {}
         with tf.GradientTape() as tape:
-            loss_matrix, regulariser, logits = self.batch_loss(images, indices, observed, phase, extra)
+            loss_matrix, regulariser = self.batch_loss(images, indices, observed, phase, extra)
             loss = tf.nn.compute_average_loss(tf.reduce_mean(loss_matrix, axis=1))
             loss += regulariser / self.strategy.num_replicas_in_sync
             if self.estimator is not None:
@@ -486,12 +518,11 @@ class SpmlTrainer:
             self.baseline.estimator_optimizer.apply_gradients([(gradients[-1], self.estimator)])
         else:
             self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
-        probabilities = tf.sigmoid(logits) if logits is not None else tf.zeros_like(observed)
-        return loss, probabilities, indices, extra
+        return loss, indices, extra
 
     def _distributed_step(self, images, indices, phase):
         strategy = self.strategy
-        loss, probabilities, indices, extra = strategy.run(self._replica_step, args=(images, indices, phase))
+        loss, indices, extra = strategy.run(self._replica_step, args=(images, indices, phase))
         corrected = extra.pop("corrected", None)
         sums = {
             key: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for key, value in extra.items()
@@ -503,13 +534,7 @@ class SpmlTrainer:
             )
         self.after_step()
         self.step_counter.assign_add(1)
-        total_loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-        return (
-            total_loss,
-            tf.concat(strategy.experimental_local_results(probabilities), axis=0),
-            all_indices,
-            sums,
-        )
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), sums
 
     def train_epoch(self, dataset, phase: str, epoch: int) -> tuple[float, float]:
         """One epoch of compiled steps; returns (mean loss, agreed / agreement_pairs sums or NaN)."""
@@ -525,17 +550,108 @@ class SpmlTrainer:
             )
         losses, agreed, pairs = [], 0.0, 0.0
         for images, indices in distributed:
-            loss, probabilities, batch_indices, sums = self._steps[phase](images, indices)
+            loss, sums = self._steps[phase](images, indices)
             losses.append(float(loss))
-            self.train_predictions[batch_indices.numpy()] = probabilities.numpy()
             agreed += float(sums.get("agreed", 0.0))
             pairs += float(sums.get("agreement_pairs", 0.0))
         return float(np.mean(losses)), (agreed / pairs if pairs else float("nan"))
 
     def end_epoch(self, epoch: int) -> None:
-        self.baseline.end_epoch(self.train_predictions)
+        if self.baseline.wants_predictions(epoch):
+            self.baseline.end_epoch(predict_probabilities(self.student, self.prediction_dataset))
 
 
 def evaluate(model, dataset, labels, class_names) -> dict:
     """`multilabel_metrics` of the model's sigmoid outputs over `dataset` against the full `labels`."""
     return multilabel_metrics(predict_probabilities(model, dataset), labels, class_names)
+
+
+# ---- the classifier ----
+
+
+def small_cnn(input_shape):
+    """Three conv-BN-ReLU-pool stages and a global average pool: the CPU demos' backbone."""
+    image = x = keras.Input(input_shape)
+    for width in (16, 32, 64):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.Activation("relu")(layers.BatchNormalization()(x))
+        x = layers.MaxPooling2D()(x)
+    return keras.Model(image, layers.GlobalAveragePooling2D()(x), name="small_cnn")
+
+
+def build_classifier(backbone, input_shape, num_classes, band_mean=None, band_variance=None, weights=""):
+    """Backbone + global average pool + Dense(C) logits; ResNet-50 in the paper. The first layer
+    standardises each band with the training set's statistics."""
+    inputs = features = keras.Input(input_shape, name="image")
+    if band_mean is not None:
+        normalize = layers.Normalization(mean=band_mean, variance=band_variance, name="band_normalization")
+        features = normalize(inputs)
+    if backbone == "resnet50":
+        resnet = keras.applications.ResNet50
+        base = resnet(include_top=False, weights=None, input_shape=input_shape, pooling="avg")
+    elif backbone == "small_cnn":
+        base = small_cnn(input_shape)
+    else:
+        vector = keras.Input(input_shape)
+        base = keras.Model(vector, layers.Dense(64, activation="relu")(vector), name="mlp")
+    if weights:
+        weights_path = require_file(weights, "a Keras weights file for the backbone")
+        try:
+            base.load_weights(str(weights_path))
+        except Exception as error:
+            problem = f"weights do not fit the {backbone} backbone ({type(error).__name__})"
+            expected = f"weights saved from a {backbone} with input {input_shape}"
+            raise InputError(weights_path, problem, expected) from None
+    logits = layers.Dense(num_classes, name="logits")(base(features))
+    return keras.Model(inputs, logits, name=f"{backbone}_spml")
+
+
+def make_optimizer(settings, learning_rate):
+    """Adam, or AdamW with `settings.weight_decay`."""
+    if settings.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=settings.weight_decay)
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
+# ---- model selection on the kept trajectory ----
+
+
+def improves(row, best_val_map):
+    """The selection rule: a higher validation mAP, or every epoch when there is no validation (NaN)."""
+    return not np.isfinite(row["val_mAP"]) or row["val_mAP"] > best_val_map
+
+
+def best_row(rows):
+    """The row `improves` selects last among `rows` (in training order): the reported epoch."""
+    best, best_val = None, -1.0
+    for row in rows:
+        if improves(row, best_val):
+            best, best_val = row, (row["val_mAP"] if np.isfinite(row["val_mAP"]) else -1.0)
+    return best
+
+
+def kept_log(state):
+    """The epochs that lead to the final model: after a rollback, warm-up up to the trigger, then GC."""
+    trigger = state["trigger_epoch"]
+    return [r for r in state["log"] if r["phase"] != "warmup" or trigger is None or r["epoch"] <= trigger]
+
+
+def keep_warmup_bests(checkpoint_dir, state):
+    """Keep best_<epoch>.keras for the best epoch as of each epoch a rollback can return to, no others."""
+    names = (checkpoints.read_state(checkpoint_dir) or {}).get("checkpoints", [])
+    targets = [int(name.split("_")[1]) for name in names] if state["phase"] == "warmup" else []
+    needed = {best_row([r for r in state["log"] if r["epoch"] <= target])["epoch"] for target in targets}
+    for path in checkpoint_dir.glob("best_*.keras"):
+        if int(path.stem.split("_")[1]) not in needed:
+            path.unlink()
+
+
+def select_on_kept_trajectory(state, run_dir, target):
+    """After a rollback to `target` the reported model is the best of warm-up epochs 1..target, not an
+    undone warm-up epoch (an AN model); GC epochs then compete with it."""
+    best = best_row([row for row in state["log"] if row["epoch"] <= target])
+    if best["epoch"] != state["best_epoch"]:
+        saved = run_dir / "checkpoints" / f"best_{best['epoch']:03d}.keras"
+        atomic.write_bytes(run_dir / "best_model.keras", saved.read_bytes())
+    best_val = best["val_mAP"] if np.isfinite(best["val_mAP"]) else -1.0
+    state.update(best_epoch=best["epoch"], best_phase="warmup", best_val_mAP=best_val)

@@ -1,5 +1,8 @@
 """Formula, trigger and learning checks of common/spml.py and of AdaGC in train_multilabel_model.py."""
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -98,13 +101,73 @@ def test_em_and_em_apl_match_zhou_et_al():
     np.testing.assert_allclose(apl, expected, rtol=1e-5)
 
 
-def test_apl_pseudo_labels_take_the_top_share_of_unobserved_per_class():
-    original = np.array([[1, 0], [0, 0], [0, 0], [0, 0], [0, 1]], np.uint8)
-    predictions = np.array([[0.9, 0.1], [0.8, 0.3], [0.2, 0.2], [0.7, 0.9], [0.1, 0.95]], np.float32)
-    pseudo = sl.apl_pseudo_labels(original, predictions, theta=0.5)
-    # class 0: unobserved rows 1..4, top 2 by prediction are rows 1 and 3; class 1: rows 0..3 -> rows 3 and 1.
-    np.testing.assert_allclose(pseudo[:, 0], [1, -0.8, 0, -0.7, 0], rtol=1e-6)
-    np.testing.assert_allclose(pseudo[:, 1], [0, -0.3, 0, -0.9, 1], rtol=1e-6)
+def brute_force_apl(observed, predictions, counts):
+    """Zhou et al.'s rule written out: per class, take the lowest still-unobserved prediction, count times."""
+    observed = observed.astype(np.float64).copy()
+    for column, count in enumerate(counts):
+        for _ in range(count):
+            candidates = [row for row in range(len(observed)) if observed[row, column] == 0]
+            if not candidates:
+                break
+            row = min(candidates, key=lambda r: (predictions[r, column], r))
+            observed[row, column] = -max(predictions[row, column], 1e-12)
+    return observed
+
+
+def test_apl_soft_negatives_equal_a_brute_force_version_over_the_epochs():
+    rng = np.random.default_rng(3)
+    full = (rng.random((40, 6)) < 0.4).astype(np.uint8)
+    full[np.arange(40), rng.integers(0, 6, 40)] = 1
+    original = sl.single_positive_random(full, 0)
+    epochs, warmup = 8, 3
+    counts = sl.apl_negative_counts(original, 0.9, epochs, warmup)
+    # int(0.9 * U_c / (epochs - warmup)) as in the reference's main.py.
+    np.testing.assert_array_equal(counts, [int(0.9 * (original[:, c] == 0).sum() / 5) for c in range(6)])
+    ours, reference = original.astype(np.float32), original.astype(np.float64)
+    for _ in range(warmup, epochs + 1):  # epochs warmup..epochs pseudo-label, cumulatively
+        predictions = np.round(rng.random((40, 6)), 2).astype(np.float32)  # rounded: ties happen
+        ours = sl.apl_negative_pseudo_labels(ours, predictions, counts)
+        reference = brute_force_apl(reference, predictions, counts)
+        np.testing.assert_allclose(ours, reference, rtol=1e-6)
+    assert (ours[original == 1] == 1).all() and (ours > 0).sum() == original.sum()
+    # Six labelling epochs of about 0.9 / 5 of each class: capped only by the unobserved count.
+    negatives = (ours < 0).sum(axis=0)
+    np.testing.assert_array_equal(negatives, np.minimum(6 * counts, (original == 0).sum(axis=0)))
+    assert (ours[ours < 0] > -1).all()  # soft labels equal the (low) predictions
+
+
+def test_ll_cp_flips_at_the_fixed_rate_at_the_config_sizes():
+    """configs/ll_cp_aid_random.yaml on AID-multilabel: 2400 images_tr less 10 % validation, 17 classes."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ll_cp_aid_random.yaml").read_text())
+    batch, epochs, delta_rel, count, classes = (
+        config["batch_size"],
+        config["epochs"],
+        config["delta_rel"],
+        2160,
+        17,
+    )
+    settings = tm.get_args_parser().parse_args(["--method", "ll_cp", "--delta_rel", str(delta_rel)])
+    rng = np.random.default_rng(0)
+    full = (rng.random((count, classes)) < 0.3).astype(np.uint8)
+    full[np.arange(count), rng.integers(0, classes, count)] = 1
+    observed = sl.single_positive_random(full, 0)
+    state = sl.BaselineState("ll_cp", settings, observed, full)
+    sizes = [batch] * (count // batch) + ([count % batch] if count % batch else [])
+    for epoch in range(1, epochs + 1):
+        state.start_epoch(epoch)
+        order = np.random.default_rng(epoch).permutation(count)
+        for start, size in zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True):
+            rows = order[start : start + size]
+            labels = tf.gather(state.observed_matrix, rows)
+            logits = tf.constant(rng.normal(size=(size, classes)).astype(np.float32))
+            _, _, selected = state.loss(logits, labels, rows)
+            state.after_step(tf.cast(selected, tf.float32), rows)
+    flips = int((state.observed_matrix.numpy() == 1).sum() - observed.sum())
+    # Kim et al.: k = ceil(B * C * delta_rel / 100) per batch from epoch 2 on: 33 x 3 + 1 x 2 per epoch.
+    per_epoch = sum(math.ceil(size * classes * delta_rel / 100 - 1e-6) for size in sizes)
+    assert per_epoch == 33 * 3 + 2 and flips == (epochs - 1) * per_epoch == 2929
 
 
 def test_large_loss_rejection_and_correction():
@@ -127,13 +190,13 @@ def test_large_loss_rejection_and_correction():
 def test_large_loss_ties_at_the_threshold_select_exactly_k():
     logits = np.zeros((2, 4), np.float32)  # every unobserved AN loss ties at log 2
     observed = np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
-    mask = sl.large_loss_selection(sl.loss_an(logits, observed)[0], observed, clean_rate=1 - 3 / 8).numpy()
+    mask = sl.large_loss_selection(sl.loss_an(logits, observed)[0], observed, rate=3 / 8).numpy()
     assert mask.sum() == 3 and not mask[0, 0]
 
 
 def test_large_loss_k_larger_than_unobserved_count_never_touches_observed_positives():
     observed = np.array([[1, 0, 1, 1], [1, 1, 0, 1]], np.float32)  # only 2 unobserved entries
-    mask = sl.large_loss_selection(sl.loss_an(LOGITS[:2], observed)[0], observed, clean_rate=0.0).numpy()
+    mask = sl.large_loss_selection(sl.loss_an(LOGITS[:2], observed)[0], observed, rate=1.0).numpy()
     np.testing.assert_array_equal(mask, observed == 0)
 
 
@@ -150,7 +213,7 @@ def test_all_negative_batch_gives_finite_losses():
         assert np.isfinite(matrix).all() and np.isfinite(reg)
     epr, _ = run(sl.loss_epr(LOGITS, observed, 2.0))
     assert (epr == 0).all()
-    matrix, mask = sl.loss_large_loss(LOGITS, observed, 0.5, "ll_cp")
+    matrix, mask = sl.loss_large_loss(LOGITS, observed, 0.5, "ll_ct")
     assert mask.numpy().sum() == 6 and np.isfinite(matrix.numpy()).all()
 
 
@@ -257,7 +320,7 @@ def train_features(method, data, tmp_path, epochs=20):
             return dataset(data["train"]["sources"], epoch)
 
     trainer = tm.make_trainer(
-        args, lambda: tm.build_classifier("mlp", (dim,), len(data["class_names"])), data["train"]
+        args, lambda: sl.build_classifier("mlp", (dim,), len(data["class_names"])), data["train"]
     )
     state = tm.fit(args, trainer, data, run_dir, FeatureBatches(), dataset(data["val"]["sources"]))
     model = keras.models.load_model(run_dir / "best_model.keras")
@@ -279,21 +342,78 @@ def test_adagc_beats_assume_negative_and_full_labels_are_best(tmp_path):
 
 def test_permanent_correction_and_apl_rewrite_the_stored_labels(tmp_path):
     data = synthetic_task(n_train=64, n_val=16, n_test=16)
-    for method, extra in (("ll_cp", ["--delta_rel", "50"]), ("em_apl", ["--apl_theta", "0.2"])):
+    rows = tf.data.Dataset.from_tensor_slices((data["train"]["sources"], np.arange(64))).batch(32)
+    original = data["train"]["observed"]
+    for method, extra in (
+        ("ll_cp", ["--delta_rel", "50"]),
+        ("em_apl", ["--epochs", "4", "--warmup_epoch", "2"]),
+    ):
         args = tm.get_args_parser().parse_args(
             ["--method", method, "--backbone", "mlp", "--batch_size", "32", *extra]
         )
-        trainer = tm.make_trainer(args, lambda: tm.build_classifier("mlp", (32,), 10), data["train"])
-        rows = tf.data.Dataset.from_tensor_slices((data["train"]["sources"], np.arange(64))).batch(32)
+        trainer = tm.make_trainer(args, lambda: sl.build_classifier("mlp", (32,), 10), data["train"], rows)
         for epoch in (1, 2):
             trainer.train_epoch(rows, "warmup", epoch)
+            if epoch == 1:
+                trainer.end_epoch(epoch)
+                assert (trainer.baseline.observed_matrix.numpy() == original).all()  # LL and APL wait
+                continue
+            predictions = sl.predict_probabilities(trainer.student, rows)  # eval mode, training images
             trainer.end_epoch(epoch)
         stored = trainer.baseline.observed_matrix.numpy()
-        original = data["train"]["observed"]
         assert (stored[original == 1] == 1).all()
         if method == "ll_cp":
-            # Epoch 2 rejects ceil(32 * 10 * 0.5) = 160 entries per batch; each becomes an observed positive.
+            # Epoch 2 corrects ceil(32 * 10 * 0.5) = 160 entries per batch; each becomes an observed positive.
             assert (stored == 1).sum() == original.sum() + 2 * 160
         else:
-            expected = sum(int(0.2 * (original[:, c] == 0).sum()) for c in range(10))
-            assert (stored < 0).sum() == expected
+            # Epoch 2 is the warm-up epoch: int(0.9 * U_c / (4 - 2)) soft negatives per class, -prediction.
+            counts = [int(0.9 * (original[:, c] == 0).sum() / 2) for c in range(10)]
+            np.testing.assert_array_equal((stored < 0).sum(axis=0), counts)
+            expected = sl.apl_negative_pseudo_labels(original, predictions, counts)
+            np.testing.assert_allclose(stored, expected, rtol=1e-5)
+
+
+def test_reported_adagc_model_is_on_the_kept_trajectory(tmp_path, monkeypatch):
+    import keras
+
+    data = synthetic_task(n_train=200, n_val=100, n_test=100)
+
+    # Early learning found at epoch 5 to have ended at epoch 2: the rollback undoes warm-up epochs 3-5.
+    def trigger(args, agreement, epoch):
+        return (2, "curve_fit", None) if epoch == 5 else (None, "waiting", None)
+
+    monkeypatch.setattr(tm, "early_learning_trigger", trigger)
+    _, state = train_features("adagc", data, tmp_path, epochs=7)
+    assert state["trigger_epoch"] == 2
+    undone = [row["val_mAP"] for row in state["log"] if row["phase"] == "warmup" and row["epoch"] > 2]
+    kept = sl.kept_log(state)
+    assert [(row["epoch"], row["phase"]) for row in kept] == [(1, "warmup"), (2, "warmup")] + [
+        (epoch, "gc") for epoch in range(3, 8)
+    ]
+    assert max(undone) > max(row["val_mAP"] for row in kept[:2])  # an undone AN epoch was the best once
+    best = max(kept, key=lambda row: row["val_mAP"])
+    assert (state["best_epoch"], state["best_phase"]) == (best["epoch"], best["phase"])
+    # best_model.keras is that epoch's model: it scores the recorded validation mAP again.
+    model = keras.models.load_model(tmp_path / "adagc" / "best_model.keras")
+    val = tf.data.Dataset.from_tensor_slices((data["val"]["sources"], np.arange(100))).batch(32)
+    again = sl.multilabel_metrics(
+        sl.predict_probabilities(model, val), data["val"]["full"], data["class_names"]
+    )
+    assert again["mAP"] == pytest.approx(state["best_val_mAP"], abs=1e-6)
+    assert not list((tmp_path / "adagc" / "checkpoints").glob("best_*.keras"))  # pruned once GC runs
+
+
+def test_the_kept_best_model_is_restored_from_the_warm_up_copies(tmp_path):
+    checkpoint_dir = tmp_path / "checkpoints"
+    checkpoint_dir.mkdir()
+    values = [0.5, 0.7, 0.6, 0.8, 0.9]  # warm-up val mAP of epochs 1-5; the best moves to 4, then 5
+    state = {"phase": "warmup", "trigger_epoch": None, "best_epoch": 5, "best_val_mAP": 0.9}
+    state["log"] = [{"epoch": e, "phase": "warmup", "val_mAP": v} for e, v in enumerate(values, start=1)]
+    for epoch in (2, 4, 5):
+        (checkpoint_dir / f"best_{epoch:03d}.keras").write_bytes(b"model of epoch %d" % epoch)
+    (checkpoint_dir / "state.json").write_text('{"checkpoints": ["epoch_003", "epoch_004", "epoch_005"]}')
+    sl.keep_warmup_bests(checkpoint_dir, state)  # rollback targets 3, 4, 5 need the bests 2, 4, 5
+    assert sorted(p.name for p in checkpoint_dir.glob("best_*")) == [f"best_00{e}.keras" for e in (2, 4, 5)]
+    sl.select_on_kept_trajectory(state, tmp_path, 3)
+    assert (tmp_path / "best_model.keras").read_bytes() == b"model of epoch 2"
+    assert (state["best_epoch"], state["best_phase"], state["best_val_mAP"]) == (2, "warmup", 0.7)

@@ -62,6 +62,13 @@ def test_demo_adagc_mirrored_writes_every_file_and_test_only_reproduces_it(tmp_p
     assert metrics["trigger_epoch"] == 2 and 0 <= metrics["mAP"] <= 1 and len(metrics["per_class"]) == 17
     log = (run_dir / "log.csv").read_text().splitlines()
     assert len(log) == 5 and ",gc," in log[-1]
+    # The decays that acted: the mean-teacher ramp at the epoch's last iteration (A) and at its end (B).
+    header, last = log[0].split(","), dict(zip(log[0].split(","), log[-1].split(","), strict=True))
+    assert header[-3:] == ["teacher_a_decay", "teacher_b_decay", "seconds"]
+    steps = 4 * -(-json.loads((run_dir / "config.json").read_text())["derived"]["num_train"] // 16)
+    assert float(last["teacher_a_decay"]) == pytest.approx(min(0.99, steps / (steps + 9)))
+    assert float(last["teacher_b_decay"]) == pytest.approx(5 / 14)
+    assert metrics["last_epoch"]["epoch"] == 4 and metrics["last_epoch"]["phase"] == "gc"
 
     # --test_only re-evaluates the saved best model and must reproduce metrics.json exactly.
     call_main(tm, ["--demo", "--method", "adagc", "--test_only", "--results_dir", str(results)])
@@ -78,6 +85,24 @@ def test_a_finished_run_is_never_overwritten_silently(tmp_path, capsys):
     capsys.readouterr()
     argv = ["--demo", "--method", "an", "--epochs", "1", "--results_dir", results, *TINY]
     main_error(capsys, argv, "a finished run with this name exists", "--overwrite")
+
+
+def test_no_validation_split_reports_the_last_epoch(tmp_path, capsys):
+    argv = "--demo --method adagc --gc_start_epoch 2 --epochs 3 --val_fraction 0".split()
+    metrics = call_main(tm, [*argv, "--results_dir", str(tmp_path), *TINY])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "no validation images: the last epoch is the reported model" in out
+    assert (metrics["best_epoch"], metrics["best_phase"]) == (3, "gc")
+    assert metrics["last_epoch"]["mAP"] == metrics["mAP"]
+    assert f"| epoch 3 (gc) | last epoch mAP {metrics['mAP']:.4f}" in out[-1]
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "aid").mkdir()
+    (tmp_path / "aid" / aid_multilabel.LABELS_CSV).write_text("image,airplane\n")
+    argv = ["--demo", "--data_dir", str(tmp_path / "aid"), "--results_dir", str(tmp_path / "results")]
+    main_error(capsys, argv, "holds other data", "delete the folder to regenerate it")
+    assert not (tmp_path / "aid" / "images_tr").exists()
 
 
 def test_demo_an_and_resume(tmp_path, capsys):

@@ -1,0 +1,205 @@
+"""Every SPML method of train_multilabel_model.py on the same generated data and seeds: mean +- std.
+
+Data: the script's --demo generator (`common/aid_multilabel.write_demo`): the 17 AID classes in six
+scenes whose classes co-occur, 2-7 true labels per image (mean 3.75), one of them observed per training
+image (random single positive, drawn with the seed). Every method is trained by the script's own `main`
+(small CNN) once per seed; the seed also draws the validation split, the initialisation and the batch
+order, and the data are the same for every method. Reported per method: test mAP, micro AP, macro and
+micro F1 at 0.5 of the reported model (best validation epoch on the kept trajectory). For AdaGC also its
+final pseudo labels (mean of both teachers) on the unobserved training entries against the hidden full
+labels: precision and recall at 0.5, and the mean pseudo label on hidden positives and on true negatives.
+Variants (with --methods) isolate AdaGC's pieces: adagc_no_mixup, adagc_late_gc (Gradient Calibration
+from the fixed epoch epochs - 3) and adagc_constant_decays (teacher_ramp constant).
+
+    python -m bench.spml_methods              # 60 runs: 13.4 minutes on 2 cores shared with other jobs
+    python -m bench.spml_methods --epochs 8 --methods an adagc adagc_no_mixup adagc_late_gc
+
+Writes <out>/table.md, table.csv, runs.csv and spml_methods.png; the last line is AdaGC's mAP against
+AN's (the baseline measured in the same run): mean ratio and the seeds AdaGC wins.
+"""
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import numpy as np
+
+import train_multilabel_model as tm
+from common import aid_multilabel, atomic, parallel, pipelines, plots, reports, spml
+
+METRICS = ("mAP", "micro_AP", "macro_F1", "micro_F1")
+PSEUDO = ("pseudo_precision", "pseudo_recall", "pseudo_on_hidden_positives", "pseudo_on_negatives")
+
+
+def variants(epochs):
+    """AdaGC with one piece changed: the runs that say where its gain or loss comes from."""
+    return {
+        "adagc_no_mixup": ["--method", "adagc", "--mixup_alpha", "0"],
+        "adagc_late_gc": ["--method", "adagc", "--gc_start_epoch", str(max(1, epochs - 3))],
+        "adagc_constant_decays": ["--method", "adagc", "--teacher_ramp", "constant"],
+    }
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=None, help="Methods and variants (default: all).")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="Seeds (>= 5 for the table)."
+    )
+    parser.add_argument(
+        "--images", type=int, default=256, help="Generated images (a quarter are test images)."
+    )
+    parser.add_argument("--image_size", type=int, default=32, help="Model input size (generated at 64 px).")
+    parser.add_argument("--epochs", type=int, default=6, help="Training epochs of every run.")
+    parser.add_argument("--val_fraction", type=float, default=0.15, help="Share of images_tr for selection.")
+    parser.add_argument("--batch_size", type=int, default=16, help="Batch size of every run.")
+    parser.add_argument("--workers", type=int, default=1, help="Runs in parallel processes.")
+    parser.add_argument("--out", default="results/bench/spml_methods", help="Folder for the tables and plot.")
+    return parser
+
+
+def run_argv(name, seed, settings, root):
+    extra = variants(settings.epochs).get(name, ["--method", name])
+    sizes = [
+        "--image_size",
+        settings.image_size,
+        "--epochs",
+        settings.epochs,
+        "--batch_size",
+        settings.batch_size,
+    ]
+    sizes += ["--demo_images", settings.images]
+    where = ["--data_dir", root / "data", "--results_dir", root / "results", "--run_name", f"{name}_{seed}"]
+    argv = ["--demo", *extra, "--seed", seed, "--val_fraction", settings.val_fraction, *sizes, *where]
+    return [str(item) for item in argv]
+
+
+def pseudo_label_quality(trainer, args):
+    """AdaGC's final pseudo labels on the unobserved training entries against the hidden full labels."""
+    data = tm.load_data(args)
+    loader = tm.make_loader(data, args.image_size, pipelines.ReaderErrors())
+    pseudo = []
+    for images, _ in spml.make_dataset(data["train"]["sources"], loader, args.batch_size):
+        pseudo.append(
+            trainer.teachers.pseudo_labels(images, trainer.teachers.probabilities_a(images)).numpy()
+        )
+    pseudo, unobserved = np.concatenate(pseudo), data["train"]["observed"] == 0
+    hidden = (data["train"]["full"] == 1) & unobserved
+    negative = (data["train"]["full"] == 0) & unobserved
+    predicted = (pseudo >= 0.5) & unobserved
+    return {
+        "pseudo_precision": float((predicted & hidden).sum() / max(predicted.sum(), 1)),
+        "pseudo_recall": float((predicted & hidden).sum() / max(hidden.sum(), 1)),
+        "pseudo_on_hidden_positives": float(pseudo[hidden].mean()),
+        "pseudo_on_negatives": float(pseudo[negative].mean()),
+    }
+
+
+def run_one(job):
+    """Train one (method, seed) with the script's main; returns its metrics row."""
+    name, seed, settings, root = job
+    import keras
+
+    keras.backend.clear_session()
+    captured, make_trainer = {}, tm.make_trainer
+
+    def capturing(*arguments, **keywords):
+        captured["trainer"] = make_trainer(*arguments, **keywords)
+        return captured["trainer"]
+
+    args = tm.get_args_parser().parse_args(run_argv(name, seed, settings, Path(root)))
+    started, tm.make_trainer = time.perf_counter(), capturing
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            metrics = tm.main(args)
+            row = {"method": name, "seed": seed, **{key: metrics[key] for key in METRICS}}
+            if args.method == "adagc":
+                row.update(pseudo_label_quality(captured["trainer"], args))
+                row.update(trigger_epoch=metrics["trigger_epoch"], selected_phase=metrics["best_phase"])
+    finally:
+        tm.make_trainer = make_trainer
+    row["last_epoch_mAP"] = metrics["last_epoch"]["mAP"]
+    return {**row, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def summary_rows(runs, names):
+    rows = []
+    for name in names:
+        mine = [run for run in runs if run["method"] == name]
+        row = {"method": name, "seeds": len(mine)}
+        for key in (*METRICS, "last_epoch_mAP", *PSEUDO):
+            values = [run[key] for run in mine if key in run]
+            row[key] = reports.format_mean_std(*reports.mean_std(values), digits=3) if values else ""
+        triggers = [str(run["trigger_epoch"]) for run in mine if "trigger_epoch" in run]
+        row["trigger_epochs"] = " ".join(triggers)
+        row["selected_in_gc"] = (
+            f"{sum(run.get('selected_phase') == 'gc' for run in mine)}/{len(mine)}" if triggers else ""
+        )
+        rows.append(row)
+    return rows
+
+
+def save_plot(path, runs, names):
+    figure, axis = plots.pyplot().subplots(figsize=(max(8, 0.75 * len(names)), 3.8))
+    series = {}
+    for key in ("mAP", "micro_F1"):
+        stats = [reports.mean_std([run[key] for run in runs if run["method"] == name]) for name in names]
+        series[key] = ([s[0] for s in stats], [s[1] for s in stats])
+    plots.grouped_bars(axis, names, series)
+    axis.set_ylabel("test score (mean +- std over seeds)")
+    axis.tick_params(axis="x", labelrotation=45)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    plots.save(figure, path)
+
+
+def main(args):
+    epochs_variants = variants(args.epochs)
+    names = args.methods or list(tm.METHODS)
+    unknown = [name for name in names if name not in tm.METHODS and name not in epochs_variants]
+    if unknown:
+        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)}; expected {', '.join(tm.METHODS)}")
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as root:
+        # The data once, before the runs: every method and seed reads these files.
+        aid_multilabel.write_demo(Path(root) / "data", args.images, seed=12345)
+        jobs = [(name, seed, args, root) for seed in args.seeds for name in names]
+        print(
+            f"{len(jobs)} runs: {len(names)} methods x {len(args.seeds)} seeds, {args.images} images, "
+            f"{args.image_size} px, {args.epochs} epochs",
+            flush=True,
+        )
+        runs = []
+
+        def report(job, row):
+            runs.append(row)
+            print(
+                f"{row['method']:22s} seed {row['seed']}  mAP {row['mAP']:.4f}  ({row['seconds']:.1f} s)",
+                flush=True,
+            )
+
+        seconds = parallel.run_jobs(run_one, jobs, args.workers, on_result=report)
+    columns = ["method", "seeds", *METRICS, "last_epoch_mAP", *PSEUDO, "trigger_epochs", "selected_in_gc"]
+    rows = summary_rows(runs, names)
+    markdown = reports.markdown_table(columns, [[row[key] for key in columns] for row in rows])
+    reports.write_table(out / "table", rows, columns, markdown)
+    atomic.write_csv(out / "runs.csv", runs, sorted({key for run in runs for key in run}, key=str))
+    save_plot(out / "spml_methods.png", runs, names)
+    print(markdown)
+    print(f"{len(runs)} runs in {seconds / 60:.1f} min; tables and plot in {out}")
+    an = {run["seed"]: run["mAP"] for run in runs if run["method"] == "an"}
+    adagc = {run["seed"]: run["mAP"] for run in runs if run["method"] == "adagc"}
+    shared = sorted(set(an) & set(adagc))
+    if shared:
+        ratio = np.mean([adagc[seed] / an[seed] for seed in shared])
+        wins = sum(adagc[seed] > an[seed] for seed in shared)
+        print(f"AdaGC / AN test mAP: {ratio:.3f}x (AdaGC higher on {wins} of {len(shared)} seeds)")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
