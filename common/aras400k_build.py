@@ -115,7 +115,7 @@ def check_tile_level(tile_count, ratios, level) -> None:
         level != "tile" or tile_count >= wanted,
         "--split",
         f"{tile_count} tile(s) cannot fill {wanted} splits by tile",
-        f"at least {wanted} tiles, or --split_level patch ({PATCH_LEVEL_NOTE.split(':')[0]})",
+        f"at least {wanted} tiles, or --split_level patch (patches of one tile then share splits)",
     )
 
 
@@ -313,7 +313,8 @@ def finish_build(out, tiles, failures, settings, level, workers, started) -> dic
         "palette": {name: PALETTE[i].tolist() for i, name in enumerate(CLASS_KEYS)},
         "seconds": round(time.perf_counter() - started, 2),
     }
-    atomic.write_json(out / ".progress" / "tiles.json", {"tiles": tiles, "failures": failures})
+    record = {"tiles": {tile: tiles[tile] for tile in sorted(tiles)}, "failures": report["failures"]}
+    atomic.write_json(out / ".progress" / "tiles.json", record)
     atomic.write_json(out / "report.json", report)
     return report
 
