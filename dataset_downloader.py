@@ -103,17 +103,29 @@ def read_credentials(args):
     return username, password
 
 
-def search(catalogue, collection, bbox):
-    """Every product of `collection` meeting `bbox`, all pages; a failed search is one error line."""
+def search(catalogue, collection, args):
+    """Every product of `collection` meeting --bbox, all pages; a failed search is one error line."""
+    from requests_auth.errors import GrantNotProvided, InvalidGrantRequest
     from terracatalogueclient.exceptions import SearchException, TooManyResultsException
 
     try:
-        return list(catalogue.get_products(collection, bbox=list(bbox)))
+        return list(catalogue.get_products(collection, bbox=list(args.bbox)))
+    except (InvalidGrantRequest, GrantNotProvided):
+        raise refused(args) from None
     except (SearchException, TooManyResultsException, OSError) as error:
         url = catalogue.config.catalogue_url
         raise InputError(
             url, f"search of {collection} failed ({short(error)})", "a reachable catalogue"
         ) from None
+
+
+def refused(args) -> InputError:
+    """The token endpoint turned the account down (the message never holds the password)."""
+    return InputError(
+        f"${args.username_env} / ${args.password_env}",
+        "were refused by the token endpoint",
+        "a valid Terrascope account",
+    )
 
 
 def short(error) -> str:
@@ -175,11 +187,7 @@ def download(catalogue, product_file, target, args, counters):
             os.replace(fetched, target)
             return digest
         except (InvalidGrantRequest, GrantNotProvided):
-            raise InputError(
-                f"${args.username_env} / ${args.password_env}",
-                "were refused by the token endpoint",
-                "a valid Terrascope account",
-            ) from None
+            raise refused(args) from None
         except ProductDownloadException as error:
             raise InputError(product_file.href, short(error), "an account allowed to download it") from None
         except OSError as error:  # requests' connection and transfer errors are OSErrors too
@@ -204,7 +212,7 @@ def plan_files(catalogue, args, out_dir):
     plan = []
     for key in args.collections:
         collection, folder = COLLECTIONS[key]
-        products = search(catalogue, collection, args.bbox)
+        products = search(catalogue, collection, args)
         files = [(p, f) for p in products for f in p.data]  # data files only: no previews or metadata
         size = sum(f.length or 0 for _, f in files)
         print(f"{collection}: {len(products)} products, {len(files)} data files, {size / 1e6:.1f} MB")

@@ -474,7 +474,7 @@ def test_product_sub_folders_are_searched_and_duplicate_tile_ids_refused(tmp_pat
 
 
 def test_scene_pairs_with_every_map_it_overlaps_whatever_their_ids(tmp_path):
-    pixels, codes = land(256, 512)
+    pixels, _ = land(256, 512)
     s2_dir, _ = make_pair(tmp_path, "N36E027", pixels, None, lon0=29.9)  # straddles 30 E
     for tile, lon0, code in (("N33E024", 27.0, 40), ("N33E033", 30.0, 50)):  # ids unlike the scene's
         write_geotiff(
