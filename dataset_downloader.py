@@ -23,7 +23,7 @@ Commands:
 
 Runtime: bound by the network (the full box is several hundred GB; every tile is one 3x3 degree
 product). The demo takes a few seconds and prints
-    summary: 4 products, 4 data files, fetched 4 (1.6 MB), complete before 0, retried 1 ...
+    summary: 4 products, 4 data files, fetched 4 (6.3 MB), complete before 0, retried 1; manifest ...
 """
 
 import argparse

@@ -13,6 +13,7 @@ parallel          one spawn-process job runner behind every --workers
 startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
+distribute        --strategy multiworker: MultiWorkerMirroredStrategy (TF_CONFIG or SLURM) for Keras 3 fit
 
 TG-MATL:
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split, shared flags
@@ -28,5 +29,7 @@ bigearthnet       BigEarthNet v2 reader: LMDB of safetensors bands, metadata.par
 OWL-GPS, ARAS400k, LUCAS:
 owl_gps_data      OWL-GPS inputs and run state: patch readers, concept CSVs, label store, queue, member state
 aras400k          ARAS400k classes, WorldCover remap, palette, colour <-> label, map mosaic, patch readers
+aras400k_build    ARAS400k build records: tile journals, tile/patch splits, shards and merge, manifest, report
+terrascope_local  a local Terrascope catalogue on 127.0.0.1 (search, token, downloads) for demo and tests
 lucas             LUCAS chips: labels CSV, chip reader for tf.data, stratified split, 6-band backbones
 """
