@@ -410,7 +410,7 @@ def main(args):
     ratios, shard = check_arguments(args), aras400k_build.parse_shard(args.shard)
     runs.print_args(args)
     if args.merge:
-        report = aras400k_build.merge_shards(out, args.overwrite, args.keep_going, args.workers, started)
+        report = aras400k_build.merge_shards(out, args.overwrite, args.keep_going, started)
         runs.write_config(out, args, settings=json.loads((out / ".progress" / "state.json").read_text()))
         print(aras400k_build.summary_line(report))
         return report
@@ -445,9 +445,7 @@ def main(args):
     # ---- split, manifest, report, class percentages ----
     level = args.split_level if not shard else "tile"
     settings_for_split = {**settings, "split_ratios": None} if shard else settings
-    report = aras400k_build.finish_build(
-        out, tiles, failures, settings_for_split, level, args.workers, started
-    )
+    report = aras400k_build.finish_build(out, tiles, failures, settings_for_split, level, started)
     runs.write_config(out, args, settings=settings, out=str(out))
     print(aras400k_build.summary_line(report))
     return report

@@ -180,6 +180,12 @@ class MulticlassDiceLoss(keras.losses.Loss):
             loss += tf.reduce_sum(pixel_loss * valid[..., 0]) / tf.maximum(tf.reduce_sum(valid), 1.0)
         return loss
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # Keras divides a loss by the number of replicas only when it reduces per-sample values (and
+        # multiplies the reported loss back); this loss is one number per batch, so divide it here.
+        loss = super().__call__(y_true, y_pred, sample_weight)
+        return loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from common import aras400k, atomic, runs
-from common.aras400k import CLASS_KEYS, CODE_TO_CLASS, PALETTE, REMAP, REMAP_NAMES, SPLITS
+from common.aras400k import CLASS_KEYS, CLASS_NAMES, CODE_TO_CLASS, PALETTE, REMAP, REMAP_NAMES, SPLITS
 from common.errors import InputError, require, require_dir
 
 DROP_REASONS = ("label_nodata", "image_nodata", "water")
@@ -231,6 +231,7 @@ def manifest_row(record, tile, info, split, settings, codes) -> dict:
     row.update(
         {f"frac_{name}": round(float(classes[i]) / codes.sum(), 6) for i, name in enumerate(CLASS_KEYS)}
     )
+    row["_class_pixels"] = classes.astype(np.int64)  # for the class-percentage tables, not a column
     return row
 
 
@@ -270,7 +271,26 @@ def collect_journals(out, tiles, failed, split_of, settings):
     return rows, per_tile, before, after
 
 
-def finish_build(out, tiles, failures, settings, level, workers, started) -> dict:
+def write_percentages(out, rows) -> None:
+    """`class_percentages/<split>.csv` (`all.csv` when flat) from the manifest's class fractions.
+
+    The same table `aras400k.write_class_percentages` makes by decoding the masks (a test compares
+    them), taken from the journals' pixel counts instead: decoding every mask again would add about
+    a fifth to the build time.
+    """
+    for split in sorted({row["split"] for row in rows}):
+        table = []
+        for row in sorted((r for r in rows if r["split"] == split), key=lambda r: r["patch"]):
+            counts = row.pop("_class_pixels")
+            total = max(int(counts.sum()), 1)
+            shares = {n: round(100.0 * int(c) / total, 2) for n, c in zip(CLASS_NAMES, counts, strict=True)}
+            table.append({"filename": Path(row["patch"]).stem + ".png", **shares})
+        atomic.write_csv(
+            aras400k.percentages_csv_path(out, split or "all"), table, aras400k.PERCENTAGE_COLUMNS
+        )
+
+
+def finish_build(out, tiles, failures, settings, level, started) -> dict:
     """Split, place files, write manifest.csv, report.json, tiles.json and the class percentages.
 
     Tile level: `settings["split_ratios"]` over the tile ids (files are already in their split
@@ -284,10 +304,8 @@ def finish_build(out, tiles, failures, settings, level, workers, started) -> dic
         split_of = split_names(kept_names(out, set(tiles) - failed), ratios, seed)
         move_patches(out, split_of, [out], extension)
     rows, per_tile, before, after = collect_journals(out, tiles, failed, split_of, settings)
+    write_percentages(out, rows)
     atomic.write_csv(out / "manifest.csv", rows, MANIFEST_FIELDS)
-    for split in sorted({row["split"] for row in rows}):
-        masks = out / split / "masks" if split else out / "masks"
-        aras400k.write_class_percentages(masks, aras400k.percentages_csv_path(out, split or "all"), workers)
     totals = {
         "tiles": len(tiles),
         "tiles_failed": len(failed),
@@ -368,7 +386,7 @@ def read_shards(out):
     return expected, settings, tiles, failures
 
 
-def merge_shards(out, overwrite, keep_going, workers, started) -> dict:
+def merge_shards(out, overwrite, keep_going, started) -> dict:
     """--merge: join the shards' journals and tile records and finish the build as one run would."""
     out = Path(out)
     folders, settings, tiles, failures = read_shards(out)
@@ -390,4 +408,4 @@ def merge_shards(out, overwrite, keep_going, workers, started) -> dict:
         move_patches(out, {name: split_of[name[: name.index("_")]] for name in names}, folders, extension)
     else:  # patch level (or --split none): flat first, finish_build splits by patch
         move_patches(out, dict.fromkeys(kept_names(out, set(tiles) - failed)), folders, extension)
-    return finish_build(out, tiles, failures, merged, level, workers, started)
+    return finish_build(out, tiles, failures, merged, level, started)

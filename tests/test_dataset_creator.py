@@ -558,6 +558,9 @@ def test_class_percentages_per_split_and_for_any_mask_folder(demo, tmp_path):
         with open(aras400k.percentages_csv_path(out, split)) as file:
             rows = list(csv.DictReader(file))
         assert rows and list(rows[0]) == aras400k.PERCENTAGE_COLUMNS
+        decoded = tmp_path / f"{split}.csv"  # the same table as decoding the masks gives
+        aras400k.write_class_percentages(out / split / "masks", decoded)
+        assert decoded.read_text() == aras400k.percentages_csv_path(out, split).read_text()
         for row in rows:
             manifest = fractions[row["filename"]]
             for name, key in zip(aras400k.CLASS_NAMES, aras400k.CLASS_KEYS, strict=True):

@@ -101,7 +101,7 @@ def test_segmentation_two_workers(tmp_path):
     # Dice is computed over each replica's half batch and batch norm sees half batches, so the two
     # runs differ by more than rounding: the epoch's losses agree to within 10 %.
     for key in ("loss", "val_loss"):
-        assert float(cluster[key]) == pytest.approx(float(single[key]), rel=0.1), key
+        assert float(cluster[key]) == pytest.approx(float(single[key]), rel=0.1), (key, cluster, single)
 
 
 def test_multilabel_two_workers(tmp_path):
