@@ -3,26 +3,28 @@
 Paper: U. M. Caglar, A. Temizel, "Grounding Synthetic Data Generation With Vision and Language
 Models" (ARAS400k), arXiv 2603.09625. This script rebuilds the 100k real patches of the dataset: each
 ESA WorldCover 2021 S2 RGBNIR composite tile is cut into 256 x 256 patches from its top-left corner,
-the WorldCover map is resampled onto each patch's exact pixel grid (`common/aras400k.py`), the 11
-codes are remapped to the paper's 7 classes, patches with no-data or more than 90 % water are
-dropped, and the rest are written as RGB PNGs with colour-coded masks, a manifest, a report of the
-drops, and a spatial split by tile (README "dataset_creator.py") in segmentation_train.py's layout.
+the WorldCover maps it overlaps are resampled onto each patch's exact pixel grid
+(`common/aras400k.py`), the 11 codes are remapped to the paper's 7 classes, patches with no-data or
+more than 90 % water are dropped, and the rest are written as RGB PNGs with colour-coded masks, a
+manifest, a report of the drops, per-split class-percentage tables and a spatial split by tile
+(README "dataset_creator.py") in segmentation_train.py's layout. Inputs are searched recursively, so
+the one-folder-per-product layout of `dataset_downloader.py` is read as it is.
 
 Commands:
     python dataset_creator.py --demo
     python dataset_creator.py --s2_dir S2RGB_2021 --map_dir worldcover_2021 --out ARAS400k --workers 2
+    python dataset_creator.py --out ARAS400k --shard 3/8 ...   # one job of 8; then: --out ARAS400k --merge
+    python dataset_creator.py --percentages synth/train/masks  # -> synth/class_percentages/train.csv
 
 Runtime: the demo takes a few seconds on a laptop CPU; a full 10980 x 10980 tile (1764 patches) takes
 15-20 CPU seconds per worker and about 120 MB of memory (bench/dataset_creator_speed.py). It prints
 one line per tile, then a summary with the numbers of report.json["totals"]:
-    summary: tiles 2 (failed 0), patches 18, kept 14 (train 6, val 8, test 0), dropped label_nodata 1, ...
+    summary: tiles 2 (failed 0), patches 18, kept 14 (train 11, val 2, test 1), split by patch, ...
 """
 
 import argparse
 import json
 import os
-import random
-import shutil
 import time
 import warnings
 import zlib
@@ -33,15 +35,16 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from common import aras400k, atomic, cli, parallel, runs
-from common.aras400k import CLASS_KEYS, CODE_TO_BGR, CODE_TO_CLASS, PALETTE, REMAP, REMAP_NAMES, SPLITS
+from common import aras400k, aras400k_build, cli, parallel, runs
+from common.aras400k import CODE_TO_BGR
+from common.aras400k_build import patch_done, read_journal, remove_tile_outputs
 from common.errors import InputError, cli_entry, require
 from common.raster import open_geotiff, patch_windows, read_window, write_geotiff
 
-DROP_REASONS = ("label_nodata", "image_nodata", "water")
 # The settings a dataset folder is built with: a re-run continues it only with the same ones.
 SAME_SETTINGS = (
-    "patch_size stride max_water_fraction scaling max_reflectance percentile_windows bands image_format seed"
+    "patch_size stride max_water_fraction scaling max_reflectance percentile_windows bands image_format seed "
+    "split_level"
 ).split()
 
 
@@ -89,9 +92,23 @@ def get_args_parser():
         help="rgb = 3-band PNG; rgbnir: channel 4 is NIR.",
     )
     add("--image_format", choices=("png", "tif"), default="png", help="png, or an 8-bit GeoTIFF per patch.")
+    add("--split", default="0.8,0.1,0.1", help="train,val,test ratios, or 'none' (one flat folder).")
     add(
-        "--split", default="0.8,0.1,0.1", help="train,val,test ratios of the split BY TILE, or 'none' (flat)."
+        "--split_level",
+        choices=("tile", "patch"),
+        default="tile",
+        help="tile: the paper's spatial split BY TILE; patch: split patches (inputs of < 3 tiles; "
+        "neighbouring patches then share splits, labelled so in report.json).",
     )
+    add(
+        "--shard", default="", help="K/N: build only shard K of N (every N-th tile) into <out>/shards/K_of_N."
+    )
+    add(
+        "--merge",
+        action="store_true",
+        help="Join the finished shards of <out> into one dataset and split it.",
+    )
+    add("--percentages", default="", help="Only write the class-percentage CSV of this mask folder to --out.")
     cli.add_workers_argument(parser, what="one tile each")
     add(
         "--keep_going", action="store_true", help="Process the other tiles when one is bad (see report.json)."
@@ -100,6 +117,7 @@ def get_args_parser():
     cli.add_demo_argument(parser, "(two small GeoTIFF pairs, a few seconds).")
     add("--demo_size", type=int, default=768, help=argparse.SUPPRESS)
     cli.add_run_arguments(parser, resume=False)
+    parser.demo_defaults(split_level="patch")  # the demo's two tiles cannot fill three splits by tile
     return parser
 
 
@@ -126,12 +144,15 @@ def scale_to_uint8(image, scaling, bands, tables=None):
     """(bands, rows, cols) uint16 DNs -> (rows, cols, channels) uint8 in OpenCV's B,G,R(,NIR) order.
 
     patch_max is the reference's `patch / patch.max() * 255` truncated to uint8, computed exactly in
-    integers as floor(DN * 255 / max).
+    integers as floor(DN * 255 / max). The reference reads R, G, B only, so the maximum is over those
+    three bands; with --bands rgbnir the NIR channel is scaled by its own maximum, and the RGB
+    channels are the same as with --bands rgb.
     """
     order = [2, 1, 0] if bands == "rgb" else [2, 1, 0, 3]
     if scaling == "patch_max":
-        peak = max(int(image[: len(order)].max()), 1)
-        return (cv2.merge([image[band] for band in order]).astype(np.uint32) * 255 // peak).astype(np.uint8)
+        peaks = [max(int(image[:3].max()), 1)] * 3 + [max(int(image[3].max()), 1)]
+        channels = [image[band].astype(np.uint32) * 255 // peaks[band] for band in order]
+        return cv2.merge([channel.astype(np.uint8) for channel in channels])
     return cv2.merge([np.take(tables[band], image[band]) for band in order])
 
 
@@ -182,29 +203,6 @@ def write_file(folder, name, data):
     finally:
         os.close(handle)
     os.replace(temporary, path)
-
-
-def read_journal(path):
-    """Finished-patch records of one tile; a line cut short by an interrupted run is ignored."""
-    records = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records[record["name"]] = record
-    return records
-
-
-def patch_done(record, folders, extension):
-    """A journal record whose patch needs no work: dropped, or kept with both files in place."""
-    if record is None:
-        return False
-    return record["status"] != "kept" or all(
-        (folders[kind] / f"{record['name']}{ext}").exists()
-        for kind, ext in (("images", extension), ("masks", ".png"))
-    )
 
 
 def patch_status(codes, pixels, nodata, max_water_fraction):
@@ -302,90 +300,26 @@ def write_patch(folders, name, extension, pixels, labels, settings, tables, imag
     write_file(folders["masks"], f"{name}.png", cv2.imencode(".png", mask)[1])
 
 
-def remove_tile_outputs(journal_path, folders, extension):
-    for record in read_journal(journal_path).values():
-        for kind, ext in (("images", extension), ("masks", ".png")):
-            (folders[kind] / f"{record['name']}{ext}").unlink(missing_ok=True)
-    journal_path.unlink(missing_ok=True)
-
-
-# ---- inputs, split, resume ----
-
-
-def split_tiles(tiles, ratios, seed):
-    """Spatial split BY TILE: a seeded shuffle, then at least one tile per split with a ratio > 0
-    (train first, then val, then test, while tiles last), the rest by largest shortfall."""
-    if ratios is None:
-        return {tile: None for tile in tiles}
-    order = sorted(tiles)
-    random.Random(seed).shuffle(order)
-    counts = [0, 0, 0]
-    for index in range(3):
-        if ratios[index] > 0 and sum(counts) < len(order):
-            counts[index] = 1
-    while sum(counts) < len(order):
-        shortfall = [len(order) * ratios[i] - counts[i] for i in range(3)]
-        counts[int(np.argmax(shortfall))] += 1
-    names = [split for split, count in zip(SPLITS, counts, strict=True) for _ in range(count)]
-    return dict(zip(order, names, strict=True))
-
-
-def parse_split(text):
-    if text.lower() == "none":
-        return None
-    try:
-        ratios = [float(v) for v in text.split(",")]
-    except ValueError:
-        ratios = []
-    require(
-        len(ratios) == 3 and min(ratios) >= 0 and sum(ratios) > 0 and ratios[0] > 0,
-        "--split",
-        f"got {text!r}",
-        "three non-negative train,val,test ratios with train > 0, e.g. 0.8,0.1,0.1, or none",
-    )
-    return [r / sum(ratios) for r in ratios]
-
-
-def check_state(out, settings, overwrite):
-    """Never mix into a folder built with other settings; True when continuing one with the same."""
-    state_path = out / ".progress" / "state.json"
-    if state_path.exists() and overwrite:
-        for name in (*SPLITS, "images", "masks", ".progress", "manifest.csv", "report.json", "config.json"):
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    continuing = state_path.exists()
-    runs.check_same_settings(
-        state_path,
-        settings,
-        what="this dataset folder's patches",
-        hint="the same settings to continue it, --overwrite to rebuild it, or another --out",
-    )
-    atomic.write_json(state_path, settings)
-    return continuing
-
-
 # ---- main's steps ----
 
 
-def tile_jobs(args, out, tiles, maps, failures, split_of, settings):
-    """One job per tile that passed its checks; records each tile's split and map files."""
+def tile_jobs(args, out, tiles, failures, split_of, settings):
+    """One job per tile that passed its checks, writing into its split's folders (flat if none yet)."""
     failed = {f["tile"] for f in failures}
     jobs = []
     for tile in sorted(set(tiles) - failed):
-        info = tiles[tile]
         base = out / split_of[tile] if split_of[tile] else out
         jobs.append(
             {
                 "tile": tile,
-                "s2_path": info["s2_path"],
-                "map_paths": aras400k.overlapping_maps(info, maps),
+                "s2_path": tiles[tile]["s2_path"],
+                "map_paths": tiles[tile]["map_paths"],
                 "folders": {kind: str(base / kind) for kind in ("images", "masks")},
                 "settings": settings,
                 "journal": str(out / ".progress" / f"{tile}.jsonl"),
                 "cache_mb": args.cache_mb,
             }
         )
-        info.update(split=split_of[tile], map_files=jobs[-1]["map_paths"])
     return jobs
 
 
@@ -432,109 +366,27 @@ def raise_first_failure(failures, keep_going):
         raise InputError(first["file"], first["problem"], first["expected"])
 
 
-def manifest_row(record, tile, info, args, codes):
-    """One manifest.csv row: name, split, grid place, bounds, CRS and the 7 class fractions."""
-    classes = np.bincount(CODE_TO_CLASS[np.flatnonzero(codes)], weights=codes[codes > 0], minlength=7)
-    transform = rasterio.Affine(*info["transform"])
-    top, left = record["row"] * args.stride, record["col"] * args.stride
-    x0, y0 = transform @ (left, top)
-    x1, y1 = transform @ (left + args.patch_size, top + args.patch_size)
-    row = {
-        "patch": f"{record['name']}.{args.image_format}",
-        "split": info["split"] or "",
-        "tile": tile,
-        "row": record["row"],
-        "col": record["col"],
-        "left": min(x0, x1),
-        "bottom": min(y0, y1),
-        "right": max(x0, x1),
-        "top": max(y0, y1),
-        "crs": info["crs"],
-    }
-    row.update(
-        {f"frac_{name}": round(float(classes[i]) / codes.sum(), 6) for i, name in enumerate(CLASS_KEYS)}
+def check_arguments(args):
+    """Derived values and the checks every mode shares; returns the split ratios."""
+    if "stride" not in cli.typed_flags(args):
+        args.stride = args.patch_size  # no overlap, as in the paper, also for another --patch_size
+    require(
+        args.patch_size > 0 and args.stride > 0, "--patch_size/--stride", "must be positive", "pixels > 0"
     )
-    return row
+    water = args.max_water_fraction
+    require(0 <= water <= 1, "--max_water_fraction", f"got {water}", "a fraction in [0, 1]")
+    require(args.workers >= 1, "--workers", f"got {args.workers}", "at least 1")
+    require(not (args.merge and args.shard), "--merge", "was given with --shard", "one of them")
+    return aras400k_build.parse_split(args.split)
 
 
-def collect_journals(args, out, tiles, failed):
-    """Manifest rows, per-tile summaries and code histograms (before / after filtering) from the journals."""
-    rows, per_tile = [], {}
-    before, after = np.zeros(256, np.int64), np.zeros(256, np.int64)
-    for tile in sorted(set(tiles) - failed):
-        info = tiles[tile]
-        summary = {
-            "split": info["split"],
-            "s2_file": info["s2_path"],
-            "map_files": info["map_files"],
-            "patches": 0,
-            "kept": 0,
-            "dropped": dict.fromkeys(DROP_REASONS, 0),
-            "percentiles": info.get("percentiles"),
-        }
-        journal = read_journal(out / ".progress" / f"{tile}.jsonl")
-        for record in sorted(journal.values(), key=lambda r: r["name"]):
-            codes = np.zeros(256, np.int64)
-            for code, count in record["codes"].items():
-                codes[int(code)] = count
-            before += codes
-            summary["patches"] += 1
-            if record["status"] != "kept":
-                summary["dropped"][record["status"]] += 1
-                continue
-            summary["kept"] += 1
-            after += codes
-            rows.append(manifest_row(record, tile, info, args, codes))
-        per_tile[tile] = summary
-    return rows, per_tile, before, after
-
-
-def write_manifest_and_report(args, out, tiles, failures, split_of, ratios, started):
-    """manifest.csv and report.json from the tiles' journals; returns the report."""
-    failed = {f["tile"] for f in failures}
-    rows, per_tile, before, after = collect_journals(args, out, tiles, failed)
-    fieldnames = ["patch", "split", "tile", "row", "col", "left", "bottom", "right", "top", "crs"]
-    atomic.write_csv(out / "manifest.csv", rows, fieldnames + [f"frac_{name}" for name in CLASS_KEYS])
-    kept_by_split = {
-        split: sum(s["kept"] for s in per_tile.values() if s["split"] == split) for split in SPLITS
-    }
-    totals = {
-        "tiles": len(tiles),
-        "tiles_failed": len(failed),
-        "patches": sum(s["patches"] for s in per_tile.values()),
-        "kept": len(rows),
-        "kept_by_split": kept_by_split if ratios else None,
-        "dropped": {r: sum(s["dropped"][r] for s in per_tile.values()) for r in DROP_REASONS},
-    }
-    class_pixels = np.bincount(CODE_TO_CLASS[np.flatnonzero(after)], weights=after[after > 0], minlength=7)
-    split_tiles_by_name = {s: sorted(t for t, v in split_of.items() if v == s) for s in SPLITS}
-    report = {
-        "totals": totals,
-        "tiles": per_tile,
-        "failures": failures,
-        "split": {"ratios": ratios, "seed": args.seed, "tiles": split_tiles_by_name if ratios else None},
-        "code_pixels_before_filtering": {str(c): int(before[c]) for c in np.flatnonzero(before)},
-        "code_pixels_after_filtering": {str(c): int(after[c]) for c in np.flatnonzero(after)},
-        "class_pixels_after_filtering": {name: int(class_pixels[i]) for i, name in enumerate(CLASS_KEYS)},
-        "remapped_pixels_after_filtering": {REMAP_NAMES[c]: int(after[c]) for c in REMAP},
-        "palette": {name: PALETTE[i].tolist() for i, name in enumerate(CLASS_KEYS)},
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    atomic.write_json(out / "report.json", report)
-    return report
-
-
-def summary_line(report, ratios):
-    """The last line printed: the numbers of report.json["totals"]."""
-    totals = report["totals"]
-    dropped = ", ".join(f"{reason} {count}" for reason, count in totals["dropped"].items())
-    by_split = ""
-    if ratios:
-        by_split = " (" + ", ".join(f"{s} {n}" for s, n in totals["kept_by_split"].items()) + ")"
-    return (
-        f"summary: tiles {totals['tiles']} (failed {totals['tiles_failed']}), patches {totals['patches']}, "
-        f"kept {totals['kept']}{by_split}, dropped {dropped}, {report['seconds']:.1f} s"
-    )
+def write_percentages(args):
+    """--percentages MASK_DIR: its class-percentage CSV (default <root>/class_percentages/<split>.csv)."""
+    masks = Path(args.percentages)
+    csv_path = args.out or aras400k.percentages_csv_path(masks.parent.parent, masks.parent.name)
+    path = aras400k.write_class_percentages(masks, csv_path, args.workers)
+    print(f"wrote {path}")
+    return path
 
 
 @cli_entry
@@ -543,6 +395,8 @@ def main(args):
     # only precede that line with a traceback-like note.
     warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
     started = time.perf_counter()
+    if args.percentages:
+        return write_percentages(args)
     out = Path(
         args.out
         or Path(args.results_dir)
@@ -553,27 +407,32 @@ def main(args):
         args.s2_dir, args.map_dir = aras400k.write_demo_tiles(
             cli.demo_data_dir(args, "dataset_creator"), args.demo_size, args.seed
         )
-    if "stride" not in cli.typed_flags(args):
-        args.stride = args.patch_size  # no overlap, as in the paper, also for another --patch_size
-    require(
-        args.patch_size > 0 and args.stride > 0, "--patch_size/--stride", "must be positive", "pixels > 0"
-    )
-    water = args.max_water_fraction
-    require(0 <= water <= 1, "--max_water_fraction", f"got {water}", "a fraction in [0, 1]")
-    require(args.workers >= 1, "--workers", f"got {args.workers}", "at least 1")
-    ratios = parse_split(args.split)
+    ratios, shard = check_arguments(args), aras400k_build.parse_shard(args.shard)
     runs.print_args(args)
+    if args.merge:
+        report = aras400k_build.merge_shards(out, args.overwrite, args.keep_going, started)
+        runs.write_config(out, args, settings=json.loads((out / ".progress" / "state.json").read_text()))
+        print(aras400k_build.summary_line(report))
+        return report
 
     # ---- find tiles ----
     tiles, maps, failures = aras400k.find_tiles(args.s2_dir, args.map_dir)
     raise_first_failure(failures, args.keep_going)
+    aras400k_build.check_tile_level(len(tiles), ratios, args.split_level)
+    if shard:  # a shard's patches stay flat: --merge splits them as one run would
+        tiles, failures = aras400k_build.shard_tiles(tiles, failures, *shard)
+        out = aras400k_build.shard_dir(out, *shard)
 
     # ---- split ----
-    split_of = split_tiles(list(tiles), ratios, args.seed)
+    by_tile = ratios if args.split_level == "tile" and not shard else None
+    split_of = aras400k_build.split_names(list(tiles), by_tile, args.seed)
     settings = runs.settings_of(args, SAME_SETTINGS)
-    settings.update(percentiles=list(args.percentiles), split_ratios=ratios, tiles=sorted(tiles))
-    continuing = check_state(out, settings, args.overwrite)
-    jobs = tile_jobs(args, out, tiles, maps, failures, split_of, settings)
+    settings.update(percentiles=list(args.percentiles), split_ratios=ratios, shard=args.shard or None)
+    settings["tiles"] = sorted(tiles)
+    continuing = aras400k_build.check_state(out, settings, args.overwrite)
+    if args.split_level == "patch" and continuing:
+        aras400k_build.unsplit(out, tiles, "." + args.image_format)
+    jobs = tile_jobs(args, out, tiles, failures, split_of, settings)
 
     # ---- process tiles ----
     patches_per_tile = sorted({r * c for r, c in tile_grids(args, tiles).values()})
@@ -583,10 +442,12 @@ def main(args):
     )
     process_tiles(args, jobs, tiles, failures)
 
-    # ---- manifest and report ----
-    report = write_manifest_and_report(args, out, tiles, failures, split_of, ratios, started)
+    # ---- split, manifest, report, class percentages ----
+    level = args.split_level if not shard else "tile"
+    settings_for_split = {**settings, "split_ratios": None} if shard else settings
+    report = aras400k_build.finish_build(out, tiles, failures, settings_for_split, level, started)
     runs.write_config(out, args, settings=settings, out=str(out))
-    print(summary_line(report, ratios))
+    print(aras400k_build.summary_line(report))
     return report
 
 

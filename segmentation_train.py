@@ -180,6 +180,12 @@ class MulticlassDiceLoss(keras.losses.Loss):
             loss += tf.reduce_sum(pixel_loss * valid[..., 0]) / tf.maximum(tf.reduce_sum(valid), 1.0)
         return loss
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # Keras divides a loss by the number of replicas only when it reduces per-sample values (and
+        # multiplies the reported loss back); this loss is one number per batch, so divide it here.
+        loss = super().__call__(y_true, y_pred, sample_weight)
+        return loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+
     def get_config(self):
         return {
             **super().get_config(),
@@ -261,18 +267,20 @@ def make_predict_step(model, strategy, loss_fn):
     def replica_step(images, masks):
         logits = model(images, training=False)
         count = tf.cast(tf.shape(images)[0], tf.float32)
-        return loss_fn.call(masks, logits) * count, count, tf.cast(tf.argmax(logits, axis=-1), tf.uint8)
+        # Multi-worker all-gather takes no uint8: labels travel as int32, handed back as uint8.
+        labels = tf.cast(tf.argmax(logits, axis=-1), tf.int32)
+        return loss_fn.call(masks, logits) * count, count, labels, tf.cast(masks, tf.int32)
 
     @tf.function(reduce_retracing=True)
     def step(batch):
         images, masks = batch
-        loss_sum, count, labels = strategy.run(replica_step, args=(images, masks))
+        loss_sum, count, labels, truth = strategy.run(replica_step, args=(images, masks))
         reduce = tf.distribute.ReduceOp.SUM
         return (
             strategy.reduce(reduce, loss_sum, axis=None),
             strategy.reduce(reduce, count, axis=None),
-            strategy.gather(labels, axis=0),
-            strategy.gather(masks, axis=0),
+            tf.cast(strategy.gather(labels, axis=0), tf.uint8),
+            tf.cast(strategy.gather(truth, axis=0), tf.uint8),
         )
 
     return step
@@ -483,6 +491,9 @@ def write_test_outputs(run_dir, state, test_loss, confusion, examples, test_pair
 
 @cli_entry
 def main(args):
+    # MultiWorkerMirroredStrategy must exist before the first TensorFlow op; only its chief keeps files.
+    strategy = runs.make_strategy(args.strategy)
+    args.results_dir = runs.chief_results_dir(strategy, args.results_dir)
     if args.demo:
         args.data_root = str(cli.demo_data_dir(args, "segmentation_train"))
         aras400k.write_demo_patches(args.data_root, args.image_size, args.demo_images, args.seed)
@@ -500,7 +511,6 @@ def main(args):
 
     # ---- model ----
     runs.seed_everything(args.seed, args.deterministic)
-    strategy = runs.make_strategy(args.strategy)
     model, loss_fn, state = build_model(args, strategy, resuming)
     if resuming:
         state = load_checkpoint(model, run_dir)

@@ -511,6 +511,9 @@ def record_run(args, run_dir, data, band_mean, band_variance):
 
 @cli_entry
 def main(args):
+    # MultiWorkerMirroredStrategy must exist before the first TensorFlow op; only its chief keeps files.
+    strategy = runs.make_strategy(args.strategy)
+    args.results_dir = runs.chief_results_dir(strategy, args.results_dir)
     args = resolve_derived(args)
     runs.seed_everything(args.seed, args.deterministic)
     runs.print_args(args)

@@ -214,6 +214,8 @@ def main(args):
                     str(out),
                     "--workers",
                     "1",
+                    "--split",
+                    "none",
                 ],
             }
             for side in sides:

@@ -13,6 +13,7 @@ parallel          one spawn-process job runner behind every --workers
 startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
+distribute        --strategy multiworker: MultiWorkerMirroredStrategy (TF_CONFIG or SLURM) for Keras 3 fit
 
 TG-MATL:
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split, shared flags
@@ -31,4 +32,6 @@ aras400k          ARAS400k classes, WorldCover remap, palette, colour <-> label,
 captions          ARAS400k captions: percentage CSVs, reference prompts, resumable caption CSVs, VL inputs
 lucas             LUCAS chips: labels CSV, chip reader, stratified split, metrics and tables, 6-band backbones
 terramind         TerraMind v1 S2L2A encoder in Keras, loaded strictly from terratorch-named checkpoints
+aras400k_build    ARAS400k build records: tile journals, tile/patch splits, shards and merge, manifest, report
+terrascope_local  a local Terrascope catalogue on 127.0.0.1 (search, token, downloads) for demo and tests
 """

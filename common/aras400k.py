@@ -8,7 +8,7 @@ paper's dataset description; README "dataset_creator.py"). This module holds wha
 - classes, palette and the WorldCover code remap (`CODE_TO_CLASS`, `CODE_TO_BGR`);
 - exact colour <-> label conversion (`colours_to_labels`, `labels_to_colours`, `decode_mask_tf`);
 - the WorldCover map mosaic on a Sentinel-2 tile's pixel grid (`LabelMosaic`) and tile pairing
-  (`find_tiles`, `overlapping_maps`);
+  by bounds over folders searched recursively (`find_tiles`);
 - the segmentation layout `<root>/{train,val,test}/{images,masks}/*.png` (`list_split`,
   `check_masks`, `load_pair`, `train_batches`, `eval_batches`, `plot_examples`, `write_demo_patches`);
 - the class-percentage tables the captioners read (`class_percentages`, `write_class_percentages`);
@@ -272,92 +272,105 @@ def _check_geotiff(path, bands, dtype, expected):
         return dataset.crs, tuple(dataset.transform)[:6], dataset.width, dataset.height, tuple(dataset.bounds)
 
 
-def _find_maps(map_dir, failures) -> dict:
-    maps = {}
-    for path in sorted(Path(map_dir).glob("*_Map.tif")):
+def _tile_files(folder, pattern) -> tuple[dict, list]:
+    """{tile id: path} of the files matching `pattern` anywhere under `folder` (one sub-folder per
+    product, as the Terrascope client writes), and the paths without a tile id in their name.
+
+    Hidden folders (a download's `.partial/`) are skipped. A tile id found twice is refused: two
+    copies of a tile would put the same patches twice into the dataset.
+    """
+    found, unnamed = {}, []
+    for path in sorted(Path(folder).rglob(pattern)):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
         match = TILE_ID.search(path.name)
         if match is None:
-            failures.append(
-                failure(None, path, "has no tile id in its name", "a name like ..._N36E027_Map.tif")
+            unnamed.append(path)
+        elif match.group() in found:
+            raise InputError(
+                path,
+                f"has the tile id {match.group()} of {found[match.group()]} too",
+                f"one {pattern} per tile id under {folder} (remove the duplicate)",
             )
-            continue
+        else:
+            found[match.group()] = path
+    return found, unnamed
+
+
+def _find_maps(map_dir, failures) -> dict:
+    paths, unnamed = _tile_files(map_dir, "*_Map.tif")
+    for path in unnamed:
+        failures.append(failure(None, path, "has no tile id in its name", "a name like ..._N36E027_Map.tif"))
+    maps = {}
+    for tile, path in paths.items():
         try:
             crs, _, _, _, bounds = _check_geotiff(path, 1, "uint8", "uint8 codes")
-            maps[match.group()] = {"path": str(path), "crs": crs, "bounds": bounds}
+            maps[tile] = {"path": str(path), "crs": crs, "bounds": bounds}
         except InputError as error:
-            failures.append(failure(match.group(), error.path, error.problem, error.expected))
+            failures.append(failure(tile, error.path, error.problem, error.expected))
     return maps
 
 
 def find_tiles(s2_dir, map_dir) -> tuple[dict, dict, list]:
-    """Pair S2 composites with maps by tile id and check every file; returns (tiles, maps, failures)."""
+    """Find S2 composites and maps (recursively), check every file, pair each scene with every map
+    tile its extent overlaps; returns (tiles, maps, failures).
+
+    `tiles[id]` holds `s2_path`, and for a scene that passed its checks `crs`, `transform`, `width`,
+    `height` and `map_paths` (the overlapping maps, whatever their tile ids).
+    """
     require_dir(s2_dir, "a folder of *_S2RGBNIR.tif files")
     require_dir(map_dir, "a folder of *_Map.tif files")
     failures, tiles = [], {}
     maps = _find_maps(map_dir, failures)
-    s2_paths = sorted(Path(s2_dir).glob("*_S2RGBNIR.tif"))
-    require(s2_paths, s2_dir, "holds no *_S2RGBNIR.tif file", "WorldCover 2021 S2 RGBNIR composites")
-    for path in s2_paths:
-        match = TILE_ID.search(path.name)
-        if match is None:
-            failures.append(
-                failure(None, path, "has no tile id in its name", "a name like ..._N36E027_S2RGBNIR.tif")
-            )
-            continue
-        tile = match.group()
-        if tile in tiles:
-            failures.append(
-                failure(
-                    tile,
-                    path,
-                    f"has the tile id {tile} of {tiles[tile]['s2_path']} too",
-                    "one *_S2RGBNIR.tif per tile",
-                )
-            )
-            continue
+    s2_paths, unnamed = _tile_files(s2_dir, "*_S2RGBNIR.tif")
+    require(
+        s2_paths or unnamed, s2_dir, "holds no *_S2RGBNIR.tif file", "WorldCover 2021 S2 RGBNIR composites"
+    )
+    for path in unnamed:
+        expected = "a name like ..._N36E027_S2RGBNIR.tif"
+        failures.append(failure(None, path, "has no tile id in its name", expected))
+    for tile, path in s2_paths.items():
         tiles[tile] = {"s2_path": str(path)}
-        if tile not in maps:
-            if not any(f["tile"] == tile for f in failures):
-                failures.append(
-                    failure(
-                        tile,
-                        path,
-                        f"has no WorldCover map for tile {tile} in {map_dir}",
-                        f"{Path(map_dir) / f'*{tile}*_Map.tif'}",
-                    )
-                )
-            continue
         try:
             crs, transform, width, height, _ = _check_geotiff(path, 4, "uint16", "uint16 DNs")
-            tiles[tile].update(crs=crs.to_string(), transform=transform, width=width, height=height)
         except InputError as error:
             failures.append(failure(tile, error.path, error.problem, error.expected))
+            continue
+        tiles[tile].update(crs=crs.to_string(), transform=transform, width=width, height=height)
+    for tile, paths in _overlaps({t: i for t, i in tiles.items() if "crs" in i}, maps).items():
+        tiles[tile]["map_paths"] = paths
+        if not paths:
+            expected = f"a *_Map.tif under {map_dir} whose extent overlaps the scene's"
+            problem = f"has no WorldCover map in {map_dir} that overlaps tile {tile}"
+            failures.append(failure(tile, tiles[tile]["s2_path"], problem, expected))
     return tiles, maps, failures
 
 
-def overlapping_maps(tile_info, maps) -> list[str]:
-    """Map files whose extent meets the S2 tile's (bounds compared in the map's CRS)."""
+def _scene_bounds(tile_info) -> tuple[float, float, float, float]:
     import rasterio
-    from rasterio.warp import transform_bounds
 
     transform = rasterio.Affine(*tile_info["transform"])
     left, top = transform @ (0, 0)
     right, bottom = transform @ (tile_info["width"], tile_info["height"])
-    found = []
+    return min(left, right), min(top, bottom), max(left, right), max(top, bottom)
+
+
+def _overlaps(tiles, maps) -> dict:
+    """{tile: [map paths]} by bounds: each scene's extent is projected once per map CRS (densified
+    edges), then compared with all maps of that CRS at once, so thousands of tiles pair in seconds."""
+    from rasterio.warp import transform_bounds
+
+    by_crs = {}
     for label_map in maps.values():
-        x0, y0, x1, y1 = transform_bounds(
-            tile_info["crs"],
-            label_map["crs"],
-            min(left, right),
-            min(top, bottom),
-            max(left, right),
-            max(top, bottom),
-            densify_pts=21,
-        )
-        map_left, map_bottom, map_right, map_top = label_map["bounds"]
-        if x0 < map_right and x1 > map_left and y0 < map_top and y1 > map_bottom:
-            found.append(label_map["path"])
-    return found
+        by_crs.setdefault(label_map["crs"].to_string(), []).append(label_map)
+    found = {tile: [] for tile in tiles}
+    for crs, group in by_crs.items():
+        bounds = np.array([label_map["bounds"] for label_map in group], dtype=np.float64)
+        for tile, info in tiles.items():
+            x0, y0, x1, y1 = transform_bounds(info["crs"], crs, *_scene_bounds(info), densify_pts=21)
+            hit = (x0 < bounds[:, 2]) & (x1 > bounds[:, 0]) & (y0 < bounds[:, 3]) & (y1 > bounds[:, 1])
+            found[tile] += [group[index]["path"] for index in np.flatnonzero(hit)]
+    return {tile: sorted(paths) for tile, paths in found.items()}
 
 
 # ---- the segmentation layout: {train,val,test}/{images,masks}/*.png ----

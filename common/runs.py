@@ -165,8 +165,16 @@ def write_config(run_dir, args, **derived) -> dict:
     return record
 
 
+_MULTI_WORKER_STRATEGY = []  # TensorFlow allows one MultiWorkerMirroredStrategy per process
+
+
 def make_strategy(name: str):
-    """Map --strategy {default,mirrored,multiworker} to a tf.distribute strategy."""
+    """Map --strategy {default,mirrored,multiworker} to a tf.distribute strategy.
+
+    multiworker reads the cluster from TF_CONFIG, or from SLURM's variables when TF_CONFIG is unset
+    and the process runs in a SLURM job (README "Running on a cluster"). It must be made before the
+    first TensorFlow op of the process; later calls return the same strategy.
+    """
     import tensorflow as tf
 
     if name == "default":
@@ -174,5 +182,25 @@ def make_strategy(name: str):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        from common import distribute
+
+        if not _MULTI_WORKER_STRATEGY:
+            _MULTI_WORKER_STRATEGY.append(distribute.multi_worker_strategy())
+        return _MULTI_WORKER_STRATEGY[0]
     raise InputError("--strategy", f"unknown strategy {name!r}", "default, mirrored or multiworker")
+
+
+def chief_results_dir(strategy, results_dir: str) -> str:
+    """`results_dir` on the chief (and without multi-worker training); a scratch folder elsewhere.
+
+    Every worker of a multi-worker run executes the whole script; only the chief (task 0) keeps
+    what it writes, the others write into a temporary folder removed when the process ends.
+    """
+    if strategy.extended.should_checkpoint:
+        return results_dir
+    import atexit
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix=f"worker{strategy.cluster_resolver.task_id}_")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return scratch

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,7 +12,7 @@ from conftest import one_line_error, run_script
 from rasterio.warp import transform as transform_points
 
 import dataset_creator
-from common import aras400k
+from common import aras400k, aras400k_build
 from common.raster import write_geotiff
 
 RES = 1.0 / 1200  # a coarse EPSG:4326 grid shared by hand-made images and maps
@@ -136,7 +137,9 @@ def test_scaling_formulas():
     expected = (image[:3].astype(np.int64) * 255 // 3000).astype(np.uint8)
     assert rgb.shape == (2, 2, 3) and rgb.tolist() == np.moveaxis(expected[::-1], 0, -1).tolist()
     rgbnir = dataset_creator.scale_to_uint8(image, "patch_max", "rgbnir")
-    assert rgbnir.shape == (2, 2, 4) and rgbnir[0, 0, 3] == 255  # NIR peak 9000 sets the scale
+    # The RGB maximum (3000) scales R, G, B as with --bands rgb; NIR is scaled by its own (9000).
+    assert rgbnir.shape == (2, 2, 4) and np.array_equal(rgbnir[..., :3], rgb)
+    assert rgbnir[..., 3].tolist() == (image[3].astype(np.int64) * 255 // 9000).tolist()
     tables = dataset_creator.scaling_tables("fixed", max_reflectance=0.3)
     fixed = dataset_creator.scale_to_uint8(image, "fixed", "rgb", tables)
     assert fixed[..., 2].tolist() == [[0, 85], [254, 255]]  # red: DN/10000 clipped at 0.3 -> x255
@@ -272,7 +275,7 @@ def test_band_modes_formats_and_percentile_scaling(tmp_path):
     run([*common, "--out", tmp_path / "png"])
     bgra = cv2.imread(str(tmp_path / "png" / "images" / "N36E027_000_001.png"), cv2.IMREAD_UNCHANGED)
     patch = pixels[:, :, 256:].astype(np.int64)
-    expected_nir = (patch[3] * 255 // patch.max()).astype(np.uint8)
+    expected_nir = (patch[3] * 255 // patch[3].max()).astype(np.uint8)
     assert bgra.shape == (256, 256, 4) and np.array_equal(bgra[..., 3], expected_nir)
     report = run(
         [
@@ -296,18 +299,21 @@ def test_band_modes_formats_and_percentile_scaling(tmp_path):
     assert (tmp_path / "tif" / "masks" / "N36E027_000_001.png").is_file()
 
 
-def test_split_is_by_tile_and_seeded(demo):
+def test_split_is_by_tile_and_seeded_and_the_demo_splits_by_patch(demo):
     tiles = [f"N{i:02d}E000" for i in range(10)]
-    first = dataset_creator.split_tiles(tiles, [0.8, 0.1, 0.1], seed=0)
-    assert first == dataset_creator.split_tiles(list(reversed(tiles)), [0.8, 0.1, 0.1], seed=0)
+    first = aras400k_build.split_names(tiles, [0.8, 0.1, 0.1], seed=0)
+    assert first == aras400k_build.split_names(list(reversed(tiles)), [0.8, 0.1, 0.1], seed=0)
     assert sorted(first.values()).count("train") == 8 and sorted(first.values()).count("test") == 1
-    others = [dataset_creator.split_tiles(tiles, [0.8, 0.1, 0.1], seed=s) for s in range(1, 6)]
+    others = [aras400k_build.split_names(tiles, [0.8, 0.1, 0.1], seed=s) for s in range(1, 6)]
     assert any(other != first for other in others)
-    assert dataset_creator.split_tiles(tiles[:2], [0.8, 0.1, 0.1], seed=0).keys() == set(tiles[:2])
-    _, out, report = demo
-    for split, split_tiles in report["split"]["tiles"].items():
-        for tile in split_tiles:  # every patch of a tile sits in its tile's split folder
-            assert all(p.parent.parent.name == split for p in out.glob(f"*/images/{tile}_*.png"))
+    _, out, report = demo  # two tiles: the demo splits patches, and says so
+    assert report["split"]["level"] == "patch" and report["split"]["tiles"] is None
+    assert "patch-level split" in report["split"]["note"]
+    assert all(report["totals"]["kept_by_split"][split] >= 1 for split in aras400k.SPLITS)
+    with open(out / "manifest.csv") as file:
+        for row in csv.DictReader(file):
+            assert (out / row["split"] / "images" / row["patch"]).is_file()
+    assert not list((out / "images").glob("*.png"))  # nothing left in the flat folder
 
 
 def test_rerun_skips_finished_patches_and_interrupted_run_completes(tmp_path):
@@ -370,9 +376,9 @@ def assert_nothing_written(out):
 def test_unpaired_tile(tmp_path, capsys):
     pixels, codes = land(256, 256)
     s2_dir, map_dir = make_pair(tmp_path, "N36E027", pixels, codes)
-    make_pair(tmp_path, "N36E030", pixels, None)
+    make_pair(tmp_path, "N36E030", pixels, None, lon0=30.0)
     code = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out"])
-    assert_clean_error(capsys, code, "N36E030_S2RGBNIR.tif", "no WorldCover map for tile N36E030")
+    assert_clean_error(capsys, code, "N36E030_S2RGBNIR.tif", "no WorldCover map", "overlaps tile N36E030")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -380,7 +386,7 @@ def test_unknown_code_names_value_and_position(tmp_path, capsys):
     pixels, codes = land(512, 512)
     codes[300, 17] = 37  # inside patch (1, 0), after patches (0, 0) and (0, 1) are written
     s2_dir, map_dir = make_pair(tmp_path, "N36E027", pixels, codes)
-    code = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out"])
+    code = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out", "--split", "none"])
     assert_clean_error(
         capsys,
         code,
@@ -409,7 +415,7 @@ def test_corrupt_non_geotiff_and_band_count(tmp_path, capsys, kind):
             s2_path, pixels[:3], transform=rasterio.Affine(RES, 0, 27, 0, -RES, 39), crs="EPSG:4326"
         )
         fragment = "has 3 bands; expected 4 bands"
-    code = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out"])
+    code = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out", "--split", "none"])
     assert_clean_error(capsys, code, s2_path.name, fragment)
     assert_nothing_written(tmp_path / "out")
 
@@ -432,3 +438,139 @@ def test_keep_going_processes_other_tiles_and_reports_failures(tmp_path):
         "N36E027_000_000.png",
         "N36E027_000_001.png",
     ]
+
+
+# ---- product sub-folders, pairing by bounds, small inputs, shards, class percentages ----
+
+
+def four_tiles(folder):
+    """Four 256 x 512 tiles on a 2 x 2 grid of 3-degree cells, each with its map."""
+    for index, tile in enumerate(("N36E027", "N36E030", "N33E027", "N33E030")):
+        pixels, codes = land(256, 512, seed=index)
+        codes[:, 100 + 40 * index : 140 + 40 * index] = (20, 30, 60, 80)[index]
+        s2_dir, map_dir = make_pair(
+            folder, tile, pixels, codes, lon0=27.0 + 3 * (index % 2), lat0=39.0 - 3 * (index // 2)
+        )
+    return s2_dir, map_dir
+
+
+def test_product_sub_folders_are_searched_and_duplicate_tile_ids_refused(tmp_path, capsys):
+    s2_dir, map_dir = four_tiles(tmp_path / "flat")
+    flat = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "a", "--split", "none"])
+    for folder in (s2_dir, map_dir):  # the Terrascope client's layout: <folder>/<product>/<file>
+        for path in list(folder.glob("*.tif")):
+            (folder / path.stem).mkdir()
+            path.rename(folder / path.stem / path.name)
+        (folder / path.stem / ".partial").mkdir()  # a download in progress is not an input
+        (folder / path.stem / ".partial" / path.name).write_bytes(b"half a file")
+    nested = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "b", "--split", "none"])
+    assert nested["totals"] == flat["totals"] and nested["totals"]["kept"] == 8
+    copy = s2_dir / "again" / "ESA_WorldCover_10m_2021_v200_N33E030_S2RGBNIR.tif"
+    copy.parent.mkdir()
+    copy.write_bytes(next(s2_dir.rglob("*N33E030_S2RGBNIR.tif")).read_bytes())
+    code = run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "c", "--split", "none"])
+    line = assert_clean_error(capsys, code, "has the tile id N33E030 of", "one *_S2RGBNIR.tif per tile id")
+    assert str(copy) in line or str(next(s2_dir.glob("*N33E030*/*.tif"))) in line
+
+
+def test_scene_pairs_with_every_map_it_overlaps_whatever_their_ids(tmp_path):
+    pixels, _ = land(256, 512)
+    s2_dir, _ = make_pair(tmp_path, "N36E027", pixels, None, lon0=29.9)  # straddles 30 E
+    for tile, lon0, code in (("N33E024", 27.0, 40), ("N33E033", 30.0, 50)):  # ids unlike the scene's
+        write_geotiff(
+            tmp_path / "worldcover_2021" / f"ESA_WorldCover_10m_2021_v200_{tile}_Map.tif",
+            np.full((256, 3600), code, np.uint8),
+            transform=rasterio.Affine(RES, 0, lon0, 0, -RES, 39.0),
+            crs="EPSG:4326",
+        )
+    out = tmp_path / "out"
+    report = run(
+        ["--s2_dir", s2_dir, "--map_dir", tmp_path / "worldcover_2021", "--out", out, "--split", "none"]
+    )
+    assert [Path(p).name[-16:] for p in report["tiles"]["N36E027"]["map_files"]] == [
+        "_N33E024_Map.tif",
+        "_N33E033_Map.tif",
+    ]
+    left, right = (
+        decode_mask(out / "masks" / "N36E027_000_000.png"),
+        decode_mask(out / "masks" / "N36E027_000_001.png"),
+    )
+    assert set(np.unique(left)) == {3, 4}  # 120 px of cropland (code 40) west of 30 E, built-up east
+    assert set(np.unique(right)) == {4}
+
+
+def test_fewer_tiles_than_splits_needs_the_labelled_patch_level_split(tmp_path, capsys):
+    pixels, codes = land(768, 768)
+    s2_dir, map_dir = make_pair(tmp_path, "N36E027", pixels, codes)
+    argv = ["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out"]
+    assert_clean_error(capsys, run(argv), "1 tile(s) cannot fill 3 splits by tile", "--split_level patch")
+    report = run([*argv, "--split_level", "patch"])
+    assert report["totals"]["kept_by_split"] == {"train": 7, "val": 1, "test": 1}
+    assert report["split"]["level"] == "patch" and "optimistic" in report["split"]["note"]
+    assert run([*argv, "--split_level", "patch"])["totals"] == report["totals"]  # continuing: same split
+    assert len(list((tmp_path / "out").glob("*/images/*.png"))) == 9
+    assert run([*argv, "--split_level", "patch", "--scaling", "fixed"]) == 2  # never mixed into it
+
+
+def tree(root, skip=("config.json", "shards")):
+    """{relative path: bytes} of every file under root except config.json and the shards' folders;
+    report.json without its run time."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if path.is_file() and name.split("/")[0] not in skip:
+            files[name] = path.read_bytes()
+    report = json.loads(files.pop("report.json"))
+    report.pop("seconds")
+    return files, report
+
+
+@pytest.mark.parametrize("level", ["tile", "patch"])
+def test_three_shards_and_merge_equal_one_run_file_by_file(tmp_path, level):
+    s2_dir, map_dir = four_tiles(tmp_path)
+    argv = ["--s2_dir", s2_dir, "--map_dir", map_dir, "--split_level", level, "--scaling", "percentile"]
+    run([*argv, "--out", tmp_path / "one"])
+    for index in (1, 2, 3):
+        shard = run([*argv, "--out", tmp_path / "sharded", "--shard", f"{index}/3"])
+        assert shard["totals"]["tiles"] == (2 if index == 1 else 1)  # round-robin over 4 tiles
+    assert (tmp_path / "sharded" / "shards" / "2_of_3" / "report.json").is_file()
+    merged = run(["--out", tmp_path / "sharded", "--merge"])
+    assert merged["totals"]["kept"] == 8
+    one_files, one_report = tree(tmp_path / "one")
+    merged_files, merged_report = tree(tmp_path / "sharded")
+    assert merged_report == one_report
+    assert sorted(merged_files) == sorted(one_files) and merged_files == one_files
+    assert any(name.startswith("class_percentages/") for name in one_files)
+
+
+def test_merge_refuses_missing_shards(tmp_path, capsys):
+    s2_dir, map_dir = four_tiles(tmp_path)
+    run(["--s2_dir", s2_dir, "--map_dir", map_dir, "--out", tmp_path / "out", "--shard", "1/2"])
+    code = run(["--out", tmp_path / "out", "--merge"])
+    assert_clean_error(capsys, code, "2_of_2", "is missing or unfinished", "all 2 shards")
+
+
+def test_class_percentages_per_split_and_for_any_mask_folder(demo, tmp_path):
+    _, out, _ = demo
+    with open(out / "manifest.csv") as file:
+        fractions = {row["patch"]: row for row in csv.DictReader(file)}
+    for split in aras400k.SPLITS:
+        with open(aras400k.percentages_csv_path(out, split)) as file:
+            rows = list(csv.DictReader(file))
+        assert rows and list(rows[0]) == aras400k.PERCENTAGE_COLUMNS
+        decoded = tmp_path / f"{split}.csv"  # the same table as decoding the masks gives
+        aras400k.write_class_percentages(out / split / "masks", decoded)
+        assert decoded.read_text() == aras400k.percentages_csv_path(out, split).read_text()
+        for row in rows:
+            manifest = fractions[row["filename"]]
+            for name, key in zip(aras400k.CLASS_NAMES, aras400k.CLASS_KEYS, strict=True):
+                assert float(row[name]) == pytest.approx(100 * float(manifest[f"frac_{key}"]), abs=0.006)
+    masks = tmp_path / "synth" / "train" / "masks"  # e.g. generated masks: any folder of palette PNGs
+    masks.mkdir(parents=True)
+    labels = np.zeros((4, 5), np.uint8)
+    labels[:, 4] = 6  # 16 tree, 4 water pixels
+    cv2.imwrite(str(masks / "g0.png"), cv2.cvtColor(aras400k.labels_to_colours(labels), cv2.COLOR_RGB2BGR))
+    assert run(["--percentages", masks]) == tmp_path / "synth" / "class_percentages" / "train.csv"
+    with open(tmp_path / "synth" / "class_percentages" / "train.csv") as file:
+        (row,) = list(csv.DictReader(file))
+    assert row["filename"] == "g0.png" and float(row["Tree"]) == 80.0 and float(row["Water"]) == 20.0

@@ -1,0 +1,320 @@
+"""ARAS400k download: WorldCover 2021 S2 RGBNIR composites and land-cover maps from Terrascope.
+
+Paper: U. M. Caglar, A. Temizel, "Grounding Synthetic Data Generation With Vision and Language
+Models" (ARAS400k), arXiv 2603.09625. The first step of the dataset pipeline, as the reference's
+`dataset_downloader.py`: the products of the ESA WorldCover 2021 S2 RGBNIR composites
+(`urn:eop:VITO:ESA_WorldCover_S2RGBNIR_10m_2021_V2`) and maps (`urn:eop:VITO:ESA_WorldCover_10m_2021_V2`)
+whose footprint meets `--bbox` (default: the reference's Turkiye box), fetched with VITO's catalogue
+client `terracatalogueclient` into `<out_dir>/S2RGB_2021/<product>/` and
+`<out_dir>/worldcover_2021/<product>/`, the folders `dataset_creator.py` reads by default.
+
+Unlike the reference it runs unattended (README "dataset_downloader.py"): the password grant reads
+the account from the environment ($TERRASCOPE_USERNAME, $TERRASCOPE_PASSWORD; never argv or logs),
+there is no "[Y/n]" question, only data files are fetched (no previews or metadata), a file already
+complete (size, and with --verify the checksum of download_manifest.csv) is skipped, a dropped
+transfer is retried with exponential back-off, and every finished file is added to the manifest
+(collection, product id, file, size, SHA-256) at once. `--dry_run` lists what would be fetched.
+
+Commands:
+    TERRASCOPE_USERNAME=... TERRASCOPE_PASSWORD=... python dataset_downloader.py
+    python dataset_downloader.py --dry_run                  # search only, no account needed
+    python dataset_downloader.py --demo     # a local catalogue on 127.0.0.1 serving demo tiles
+    python dataset_creator.py --s2_dir S2RGB_2021 --map_dir worldcover_2021 --out ARAS400k
+
+Runtime: bound by the network (the full box is several hundred GB; every tile is one 3x3 degree
+product). The demo takes a few seconds and prints
+    summary: 4 products, 4 data files, fetched 4 (6.3 MB), complete before 0, retried 1; manifest ...
+"""
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from common import aras400k, atomic, cli, runs
+from common.errors import InputError, cli_entry, require, require_file
+
+# The two collections of the reference: --collections key -> (catalogue id, output folder).
+COLLECTIONS = {
+    "s2": ("urn:eop:VITO:ESA_WorldCover_S2RGBNIR_10m_2021_V2", "S2RGB_2021"),
+    "map": ("urn:eop:VITO:ESA_WorldCover_10m_2021_V2", "worldcover_2021"),
+}
+TURKIYE_BBOX = (25.668510437000105, 35.81543000000018, 44.83476000000008, 42.10757000000004)
+MANIFEST = "download_manifest.csv"
+MANIFEST_FIELDS = ["collection", "product_id", "file", "size", "sha256"]
+
+
+def get_args_parser():
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--bbox", type=float, nargs=4, default=TURKIYE_BBOX, help="west south east north (EPSG:4326).")
+    add("--collections", nargs="+", choices=tuple(COLLECTIONS), default=["s2", "map"], help="What to fetch.")
+    add("--out_dir", default=".", help="Root of S2RGB_2021/, worldcover_2021/ and download_manifest.csv.")
+    add(
+        "--catalogue_config",
+        default="",
+        help="terracatalogueclient .ini overriding its Terrascope endpoints (empty: Terrascope).",
+    )
+    add("--username_env", default="TERRASCOPE_USERNAME", help="Environment variable holding the account.")
+    add("--password_env", default="TERRASCOPE_PASSWORD", help="Environment variable holding its password.")
+    add("--retries", type=int, default=5, help="Attempts after the first for a file that fails.")
+    add("--backoff_s", type=float, default=2.0, help="Wait before retry k: backoff_s * 2**(k-1) seconds.")
+    add("--dry_run", action="store_true", help="Search and list the files to fetch; download nothing.")
+    add("--verify", action="store_true", help="Also check the SHA-256 of files the manifest lists.")
+    cli.add_demo_argument(parser, "served by a local catalogue on 127.0.0.1 (a few seconds).")
+    add("--demo_size", type=int, default=512, help=argparse.SUPPRESS)
+    add("--results_dir", default="results", help="With --demo: root of the demo's output tree.")
+    add("--seed", type=int, default=0, help="With --demo: seed of the demo tiles.")
+    parser.demo_defaults(backoff_s=0.1)
+    return parser
+
+
+# ---- the catalogue client ----
+
+
+def open_catalogue(args, credentials):
+    """terracatalogueclient's Catalogue on --catalogue_config; authenticated (password grant) when
+    `credentials` is given. The client's search and download sessions retry 429/5xx answers."""
+    from terracatalogueclient import Catalogue
+    from terracatalogueclient.config import CatalogueConfig
+
+    if args.catalogue_config:
+        config = CatalogueConfig.from_file(str(require_file(args.catalogue_config, "a catalogue .ini")))
+    else:
+        config = CatalogueConfig.get_default_config()
+    catalogue = Catalogue(config)
+    if credentials:
+        catalogue = catalogue.authenticate_non_interactive(*credentials)
+    return catalogue
+
+
+def read_credentials(args):
+    """(username, password) from the environment: never a prompt, never argv."""
+    username, password = os.environ.get(args.username_env, ""), os.environ.get(args.password_env, "")
+    require(
+        username and password,
+        f"${args.username_env} / ${args.password_env}",
+        "not set",
+        "the Terrascope account in these environment variables (or --dry_run to only search)",
+    )
+    return username, password
+
+
+def search(catalogue, collection, args):
+    """Every product of `collection` meeting --bbox, all pages; a failed search is one error line."""
+    from requests_auth.errors import GrantNotProvided, InvalidGrantRequest
+    from terracatalogueclient.exceptions import SearchException, TooManyResultsException
+
+    try:
+        return list(catalogue.get_products(collection, bbox=list(args.bbox)))
+    except (InvalidGrantRequest, GrantNotProvided):
+        raise refused(args) from None
+    except (SearchException, TooManyResultsException, OSError) as error:
+        url = catalogue.config.catalogue_url
+        raise InputError(
+            url, f"search of {collection} failed ({short(error)})", "a reachable catalogue"
+        ) from None
+
+
+def refused(args) -> InputError:
+    """The token endpoint turned the account down (the message never holds the password)."""
+    return InputError(
+        f"${args.username_env} / ${args.password_env}",
+        "were refused by the token endpoint",
+        "a valid Terrascope account",
+    )
+
+
+def short(error) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:160]
+
+
+def product_folder(product) -> str:
+    """The client's folder name for a product: its id after the last ':' (one sub-folder each)."""
+    return product.id.rsplit(":", 1)[-1]
+
+
+# ---- files ----
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path) -> dict:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as file:
+        return {row["file"]: row for row in csv.DictReader(file)}
+
+
+def is_complete(path, expected_size, record, verify) -> bool:
+    """A file kept from an earlier run: the catalogue's size (or the manifest's), and the manifest's
+    checksum with --verify."""
+    if not path.exists():
+        return False
+    size = path.stat().st_size
+    if expected_size is not None and size != expected_size:
+        return False
+    if record is None:
+        return expected_size is not None
+    return size == int(record["size"]) and (not verify or sha256(path) == record["sha256"])
+
+
+def download(catalogue, product_file, target, args, counters):
+    """One file through the client into `<product>/.partial/`, size-checked, renamed into place;
+    retried with exponential back-off. Returns its SHA-256."""
+    from requests_auth.errors import GrantNotProvided, InvalidGrantRequest
+    from terracatalogueclient.exceptions import ProductDownloadException
+
+    partial = target.parent / ".partial"
+    for attempt in range(args.retries + 1):
+        try:
+            catalogue.download_file(product_file, str(partial))
+            fetched = partial / target.name
+            size = fetched.stat().st_size
+            if product_file.length is not None and size != product_file.length:
+                raise OSError(f"got {size} of {product_file.length} bytes")
+            digest = sha256(fetched)
+            os.replace(fetched, target)
+            return digest
+        except (InvalidGrantRequest, GrantNotProvided):
+            raise refused(args) from None
+        except ProductDownloadException as error:
+            raise InputError(product_file.href, short(error), "an account allowed to download it") from None
+        except OSError as error:  # requests' connection and transfer errors are OSErrors too
+            if attempt == args.retries:
+                raise InputError(
+                    product_file.href,
+                    f"failed {attempt + 1} times (last: {short(error)})",
+                    "a reachable catalogue; a re-run keeps the finished files",
+                ) from None
+            wait = args.backoff_s * 2**attempt
+            counters["retried"] += 1
+            print(f"retry {attempt + 1}/{args.retries} of {target.name} in {wait:.1f} s: {short(error)}")
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# ---- main's steps ----
+
+
+def plan_files(catalogue, args, out_dir):
+    """(collection, product, product file, target path) of every data file of the matching products."""
+    plan = []
+    for key in args.collections:
+        collection, folder = COLLECTIONS[key]
+        products = search(catalogue, collection, args)
+        files = [(p, f) for p in products for f in p.data]  # data files only: no previews or metadata
+        size = sum(f.length or 0 for _, f in files)
+        print(f"{collection}: {len(products)} products, {len(files)} data files, {size / 1e6:.1f} MB")
+        for product, product_file in files:
+            target = out_dir / folder / product_folder(product) / os.path.basename(product_file.href)
+            plan.append((collection, product, product_file, target))
+    return plan
+
+
+def fetch_all(catalogue, plan, args, out_dir):
+    """Download what is not complete; the manifest is rewritten after every finished file."""
+    manifest_path = out_dir / MANIFEST
+    manifest = read_manifest(manifest_path)
+    counters = {"fetched": 0, "fetched_bytes": 0, "complete": 0, "retried": 0}
+    for collection, product, product_file, target in plan:
+        name = target.relative_to(out_dir).as_posix()
+        if is_complete(target, product_file.length, manifest.get(name), args.verify):
+            counters["complete"] += 1
+            digest = manifest[name]["sha256"] if name in manifest else sha256(target)
+        elif args.dry_run:
+            print(f"would fetch {name} ({(product_file.length or 0) / 1e6:.1f} MB)")
+            continue
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = download(catalogue, product_file, target, args, counters)
+            counters["fetched"] += 1
+            counters["fetched_bytes"] += target.stat().st_size
+            print(f"fetched {name}", flush=True)
+        record = {"collection": collection, "product_id": product.id, "file": name}
+        manifest[name] = {**record, "size": target.stat().st_size, "sha256": digest}
+        if not args.dry_run:
+            atomic.write_csv(
+                manifest_path, sorted(manifest.values(), key=lambda r: r["file"]), MANIFEST_FIELDS
+            )
+    for folder in {target.parent / ".partial" for *_, target in plan}:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return counters
+
+
+def demo_catalogue(args):
+    """--demo: two S2 tiles and two maps (dataset_creator's demo tiles) behind a local catalogue."""
+    import rasterio
+    from rasterio.warp import transform_bounds
+
+    from common.terrascope_local import LocalCatalogue
+
+    data = cli.demo_data_dir(args, "dataset_downloader")
+    s2_dir, map_dir = aras400k.write_demo_tiles(data / "served", args.demo_size, args.seed)
+    products = {}
+    for key, folder in (("s2", s2_dir), ("map", map_dir)):
+        collection = COLLECTIONS[key][0]
+        products[collection] = []
+        for path in sorted(folder.glob("*.tif")):
+            with rasterio.open(path) as raster:  # the product's footprint, as the catalogue gives it
+                bbox = transform_bounds(raster.crs, "EPSG:4326", *raster.bounds)
+            products[collection].append({"id": f"{collection}:{path.stem}", "bbox": bbox, "files": [path]})
+    catalogue = LocalCatalogue(products, username="demo", password="demo-password")
+    args.catalogue_config = str(catalogue.write_config(data / "catalogue.ini"))
+    args.out_dir = str(Path(args.results_dir) / "dataset_downloader" / "demo")
+    return catalogue
+
+
+@cli_entry
+def main(args):
+    require(args.retries >= 0 and args.backoff_s >= 0, "--retries/--backoff_s", "negative", "values >= 0")
+    west, south, east, north = args.bbox
+    require(west < east and south < north, "--bbox", f"got {args.bbox}", "west < east and south < north")
+    local = demo_catalogue(args) if args.demo else None
+    runs.print_args(args)
+    out_dir = Path(args.out_dir)
+    with local or contextlib.nullcontext():
+        if args.dry_run:
+            credentials = None  # the search needs no account
+        elif local is not None:
+            credentials = (local.username, local.password)
+            local.truncate_next(local.products[COLLECTIONS["s2"][0]][0]["files"][0].name)  # show a retry
+        else:
+            credentials = read_credentials(args)
+        catalogue = open_catalogue(args, credentials)
+
+        # ---- search ----
+        plan = plan_files(catalogue, args, out_dir)
+
+        # ---- download ----
+        counters = fetch_all(catalogue, plan, args, out_dir)
+    products = len({product.id for _, product, _, _ in plan})
+    summary = (
+        f"summary: {products} products, {len(plan)} data files, fetched {counters['fetched']} "
+        f"({counters['fetched_bytes'] / 1e6:.1f} MB), complete before {counters['complete']}, "
+        f"retried {counters['retried']}"
+        + (" (dry run)" if args.dry_run else f"; manifest {out_dir / MANIFEST}")
+    )
+    if args.demo and not args.dry_run:
+        folders = [out_dir / COLLECTIONS[key][1] for key in ("s2", "map")]
+        print(
+            f"next: python dataset_creator.py --s2_dir {folders[0]} --map_dir {folders[1]} "
+            "--split_level patch"
+        )
+    print(summary)
+    return {"plan": [target for *_, target in plan], **counters, "summary": summary}
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
