@@ -122,18 +122,28 @@ def require_image_size(image_size):
 
 
 def build_segformer(encoder_name, image_size, decoder_width=256, num_classes=NUM_CLASSES, weights=""):
-    """SegFormer head (Xie et al. 2021, Eq. 1-4) on the encoder's 4 stages, as smp's Segformer.
+    """SegFormer head (Xie et al. 2021, Eq. 1-4) on the encoder's 5 stages, as smp's Segformer.
 
-    Each stage is projected by a per-pixel linear layer to `decoder_width`, upsampled to stride 4,
-    concatenated, fused by 1x1 conv + BN + ReLU, classified by a 1x1 conv and upsampled to the input.
-    Logits are float32 even under mixed precision, so softmax and Dice stay accurate.
+    segmentation_models_pytorch (which the paper used) fuses all 5 EfficientNet stages, strides 2-32:
+    each is projected by a per-pixel linear layer to `decoder_width` and resized bilinearly to
+    stride 4 (the stride-2 stage is halved: PyTorch's bilinear x0.5 without antialiasing is a 2x2
+    mean), concatenated deepest first (5 x 256 = 1280 channels), fused by 1x1 conv + BN + ReLU,
+    classified by a 1x1 conv and upsampled x4. Logits are float32 even under mixed precision.
     """
     require_image_size(image_size)
     encoder = aras400k.build_encoder(encoder_name, image_size, weights)
+    logits = segformer_decoder(aras400k.encoder_pyramid(encoder, image_size), decoder_width, num_classes)
+    return keras.Model(encoder.input, logits, name=f"segformer_{encoder_name}")
+
+
+def segformer_decoder(features, decoder_width=256, num_classes=NUM_CLASSES):
+    """The all-MLP decoder and head on the 5 stage outputs (strides 2, 4, 8, 16, 32), to logits."""
     projected = []
-    for stride, feature in zip((4, 8, 16, 32), aras400k.encoder_pyramid(encoder, image_size), strict=True):
+    for stride, feature in zip(aras400k.ENCODER_STRIDES, features, strict=True):
         x = layers.Conv2D(decoder_width, 1, name=f"decoder_linear_stride{stride}")(feature)
-        if stride > 4:
+        if stride == 2:
+            x = layers.AveragePooling2D(2, name="decoder_downsample_stride2")(x)
+        elif stride > 4:
             x = layers.UpSampling2D(
                 stride // 4, interpolation="bilinear", name=f"decoder_upsample_stride{stride}"
             )(x)
@@ -144,8 +154,17 @@ def build_segformer(encoder_name, image_size, decoder_width=256, num_classes=NUM
     x = layers.ReLU(name="decoder_fuse_relu")(x)
     x = layers.Conv2D(num_classes, 1, name="decoder_classifier")(x)
     x = layers.UpSampling2D(4, interpolation="bilinear", name="decoder_upsample_output")(x)
-    logits = layers.Activation("linear", dtype="float32", name="logits")(x)
-    return keras.Model(encoder.input, logits, name=f"segformer_{encoder_name}")
+    return layers.Activation("linear", dtype="float32", name="logits")(x)
+
+
+def decoder_parameter_count(model):
+    """Trainable parameters of the decoder and head (layers named decoder_*), as smp counts them."""
+    return sum(
+        int(np.prod(variable.shape))
+        for layer in model.layers
+        if layer.name.startswith("decoder_")
+        for variable in layer.trainable_weights
+    )
 
 
 @keras.saving.register_keras_serializable(package="aras400k")
