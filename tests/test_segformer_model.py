@@ -145,6 +145,12 @@ SMP_DECODER_PARAMETERS = {
 }
 
 
+def decoder_parameter_count(model):
+    """Trainable parameters of the decoder and head (layers named decoder_*), as smp counts them."""
+    decoder = [layer for layer in model.layers if layer.name.startswith("decoder_")]
+    return sum(int(np.prod(v.shape)) for layer in decoder for v in layer.trainable_weights)
+
+
 # The smallest and the largest encoder (fewest and most blocks per stage); each build of the larger
 # ones costs seconds of CPU, so the sizes in between are left to --encoder runs.
 @pytest.mark.parametrize("encoder", ["efficientnetb0", "efficientnetb7"])
@@ -154,7 +160,7 @@ def test_decoder_matches_smp_and_has_input_size(encoder):
     strides = [64 // feature.shape[1] for feature in aras400k.encoder_pyramid(model, 64)]
     assert strides == [2, 4, 8, 16, 32]
     assert model.get_layer("decoder_fuse_conv").kernel.shape == (1, 1, 1280, 256)
-    assert st.decoder_parameter_count(model) == SMP_DECODER_PARAMETERS[encoder]
+    assert decoder_parameter_count(model) == SMP_DECODER_PARAMETERS[encoder]
 
 
 def test_stride2_stage_is_halved_as_pytorch_bilinear_does():
