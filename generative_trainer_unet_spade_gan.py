@@ -16,8 +16,7 @@ Commands:
     python generative_trainer_unet_spade_gan.py --data_root ARAS400k --resume --generate
     python generative_trainer_unet_spade_gan.py --demo --generate   # 64 px, widths / 16, ~1 min CPU
 
-Runtime: the paper setting (256 px, batch 50, 20 epochs over ~80k patches) needs a GPU
-(`--strategy mirrored`); the demo takes about a minute on a laptop CPU. Outputs in
+Runtime: the paper setting (256 px, 20 epochs over ~80k patches) needs a GPU; outputs in
 `results/generative_trainer_unet_spade_gan/<run_name>/`: config.json, log.csv, state.json +
 checkpoint_epochNNN.npz, generator.weights.h5, samples.png, metrics.json. The demo prints
     gan: 20 epochs, 120 steps | last epoch loss_D 1.8897 loss_G_adv 0.0984 loss_G_vgg off | 96 masks
@@ -40,9 +39,7 @@ from common.errors import InputError, cli_entry, require, require_dir, require_f
 NUM_CLASSES = aras400k.NUM_CLASSES
 INSTANCE_NORM_EPS = 1e-5  # torch.nn.InstanceNorm2d's default
 # The arguments that change what a checkpoint holds: --resume refuses a run made with others.
-SAME_SETTINGS = (
-    "image_size width_divisor batch_size learning_rate beta_1 beta_2 vgg_weights vgg_weight seed".split()
-)
+SAME_SETTINGS = "image_size width_divisor batch_size learning_rate beta_1 beta_2 vgg_weights vgg_weight seed"
 
 
 def get_args_parser():
@@ -113,7 +110,6 @@ def nearest_downsample(segmap, size):
     return segmap[:, ::factor, ::factor, :]
 
 
-@keras.saving.register_keras_serializable(package="spade_gan")
 class SPADE(layers.Layer):
     """Park et al. Eq. 1: x_hat * (1 + gamma(m)) + beta(m), gamma and beta from a shared conv of the mask.
 
@@ -141,12 +137,7 @@ class SPADE(layers.Layer):
         activation = ops.relu(self.mlp_shared(segmap))
         return instance_norm(x) * (1.0 + self.mlp_gamma(activation)) + self.mlp_beta(activation)
 
-    def get_config(self):
-        config = {"norm_channels": self.norm_channels, "hidden": self.hidden}
-        return {**super().get_config(), **config, "label_channels": self.label_channels}
 
-
-@keras.saving.register_keras_serializable(package="spade_gan")
 class SPADEResnetBlock(layers.Layer):
     """SPADE residual block: two (SPADE, LeakyReLU 0.2, 3x3 conv) steps plus the shortcut.
 
@@ -183,9 +174,6 @@ class SPADEResnetBlock(layers.Layer):
         dx = self.conv_0(ops.leaky_relu(self.norm_0((x, segmap)), 0.2))
         dx = self.conv_1(ops.leaky_relu(self.norm_1((dx, segmap)), 0.2))
         return shortcut + dx
-
-    def get_config(self):
-        return {**super().get_config(), "fin": self.fin, "fout": self.fout, "hidden": self.hidden}
 
 
 def build_generator(image_size, width_divisor=1):
@@ -262,9 +250,8 @@ def vgg_input(images):
     """The image the reference shows torchvision's VGG19, in the Keras (Caffe) file's convention.
 
     The reference feeds images in [-1, 1] straight to torchvision VGG19, which reads its input as
-    (rgb - mean) / std. The Keras weights come from the original Caffe model, which reads
-    bgr * 255 - mean. The same implied image therefore reaches the Keras file as BGR of
-    images * 255 * std. (The two weight sets are different trainings, so features still differ.)
+    (rgb - mean) / std; the Keras file is the Caffe model, which reads bgr * 255 - mean, so the same
+    implied image is BGR of images * 255 * std (the weights are other trainings: features differ).
     """
     return ops.flip(images, axis=-1) * ops.convert_to_tensor(255.0 * aras400k.IMAGENET_STD[::-1])
 
@@ -417,11 +404,8 @@ def write_demo_dataset(args):
                 (root / target / folder).mkdir(parents=True, exist_ok=True)
                 for top in range(0, picture.shape[0] - size + 1, size):
                     for left in range(0, picture.shape[1] - size + 1, size):
-                        crop_name = f"{Path(name).stem}_r{top:03d}_c{left:03d}.png"
-                        cv2.imwrite(
-                            str(root / target / folder / crop_name),
-                            picture[top : top + size, left : left + size],
-                        )
+                        crop = root / target / folder / f"{Path(name).stem}_r{top:03d}_c{left:03d}.png"
+                        cv2.imwrite(str(crop), picture[top : top + size, left : left + size])
     atomic.write_json(root / "demo.json", {"source": str(source), "crop": size})
     return root
 
@@ -437,7 +421,7 @@ def open_run(args, run_name, count):
     if args.resume and (run_dir / checkpoints.STATE_FILE).exists():
         runs.check_same_settings(
             run_dir / "config.json",
-            runs.settings_of(args, SAME_SETTINGS),
+            runs.settings_of(args, SAME_SETTINGS.split()),
             what="the checkpoints of this run",
             section="args",
             hint="the same arguments to resume it, --overwrite to start over, or another --run_name",
@@ -465,8 +449,8 @@ def train(gan, args, pairs, run_dir, state):
             losses = gan.train_step(real, masks).numpy()
             totals += losses
             if step % args.log_every == 0:
-                loss_g = losses[1] + losses[2]
-                print(f"Epoch {epoch} [{step}/{steps_per_epoch}] LossD: {losses[0]:.4f} LossG: {loss_g:.4f}")
+                loss_d, loss_g = losses[0], losses[1] + losses[2]
+                print(f"Epoch {epoch} [{step}/{steps_per_epoch}] LossD: {loss_d:.4f} LossG: {loss_g:.4f}")
         means = totals / steps_per_epoch
         record = {
             "epoch": epoch + 1,
