@@ -19,7 +19,7 @@ Commands:
 Runtime: the paper setting (256 px, 20 epochs over ~80k patches) needs a GPU; outputs in
 `results/generative_trainer_unet_spade_gan/<run_name>/`: config.json, log.csv, state.json +
 checkpoint_epochNNN.npz, generator.weights.h5, samples.png, metrics.json. The demo prints
-    gan: 20 epochs, 120 steps | last epoch loss_D 1.8897 loss_G_adv 0.0984 loss_G_vgg off | 96 masks
+    gan: 20 epochs, 120 steps | last epoch loss_D 1.7398 loss_G_adv 0.3518 loss_G_vgg off | 96 masks
 """
 
 import time
