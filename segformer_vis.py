@@ -4,17 +4,20 @@ Paper: U. M. Caglar, A. Temizel, "Grounding Synthetic Data Generation With Visio
 Models" (ARAS400k; arXiv 2603.09625). The paper compares the feature distributions of real and
 synthetic images (reference `segformer_vis.py`): the encoder's last stage is average-pooled per
 image, the features are standardised, embedded in 2-D with t-SNE and UMAP, and the separability of
-the folders is scored with silhouette scores (overall and for each pair of folders).
+the folders is scored with silhouette scores (overall and for each pair of folders). Defaults are
+the reference's: 50,000 images per folder, seed 42, t-SNE perplexity 30 (PCA init), UMAP
+n_neighbors 15 / min_dist 0.1.
 
 Commands:
-    python segformer_vis.py --image_dirs real/images synthetic/images \
-        --model results/segmentation_train/efficientnetb7_dice_256px_seed0/best_model.keras
+    python segformer_vis.py --image_dirs ARAS400k/train/images ARAS400k/synth/images \
+        ARAS400k/train/generated --labels Real Synthetic Generated \
+        --model results/segmentation_train/efficientnetb7_dice_256px_train_seed0/best_model.keras
     python segformer_vis.py --demo     # two synthetic folders, untrained efficientnetb0, t-SNE only
 
 Runtime: the demo takes about half a minute on a laptop CPU (UMAP's first run adds about half a
 minute of numba compilation). Outputs in `results/segformer_vis/<run_name>/`: config.json, tsne.png,
 umap.png, embedding.csv and silhouette.json; the last line printed is its summary; the demo prints
-    silhouette: standardised features 0.1253 | t-SNE 0.3653 over 32 images
+    silhouette: standardised features 0.0197 | t-SNE -0.0022 over 32 images
 """
 
 from pathlib import Path
