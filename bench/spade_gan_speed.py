@@ -119,7 +119,7 @@ def make_torch_step(image_size, divisor, use_vgg):
             loss_g = loss_g + F.l1_loss(vgg(real), vgg(fake)) * 10.0
         loss_g.backward()
         opt_g.step()
-        return float(loss_d)
+        return loss_d.detach().item()
 
     return step
 
