@@ -221,7 +221,7 @@ def main(args):
     # ---- data ----
     samples = choose_samples(folders, labels, args.samples, args.seed)
     extractor, image_size = pooled_feature_extractor(args)
-    run_name = args.run_name or ("demo" if args.demo else "_vs_".join(labels)[:80])
+    run_name = args.run_name or ("demo" if args.demo else "_vs_".join(labels).replace("/", "-")[:80])
     run_dir = runs.prepare_run_dir(
         args.results_dir, "segformer_vis", run_name, args.overwrite, finished_marker="silhouette.json"
     )
