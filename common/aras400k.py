@@ -589,8 +589,15 @@ def plot_examples(pairs, predictions, path) -> None:
 # ---- the EfficientNet encoder of segmentation_train.py and segformer_vis.py ----
 
 
+ENCODER_STRIDES = (2, 4, 8, 16, 32)
+
+
 def encoder_pyramid(model, image_size):
-    """The last EfficientNet block output at each stride 4, 8, 16, 32 (smp's encoder stages)."""
+    """smp's 5 EfficientNet encoder stages: the stem (stride 2), then the last block at strides 4-32.
+
+    segmentation_models_pytorch takes the stem's activation as its stride-2 stage (64 channels for
+    b7) and the output of the last block before each further downsampling (48, 80, 224, 640).
+    """
     block_outputs = {}
     for layer in model.layers:
         match = re.match(r"^(block\d+[a-z])_", layer.name)
@@ -598,7 +605,24 @@ def encoder_pyramid(model, image_size):
             # Layers come in graph order, so the last one seen of a block is its output.
             block_outputs[match.group(1)] = layer.output
     by_stride = {image_size // output.shape[1]: output for output in block_outputs.values()}
-    return [by_stride[stride] for stride in (4, 8, 16, 32)]
+    by_stride[2] = model.get_layer("stem_activation").output
+    return [by_stride[stride] for stride in ENCODER_STRIDES]
+
+
+def _official_variance_fix(normalization) -> bool:
+    """Square the std that the official Keras EfficientNet files store as the input "variance".
+
+    keras.applications' EfficientNet files hold the ImageNet std (0.229, 0.224, 0.225) in the
+    Normalization layer's variance slot and, with weights="imagenet", add a Rescaling layer to
+    undo it; a model built with weights=None has no such layer, so loading the file as is would
+    divide inputs by sqrt(std) (about 0.47) instead of std. Returns True when it squared them.
+    """
+    variance = np.asarray(normalization.adapt_variance)
+    if not np.allclose(variance, IMAGENET_STD, atol=1e-4):
+        return False
+    normalization.adapt_variance.assign(IMAGENET_STD**2)
+    normalization.finalize_state()
+    return True
 
 
 def build_encoder(encoder_name, image_size, weights=""):
@@ -626,6 +650,8 @@ def build_encoder(encoder_name, image_size, weights=""):
                 f"cannot be loaded into {encoder_name} ({str(error).splitlines()[0][:100]})",
                 f"Keras {encoder_name} weights saved with include_top=False",
             ) from None
+        if _official_variance_fix(normalization):
+            print(f"note: {weights} stores the ImageNet std as variance (official layout): squared it")
     return encoder
 
 

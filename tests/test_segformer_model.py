@@ -136,14 +136,67 @@ def test_augmentation_moves_image_and_mask_identically():
     assert changed > 40 and 5 < brightened < 35
 
 
+# Decoder + head parameters of segmentation_models_pytorch's Segformer (5 stages, 1280 -> 256 fuse):
+# 5 Linear(c, 256) + Conv 1280->256 (no bias) + BN(256) + Conv 256->7, with smp's stage channels
+# b0 (32, 24, 40, 112, 320) and b7 (64, 48, 80, 224, 640); smp reports 601,607 for b7.
+SMP_DECODER_PARAMETERS = {
+    "efficientnetb0": (528 + 5) * 256 + 1280 * 256 + 512 + 256 * 7 + 7,
+    "efficientnetb7": 601_607,
+}
+
+
+def decoder_parameter_count(model):
+    """Trainable parameters of the decoder and head (layers named decoder_*), as smp counts them."""
+    decoder = [layer for layer in model.layers if layer.name.startswith("decoder_")]
+    return sum(int(np.prod(v.shape)) for layer in decoder for v in layer.trainable_weights)
+
+
 # The smallest and the largest encoder (fewest and most blocks per stage); each build of the larger
 # ones costs seconds of CPU, so the sizes in between are left to --encoder runs.
 @pytest.mark.parametrize("encoder", ["efficientnetb0", "efficientnetb7"])
-def test_decoder_output_has_input_size(encoder):
-    model = st.build_segformer(encoder, 64, decoder_width=32)
+def test_decoder_matches_smp_and_has_input_size(encoder):
+    model = st.build_segformer(encoder, 64)
     assert tuple(model.output.shape) == (None, 64, 64, st.NUM_CLASSES)
     strides = [64 // feature.shape[1] for feature in aras400k.encoder_pyramid(model, 64)]
-    assert strides == [4, 8, 16, 32]
+    assert strides == [2, 4, 8, 16, 32]
+    assert model.get_layer("decoder_fuse_conv").kernel.shape == (1, 1, 1280, 256)
+    assert decoder_parameter_count(model) == SMP_DECODER_PARAMETERS[encoder]
+
+
+def test_stride2_stage_is_halved_as_pytorch_bilinear_does():
+    import keras
+    import torch
+
+    feature = np.random.default_rng(0).normal(size=(1, 8, 8, 3)).astype(np.float32)
+    halved = keras.layers.AveragePooling2D(2)(feature)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(feature).permute(0, 3, 1, 2), size=(4, 4), mode="bilinear", align_corners=False
+    )
+    np.testing.assert_allclose(np.asarray(halved), expected.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_official_keras_weights_file_gets_std_squared(tmp_path):
+    # The keras.applications EfficientNet files store the ImageNet std in the Normalization
+    # layer's variance (and rely on an extra Rescaling layer that weights=None models lack).
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    official = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    normalization = next(layer for layer in official.layers if isinstance(layer, keras.layers.Normalization))
+    normalization.adapt_mean.assign(aras400k.IMAGENET_MEAN)
+    normalization.adapt_variance.assign(aras400k.IMAGENET_STD)
+    path = tmp_path / "efficientnetb0_notop.h5"
+    with h5py.File(path, "w") as file:
+        legacy_h5_format.save_weights_to_hdf5_group(file, official)
+    encoder = aras400k.build_encoder("efficientnetb0", 32, weights=path)
+    loaded = next(layer for layer in encoder.layers if isinstance(layer, keras.layers.Normalization))
+    np.testing.assert_allclose(np.asarray(loaded.variance).ravel(), aras400k.IMAGENET_STD**2, rtol=1e-6)
+    image = np.full((1, 32, 32, 3), 255.0, np.float32)
+    stem_input = keras.Model(encoder.input, loaded.output)(image)
+    np.testing.assert_allclose(
+        np.asarray(stem_input)[0, 0, 0], (1 - aras400k.IMAGENET_MEAN) / aras400k.IMAGENET_STD, rtol=1e-5
+    )
 
 
 def test_mixed_precision_keeps_float32_logits():

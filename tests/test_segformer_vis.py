@@ -70,3 +70,19 @@ def test_one_folder_is_an_error(tmp_path, capsys):
     argv = ["--image_dirs", tmp_path, "--results_dir", tmp_path / "results"]
     assert_main_error(capsys, lambda: call_main(vis, argv), "--image_dirs", "two or more")
     assert not (tmp_path / "results").exists()
+
+
+def test_labels_are_distinct_before_any_work(tmp_path, capsys):
+    real, synth = tmp_path / "real" / "train" / "images", tmp_path / "synth" / "train" / "images"
+    assert vis.folder_labels([real, synth], []) == ["real/train", "synth/train"]
+    assert vis.folder_labels([real, synth], ["Real", "Synthetic"]) == ["Real", "Synthetic"]
+    for folder in (real, synth):
+        folder.mkdir(parents=True)
+    argv = ["--image_dirs", real, synth, "--labels", "a", "a", "--results_dir", tmp_path / "results"]
+    assert_main_error(capsys, lambda: call_main(vis, argv), "--labels", "distinct names")
+    assert not (tmp_path / "results").exists()
+
+
+def test_defaults_are_the_reference_values():
+    args = vis.get_args_parser().parse_args([])
+    assert (args.samples, args.seed) == (50000, 42)

@@ -242,3 +242,29 @@ def test_unknown_colour_ignore_counts_pixels(tmp_path):
     assert counts[6] == 61 and counts[aras400k.NUM_CLASSES] == 3
     with pytest.raises(st.InputError, match=r"3 pixels of colour \(9, 9, 9\)"):
         aras400k.check_masks(pairs, "error", threads=1)
+
+
+def test_train_splits_combine_real_synthetic_and_generated_sets(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    write_pair(root / "synth", "s_0.png", np.zeros((64, 64), np.uint8))
+    (root / "train" / "generated").mkdir()
+    for name in ("p_0.png", "p_1.png"):
+        cv2.imwrite(str(root / "train" / "generated" / name), np.zeros((64, 64, 3), np.uint8))
+    args = st.get_args_parser().parse_args(["--data_root", str(root), "--image_size", "64", "--threads", "1"])
+    args.train_splits = st.train_split_names(["train synth", "generated"])
+    assert args.train_splits == ["train", "synth", "generated"]
+    pairs, _ = st.read_splits(args)
+    images = [str(image.relative_to(root)) for image, _ in pairs["train"]]
+    assert images == [f"train/images/p_{i}.png" for i in (0, 1)] + ["synth/images/s_0.png"] + [
+        f"train/generated/p_{i}.png" for i in (0, 1)
+    ]
+    assert [mask.name for _, mask in pairs["train"][3:]] == ["p_0.png", "p_1.png"]
+
+
+def test_generated_set_needs_one_image_per_mask(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    (root / "train" / "generated").mkdir()
+    cv2.imwrite(str(root / "train" / "generated" / "p_0.png"), np.zeros((64, 64, 3), np.uint8))
+    argv = ["--data_root", root, "--image_size", 64, "--train_splits", "train generated"]
+    argv += ["--results_dir", tmp_path / "results"]
+    assert_input_error(capsys, argv, "generated/p_1.png: is missing", results=tmp_path / "results")
