@@ -169,34 +169,50 @@ def _record_layout(value: bytes, bands):
     return 8 + header_size, layout
 
 
-def decode_values(values, bands, image_size: int, out: np.ndarray) -> None:
-    """Decode a batch of safetensors records into `out` `(N, H, W, bands)`, whole batches at a time.
+def decode_band_arrays(values, bands) -> list[np.ndarray]:
+    """A batch of safetensors records -> one `(N, h, w)` array per band at its stored size (no copies of
+    floats: the stored integers), whole groups of records at a time.
 
     Records whose header bytes are identical (rico-hdl writes every patch alike) share one layout: their
-    bytes become one `(n, record length)` array, each band one strided view of it, resampled for the
-    whole group in one call. A record of another layout takes the per-record path (`decode_value`), which
-    also names what is wrong with a broken one.
+    bytes become one `(n, record length)` array and each band a slice of it. A record of another layout
+    takes the per-record safetensors reader, which also names what is wrong with a broken one.
     """
+    from safetensors.numpy import load as load_safetensors
+
     groups = {}
     for row, value in enumerate(values):
         header_size = int.from_bytes(value[:8], "little") + 8 if len(value) >= 8 else 0
         groups.setdefault((len(value), value[:header_size]), []).append(row)
+    parts = {band: [None] * len(values) for band in bands}
     for (length, header), rows in groups.items():
         layout = _record_layout(header, bands) if header else None
         if layout is None or any(end > length - layout[0] for *_, end in layout[1].values()):
             for row in rows:
-                decode_value(values[row], bands, image_size, out[row])
+                arrays = load_safetensors(values[row])
+                for band in bands:
+                    if band not in arrays:
+                        raise KeyError(f"band {band} missing (has {', '.join(sorted(arrays))})")
+                    if arrays[band].ndim != 2:
+                        raise ValueError(f"band {band} has shape {arrays[band].shape}")
+                    parts[band][row] = arrays[band][None]
             continue
         raw = np.frombuffer(b"".join(values[row] for row in rows), np.uint8).reshape(len(rows), length)
-        target = out[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else None
-        decoded = np.empty((len(rows), *out.shape[1:]), np.float32) if target is None else target
-        for channel, band in enumerate(bands):
+        for band in bands:
             dtype, shape, start, end = layout[1][band]
-            band_bytes = raw[:, layout[0] + start : layout[0] + end]
-            array = np.ascontiguousarray(band_bytes).view(dtype).reshape(len(rows), *shape)
-            np.multiply(resample_nearest(array, image_size), np.float32(1e-4), out=decoded[..., channel])
-        if target is None:
-            out[rows] = decoded
+            array = np.ascontiguousarray(raw[:, layout[0] + start : layout[0] + end]).view(dtype)
+            array = array.reshape(len(rows), *shape)
+            if len(groups) == 1:
+                parts[band] = [array]
+            else:
+                for position, row in enumerate(rows):
+                    parts[band][row] = array[position : position + 1]
+    stacked = []
+    for band in bands:
+        shapes = {part.shape[1:] for part in parts[band]}
+        if len(shapes) > 1:
+            raise ValueError(f"band {band} comes in several sizes in one batch ({sorted(shapes)})")
+        stacked.append(parts[band][0] if len(parts[band]) == 1 else np.concatenate(parts[band]))
+    return stacked
 
 
 def read_values(lmdb_paths, keys, what: str = "an LMDB record per patch") -> list[bytes]:
@@ -213,12 +229,11 @@ def read_values(lmdb_paths, keys, what: str = "an LMDB record per patch") -> lis
     return values
 
 
-def read_patches(lmdb_paths, patch_ids, bands, image_size: int) -> np.ndarray:
-    """Read and decode a batch of patches -> float32 `(N, H, W, bands)` (one LMDB path or a list)."""
-    out = np.empty((len(patch_ids), image_size, image_size, len(bands)), np.float32)
+def read_band_arrays(lmdb_paths, patch_ids, bands) -> list[np.ndarray]:
+    """`decode_band_arrays` of the patches' records; a broken record is an InputError naming the LMDB."""
     values = read_values(lmdb_paths, patch_ids)
     try:
-        decode_values(values, bands, image_size, out)
+        return decode_band_arrays(values, bands)
     except Exception as error:  # any decoding failure of user data is reported as one line
         path = lmdb_paths if isinstance(lmdb_paths, (str, Path)) else lmdb_paths[0]
         raise InputError(
@@ -226,26 +241,41 @@ def read_patches(lmdb_paths, patch_ids, bands, image_size: int) -> np.ndarray:
             f"a value in the batch of {patch_ids[0]} is undecodable ({error})",
             "a safetensors dict of 2-D Sentinel-2 band arrays",
         ) from None
+
+
+def read_stored_patches(lmdb_paths, patch_ids, bands, image_size: int) -> np.ndarray:
+    """The stored integers of a batch, resampled (ConfigILM nearest) and stacked: `(N, H, W, bands)`."""
+    arrays = read_band_arrays(lmdb_paths, patch_ids, bands)
+    out = np.empty((len(patch_ids), image_size, image_size, len(bands)), arrays[0].dtype)
+    for channel, array in enumerate(arrays):
+        out[..., channel] = resample_nearest(array, image_size)
     return out
+
+
+def read_patches(lmdb_paths, patch_ids, bands, image_size: int) -> np.ndarray:
+    """Read and decode a batch of patches -> float32 reflectance `(N, H, W, bands)` (one LMDB or a list)."""
+    return read_stored_patches(lmdb_paths, patch_ids, bands, image_size).astype(np.float32) * np.float32(1e-4)
 
 
 def batch_reader(lmdb_path, bands, image_size: int, wrap=None):
     """A tf.data map function: a batch of patch ids -> float32 images, one Python call per batch.
 
+    Python reads the records and resamples the stored uint16 values (`read_stored_patches`, half the bytes
+    of floats); the cast to float32 reflectance runs as one TensorFlow op outside the GIL.
     `wrap` (e.g. `pipelines.ReaderErrors().wrap`) decorates the Python reader so that its InputErrors
     can be surfaced after tf.data wrapped them. The function is marked `.batched`.
     """
     import tensorflow as tf
 
     def read_numpy(patch_ids):
-        # One call per batch (numpy_function: no eager tensors); the decode is vectorised per batch.
         names = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in patch_ids]
-        return read_patches(lmdb_path, names, bands, image_size)
+        return read_stored_patches(lmdb_path, names, bands, image_size).astype(np.uint16, copy=False)
 
     read_numpy = wrap(read_numpy) if wrap else read_numpy
 
     def read(patch_ids):
-        images = tf.numpy_function(read_numpy, [patch_ids], tf.float32, stateful=False)
+        stored = tf.numpy_function(read_numpy, [patch_ids], tf.uint16, stateful=False)
+        images = tf.cast(stored, tf.float32) * tf.constant(1e-4, tf.float32)
         return tf.ensure_shape(images, (None, image_size, image_size, len(bands)))
 
     read.batched = True
