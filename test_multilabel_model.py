@@ -9,7 +9,7 @@ result is compared with the run's own metrics.json. The code is shared with
 `train_multilabel_model.py --test_only` (common/spml_evaluation.py).
 
     python test_multilabel_model.py -c configs/adagc_aid_random.yaml
-    python test_multilabel_model.py --demo --method an      # after `train_multilabel_model.py --demo --method an`
+    python test_multilabel_model.py --demo --method an   # after train_multilabel_model.py --demo --method an
 
 Writes test_only_metrics.json and test_only_per_class.csv into the run folder and ends with the trainer's
 summary line, e.g. (the demo of the trainer's docstring):

@@ -169,6 +169,14 @@ def _record_layout(value: bytes, bands):
     return 8 + header_size, layout
 
 
+class RecordError(ValueError):
+    """Record `row` of a batch could not be decoded (`error` says why)."""
+
+    def __init__(self, row: int, error: Exception):
+        super().__init__(str(error))
+        self.row = row
+
+
 def decode_band_arrays(values, bands) -> list[np.ndarray]:
     """A batch of safetensors records -> one `(N, h, w)` array per band at its stored size (no copies of
     floats: the stored integers), whole groups of records at a time.
@@ -188,13 +196,16 @@ def decode_band_arrays(values, bands) -> list[np.ndarray]:
         layout = _record_layout(header, bands) if header else None
         if layout is None or any(end > length - layout[0] for *_, end in layout[1].values()):
             for row in rows:
-                arrays = load_safetensors(values[row])
-                for band in bands:
-                    if band not in arrays:
-                        raise KeyError(f"band {band} missing (has {', '.join(sorted(arrays))})")
-                    if arrays[band].ndim != 2:
-                        raise ValueError(f"band {band} has shape {arrays[band].shape}")
-                    parts[band][row] = arrays[band][None]
+                try:
+                    arrays = load_safetensors(values[row])
+                    for band in bands:
+                        if band not in arrays:
+                            raise KeyError(f"band {band} missing (has {', '.join(sorted(arrays))})")
+                        if arrays[band].ndim != 2:
+                            raise ValueError(f"band {band} has shape {arrays[band].shape}")
+                        parts[band][row] = arrays[band][None]
+                except Exception as error:
+                    raise RecordError(row, error) from None
             continue
         raw = np.frombuffer(b"".join(values[row] for row in rows), np.uint8).reshape(len(rows), length)
         for band in bands:
@@ -236,9 +247,10 @@ def read_band_arrays(lmdb_paths, patch_ids, bands) -> list[np.ndarray]:
         return decode_band_arrays(values, bands)
     except Exception as error:  # any decoding failure of user data is reported as one line
         path = lmdb_paths if isinstance(lmdb_paths, (str, Path)) else lmdb_paths[0]
+        where = f"value of key {patch_ids[error.row]}" if isinstance(error, RecordError) else "a value"
         raise InputError(
             path,
-            f"a value in the batch of {patch_ids[0]} is undecodable ({error})",
+            f"{where} is undecodable ({error})",
             "a safetensors dict of 2-D Sentinel-2 band arrays",
         ) from None
 
