@@ -259,8 +259,19 @@ def read_stored_patches(lmdb_paths, patch_ids, bands, image_size: int) -> np.nda
     """The stored integers of a batch, resampled (ConfigILM nearest) and stacked: `(N, H, W, bands)`."""
     arrays = read_band_arrays(lmdb_paths, patch_ids, bands)
     out = np.empty((len(patch_ids), image_size, image_size, len(bands)), arrays[0].dtype)
-    for channel, array in enumerate(arrays):
-        out[..., channel] = resample_nearest(array, image_size)
+    # A few records at a time, so that the interleaved (channel-last) writes stay in the CPU cache.
+    for start in range(0, len(patch_ids), 4):
+        for channel, array in enumerate(arrays):
+            block, target = array[start : start + 4], out[start : start + 4, ..., channel]
+            height, width = block.shape[1:]
+            if image_size % height == 0 and image_size % width == 0:
+                # An integer factor f: nearest is the block repeat (floor(i / f)), one broadcast copy.
+                f_rows, f_columns = image_size // height, image_size // width
+                np.copyto(
+                    target.reshape(len(block), height, f_rows, width, f_columns), block[:, :, None, :, None]
+                )
+            else:
+                target[...] = resample_nearest(block, image_size)
     return out
 
 
