@@ -85,3 +85,14 @@ def test_test_script_reproduces_the_final_run(study):
     ]
     metrics = call_main(tmm, [*argv, "--run_name", "best"])
     assert metrics["matches_saved_metrics"] is True and metrics["mAP"] == summary["test"]["mAP"]
+
+
+@pytest.mark.parametrize(
+    "module", ["meta_parameters_tuning", "test_multilabel_model", "annotation_tool", "make_benv2_lmdb"]
+)
+def test_help(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).get_args_parser().parse_args(["--help"])
+    assert exit_.value.code == 0 and "--demo" in capsys.readouterr().out
