@@ -24,7 +24,7 @@ AdaGC / SPML:
 spml              SPML baselines: losses, label state, single positives, mAP/F1, row-index batches, trainer
 spml_evaluation   SPML re-evaluation of a finished run (--test_only, test_multilabel_model.py, tuning)
 aid_multilabel    AID-multilabel reader: JPEG tree + label CSVs, single positives, validation split, demo data
-bigearthnet       BigEarthNet v2 reader: LMDBs of safetensors bands, metadata.parquet, reference maps, single positives
+bigearthnet       BigEarthNet v2 reader: LMDBs of band dicts, metadata.parquet, reference maps, positives
 
 OWL-GPS, ARAS400k, LUCAS:
 owl_gps_data      OWL-GPS inputs and run state: patch readers, concept CSVs, label store, queue, member state
