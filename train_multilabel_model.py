@@ -18,7 +18,6 @@ epoch 5 (checked at 7, rolled back); it ends with (one CPU run; outputs and reco
 """
 
 import functools
-import json
 import math
 import time
 import warnings
@@ -30,8 +29,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import aid_multilabel, atomic, bigearthnet, checkpoints, cli, pipelines, plots, runs, spml
-from common.errors import cli_entry, require, require_file
+from common import (
+    aid_multilabel,
+    atomic,
+    bigearthnet,
+    checkpoints,
+    cli,
+    pipelines,
+    plots,
+    runs,
+    spml,
+    spml_evaluation,
+)
+from common.errors import cli_entry, require
 
 SCRIPT_STEM = "train_multilabel_model"
 METHODS = (*spml.BASELINES, "adagc")
@@ -41,10 +51,6 @@ SPML_MODES, FULL_OBS, GC_MODES = ("random", "dominant", "manual"), ("full", "obs
 BACKBONES = ("resnet50", "small_cnn", "mlp")
 SUMMARY_KEYS = ("best_epoch", "best_phase", "best_val_mAP", "trigger_epoch", "trigger_detected_at")
 SUMMARY_KEYS += ("trigger_how",)
-# --test_only reads the data as the run did and compares its metrics with the run's.
-DATA_KEYS = ("dataset", "data_dir", "single_positive", "lmdb_path", "metadata", "bands", "drop_snow_cloud")
-DATA_KEYS += ("image_size", "batch_size", "val_fraction", "seed", "class_fractions")
-COMPARED_KEYS = ("mAP", "micro_AP", "macro_F1", "micro_F1", "per_class")
 LOG_COLUMNS = ("epoch", "phase", "train_loss", "agreement", "val_mAP", "teacher_a_decay", "teacher_b_decay")
 LOG_COLUMNS += ("seconds",)  # the decays: AdaGC only
 
@@ -421,24 +427,6 @@ def fit(args, trainer, data, run_dir, train_batches, val_dataset):
     return state
 
 
-def evaluate_and_write(run_dir, model, test_dataset, data, prefix=""):
-    metrics = spml.evaluate(model, test_dataset, data["test"]["full"], data["class_names"])
-    columns = ["class", "test_positives", "ap", "f1"]
-    atomic.write_csv(run_dir / f"{prefix}per_class.csv", metrics["per_class"], columns)
-    return metrics
-
-
-def summary_line(metrics):
-    line = f"test mAP {metrics['mAP']:.4f} | micro AP {metrics['micro_AP']:.4f} | macro F1 "
-    line += f"{metrics['macro_F1']:.4f} | micro F1 {metrics['micro_F1']:.4f} | method {metrics['method']}"
-    line += f" | trigger epoch {metrics.get('trigger_epoch')}" if metrics["method"] == "adagc" else ""
-    if metrics.get("best_epoch") is not None:
-        line += f" | epoch {metrics['best_epoch']} ({metrics['best_phase']})"
-    if metrics.get("last_epoch"):
-        line += f" | last epoch mAP {metrics['last_epoch']['mAP']:.4f}"
-    return line
-
-
 def save_dynamics_plot(path, state):
     """Agreement curve (with fit and trigger) and the loss / val mAP of the epochs that were kept."""
     agreement, trigger, fit_params = state["agreement"], state["trigger_epoch"], state["fit_params"]
@@ -559,7 +547,7 @@ def main(args):
     # ---- evaluate: the best validation epoch of the kept trajectory on the full-label test set ----
     with reader_errors.surface():
         best_model = keras.models.load_model(run_dir / "best_model.keras")
-        metrics = evaluate_and_write(run_dir, best_model, test_dataset, data)
+        metrics = spml_evaluation.evaluate_and_write(run_dir, best_model, test_dataset, data)
         last = spml.evaluate(trainer.student, test_dataset, data["test"]["full"], data["class_names"])
     metrics.update({key: state.get(key) for key in SUMMARY_KEYS})
     last = {key: last[key] for key in ("mAP", "micro_AP", "macro_F1", "micro_F1")}
@@ -568,33 +556,13 @@ def main(args):
     metrics["epochs"] = args.epochs
     save_dynamics_plot(run_dir / "training_dynamics.png", state)
     atomic.write_json(run_dir / "metrics.json", metrics)
-    print(summary_line(metrics))
+    print(spml_evaluation.summary_line(metrics))
     return metrics
 
 
 def test_only(args, run_dir):
-    """Re-evaluate best_model.keras with the data settings saved in the run's config.json."""
-    config_path = require_file(run_dir / "config.json", "a finished run folder (train it first)")
-    saved = json.loads(config_path.read_text())["args"]
-    model_path = require_file(run_dir / "best_model.keras", "the run's best_model.keras")
-    vars(args).update({key: saved.get(key, getattr(args, key)) for key in DATA_KEYS}, demo=False)
-    data, reader_errors = load_data(args), pipelines.ReaderErrors()
-    loader = make_loader(data, args.image_size, reader_errors)
-    with reader_errors.surface():
-        test_dataset = spml.make_dataset(data["test"]["sources"], loader, args.batch_size)
-        metrics = evaluate_and_write(
-            run_dir, keras.models.load_model(model_path), test_dataset, data, "test_only_"
-        )
-    if (run_dir / "metrics.json").exists():
-        saved_metrics = json.loads((run_dir / "metrics.json").read_text())
-        metrics.update({key: saved_metrics.get(key) for key in ("method", "trigger_epoch")})
-        same = all(json.loads(atomic.to_json(metrics[k])) == saved_metrics.get(k) for k in COMPARED_KEYS)
-        metrics["matches_saved_metrics"] = same
-        print("test metrics " + ("match" if same else "DIFFER from") + f" {run_dir / 'metrics.json'}")
-    metrics.setdefault("method", saved.get("method"))
-    atomic.write_json(run_dir / "test_only_metrics.json", metrics)
-    print(summary_line(metrics))
-    return metrics
+    """--test_only: the shared re-evaluation that test_multilabel_model.py runs (common.spml_evaluation)."""
+    return spml_evaluation.evaluate_run(args, run_dir, load_data, make_loader)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""Input-pipeline speed of train_multilabel_model.py: tf.data readers vs a plain sequential Python reader.
+"""Input-pipeline speed of train_multilabel_model.py: its tf.data readers vs a plain Python loop.
 
 Generates an AID-multilabel tree (600 px JPEGs, the real size) and a reBEN-layout LMDB (safetensors dicts
-of all twelve Sentinel-2 bands) in a temporary folder, then times, on the same files:
-  - baseline: a sequential Python loop (cv2.imread + resize; lmdb get + safetensors decode + resize),
-  - ours: the script's tf.data pipelines (parallel decode, prefetch) exactly as training uses them.
-Both sides are warmed once (file cache) and timed as the best of --repeats passes.
+of all twelve Sentinel-2 bands, as rico-hdl writes them) in a temporary folder, then times, on the same
+records, in alternating rounds (medians):
+  - plain loop: one record after another (cv2.imread + resize; LMDB get + `bigearthnet.decode_value`,
+    the per-record reference decoder: safetensors load, ConfigILM nearest resampling, stacking),
+  - tf.data: the script's pipelines exactly as training builds them (AID: parallel per-image decode;
+    LMDB: one `numpy_function` per batch that decodes the whole batch with vectorised NumPy).
 
     python -m bench.multilabel_input_speed                 # about a minute on a laptop CPU
     python -m bench.multilabel_input_speed --aid_images 600 --ben_patches 3000
 
-The last line is `speedup (tf.data / sequential): AID <x> | LMDB <y>`.
+The last line is `LMDB tf.data / plain loop: <x>x` (its value depends on the CPU and its cores).
 """
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,22 +38,27 @@ def get_args_parser():
     parser.add_argument("--image_size", type=int, default=224, help="AID model input size.")
     parser.add_argument("--bands", default="B04,B03,B02,B08,B05,B11", help="Bands read from the LMDB.")
     parser.add_argument("--batch_size", type=int, default=64, help="tf.data batch size.")
-    parser.add_argument("--repeats", type=int, default=2, help="Timed passes per reader (best is kept).")
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating timed rounds (medians kept).")
     parser.add_argument("--workdir", default=None, help="Folder for the generated data (default: temporary).")
     return parser
 
 
-def best_rate(function, count, repeats):
-    function()  # warm the file cache and any lazy initialisation
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
-    return count / best, best
+def alternating_rates(functions, count, rounds):
+    """Images/s of each function: one warm-up pass each, then `rounds` alternating passes; medians."""
+    for function in functions.values():
+        function()  # warm the file cache and any lazy initialisation (tf.data tracing)
+    seconds = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            seconds[name].append(time.perf_counter() - started)
+    return {
+        name: (count / statistics.median(times), statistics.median(times)) for name, times in seconds.items()
+    }
 
 
-def sequential_aid(paths, image_size):
+def plain_aid(paths, image_size):
     import cv2
 
     for path in paths:
@@ -59,7 +68,7 @@ def sequential_aid(paths, image_size):
         ) / 255.0
 
 
-def sequential_lmdb(lmdb_path, patch_ids, bands, image_size):
+def plain_lmdb(lmdb_path, patch_ids, bands, image_size):
     # The same read-only environment as the pipeline (LMDB allows one per process); one read transaction.
     with bigearthnet.open_lmdb(lmdb_path).begin(buffers=False) as transaction:
         for patch_id in patch_ids:
@@ -73,7 +82,7 @@ def drain(dataset):
 
 def main(args):
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="multilabel_bench_"))
-    print(f"data in {workdir}")
+    print(f"data in {workdir} | {os.cpu_count()} CPU cores")
     aid_root = aid_multilabel.write_demo(workdir / "aid", args.aid_images, seed=0, image_size=600)
     ben_root = bigearthnet.write_demo(workdir / "ben", args.ben_patches, seed=0)
     aid_paths = sorted(str(p) for p in aid_root.glob("images_*/*/*.jpg"))
@@ -81,36 +90,33 @@ def main(args):
 
     patch_ids = list(pd.read_parquet(ben_root / "metadata.parquet")["patch_id"].astype(str))
     bands = args.bands.split(",")
-
-    aid_data = {"reader": "aid"}
-    ben_data = {"reader": "benv2", "lmdb_path": str(ben_root / "lmdb"), "bands": bands}
+    lmdb_path = str(ben_root / "lmdb")
     errors = pipelines.ReaderErrors()
-    aid_loader = tm.make_loader(aid_data, args.image_size, errors)
+    aid_loader = tm.make_loader({"reader": "aid"}, args.image_size, errors)
     aid_pipeline = spml.make_dataset(aid_paths, aid_loader, args.batch_size)
+    ben_data = {"reader": "benv2", "lmdb_path": lmdb_path, "bands": bands}
     ben_pipeline = spml.make_dataset(patch_ids, tm.make_loader(ben_data, 120, errors), args.batch_size)
 
-    rows = [
-        (
-            "AID sequential",
-            *best_rate(lambda: sequential_aid(aid_paths, args.image_size), len(aid_paths), args.repeats),
-        ),
-        ("AID tf.data", *best_rate(lambda: drain(aid_pipeline), len(aid_paths), args.repeats)),
-        (
-            "LMDB sequential",
-            *best_rate(
-                lambda: sequential_lmdb(ben_root / "lmdb", patch_ids, bands, 120),
-                len(patch_ids),
-                args.repeats,
-            ),
-        ),
-        ("LMDB tf.data", *best_rate(lambda: drain(ben_pipeline), len(patch_ids), args.repeats)),
-    ]
-    for name, rate, seconds in rows:
-        print(f"{name:16s} {rate:9.1f} images/s  ({seconds:.2f} s per pass)")
-    print(
-        f"speedup (tf.data / sequential): AID {rows[1][1] / rows[0][1]:.2f} "
-        f"| LMDB {rows[3][1] / rows[2][1]:.2f}"
+    aid = alternating_rates(
+        {
+            "AID plain loop": lambda: plain_aid(aid_paths, args.image_size),
+            "AID tf.data": lambda: drain(aid_pipeline),
+        },
+        len(aid_paths),
+        args.rounds,
     )
+    ben = alternating_rates(
+        {
+            "LMDB plain loop": lambda: plain_lmdb(lmdb_path, patch_ids, bands, 120),
+            "LMDB tf.data": lambda: drain(ben_pipeline),
+        },
+        len(patch_ids),
+        args.rounds,
+    )
+    for name, (rate, seconds) in {**aid, **ben}.items():
+        print(f"{name:16s} {rate:9.1f} images/s  ({seconds:.2f} s per pass, median of {args.rounds})")
+    print(f"AID tf.data / plain loop: {aid['AID tf.data'][0] / aid['AID plain loop'][0]:.2f}x")
+    print(f"LMDB tf.data / plain loop: {ben['LMDB tf.data'][0] / ben['LMDB plain loop'][0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""Re-evaluate a trained AdaGC / SPML run on the full-label test set (the AdaGC repository's test script).
+
+Paper: C. Liu, G. Perantoni, L. Bruzzone, X. X. Zhu, "Adaptive Gradient Calibration for Single-Positive
+Multi-Label Learning in Remote Sensing Image Scene Classification", arXiv 2510.08269. Takes the config that
+trained the run; the run folder is `<results_dir>/train_multilabel_model/<run name>` (the config's stem,
+or --run_name). The data are read with the settings saved in the run's config.json, the best
+validation epoch's `best_model.keras` is scored (mAP, micro AP, macro / micro F1, per class), and the
+result is compared with the run's own metrics.json. The code is shared with
+`train_multilabel_model.py --test_only` (common/spml_evaluation.py).
+
+    python test_multilabel_model.py -c configs/adagc_aid_random.yaml
+    python test_multilabel_model.py --demo --method an   # after train_multilabel_model.py --demo --method an
+
+Writes test_only_metrics.json and test_only_per_class.csv into the run folder and ends with the trainer's
+summary line; after the AN demo above (one CPU run; the figures depend on the CPU):
+    test metrics match results/train_multilabel_model/demo_an/metrics.json
+    test mAP 0.7055 | micro AP 0.6656 | macro F1 0.1529 | micro F1 0.2880 | method an
+"""
+
+from pathlib import Path
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import train_multilabel_model as trainer
+from common import runs, spml_evaluation
+from common.errors import cli_entry
+
+
+def get_args_parser():
+    """The trainer's parser, so that every training config is accepted as it is."""
+    parser = trainer.get_args_parser()
+    parser.description = "Re-evaluate a trained SPML run (its best_model.keras) on the full-label test set."
+    return parser
+
+
+@cli_entry
+def main(args):
+    args = trainer.resolve_derived(args)
+    runs.seed_everything(args.seed, args.deterministic)
+    run_dir = Path(args.results_dir) / trainer.SCRIPT_STEM / args.run_name
+    print(f"run folder: {run_dir}")
+    return spml_evaluation.evaluate_run(args, run_dir, trainer.load_data, trainer.make_loader)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
