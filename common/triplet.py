@@ -15,14 +15,14 @@ def pairwise_distance(embeddings):
     """(M, B, E) -> (M, B, B) Euclidean distances, with a finite gradient where two points coincide.
 
     Uses |a|^2 + |b|^2 - 2 a.b (one batched matrix product instead of a (M, B, B, E) difference
-    tensor), clamped at 0 against rounding, with the diagonal exactly 0.
+    tensor), clamped at 0 against rounding. The squared norms are the diagonal of the same Gram
+    matrix, so for a point and its duplicate all four terms are the same float and the distance is
+    exactly 0 (norms summed separately differ from the matrix product's dot products by rounding:
+    up to 0.016 at norm 31 in float32, a sixth of the margin 0.1).
     """
-    squared_norm = tf.reduce_sum(tf.square(embeddings), axis=-1)
-    squared = (
-        squared_norm[:, :, None]
-        + squared_norm[:, None, :]
-        - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True)
-    )
+    gram = tf.matmul(embeddings, embeddings, transpose_b=True)
+    squared_norm = tf.linalg.diag_part(gram)
+    squared = squared_norm[:, :, None] + squared_norm[:, None, :] - 2.0 * gram
     off_diagonal = 1.0 - tf.eye(tf.shape(embeddings)[1], dtype=embeddings.dtype)[None]
     squared = tf.maximum(squared, 0.0) * off_diagonal
     is_zero = tf.cast(squared <= 0.0, squared.dtype)
