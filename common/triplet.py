@@ -140,3 +140,21 @@ def task_guided_selection(score, class_label, valid, top_percent, random_percent
         random_rank = _rank_within_class(random_key, class_label, rest)
         keep = (rank < k_top) | (rest & (random_rank < k_more))
     return keep & valid
+
+
+def random_selection_key(model_key, model_step, sample_id):
+    """A uniformly random int32 per (model, step, sample), independent of which models share the stack.
+
+    Only the order of the keys matters; int32 rather than a float64 draw keeps XLA's CPU code fast.
+    """
+    mixed = (
+        tf.cast(model_key, tf.int64)[:, None] * 0x2545F491
+        + tf.cast(model_step, tf.int64)[:, None] * 0x6C8E9CF5
+        + tf.cast(sample_id, tf.int64) * 0x1B873593
+    )
+    mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
+    for shift, multiplier in ((16, 0x45D9F3B), (16, 0x45D9F3B), (16, 1)):
+        shifted = tf.bitwise.right_shift(mixed, tf.constant(shift, tf.int64))
+        mixed = tf.bitwise.bitwise_xor(mixed, shifted) * multiplier
+        mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
+    return tf.cast(mixed - 2**31, tf.int32)
