@@ -22,7 +22,7 @@ It ends with one line per method, e.g.
     summary: tg_matl test 5-NN accuracy 0.93 (mean over 3 embeddings x 8 folds), best val loss 0.02
 """
 
-import csv
+import argparse
 import functools
 import time
 from pathlib import Path
@@ -32,7 +32,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, awir, cli, runs, stacked_training, triplet
+from common import atomic, awir, cli, embedding_views, runs, stacked_training, triplet
 from common.errors import cli_entry
 
 METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
@@ -46,8 +46,9 @@ TIMING_COLUMNS = {
 # Arguments that change what a head learns: finished heads are reused only if these agree.
 TRAINING_KEYS = (
     "margin", "batch_size", "test_size", "box_weight", "top_percent", "random_percent", "extra_selection",
-    "epochs", "learning_rate", "seed",
+    "epochs", "learning_rate", "seed", "model_selection",
 )  # fmt: skip
+MODEL_SELECTIONS = ("reference", "matl_val", "last")
 
 
 def add_projection_head_arguments(parser, demo_help):
@@ -78,6 +79,13 @@ def add_projection_head_arguments(parser, demo_help):
         choices=("ranked", "random"),
         help="TG-MATL extra samples: next-ranked (reference) or a seeded uniform draw among the rest.",
     )
+    parser.add_argument(
+        "--model_selection",
+        default="reference",
+        choices=MODEL_SELECTIONS,
+        help="Weights kept: best validation value of the head's own training loss (reference), of the "
+        "unmasked MATL loss for TG-MATL heads (matl_val; others as reference), or the last epoch's.",
+    )
     return parser
 
 
@@ -90,6 +98,21 @@ def get_args_parser():
         default=list(METHODS),
         choices=METHODS,
         help="Losses to train (paper: all four).",
+    )
+    parser.add_argument(
+        "--calibration_epochs",
+        type=int,
+        default=20,
+        help="Epochs of each per-method timing run that splits a stack's wall time by each method's own "
+        "cost (0: split evenly).",
+    )
+    parser.add_argument(
+        "--views",
+        nargs="*",
+        default=list(embedding_views.VIEW_METHODS),
+        choices=embedding_views.VIEW_METHODS,
+        help="2-D maps of the fold-1 test projections per embedding x method (silhouette scores are "
+        "always written; give no value to skip the maps).",
     )
     parser.demo_defaults(epochs=300)
     return parser
@@ -131,24 +154,6 @@ def linear_forward(params, state, x, valid, training):
     return tf.einsum("mbd,mde->mbe", x, params["kernel"]) + params["bias"][:, None, :], state
 
 
-def random_selection_key(model_key, model_step, sample_id):
-    """A uniformly random int32 per (model, step, sample), independent of which models share the stack.
-
-    Only the order of the keys matters; int32 rather than a float64 draw keeps XLA's CPU code fast.
-    """
-    mixed = (
-        tf.cast(model_key, tf.int64)[:, None] * 0x2545F491
-        + tf.cast(model_step, tf.int64)[:, None] * 0x6C8E9CF5
-        + tf.cast(sample_id, tf.int64) * 0x1B873593
-    )
-    mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
-    for shift, multiplier in ((16, 0x45D9F3B), (16, 0x45D9F3B), (16, 1)):
-        shifted = tf.bitwise.right_shift(mixed, tf.constant(shift, tf.int64))
-        mixed = tf.bitwise.bitwise_xor(mixed, shifted) * multiplier
-        mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
-    return tf.cast(mixed - 2**31, tf.int32)
-
-
 def method_loss(method, outputs, batch, valid, args, top_percent=None, random_percent=None):
     """One of the four exp1 losses on a stack of same-method models: the readable reference.
 
@@ -164,7 +169,9 @@ def method_loss(method, outputs, batch, valid, args, top_percent=None, random_pe
         # TG-MATL: MATL restricted to the task-guided selection of each class in the batch.
         random_key = None
         if args.extra_selection == "random":
-            random_key = random_selection_key(batch["model_key"], batch["model_step"], batch["sample_id"])
+            random_key = triplet.random_selection_key(
+                batch["model_key"], batch["model_step"], batch["sample_id"]
+            )
         valid = triplet.task_guided_selection(
             batch["task_score"], batch["class_label"], valid, top_percent, random_percent, random_key
         )
@@ -190,8 +197,11 @@ def fold_task_scores(data, seed):
 STACK_ORDER = ("dtl_hard", "dtl", "matl", "tg_matl")
 
 
-def stacked_method_loss(heads, args):
+def stacked_method_loss(heads, args, task_guided=True):
     """The loss of a stack of heads sorted by STACK_ORDER, per head equal to `method_loss`.
+
+    With `task_guided` False, TG-MATL rows get the unmasked MATL loss (the `--model_selection
+    matl_val` validation loss: the selection leaves a 9-sample split almost no triplet).
 
     The fast twin of `method_loss`: tests/test_igarss_exp1.py
     (test_stacked_engine_matches_one_by_one_keras_training) proves them equal. Built from few, large
@@ -221,10 +231,10 @@ def stacked_method_loss(heads, args):
                     distance[:class_start], class_label[:class_start], valid[:class_start], args.margin
                 )
             )
-        if selection_start < num_models:
+        if task_guided and selection_start < num_models:
             random_key = None
             if args.extra_selection == "random":
-                random_key = random_selection_key(
+                random_key = triplet.random_selection_key(
                     batch["model_key"][selection_start:],
                     batch["model_step"][selection_start:],
                     batch["sample_id"][selection_start:],
@@ -260,11 +270,14 @@ def stacked_method_loss(heads, args):
     return loss
 
 
-def train_heads(heads, embedding, data, task_scores, args, progress_label=""):
+def train_heads(
+    heads, embedding, data, task_scores, args, progress_label="", chunk_epochs=None, progress=None
+):
     """Train a list of heads (dicts with method, fold, key, top/random percent) in one stack.
 
-    Returns best-validation params, validation losses, histories and wall seconds; the heads come
-    back in the stack's order (by method, see STACK_ORDER).
+    Returns the selected params (`--model_selection`), validation losses, histories and wall seconds;
+    the heads come back in the stack's order (by method, see STACK_ORDER). `chunk_epochs` and
+    `progress` override the compiled chunk length and the progress printer.
     """
     heads = sorted(heads, key=lambda head: STACK_ORDER.index(head["method"]))
     generators = [stacked_training.model_generator(args.seed, head["key"]) for head in heads]
@@ -276,6 +289,9 @@ def train_heads(heads, embedding, data, task_scores, args, progress_label=""):
         "box_cluster": data["box_cluster"].astype(np.int32),
         "sample_id": np.arange(len(data["class_label"]), dtype=np.int32),
     }
+    validation_loss = None
+    if args.model_selection == "matl_val":
+        validation_loss = stacked_method_loss(heads, args, task_guided=False)
     stack = stacked_training.StackedModels(
         params,
         linear_forward,
@@ -286,7 +302,8 @@ def train_heads(heads, embedding, data, task_scores, args, progress_label=""):
         batch_size=args.batch_size,
         model_keys=[head["key"] for head in heads],
         # Compiling pays off only over many epochs; results agree either way.
-        jit_compile=args.epochs >= 100,
+        jit_compile=getattr(args, "jit_compile", args.epochs >= 100),
+        validation_loss=validation_loss,
     )
     train_lists, val_lists = stacked_training.fold_index_lists(data["folds"], heads)
     started = time.perf_counter()
@@ -295,20 +312,51 @@ def train_heads(heads, embedding, data, task_scores, args, progress_label=""):
         val_lists,
         args.epochs,
         generators,
-        chunk_epochs=max(1, min(500, args.epochs)),
-        progress=stacked_training.progress_printer(progress_label),
+        chunk_epochs=chunk_epochs or max(1, min(500, args.epochs)),
+        progress=progress or stacked_training.progress_printer(progress_label),
     )
     seconds = time.perf_counter() - started
     best_params, _ = stack.best()
+    best_val_loss, best_epoch = stack.best_val_loss.numpy(), stack.best_epoch.numpy()
+    if args.model_selection == "last":
+        best_params, _ = stack.last()
+        best_val_loss, best_epoch = val_history[-1], np.full(len(heads), args.epochs - 1)
     return {
         "heads": heads,
         "params": best_params,
-        "best_val_loss": stack.best_val_loss.numpy(),
-        "best_epoch": stack.best_epoch.numpy(),
+        "best_val_loss": best_val_loss,
+        "best_epoch": best_epoch,
         "train_history": train_history,
         "val_history": val_history,
         "seconds": seconds,
     }
+
+
+def calibrate_method_costs(heads_by_embedding, data, task_scores, args):
+    """{(embedding, method): seconds per epoch of a stack of that method's heads alone}.
+
+    The timings split a stack's wall time over its heads in proportion to these costs, so each
+    method is charged what its own loss costs (batch-hard, batch-all, selection), not an equal share.
+    Each stack of one method's heads (up to 8 folds) runs one compiled chunk of
+    `--calibration_epochs`, then two timed ones; the quicker one counts.
+    """
+    epochs = args.calibration_epochs
+    settings = argparse.Namespace(**dict(vars(args), epochs=3 * epochs, jit_compile=args.epochs >= 100))
+    costs = {}
+    # Each short stack compiles its own graph; TensorFlow's retracing warning about that is noise here.
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")
+    for name, heads in heads_by_embedding.items():
+        for method in sorted({head["method"] for head in heads}, key=STACK_ORDER.index):
+            alone = [dict(head, key=head["key"] + 10**7) for head in heads if head["method"] == method]
+            marks = []
+            train_heads(
+                alone, data["embeddings"][name], data, task_scores, settings, chunk_epochs=epochs,
+                    progress=lambda done, total, seconds, *_, marks=marks: marks.append(seconds),
+            )  # fmt: skip
+            costs[(name, method)] = min(np.diff(marks)) / epochs / len(alone)
+    logger.setLevel(level)
+    return costs
 
 
 def split_into_jobs(heads_by_embedding, embeddings, workers):
@@ -351,61 +399,32 @@ def export_heads(result, embedding, test_embedding, paths):
         atomic.save_npy(projection_path, projection)
 
 
-def knn_accuracy(train_points, train_labels, test_points, test_labels, neighbours=5):
-    """k-NN class accuracy of test projections against the fold's training projections."""
-    distance = ((test_points[:, None, :] - train_points[None, :, :]) ** 2).sum(-1)
-    nearest = np.argsort(distance, axis=1, kind="stable")[:, :neighbours]
-    votes = np.apply_along_axis(np.bincount, 1, train_labels[nearest], minlength=awir.NUM_CLASSES)
-    return float((votes.argmax(axis=1) == test_labels).mean())
-
-
 def head_knn_accuracies(result, embedding, data):
-    """Test 5-NN class accuracy of every head of a finished stack, against its fold's training set."""
-    accuracies = []
+    """Test and validation 5-NN class accuracies of every head of a finished stack, each against
+    its fold's training projections: ([test], [validation])."""
+    test_accuracies, val_accuracies = [], []
     for index, head in enumerate(result["heads"]):
-        train, _ = data["folds"][head["fold"] - 1]
+        train, val = data["folds"][head["fold"] - 1]
         kernel, bias = result["params"]["kernel"][index], result["params"]["bias"][index]
-        accuracies.append(
-            knn_accuracy(
-                embedding[train] @ kernel + bias,
-                data["class_label"][train],
-                embedding[data["test"]] @ kernel + bias,
-                data["class_label"][data["test"]],
+        train_points, train_labels = embedding[train] @ kernel + bias, data["class_label"][train]
+        for split, accuracies in ((data["test"], test_accuracies), (val, val_accuracies)):
+            accuracies.append(
+                awir.knn_accuracy(
+                    train_points, train_labels, embedding[split] @ kernel + bias, data["class_label"][split]
+                )
             )
-        )
-    return accuracies
+    return test_accuracies, val_accuracies
 
 
 def export_and_evaluate(job, result, data):
-    """Write a finished stack's heads and projections; return each head's test 5-NN accuracy."""
+    """Write a finished stack's heads and projections; return each head's test and validation 5-NN
+    accuracies."""
     embedding = data["embeddings"][job["embedding"]]
     export_heads(result, embedding, embedding[data["test"]], [head["paths"] for head in result["heads"]])
     return head_knn_accuracies(result, embedding, data)
 
 
-def read_timings(path, overwrite, key):
-    """Rows of an earlier run's timings CSV by `key(row)` (none with --overwrite)."""
-    if not path.exists() or overwrite:
-        return {}
-    with open(path, newline="") as file:
-        return {key(row): row for row in csv.DictReader(file)}
-
-
 # ---- the protocol ----
-
-
-def print_data(data, args):
-    """The data sizes and derived values, printed at start."""
-    train_sizes = sorted({len(train) for train, _ in data["folds"]})
-    print(
-        f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {len(data['folds'])} "
-        f"(train {train_sizes}, val {sorted({len(v) for _, v in data['folds']})}), "
-        f"steps per epoch {int(np.ceil(max(train_sizes) / args.batch_size))}"
-    )
-    for name, embedding in data["embeddings"].items():
-        paper_width = awir.PAPER_EMBEDDING_WIDTHS[name]
-        note = "" if embedding.shape[1] == paper_width else f" (the paper's {name} width is {paper_width})"
-        print(f"embedding {name}: {embedding.shape}{note}")
 
 
 def check_training_settings(results_dir, config_name, args, keys):
@@ -436,15 +455,21 @@ def heads_to_train(args, results_dir):
     return heads_by_embedding
 
 
-def record_stack(job, result, data, timings, timings_path, summary, zero_validation_loss):
+def head_seconds(result, embedding, costs):
+    """A stack's wall time split over its heads in proportion to each method's calibrated cost
+    (evenly without calibration): the heads' times sum to the stack's."""
+    cost = np.array([costs.get((embedding, head["method"]), 1.0) for head in result["heads"]])
+    return result["seconds"] * cost / cost.sum()
+
+
+def record_stack(job, result, data, timings, timings_path, summary, zero_validation_loss, costs):
     """Export a finished stack, add its timings and test accuracies, note zero validation losses."""
-    accuracies = export_and_evaluate(job, result, data)
+    accuracies, _ = export_and_evaluate(job, result, data)
     name, heads = job["embedding"], result["heads"]
-    # The joint wall time is divided evenly over the heads trained together (README: igarss_exp1.py).
-    seconds_per_head = result["seconds"] / len(heads)
+    seconds = head_seconds(result, name, costs)
     for index, head in enumerate(heads):
         row = timings.setdefault((name, head["fold"]), {"experiment": name, "fold": head["fold"]})
-        row[TIMING_COLUMNS[head["method"]]] = round(seconds_per_head, 4)
+        row[TIMING_COLUMNS[head["method"]]] = round(float(seconds[index]), 4)
         if result["best_val_loss"][index] == 0.0:
             zero_validation_loss.setdefault(f"{name} {head['tag']}", []).append(
                 f"{head['fold']} (epoch {result['best_epoch'][index] + 1})"
@@ -455,11 +480,52 @@ def record_stack(job, result, data, timings, timings_path, summary, zero_validat
     atomic.write_csv(timings_path, [timings[key] for key in sorted(timings)], columns)
 
 
+def method_costs(heads_by_embedding, data, task_scores, args, results_dir):
+    """Calibrate each method's own cost (see calibrate_method_costs), print and record it."""
+    if not heads_by_embedding or args.calibration_epochs <= 0:
+        return {}
+    print(f"# ---- timing calibration: {3 * args.calibration_epochs} epochs per method and embedding ----")
+    costs = calibrate_method_costs(heads_by_embedding, data, task_scores, args)
+    rows = [
+        {"experiment": name, "method": method, "ms_per_head_epoch": round(1e3 * cost, 4)}
+        for (name, method), cost in costs.items()
+    ]
+    for row in rows:
+        print(f"  {row['experiment']} {row['method']}: {row['ms_per_head_epoch']:.3f} ms per head-epoch")
+    path = results_dir / "exp1_timings" / f"method_costs_test{args.test_size}.csv"
+    atomic.write_csv(path, rows, ["experiment", "method", "ms_per_head_epoch"])
+    return costs
+
+
+def write_views(data, args, results_dir):
+    """Silhouette scores (class, box cluster) and t-SNE / UMAP maps of the test projections."""
+    projections = {}
+    for name in args.embeddings:
+        for method in args.methods:
+            tag = awir.method_tag(method, args.top_percent, args.random_percent)
+            paths = [head_paths(results_dir, name, tag, fold, args.test_size)[1] for fold in range(1, 9)]
+            projections[(name, tag)] = [np.load(path) for path in paths if path.exists()]
+    projections = {key: value for key, value in projections.items() if value}
+    if not projections:
+        return []
+    test = data["test"]
+    rows = embedding_views.write_views(
+        projections, data["class_label"][test], data["box_cluster"][test],
+        results_dir / "exp1_test_projections" / "views", args.views, args.seed,
+    )  # fmt: skip
+    for row in rows:
+        print(
+            f"  silhouette {row['embedding']} {row['method']}: class {row['silhouette_class']:.3f}, "
+            f"box cluster {row['silhouette_box']:.3f} (mean over {row['folds']} folds)"
+        )
+    return rows
+
+
 def write_report(summary, zero_validation_loss, args, results_dir):
     """knn_summary.json and the summary lines: per method, mean test 5-NN accuracy and best val loss."""
     for head_group, folds in sorted(zero_validation_loss.items()):
-        # Model selection uses the training loss on the validation split (reference behaviour); when
-        # it is exactly 0 (e.g. TG-MATL keeps one sample per class of a 9-sample split, so no triplet
+        # The reference's model selection uses the training loss on the validation split; when it is
+        # exactly 0 (e.g. TG-MATL keeps one sample per class of a 9-sample split, so no triplet
         # exists), the first epoch that reaches 0 is kept.
         print(
             f"  note: {head_group}: validation loss 0, selection kept the first such epoch, folds "
@@ -495,16 +561,18 @@ def main(args):
 
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size)
-    print_data(data, args)
+    awir.print_data(data, args.batch_size)
     task_scores = fold_task_scores(data, args.seed)
     check_training_settings(results_dir, "exp1_config.json", args, TRAINING_KEYS)
 
     # ---- train ----
     timings_path = results_dir / "exp1_timings" / f"timings_test{args.test_size}.csv"
-    timings = read_timings(
+    timings = awir.read_timings(
         timings_path, args.overwrite, key=lambda row: (row["experiment"], int(row["fold"]))
     )
-    jobs = split_into_jobs(heads_to_train(args, results_dir), data["embeddings"], args.workers)
+    heads_by_embedding = heads_to_train(args, results_dir)
+    costs = method_costs(heads_by_embedding, data, task_scores, args, results_dir)
+    jobs = split_into_jobs(heads_by_embedding, data["embeddings"], args.workers)
     summary = {method: {"knn": [], "val": []} for method in args.methods}
     zero_validation_loss = {}
     record = functools.partial(
@@ -514,6 +582,7 @@ def main(args):
         timings_path=timings_path,
         summary=summary,
         zero_validation_loss=zero_validation_loss,
+        costs=costs,
     )
     print(
         f"# ---- train: {sum(len(j['heads']) for j in jobs)} heads in {len(jobs)} stacks on "
@@ -522,6 +591,7 @@ def main(args):
     train_jobs(jobs, data, task_scores, args, record)
 
     # ---- evaluate ----
+    write_views(data, args, results_dir)
     return write_report(summary, zero_validation_loss, args, results_dir)
 
 

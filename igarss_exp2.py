@@ -52,7 +52,7 @@ HEAD_KINDS = {
 }
 OUTPUT_UNITS = max(kind["units"] for kind in HEAD_KINDS.values())
 BN_MOMENTUM, BN_EPSILON = 0.99, 1e-3  # Keras BatchNormalization defaults.
-METRICS = ("acc", "f1", "mse_feat", "r2_feat", "mse_loc", "r2_loc")
+METRICS = ("acc", "precision", "recall", "f1", "mse_feat", "r2_feat", "mse_loc", "r2_loc")
 LOWER_IS_BETTER = ("mse_feat", "mse_loc")
 TIME_METRICS = ("class_time", "reg_boxfeat_time", "reg_boxloc_time")
 # Arguments that change what a head learns: finished heads are reused only if these agree.
@@ -153,13 +153,23 @@ def task_head_loss(kind, outputs, target, valid):
 
 
 def task_metrics(kind, predictions, target):
-    """The paper's test metrics of one head: acc / weighted f1, or MSE / R^2 (uniform average)."""
-    from sklearn.metrics import accuracy_score, f1_score, mean_squared_error, r2_score
+    """The paper repository's test metrics of one head: accuracy and weighted precision / recall / F1,
+    or MSE / R^2 (uniform average)."""
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        mean_squared_error,
+        precision_score,
+        r2_score,
+        recall_score,
+    )
 
     if kind == "class":
         truth, predicted = target.argmax(axis=1), predictions.argmax(axis=1)
         return {
             "acc": float(accuracy_score(truth, predicted)),
+            "precision": float(precision_score(truth, predicted, average="weighted", zero_division=0)),
+            "recall": float(recall_score(truth, predicted, average="weighted", zero_division=0)),
             "f1": float(f1_score(truth, predicted, average="weighted", zero_division=0)),
         }
     suffix = "feat" if kind == "boxfeat" else "loc"
@@ -512,7 +522,8 @@ def write_summary(rows, directory, prefix="summary"):
         table.append([row["embedding"], row["method"], row["folds"], *cells])
     markdown = (
         "# TG-MATL experiment 2: task heads on the fixed test set\n\n"
-        "Mean +- std over folds. Best per embedding in **bold** (highest acc / f1 / R^2, lowest MSE).\n\n"
+        "Mean +- std over folds (population std, ddof=0). Best per embedding in **bold** (highest acc /\n"
+        "precision / recall / f1 / R^2, lowest MSE).\n\n"
         + reports.markdown_table(["embedding", "method", "folds", *METRICS], table)
     )
     reports.write_table(directory / prefix, rows, columns, markdown)
@@ -520,12 +531,12 @@ def write_summary(rows, directory, prefix="summary"):
 
 
 def plot_summary(rows, path):
-    """Bar chart of acc / r2_feat / r2_loc per method, grouped by embedding, with fold std as error bars."""
+    """Bars of acc / precision / recall / r2_feat / r2_loc per method and embedding, fold std as errors."""
     embeddings = sorted({row["embedding"] for row in rows})
     methods = list(dict.fromkeys(row["method"] for row in rows))
     by_key = {(row["embedding"], row["method"]): row for row in rows}
-    figure, axes = plots.pyplot().subplots(1, 3, figsize=(15, 4))
-    for axis, metric in zip(axes, ("acc", "r2_feat", "r2_loc"), strict=True):
+    figure, axes = plots.pyplot().subplots(1, 5, figsize=(25, 4))
+    for axis, metric in zip(axes, ("acc", "precision", "recall", "r2_feat", "r2_loc"), strict=True):
         series = {}
         for method in methods:
             found = [by_key.get((name, method)) for name in embeddings]
@@ -552,7 +563,8 @@ def report_methods(rows, methods, args):
         members = [row for row in rows if row["method"] == method]
         values = report[method] = {m: float(np.mean([row[f"{m}_mean"] for row in members])) for m in METRICS}
         print(
-            f"summary: {method} acc {values['acc']:.3f} f1 {values['f1']:.3f} r2_feat {values['r2_feat']:.3f}"
+            f"summary: {method} acc {values['acc']:.3f} prec {values['precision']:.3f}"
+            f" rec {values['recall']:.3f} f1 {values['f1']:.3f} r2_feat {values['r2_feat']:.3f}"
             f" r2_loc {values['r2_loc']:.3f} (mean over {len(members)} embeddings x {len(args.folds)} folds)"
         )
     return report

@@ -36,7 +36,7 @@ from common.errors import InputError, cli_entry
 
 TOP_PERCENTS = (0.40, 0.50, 0.60, 0.70)
 RANDOM_PERCENTS = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
-HEATMAP_METRICS = ("acc", "f1", "r2_feat", "r2_loc", "mse_feat", "mse_loc")
+HEATMAP_METRICS = ("acc", "precision", "recall", "f1", "r2_feat", "r2_loc", "mse_feat", "mse_loc")
 
 
 def get_args_parser():

@@ -20,6 +20,7 @@ awir              TG-MATL data protocol: labels, box features, clusters, the one
 npy               .npy/.npz headers read without loading; rows streamed in batches; row-chunk checkpoints
 triplet           triplet losses (batch-all, batch-hard, MATL) and the TG-MATL selection rule
 stacked_training  many small models trained side by side in one compiled graph (TG-MATL heads)
+embedding_views   t-SNE / UMAP maps and class / box-cluster silhouette scores of projections
 
 AdaGC / SPML:
 spml              SPML baselines: losses, label state, single positives, mAP/F1, batches, trainer, classifier

@@ -8,6 +8,7 @@ cluster) is computed once, saved to `results/splits/folds_test{test_size}.json`,
 every script.
 """
 
+import csv
 import hashlib
 import json
 import os
@@ -493,3 +494,33 @@ def project_with_exp1_head(path, embedding, command):
         problem += " with non-finite values" if projection.ndim == 2 else ""
         raise InputError(path, problem, "a ProjectionHead with finite (N, 64) outputs")
     return projection
+
+
+def knn_accuracy(train_points, train_labels, test_points, test_labels, neighbours=5):
+    """k-NN class accuracy of test projections against the fold's training projections."""
+    distance = ((test_points[:, None, :] - train_points[None, :, :]) ** 2).sum(-1)
+    nearest = np.argsort(distance, axis=1, kind="stable")[:, :neighbours]
+    votes = np.apply_along_axis(np.bincount, 1, train_labels[nearest], minlength=NUM_CLASSES)
+    return float((votes.argmax(axis=1) == test_labels).mean())
+
+
+def read_timings(path, overwrite, key):
+    """Rows of an earlier run's timings CSV by `key(row)` (none with --overwrite)."""
+    if not path.exists() or overwrite:
+        return {}
+    with open(path, newline="") as file:
+        return {key(row): row for row in csv.DictReader(file)}
+
+
+def print_data(data, batch_size):
+    """The data sizes and derived values, printed at start."""
+    train_sizes = sorted({len(train) for train, _ in data["folds"]})
+    print(
+        f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {len(data['folds'])} "
+        f"(train {train_sizes}, val {sorted({len(v) for _, v in data['folds']})}), "
+        f"steps per epoch {int(np.ceil(max(train_sizes) / batch_size))}"
+    )
+    for name, embedding in data["embeddings"].items():
+        paper_width = PAPER_EMBEDDING_WIDTHS[name]
+        note = "" if embedding.shape[1] == paper_width else f" (the paper's {name} width is {paper_width})"
+        print(f"embedding {name}: {embedding.shape}{note}")

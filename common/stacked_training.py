@@ -183,6 +183,8 @@ class StackedModels:
     forward(params, state, x, valid, training) -> (outputs, new_state): x is (M, B, ...) and every
         params/state tensor has a leading model axis.
     loss(outputs, batch, valid) -> (M,) per-model loss; batch holds the gathered per-sample arrays.
+    validation_loss: the same signature, the loss that selects the best epoch on the validation
+        lists (default: `loss`, as Keras's val_loss).
     shared_arrays: {name: (N, ...)} per-sample arrays common to all models (inputs named "x").
     per_model_arrays: {name: (M, N, ...)} per-sample arrays that differ between models.
     """
@@ -204,6 +206,7 @@ class StackedModels:
         batch_size=32,
         model_keys=None,
         jit_compile=True,
+        validation_loss=None,
     ):
         self.names = sorted(params)
         self.params = {n: tf.Variable(np.asarray(params[n], np.float32), name=n) for n in self.names}
@@ -218,6 +221,7 @@ class StackedModels:
         self.best_val_loss = tf.Variable(tf.fill([self.num_models], np.float32(np.inf)))
         self.best_epoch = tf.Variable(tf.fill([self.num_models], -1))
         self.forward, self.loss = forward, loss
+        self.validation_loss = validation_loss or loss
         self.shared = {k: tf.constant(v) for k, v in shared_arrays.items()}
         self.per_model = {k: tf.constant(v) for k, v in (per_model_arrays or {}).items()}
         # Each model's key and step count reach the loss, for per-model random draws.
@@ -282,7 +286,8 @@ class StackedModels:
             batch = self._gather(tf.gather(batches, batch_number, axis=1))
             outputs, _ = self.forward(params, state, batch["x"], valid, False)
             size = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1)
-            return batch_number + 1, total + self.loss(outputs, batch, valid) * size, seen + size
+            loss = self.validation_loss(outputs, batch, valid)
+            return batch_number + 1, total + loss * size, seen + size
 
         zeros = tf.zeros([self.num_models])
         _, total, seen = tf.while_loop(
@@ -385,6 +390,13 @@ class StackedModels:
                 )
         return np.concatenate(train_histories), np.concatenate(val_histories)
 
+    def last(self):
+        """Parameters and state after the last epoch as NumPy arrays (leading model axis)."""
+        return (
+            {n: v.numpy() for n, v in self.params.items()},
+            {n: v.numpy() for n, v in self.state.items()},
+        )
+
     def best(self):
         """Best-validation parameters and state as NumPy arrays (leading model axis)."""
         return (
@@ -427,4 +439,4 @@ class OnePassValidationStack(StackedModels):
         valid = tf.range(tf.shape(index)[1])[None, :] < counts[:, None]
         batch = self._gather(index)
         outputs, _ = self.forward(params, state, batch["x"], valid, False)
-        return self.loss(outputs, batch, valid)
+        return self.validation_loss(outputs, batch, valid)

@@ -15,14 +15,14 @@ def pairwise_distance(embeddings):
     """(M, B, E) -> (M, B, B) Euclidean distances, with a finite gradient where two points coincide.
 
     Uses |a|^2 + |b|^2 - 2 a.b (one batched matrix product instead of a (M, B, B, E) difference
-    tensor), clamped at 0 against rounding, with the diagonal exactly 0.
+    tensor), clamped at 0 against rounding. The squared norms are the diagonal of the same Gram
+    matrix, so for a point and its duplicate all four terms are the same float and the distance is
+    exactly 0 (norms summed separately differ from the matrix product's dot products by rounding:
+    up to 0.016 at norm 31 in float32, a sixth of the margin 0.1).
     """
-    squared_norm = tf.reduce_sum(tf.square(embeddings), axis=-1)
-    squared = (
-        squared_norm[:, :, None]
-        + squared_norm[:, None, :]
-        - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True)
-    )
+    gram = tf.matmul(embeddings, embeddings, transpose_b=True)
+    squared_norm = tf.linalg.diag_part(gram)
+    squared = squared_norm[:, :, None] + squared_norm[:, None, :] - 2.0 * gram
     off_diagonal = 1.0 - tf.eye(tf.shape(embeddings)[1], dtype=embeddings.dtype)[None]
     squared = tf.maximum(squared, 0.0) * off_diagonal
     is_zero = tf.cast(squared <= 0.0, squared.dtype)
@@ -140,3 +140,21 @@ def task_guided_selection(score, class_label, valid, top_percent, random_percent
         random_rank = _rank_within_class(random_key, class_label, rest)
         keep = (rank < k_top) | (rest & (random_rank < k_more))
     return keep & valid
+
+
+def random_selection_key(model_key, model_step, sample_id):
+    """A uniformly random int32 per (model, step, sample), independent of which models share the stack.
+
+    Only the order of the keys matters; int32 rather than a float64 draw keeps XLA's CPU code fast.
+    """
+    mixed = (
+        tf.cast(model_key, tf.int64)[:, None] * 0x2545F491
+        + tf.cast(model_step, tf.int64)[:, None] * 0x6C8E9CF5
+        + tf.cast(sample_id, tf.int64) * 0x1B873593
+    )
+    mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
+    for shift, multiplier in ((16, 0x45D9F3B), (16, 0x45D9F3B), (16, 1)):
+        shifted = tf.bitwise.right_shift(mixed, tf.constant(shift, tf.int64))
+        mixed = tf.bitwise.bitwise_xor(mixed, shifted) * multiplier
+        mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
+    return tf.cast(mixed - 2**31, tf.int32)

@@ -29,8 +29,9 @@ def small_data(tmp_path_factory):
     return data, data_path, embeddings_dir
 
 
-def sequential_reference(head, embedding, data, task_scores, args, epochs):
-    """One head trained alone: a Keras ProjectionHead, keras Adam, batches in the head's own order."""
+def sequential_reference(head, embedding, data, task_scores, args, epochs, val_method=None):
+    """One head trained alone: a Keras ProjectionHead, keras Adam, batches in the head's own order;
+    the best epoch is chosen on the validation loss of `val_method` (default: the head's own)."""
     generator = stacked_training.model_generator(args.seed, head["key"])
     model = igarss_exp1.build_projection_head(embedding.shape[1])
     initial = igarss_exp1.initial_head_params(embedding.shape[1], [generator])
@@ -39,7 +40,7 @@ def sequential_reference(head, embedding, data, task_scores, args, epochs):
     train, val = data["folds"][head["fold"] - 1]
     step = 0
 
-    def loss_on(indices, training_step):
+    def loss_on(indices, training_step, method=head["method"]):
         outputs = model(embedding[indices], training=True)[None]
         batch = {
             "class_label": tf.constant(data["class_label"][indices][None].astype(np.int32)),
@@ -51,7 +52,7 @@ def sequential_reference(head, embedding, data, task_scores, args, epochs):
         }
         valid = tf.ones((1, len(indices)), tf.bool)
         return igarss_exp1.method_loss(
-            head["method"],
+            method,
             outputs,
             batch,
             valid,
@@ -69,7 +70,7 @@ def sequential_reference(head, embedding, data, task_scores, args, epochs):
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
             step += 1
-        val_loss = float(loss_on(val, step))
+        val_loss = float(loss_on(val, step, val_method or head["method"]))
         if val_loss < best_loss:
             best_loss, best_weights = val_loss, [w.copy() for w in model.get_weights()]
     return best_weights, best_loss, model.get_weights()
@@ -110,6 +111,40 @@ def test_stacked_engine_matches_one_by_one_keras_training(small_data, jit_compil
         assert (
             np.abs(result["params"]["bias"][index] - best_weights[1]).max() <= 2 * args.learning_rate * steps
         )
+
+
+@pytest.mark.parametrize("selection", ["matl_val", "last"])
+def test_model_selection_matl_val_and_last_equal_one_by_one_training(small_data, selection):
+    data, _, _ = small_data
+    args = parse(
+        "--epochs", "4", "--batch_size", "16", "--learning_rate", "0.01", "--model_selection", selection
+    )
+    embedding = data["embeddings"]["clip"]
+    scores = igarss_exp1.fold_task_scores(data, args.seed)
+    heads = [{"method": "dtl", "fold": 1, "key": 1}, {"method": "tg_matl", "fold": 2, "key": 2}]
+    result = igarss_exp1.train_heads(heads, embedding, data, scores, args)
+    for index, head in enumerate(result["heads"]):
+        # matl_val: TG-MATL heads are selected on MATL without the task-guided mask, others as before.
+        val_method = "matl" if head["method"] == "tg_matl" else None
+        best, best_loss, last = sequential_reference(head, embedding, data, scores, args, 4, val_method)
+        expected = last if selection == "last" else best
+        np.testing.assert_allclose(result["params"]["kernel"][index], expected[0], atol=2e-5)
+        if selection == "matl_val":
+            assert result["best_val_loss"][index] == pytest.approx(best_loss, rel=1e-4, abs=1e-5)
+            assert best_loss > 0  # the unmasked MATL loss has triplets on the 9-sample split
+        else:
+            assert result["best_epoch"][index] == 3
+            assert result["best_val_loss"][index] == pytest.approx(result["val_history"][-1][index])
+
+
+def test_stack_time_is_split_by_each_methods_calibrated_cost():
+    result = {
+        "seconds": 10.0,
+        "heads": [{"method": "dtl_hard"}, {"method": "tg_matl"}, {"method": "tg_matl"}],
+    }
+    costs = {("clip", "dtl_hard"): 1.0, ("clip", "tg_matl"): 2.0}
+    np.testing.assert_allclose(igarss_exp1.head_seconds(result, "clip", costs), [2.0, 4.0, 4.0])
+    np.testing.assert_allclose(igarss_exp1.head_seconds(result, "clip", {}), [10 / 3] * 3)
 
 
 def test_a_head_alone_trains_exactly_as_inside_a_stack(small_data):
@@ -154,7 +189,7 @@ def knn_accuracy_of(result, data, embedding, label_key):
         train, _ = data["folds"][head["fold"] - 1]
         kernel, bias = result["params"]["kernel"][index], result["params"]["bias"][index]
         accuracies.append(
-            igarss_exp1.knn_accuracy(
+            awir.knn_accuracy(
                 embedding[train] @ kernel + bias,
                 data[label_key][train],
                 embedding[data["test"]] @ kernel + bias,
@@ -199,10 +234,20 @@ def test_help():
 def test_demo_writes_every_documented_file_and_heads_reload(tmp_path, capsys):
     results = tmp_path / "results"
     completed = run_script(
-        "igarss_exp1.py", "--demo", "--epochs", "2", "--workers", "1", "--results_dir", str(results)
-    )
+        "igarss_exp1.py", "--demo", "--epochs", "2", "--workers", "1", "--results_dir", str(results),
+        "--calibration_epochs", "1", "--views", "umap",
+    )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "summary: tg_matl_30_10" in completed.stdout
+    assert "ms per head-epoch" in completed.stdout and "silhouette clip dtl: class" in completed.stdout
+    with open(results / "exp1_timings" / "method_costs_test0.7.csv", newline="") as file:
+        costs = list(csv.DictReader(file))
+    assert len(costs) == 12 and all(float(row["ms_per_head_epoch"]) > 0 for row in costs)
+    views = results / "exp1_test_projections" / "views"
+    assert sorted(p.name for p in views.glob("*.png")) == [f"{e}_umap.png" for e in ("clip", "dinov2", "mae")]
+    with open(views / "silhouette.csv", newline="") as file:
+        silhouettes = list(csv.DictReader(file))
+    assert len(silhouettes) == 12 and all(-1 <= float(r["silhouette_class"]) <= 1 for r in silhouettes)
     models = sorted((results / "trained_models" / "exp1_emb_proj").glob("*/*.h5"))
     projections = sorted((results / "exp1_test_projections").glob("*/*.npy"))
     assert len(models) == 96 and len(projections) == 96
@@ -245,7 +290,7 @@ def test_demo_writes_every_documented_file_and_heads_reload(tmp_path, capsys):
         model.predict(data["embeddings"]["dinov2"][data["test"]], verbose=0), stored, atol=1e-4
     )
     # A re-run reuses the finished heads; other training arguments are refused, not mixed in.
-    demo_args = ["--demo", "--epochs", "2", "--workers", "1", "--results_dir", str(results)]
+    demo_args = ["--demo", "--epochs", "2", "--workers", "1", "--results_dir", str(results), "--views"]
     igarss_exp1.main(parse(*demo_args, "--embeddings", "clip"))
     assert "finished heads reused for clip" in capsys.readouterr().out
     assert_main_error(

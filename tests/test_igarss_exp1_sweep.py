@@ -4,6 +4,7 @@ import csv
 
 import keras
 import numpy as np
+import pytest
 from conftest import assert_main_error, call_main, parse, run_script
 
 import igarss_exp1_sweep
@@ -36,7 +37,7 @@ def test_demo_sweep_writes_grid_heads_and_resumes(tmp_path, capsys):
     ]
     completed = run_script("igarss_exp1_sweep.py", *common)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "summary: best grid point tp" in completed.stdout
+    assert "summary: best grid point on validation tp" in completed.stdout
     for tag in ("tp40_rp5", "tp70_rp5"):
         for fold in range(1, 9):
             model_path = (
@@ -98,4 +99,13 @@ def test_sweep_refuses_other_training_settings(tmp_path, capsys):
         lambda: call_main(igarss_exp1_sweep, [*common, "--margin", "0.3"]),
         "exp1_sweep_config.json",
         "margin=0.1 (now 0.3)",
+    )
+
+
+def test_best_grid_point_is_chosen_on_validation_and_reported_on_test(tmp_path):
+    accuracy = {"tp40_rp5": [(0.99, 0.70), (0.97, 0.72)], "tp70_rp5": [(0.90, 0.90), (0.92, 0.88)]}
+    best = igarss_exp1_sweep.report_best_grid_point(accuracy, tmp_path)
+    assert best["best"] == "tp70_rp5"  # best on validation, although tp40_rp5 is best on test
+    assert best["test_knn5_accuracy"] == pytest.approx(0.91) and best["val_knn5_accuracy"] == pytest.approx(
+        0.89
     )

@@ -37,6 +37,9 @@ def demo_results(tmp_path_factory):
                 "1",
                 "--results_dir",
                 results,
+                "--calibration_epochs",
+                "0",
+                "--views",
             ],
         )
     )
