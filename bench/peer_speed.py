@@ -160,7 +160,7 @@ def spml_comparison(options):
     eval_data = train_data.cache()
 
     torch_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    torch_observed = torch.from_numpy(observed)
+    torch_observed = torch.from_numpy(observed.astype(np.float32))
     torch_mean, torch_std = 127.0, 60.0
     peers = {}
     for name, stride_in_3x3 in (("torch v1.5", True), ("torch v1", False)):

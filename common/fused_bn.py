@@ -14,6 +14,7 @@ exactly Keras's. Outputs and gradients equal Keras's BN within float tolerance i
 inference (tests/test_fused_bn.py).
 """
 
+import os
 import types
 
 import keras
@@ -69,10 +70,11 @@ def batch_norm_layers(model) -> list:
 def fuse(model) -> int:
     """Run `model`'s BatchNormalization layers through the fused kernel; returns how many were switched.
 
-    Call it before the model is compiled or traced. On a backend other than TensorFlow nothing changes
-    and 0 is returned.
+    Call it before the model is compiled or traced. On a backend other than TensorFlow, or with the
+    environment variable RSREPRO_KERAS_BN=1 (Keras's own BN, e.g. to compare), nothing changes and 0
+    is returned.
     """
-    if keras.backend.backend() != "tensorflow":
+    if keras.backend.backend() != "tensorflow" or os.environ.get("RSREPRO_KERAS_BN") == "1":
         return 0
     switched = 0
     for layer in batch_norm_layers(model):
