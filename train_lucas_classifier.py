@@ -355,10 +355,11 @@ class RunCheckpoint(keras.callbacks.Callback):
 
 
 def predict_logits(model, inputs, batch_size=256):
-    """Logits for an in-memory array (batched direct calls: no per-model predict tracing) or a dataset."""
+    """Logits for an in-memory array (one compiled step over batches, traced once) or a dataset."""
     if isinstance(inputs, np.ndarray):
+        step = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
         batches = [inputs[start : start + batch_size] for start in range(0, len(inputs), batch_size)]
-        return np.concatenate([np.asarray(model(batch, training=False)) for batch in batches])
+        return np.concatenate([step(batch).numpy() for batch in batches])
     return model.predict(inputs, verbose=0)
 
 
@@ -436,7 +437,8 @@ def training_data(args, inputs, tokens, seed):
             return inputs.reader.dataset(indices, size, args.batch_size, labels, seed if shuffle else None)
         data = tf.data.Dataset.from_tensor_slices((tokens[indices], labels[indices]))
         data = data.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True) if shuffle else data
-        return data.batch(args.batch_size).prefetch(tf.data.AUTOTUNE)
+        # A new iterator each epoch: without autotune no pass ends waiting (bench/pass_end_idle.py).
+        return pipelines.without_autotune(data.batch(args.batch_size).prefetch(tf.data.AUTOTUNE))
 
     evaluated = [name for name in ("val", "test") if name in splits]
     if tokens is None:

@@ -4,11 +4,11 @@ Same model, loss, optimizer, batch, input size and thread count on each side, al
 one process, medians of the per-round times:
 
 1. SPML (train_multilabel_model.py): ResNet-50 at 224 px, batch 16, AN loss, Adam. Ours is the
-   script's own model builder (with the fused batch-norm kernel) trained by `spml.SpmlTrainer`'s
-   compiled step and evaluated by `spml.predict_probabilities`; the peer is a ResNet-50 written here
-   with torch only (no CPU torchvision exists for this torch build): torchvision's v1.5 layout, which
-   strides in the 3x3 conv of each bottleneck, and, for the same FLOPs as Keras's v1 layout, the v1
-   variant that strides in the first 1x1 conv.
+   script's own model builder (`spml.build_classifier`, fused batch-norm kernel) trained by
+   `spml.SpmlTrainer`'s compiled step and evaluated by `spml.predict_probabilities`. The peer is a
+   ResNet-50 written here with torch only (no CPU torchvision exists for this torch build), in
+   torchvision's v1.5 layout (stride in the 3x3 conv of each bottleneck) and, for the same FLOPs as
+   Keras's v1 layout, in the v1 layout (stride in the first 1x1 conv).
 2. LUCAS (train_lucas_classifier.py): the identity and MLP heads on cached TerraMind-base-sized tokens
    `(N, 196, 768)`, weighted CE, AdamW, batch 8: ours is the script's head trained by `fit` on the
    script's token dataset, the peer a torch loop over the same tokens.
@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 import train_lucas_classifier as lucas_script
-import train_multilabel_model as spml_script
-from common import fused_bn, lucas, runs, spml
+from common import lucas, runs, spml
 
 
 def get_args_parser():
@@ -148,9 +147,7 @@ def spml_comparison(options):
 
     def build_model():
         mean, variance = np.full(3, 127.0, np.float32), np.full(3, 60.0**2, np.float32)
-        model = spml_script.build_classifier("resnet50", (size, size, 3), classes, mean, variance)
-        fused_bn.fuse(model)
-        return model
+        return spml.build_classifier("resnet50", (size, size, 3), classes, mean, variance)
 
     trainer = spml.SpmlTrainer(
         settings, tf.distribute.get_strategy(), build_model, keras.optimizers.Adam, observed, full

@@ -13,6 +13,7 @@ parallel          one spawn-process job runner behind every --workers
 startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
+fused_bn          TensorFlow's fused batch-norm kernel behind Keras BatchNormalization layers (same variables)
 distribute        --strategy multiworker: MultiWorkerMirroredStrategy (TF_CONFIG or SLURM) for Keras 3 fit
 
 TG-MATL:

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common import atomic, plots
+from common import atomic, fused_bn, plots
 from common.errors import InputError, require, require_dir, require_file
 from common.raster import open_geotiff, read_window
 
@@ -652,6 +652,7 @@ def build_encoder(encoder_name, image_size, weights=""):
             ) from None
         if _official_variance_fix(normalization):
             print(f"note: {weights} stores the ImageNet std as variance (official layout): squared it")
+    fused_bn.fuse(encoder)  # TensorFlow's fused batch-norm kernel, same variables (common.fused_bn)
     return encoder
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, pipelines, plots, reports
+from common import atomic, fused_bn, pipelines, plots, reports
 from common.errors import InputError, require, require_dir, require_file, require_finite
 from common.metrics import ConfusionMatrix
 from common.raster import open_geotiff, read_window, write_geotiff
@@ -450,7 +450,16 @@ def load_weights_strictly(model, path):
 
 
 def build_backbone(name, image_size, weights=None):
-    """Keras backbone with 6 input bands, optionally initialised from local 6- or 3-channel weights."""
+    """Keras backbone with 6 input bands, optionally initialised from local 6- or 3-channel weights.
+
+    Its batch-norm layers run through TensorFlow's fused kernel (`common.fused_bn`).
+    """
+    backbone = _backbone_with_weights(name, image_size, weights)
+    fused_bn.fuse(backbone)
+    return backbone
+
+
+def _backbone_with_weights(name, image_size, weights):
     constructor = backbone_constructor(name)
     bands = len(BAND_NAMES)
     with warnings.catch_warnings():

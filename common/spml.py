@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import atomic, checkpoints, pipelines
+from common import atomic, checkpoints, fused_bn, pipelines
 from common.errors import InputError, require, require_file
 
 BASELINES = ("full", "an", "an_ls", "wan", "epr", "role", "em", "em_apl", "ll_r", "ll_ct", "ll_cp")
@@ -413,7 +413,8 @@ def load_batches(indices, sources, loader, batch_size: int):
 def make_dataset(sources, loader, batch_size: int):
     """(images, row indices) batches in row order, for validation, test and prediction."""
     indices = tf.data.Dataset.range(len(sources))
-    return load_batches(indices, sources, loader, batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = load_batches(indices, sources, loader, batch_size).prefetch(tf.data.AUTOTUNE)
+    return pipelines.without_autotune(dataset)  # a new iterator per pass: no end-of-pass wait
 
 
 class TrainBatches:
@@ -437,7 +438,8 @@ class TrainBatches:
                 return augment_batch(images, seed), index
 
             dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        self.dataset = dataset.prefetch(tf.data.AUTOTUNE)
+        # Iterated afresh every epoch: without autotune no pass ends waiting (bench/pass_end_idle.py).
+        self.dataset = pipelines.without_autotune(dataset.prefetch(tf.data.AUTOTUNE))
 
     def for_epoch(self, epoch: int):
         self.order.assign(pipelines.epoch_order(self.count, self.seed, epoch))
@@ -617,7 +619,9 @@ def build_classifier(backbone, input_shape, num_classes, band_mean=None, band_va
             expected = f"weights saved from a {backbone} with input {input_shape}"
             raise InputError(weights_path, problem, expected) from None
     logits = layers.Dense(num_classes, name="logits")(base(features))
-    return keras.Model(inputs, logits, name=f"{backbone}_spml")
+    model = keras.Model(inputs, logits, name=f"{backbone}_spml")
+    fused_bn.fuse(model)  # TensorFlow's fused batch-norm kernel, same variables (common.fused_bn)
+    return model
 
 
 def make_optimizer(settings, learning_rate):
