@@ -17,8 +17,8 @@ inference (tests/test_fused_bn.py).
 import os
 import types
 
-import keras
-import tensorflow as tf
+# keras and tensorflow are imported where used: common.aras400k imports this module, and its
+# TensorFlow-free users (dataset_creator.py) must not load TensorFlow.
 
 # tf.compat.v1.nn.fused_batch_norm raises smaller epsilons to this value; Keras would not.
 MIN_FUSED_EPSILON = 1.001e-5
@@ -26,6 +26,8 @@ MIN_FUSED_EPSILON = 1.001e-5
 
 def _fused_call(self, inputs, training=None, mask=None):
     """`BatchNormalization.call` through `FusedBatchNormV3`; Keras's own call where that cannot apply."""
+    import tensorflow as tf
+
     rank_ok = len(inputs.shape) == 4 and self.axis in (-1, 3)
     if (
         mask is not None
@@ -64,6 +66,8 @@ def _fused_call(self, inputs, training=None, mask=None):
 
 def batch_norm_layers(model) -> list:
     """Every `keras.layers.BatchNormalization` in `model`, nested models included."""
+    import keras
+
     return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
 
 
@@ -74,6 +78,8 @@ def fuse(model) -> int:
     environment variable RSREPRO_KERAS_BN=1 (Keras's own BN, e.g. to compare), nothing changes and 0
     is returned.
     """
+    import keras
+
     if keras.backend.backend() != "tensorflow" or os.environ.get("RSREPRO_KERAS_BN") == "1":
         return 0
     switched = 0
