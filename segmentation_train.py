@@ -17,7 +17,7 @@ The paper setting (EfficientNet-B7, 20 epochs over ~80k patches) needs a GPU (`-
 Outputs in `results/segmentation_train/<run_name>/` (README "segmentation_train.py"): config.json,
 log.csv, state.json + checkpoint_epochNNN.npz, best.weights.h5, best_model.keras, metrics.json,
 per_class.csv, confusion_matrix.png, curves.png, predictions.zip, examples.png. The demo prints
-    test: macro_f1 92.13 | macro_iou 86.00 | macro_precision 92.26 | macro_recall 92.49 | accuracy 92.52 ...
+    test: macro_f1 91.09 | macro_iou 84.42 | macro_precision 91.29 | macro_recall 91.39 | accuracy 91.53 ...
 
 Metric policy (common/metrics.py): metrics come from one confusion matrix accumulated batch by batch;
 a class absent from both truth and prediction has NaN precision/recall/F1/IoU (null in
