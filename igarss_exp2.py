@@ -22,8 +22,7 @@ Commands:
 The heads of one (embedding, input width) train together in compiled graphs
 (common/stacked_training.py), which equals training them one by one (own parameters, Adam
 moments, BatchNorm statistics, batches and best weights). The full protocol takes about 8.5
-minutes on a 2-core CPU (python -m bench.tgmatl_exp2_speed compares it with model.fit); --demo
-takes a few minutes.
+minutes on a 2-core CPU (bench.tgmatl_exp2_speed compares it with model.fit), --demo a few minutes.
 It ends with one line per method; the demo prints on a 2-core CPU, e.g.
     summary: tg_matl_30_10 acc 0.919 f1 0.919 r2_feat 0.598 r2_loc -0.460 (mean over 3 embeddings x 8 folds)
 """

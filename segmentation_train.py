@@ -379,22 +379,6 @@ def train_split_names(values):
     return names
 
 
-def list_training_set(root, name, image_size):
-    """(image, mask) pairs of one training set; "generated" pairs train/generated with train/masks."""
-    if name != "generated":
-        return aras400k.list_split(root, name, image_size)
-    folder = require_dir(root / "train" / "generated", "the images of generative_trainer_unet_spade_gan.py")
-    pairs = []
-    for _, mask in aras400k.list_split(root, "train", image_size):
-        image = folder / mask.name
-        require(image.is_file(), image, "is missing", f"one generated image per mask of {mask.parent}")
-        size = aras400k.png_size(image)
-        expected = f"{image_size}x{image_size}, the size of its mask"
-        require(size == (image_size, image_size), image, f"is {size[0]}x{size[1]}", expected)
-        pairs.append((image, mask))
-    return pairs
-
-
 def read_splits(args):
     """Every split's (image, mask) pairs and class pixel counts, all masks checked before training.
 
@@ -404,7 +388,7 @@ def read_splits(args):
     root = require_dir(args.data_root, "the dataset root folder")
     pairs = {split: aras400k.list_split(root, split, args.image_size) for split in ("val", "test")}
     pairs["train"] = [
-        pair for name in args.train_splits for pair in list_training_set(root, name, args.image_size)
+        pair for name in args.train_splits for pair in aras400k.list_training_set(root, name, args.image_size)
     ]
     pixel_counts = {}
     for split in aras400k.SPLITS:

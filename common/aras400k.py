@@ -9,7 +9,7 @@ paper's dataset description; README "dataset_creator.py"). This module holds wha
 - exact colour <-> label conversion (`colours_to_labels`, `labels_to_colours`, `decode_mask_tf`);
 - the WorldCover map mosaic on a Sentinel-2 tile's pixel grid (`LabelMosaic`) and tile pairing
   by bounds over folders searched recursively (`find_tiles`);
-- the segmentation layout `<root>/{train,val,test}/{images,masks}/*.png` (`list_split`,
+- the segmentation layout `<root>/{train,val,test}/{images,masks}/*.png` (`list_split`, `list_training_set`,
   `check_masks`, `load_pair`, `train_batches`, `eval_batches`, `plot_examples`, `write_demo_patches`);
 - the class-percentage tables the captioners read (`class_percentages`, `write_class_percentages`);
 - the EfficientNet encoder both models share (`build_encoder`, `encoder_pyramid`);
@@ -420,6 +420,23 @@ def list_split(data_root, split, image_size) -> list[tuple[Path, Path]]:
             f"is {mask_shape[0]}x{mask_shape[1]} pixels",
             f"the size of its image, {image_shape[0]}x{image_shape[1]}",
         )
+    return pairs
+
+
+def list_training_set(root, name, image_size) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs of one training set; "generated" pairs train/generated with train/masks."""
+    root = Path(root)
+    if name != "generated":
+        return list_split(root, name, image_size)
+    folder = require_dir(root / "train" / "generated", "the images of generative_trainer_unet_spade_gan.py")
+    pairs = []
+    for _, mask in list_split(root, "train", image_size):
+        image = folder / mask.name
+        require(image.is_file(), image, "is missing", f"one generated image per mask of {mask.parent}")
+        size = png_size(image)
+        expected = f"{image_size}x{image_size}, the size of its mask"
+        require(size == (image_size, image_size), image, f"is {size[0]}x{size[1]}", expected)
+        pairs.append((image, mask))
     return pairs
 
 
