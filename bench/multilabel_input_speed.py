@@ -3,15 +3,17 @@
 Generates an AID-multilabel tree (600 px JPEGs, the real size) and a reBEN-layout LMDB (safetensors dicts
 of all twelve Sentinel-2 bands, as rico-hdl writes them) in a temporary folder, then times, on the same
 records, in alternating rounds (medians):
-  - plain loop: one record after another (cv2.imread + resize; LMDB get + `bigearthnet.decode_value`,
+  - plain loop: one record after another (cv2.imread + resize; LMDB get + `band_records.decode_value`,
     the per-record reference decoder: safetensors load, ConfigILM nearest resampling, stacking),
   - tf.data: the script's pipelines exactly as training builds them (AID: parallel per-image decode;
-    LMDB: one `numpy_function` per batch that decodes the whole batch with vectorised NumPy).
+    LMDB: one `numpy_function` per batch, `band_records.decode_records` on zero-copy LMDB buffers, one
+    reader thread per core up to 4), and the LMDB pipeline with a single reader thread, whose ratio to
+    the default shows how the reader scales with the cores.
 
     python -m bench.multilabel_input_speed                 # about a minute on a laptop CPU
     python -m bench.multilabel_input_speed --aid_images 600 --ben_patches 3000
 
-The last line is `LMDB tf.data / plain loop: <x>x` (its value depends on the CPU and its cores).
+The last line is `LMDB tf.data / plain loop: <x>x` (its value depends on the CPU, its cores and its load).
 """
 
 import argparse
@@ -26,7 +28,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import train_multilabel_model as tm
-from common import aid_multilabel, bigearthnet, pipelines, spml
+from common import aid_multilabel, band_records, bigearthnet, pipelines, spml
 
 
 def get_args_parser():
@@ -72,7 +74,7 @@ def plain_lmdb(lmdb_path, patch_ids, bands, image_size):
     # The same read-only environment as the pipeline (LMDB allows one per process); one read transaction.
     with bigearthnet.open_lmdb(lmdb_path).begin(buffers=False) as transaction:
         for patch_id in patch_ids:
-            bigearthnet.decode_value(transaction.get(patch_id.encode()), bands, image_size)
+            band_records.decode_value(transaction.get(patch_id.encode()), bands, image_size)
 
 
 def drain(dataset):
@@ -95,7 +97,9 @@ def main(args):
     aid_loader = tm.make_loader({"reader": "aid"}, args.image_size, errors)
     aid_pipeline = spml.make_dataset(aid_paths, aid_loader, args.batch_size)
     ben_data = {"reader": "benv2", "lmdb_path": lmdb_path, "bands": bands}
-    ben_pipeline = spml.make_dataset(patch_ids, tm.make_loader(ben_data, 120, errors), args.batch_size)
+    ben_loader = tm.make_loader(ben_data, 120, errors)
+    ben_pipeline = spml.make_dataset(patch_ids, ben_loader, args.batch_size)
+    ben_one_thread = spml.make_dataset(patch_ids, ben_loader, args.batch_size, reader_threads=1)
 
     aid = alternating_rates(
         {
@@ -109,12 +113,16 @@ def main(args):
         {
             "LMDB plain loop": lambda: plain_lmdb(lmdb_path, patch_ids, bands, 120),
             "LMDB tf.data": lambda: drain(ben_pipeline),
+            "LMDB 1 thread": lambda: drain(ben_one_thread),
         },
         len(patch_ids),
         args.rounds,
     )
     for name, (rate, seconds) in {**aid, **ben}.items():
         print(f"{name:16s} {rate:9.1f} images/s  ({seconds:.2f} s per pass, median of {args.rounds})")
+    threads = min(4, os.cpu_count() or 1)
+    scaling = ben["LMDB tf.data"][0] / ben["LMDB 1 thread"][0]
+    print(f"LMDB tf.data, {threads} reader threads / 1 reader thread: {scaling:.2f}x")
     print(f"AID tf.data / plain loop: {aid['AID tf.data'][0] / aid['AID plain loop'][0]:.2f}x")
     print(f"LMDB tf.data / plain loop: {ben['LMDB tf.data'][0] / ben['LMDB plain loop'][0]:.2f}x")
 

@@ -24,11 +24,11 @@ stacked_training  many small models trained side by side in one compiled graph (
 embedding_views   t-SNE / UMAP maps and class / box-cluster silhouette scores of projections
 
 AdaGC / SPML:
-spml              SPML baselines: losses, label state, single positives, mAP/F1, batches, trainer, classifier
 spml              SPML baselines: losses, label state, single positives, mAP/F1, row-index batches, trainer
 spml_evaluation   SPML re-evaluation of a finished run (--test_only, test_multilabel_model.py, tuning)
 aid_multilabel    AID-multilabel reader: JPEG tree + label CSVs, single positives, validation split, demo data
 bigearthnet       BigEarthNet v2 reader: LMDBs of band dicts, metadata.parquet, reference maps, positives
+band_records      safetensors band records -> reflectance, one record or a batch at memory speed (tf.data)
 
 OWL-GPS, ARAS400k, LUCAS:
 owl_gps_data      OWL-GPS inputs and run state: patch readers, concepts (CSV, plain pickle), labels, results

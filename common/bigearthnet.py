@@ -7,19 +7,19 @@ m bands); the key `<patch name>_reference_map` holds `{"Data": (120, 120) uint16
 `metadata.parquet` has `patch_id, labels, split, ..., contains_seasonal_snow, contains_cloud_or_shadow`.
 One LMDB (`<data_dir>/lmdb`) or one per split (`<data_dir>/BigEarthNetV2_LMDB/{train,val,test}_BENv2.lmdb`).
 Values become reflectance (/ 10000); every band not at the model size is resampled with ConfigILM's rule
-(BENv2DataSet: `F.interpolate(mode="nearest")`, source index floor(i * in / out)), batch by batch.
+(BENv2DataSet: `F.interpolate(mode="nearest")`), batch by batch (`common.band_records`).
 Label matrices use the BigEarthNet-19 order of `CLASSES` (the paper's); ConfigILM's alphabetical order
 (`CONFIGILM_CLASS_ORDER`) is refused. Single positives live in `train_{random,dominant}_single_labels.npy`
 ((training patches x 19), +1 observed, 0 unobserved); dominant ones come from the reference maps.
 """
 
-import json
+import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 
-from common import atomic, spml
+from common import atomic, band_records, spml
 from common.errors import InputError, require, require_dir, require_file
 
 # The 19-class nomenclature in its usual order; column j of every label matrix is class j.
@@ -71,9 +71,6 @@ CLC_CODES = (
 )
 REFERENCE_MAP_SUFFIX = "_reference_map"
 SPLIT_LMDBS = {"train": "train_BENv2.lmdb", "validation": "val_BENv2.lmdb", "test": "test_BENv2.lmdb"}
-# safetensors dtype names -> NumPy (little-endian, as the format stores them).
-SAFETENSORS_DTYPES = {"U8": "u1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4", "F16": "<f2"}
-SAFETENSORS_DTYPES.update({"F32": "<f4", "F64": "<f8"})
 BAND_SIZES = {
     "B02": 120,
     "B03": 120,
@@ -112,193 +109,72 @@ def open_lmdb(path):
     return _ENVIRONMENTS[key]
 
 
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source rows of ConfigILM's nearest resampling: min(floor(i * in / out), in - 1), in float32 as
-    torch computes it (`F.interpolate(mode="nearest")`; tests/test_benv2.py checks the equality)."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    rows = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(rows, in_size - 1)
-
-
-def resample_nearest(array: np.ndarray, image_size: int) -> np.ndarray:
-    """`(..., h, w)` -> `(..., image_size, image_size)` with ConfigILM's nearest rule."""
-    height, width = array.shape[-2:]
-    if (height, width) == (image_size, image_size):
-        return array
-    rows, columns = nearest_indices(height, image_size), nearest_indices(width, image_size)
-    return np.take(np.take(array, rows, axis=-2), columns, axis=-1)
-
-
-def decode_value(value: bytes, bands, image_size: int, out=None) -> np.ndarray:
-    """safetensors bytes (dict band -> 2-D uint16) -> float32 reflectance (H, W, bands) at image_size.
-
-    The readable one-record reference of `decode_values` (the batch decoder the pipeline uses).
-    """
-    from safetensors.numpy import load as load_safetensors
-
-    arrays = load_safetensors(value)
-    if out is None:
-        out = np.empty((image_size, image_size, len(bands)), np.float32)
-    for channel, band in enumerate(bands):
-        if band not in arrays:
-            raise KeyError(f"band {band} missing (has {', '.join(sorted(arrays))})")
-        array = arrays[band]
-        if array.ndim != 2:
-            raise ValueError(f"band {band} has shape {array.shape}")
-        out[..., channel] = resample_nearest(array, image_size)
-    out *= np.float32(1e-4)
-    return out
-
-
-def _record_layout(value: bytes, bands):
-    """(header length, {band: (dtype, shape, start, end)}) of a safetensors record, or None if unusual."""
-    if len(value) < 8:
-        return None
-    header_size = int.from_bytes(value[:8], "little")
-    try:
-        header = json.loads(value[8 : 8 + header_size])
-        layout = {}
-        for band in bands:
-            entry = header[band]
-            start, end = entry["data_offsets"]
-            layout[band] = (np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), tuple(entry["shape"]), start, end)
-    except (ValueError, KeyError, TypeError):
-        return None
-    if any(len(shape) != 2 for _, shape, _, _ in layout.values()):
-        return None
-    return 8 + header_size, layout
-
-
-class RecordError(ValueError):
-    """Record `row` of a batch could not be decoded (`error` says why)."""
-
-    def __init__(self, row: int, error: Exception):
-        super().__init__(str(error))
-        self.row = row
-
-
-def decode_band_arrays(values, bands) -> list[np.ndarray]:
-    """A batch of safetensors records -> one `(N, h, w)` array per band at its stored size (no copies of
-    floats: the stored integers), whole groups of records at a time.
-
-    Records whose header bytes are identical (rico-hdl writes every patch alike) share one layout: their
-    bytes become one `(n, record length)` array and each band a slice of it. A record of another layout
-    takes the per-record safetensors reader, which also names what is wrong with a broken one.
-    """
-    from safetensors.numpy import load as load_safetensors
-
-    groups = {}
-    for row, value in enumerate(values):
-        header_size = int.from_bytes(value[:8], "little") + 8 if len(value) >= 8 else 0
-        groups.setdefault((len(value), value[:header_size]), []).append(row)
-    parts = {band: [None] * len(values) for band in bands}
-    for (length, header), rows in groups.items():
-        layout = _record_layout(header, bands) if header else None
-        if layout is None or any(end > length - layout[0] for *_, end in layout[1].values()):
-            for row in rows:
-                try:
-                    arrays = load_safetensors(values[row])
-                    for band in bands:
-                        if band not in arrays:
-                            raise KeyError(f"band {band} missing (has {', '.join(sorted(arrays))})")
-                        if arrays[band].ndim != 2:
-                            raise ValueError(f"band {band} has shape {arrays[band].shape}")
-                        parts[band][row] = arrays[band][None]
-                except Exception as error:
-                    raise RecordError(row, error) from None
-            continue
-        raw = np.frombuffer(b"".join(values[row] for row in rows), np.uint8).reshape(len(rows), length)
-        for band in bands:
-            dtype, shape, start, end = layout[1][band]
-            array = np.ascontiguousarray(raw[:, layout[0] + start : layout[0] + end]).view(dtype)
-            array = array.reshape(len(rows), *shape)
-            if len(groups) == 1:
-                parts[band] = [array]
-            else:
-                for position, row in enumerate(rows):
-                    parts[band][row] = array[position : position + 1]
-    stacked = []
-    for band in bands:
-        shapes = {part.shape[1:] for part in parts[band]}
-        if len(shapes) > 1:
-            raise ValueError(f"band {band} comes in several sizes in one batch ({sorted(shapes)})")
-        stacked.append(parts[band][0] if len(parts[band]) == 1 else np.concatenate(parts[band]))
-    return stacked
-
-
-def read_values(lmdb_paths, keys, what: str = "an LMDB record per patch") -> list[bytes]:
-    """The values of `keys`, looked up in each LMDB in turn (one read transaction each)."""
-    paths = [lmdb_paths] if isinstance(lmdb_paths, (str, Path)) else list(lmdb_paths)
-    values = [None] * len(keys)
-    for path in paths:
-        with open_lmdb(path).begin(buffers=False) as transaction:
-            for row, key in enumerate(keys):
-                if values[row] is None:
-                    values[row] = transaction.get(key.encode("utf-8"))
-    absent = [key for key, value in zip(keys, values, strict=True) if value is None]
-    require(not absent, paths[0], f"key {absent[0] if absent else ''} missing", what)
+def _lookup(transactions, keys) -> list:
+    """The value of each key in the first transaction (LMDB) that holds it, None where none does."""
+    values = []
+    for key in keys:
+        encoded, value = key.encode("utf-8"), None
+        for transaction in transactions:
+            value = transaction.get(encoded)
+            if value is not None:
+                break
+        values.append(value)
     return values
 
 
-def read_band_arrays(lmdb_paths, patch_ids, bands) -> list[np.ndarray]:
-    """`decode_band_arrays` of the patches' records; a broken record is an InputError naming the LMDB."""
-    values = read_values(lmdb_paths, patch_ids)
+def _with_values(lmdb_paths, keys, use, what: str, buffers: bool):
+    """`use(values)` of `keys`, looked up in each LMDB in turn, inside the read transactions (so that
+    `buffers=True` values, zero-copy views of the memory-mapped file, stay valid while `use` runs)."""
+    paths = [lmdb_paths] if isinstance(lmdb_paths, (str, Path)) else list(lmdb_paths)
+    with contextlib.ExitStack() as stack:
+        transactions = [stack.enter_context(open_lmdb(p).begin(buffers=buffers)) for p in paths]
+        values = _lookup(transactions, keys)
+        absent = [key for key, value in zip(keys, values, strict=True) if value is None]
+        require(not absent, paths[0], f"key {absent[0] if absent else ''} missing", what)
+        return use(values)
+
+
+def read_values(lmdb_paths, keys, what: str = "an LMDB record per patch") -> list[bytes]:
+    """The values (bytes) of `keys`, looked up in each LMDB in turn (one read transaction each)."""
+    return _with_values(lmdb_paths, keys, list, what, buffers=False)
+
+
+def read_patches(lmdb_paths, patch_ids, bands, image_size: int, buffers=None) -> np.ndarray:
+    """Read and decode a batch of patches -> float32 reflectance `(N, H, W, bands)` (one LMDB or a list)
+    with `band_records.decode_records` on zero-copy views of the LMDB (`buffers`: its output pool); a
+    broken record is an InputError naming the LMDB and the patch."""
     try:
-        return decode_band_arrays(values, bands)
-    except Exception as error:  # any decoding failure of user data is reported as one line
+        decode = lambda values: band_records.decode_records(values, bands, image_size, buffers)  # noqa: E731
+        return _with_values(lmdb_paths, patch_ids, decode, "an LMDB record per patch", buffers=True)
+    except band_records.RecordError as error:
         path = lmdb_paths if isinstance(lmdb_paths, (str, Path)) else lmdb_paths[0]
-        where = f"value of key {patch_ids[error.row]}" if isinstance(error, RecordError) else "a value"
         raise InputError(
             path,
-            f"{where} is undecodable ({error})",
+            f"value of key {patch_ids[error.row]} is undecodable ({error})",
             "a safetensors dict of 2-D Sentinel-2 band arrays",
         ) from None
 
 
-def read_stored_patches(lmdb_paths, patch_ids, bands, image_size: int) -> np.ndarray:
-    """The stored integers of a batch, resampled (ConfigILM nearest) and stacked: `(N, H, W, bands)`."""
-    arrays = read_band_arrays(lmdb_paths, patch_ids, bands)
-    out = np.empty((len(patch_ids), image_size, image_size, len(bands)), arrays[0].dtype)
-    # A few records at a time, so that the interleaved (channel-last) writes stay in the CPU cache.
-    for start in range(0, len(patch_ids), 4):
-        for channel, array in enumerate(arrays):
-            block, target = array[start : start + 4], out[start : start + 4, ..., channel]
-            height, width = block.shape[1:]
-            if image_size % height == 0 and image_size % width == 0:
-                # An integer factor f: nearest is the block repeat (floor(i / f)), one broadcast copy.
-                f_rows, f_columns = image_size // height, image_size // width
-                np.copyto(
-                    target.reshape(len(block), height, f_rows, width, f_columns), block[:, :, None, :, None]
-                )
-            else:
-                target[...] = resample_nearest(block, image_size)
-    return out
-
-
-def read_patches(lmdb_paths, patch_ids, bands, image_size: int) -> np.ndarray:
-    """Read and decode a batch of patches -> float32 reflectance `(N, H, W, bands)` (one LMDB or a list)."""
-    return read_stored_patches(lmdb_paths, patch_ids, bands, image_size).astype(np.float32) * np.float32(1e-4)
-
-
 def batch_reader(lmdb_path, bands, image_size: int, wrap=None):
-    """A tf.data map function: a batch of patch ids -> float32 images, one Python call per batch.
+    """A tf.data map function: a batch of patch ids -> float32 images, one Python call per batch
+    (`read_patches`; its NumPy copies run outside the GIL, so a few map threads overlap). The batches come
+    from one `band_records.OutputBuffers` pool per reader and reach TensorFlow uncopied.
 
-    Python reads the records and resamples the stored uint16 values (`read_stored_patches`, half the bytes
-    of floats); the cast to float32 reflectance runs as one TensorFlow op outside the GIL.
     `wrap` (e.g. `pipelines.ReaderErrors().wrap`) decorates the Python reader so that its InputErrors
     can be surfaced after tf.data wrapped them. The function is marked `.batched`.
     """
     import tensorflow as tf
 
+    buffers = band_records.OutputBuffers()
+
     def read_numpy(patch_ids):
         names = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in patch_ids]
-        return read_stored_patches(lmdb_path, names, bands, image_size).astype(np.uint16, copy=False)
+        return read_patches(lmdb_path, names, bands, image_size, buffers)
 
     read_numpy = wrap(read_numpy) if wrap else read_numpy
 
     def read(patch_ids):
-        stored = tf.numpy_function(read_numpy, [patch_ids], tf.uint16, stateful=False)
-        images = tf.cast(stored, tf.float32) * tf.constant(1e-4, tf.float32)
+        images = tf.numpy_function(read_numpy, [patch_ids], tf.float32, stateful=False)
         return tf.ensure_shape(images, (None, image_size, image_size, len(bands)))
 
     read.batched = True

@@ -392,7 +392,7 @@ def augment_batch(images, seed):
     return tf.gather_nd(rotations, tf.stack([tf.cast(draws[:, 2] * 4, tf.int32), tf.range(count)], axis=1))
 
 
-def load_batches(indices, sources, loader, batch_size: int):
+def load_batches(indices, sources, loader, batch_size: int, reader_threads: int | None = None):
     """Map a dataset of row indices to (images, indices) batches with parallel reads.
 
     `loader` maps one source to an image, or a batch of sources to images when it is marked `.batched`.
@@ -404,16 +404,17 @@ def load_batches(indices, sources, loader, batch_size: int):
         return loader(tf.gather(sources, index)), index
 
     if batched:
-        # A batched reader runs Python under the GIL: a few threads overlap its I/O and GIL-free parts
-        # (cv2, numpy casts); many threads only contend (measured by bench/multilabel_input_speed.py).
-        return indices.batch(batch_size).map(load, num_parallel_calls=min(4, os.cpu_count() or 1))
-    return indices.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+        # A batched reader holds the GIL only between its NumPy copies: one thread per core (up to 4)
+        # overlaps them; more only contend (measured by bench/multilabel_input_speed.py).
+        threads = reader_threads or min(4, os.cpu_count() or 1)
+        return indices.batch(batch_size).map(load, num_parallel_calls=threads)
+    return indices.map(load, num_parallel_calls=reader_threads or tf.data.AUTOTUNE).batch(batch_size)
 
 
-def make_dataset(sources, loader, batch_size: int):
+def make_dataset(sources, loader, batch_size: int, reader_threads: int | None = None):
     """(images, row indices) batches in row order, for validation, test and prediction."""
     indices = tf.data.Dataset.range(len(sources))
-    dataset = load_batches(indices, sources, loader, batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = load_batches(indices, sources, loader, batch_size, reader_threads).prefetch(tf.data.AUTOTUNE)
     return pipelines.without_autotune(dataset)  # a new iterator per pass: no end-of-pass wait
 
 

@@ -5,7 +5,7 @@ import pytest
 from conftest import assert_main_error, call_main
 
 import make_benv2_lmdb as mk
-from common import bigearthnet, pipelines
+from common import band_records, bigearthnet, pipelines
 from common.errors import InputError
 
 BANDS = ["B04", "B03", "B02", "B08", "B05", "B11", "B01"]
@@ -18,7 +18,63 @@ def test_nearest_resampling_equals_configilm_torch_interpolate(source, target):
 
     band = np.random.default_rng(source).integers(0, 10000, (source, source)).astype(np.uint16)
     reference = F.interpolate(torch.Tensor(np.float32(band))[None, None], (target, target), mode="nearest")
-    np.testing.assert_array_equal(bigearthnet.resample_nearest(band, target), reference[0, 0].numpy())
+    np.testing.assert_array_equal(band_records.resample_nearest(band, target), reference[0, 0].numpy())
+
+
+def test_batch_decoder_equals_the_per_record_decoder_on_mixed_layouts():
+    from safetensors.numpy import save as save_safetensors
+
+    rng = np.random.default_rng(0)
+
+    def record(dtype=np.uint16, reverse=False):
+        sizes = {"B04": 120, "B03": 120, "B02": 120, "B08": 120, "B05": 60, "B11": 60, "B01": 20}
+        names = sorted(sizes, reverse=reverse)
+        return save_safetensors({b: rng.integers(0, 10000, (sizes[b],) * 2).astype(dtype) for b in names})
+
+    # 20 alike records (two blocks), then other layouts between them: another header, another dtype.
+    values = [record() for _ in range(20)]
+    values[3], values[17] = record(reverse=True), record(np.float32)
+    values[9] = memoryview(values[9])  # LMDB zero-copy buffers decode like bytes
+    for size in (120, 100, 24):
+        batch = band_records.decode_records(values, BANDS, size)
+        assert batch.dtype == np.float32 and batch.ctypes.data % 64 == 0  # handed to TensorFlow uncopied
+        np.testing.assert_array_equal(
+            batch, np.stack([band_records.decode_value(bytes(v), BANDS, size) for v in values])
+        )
+    # A truncated record is named by its row, whether its header parses or not.
+    for broken in (values[5][:-10], b"\x00garbage"):
+        with pytest.raises(band_records.RecordError) as caught:
+            band_records.decode_records([*values[:5], broken], BANDS, 120)
+        assert caught.value.row == 5
+
+
+def test_output_buffers_are_reused_only_when_tensorflow_has_let_go():
+    import tensorflow as tf
+
+    buffers, shape = band_records.OutputBuffers(spare=0), (2, 4, 4, 3)
+
+    def fill(value):
+        out = buffers.take(shape)
+        out[...] = value
+        return out
+
+    # As in the tf.data reader: a pooled array returned by tf.numpy_function inside a graph.
+    batch = tf.function(lambda value: tf.numpy_function(fill, [value], tf.float32, stateful=False))
+    first = batch(tf.constant(1.0, tf.float32))
+    buffers.arrays[0][0][0, 0, 0, 0] = 7.0  # TensorFlow shares the array: no copy was made
+    assert float(first[0, 0, 0, 0]) == 7.0
+    second = batch(tf.constant(2.0, tf.float32))  # the first is still held: a second array
+    assert len(buffers.arrays) == 2 and float(tf.reduce_sum(first)) == 96.0 + 6.0
+    del first
+    third = batch(tf.constant(3.0, tf.float32))  # the first array is free again and reused
+    assert len(buffers.arrays) == 2 and float(tf.reduce_sum(second)) == 192.0
+    view = buffers.arrays[0][0][1]  # any view of a pooled array keeps it taken
+    del third
+    fourth = batch(tf.constant(4.0, tf.float32))
+    assert len(buffers.arrays) == 3 and view.sum() == 144.0 and float(tf.reduce_sum(second)) == 192.0
+    del second, view, fourth
+    batch(tf.constant(5.0, tf.float32))
+    assert len(buffers.arrays) == 1  # no spare kept: the free arrays were released
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +95,7 @@ def test_geotiff_conversion_is_read_per_split_like_one_lmdb(converted):
     images = bigearthnet.read_patches(data["lmdb_path"], data["test"]["sources"], BANDS, 120)
     np.testing.assert_array_equal(images[0, ..., 0], stored.astype(np.float32) * np.float32(1e-4))
     value = bigearthnet.read_values(data["lmdb_path"], [name])[0]
-    np.testing.assert_array_equal(images[0], bigearthnet.decode_value(value, BANDS, 120))
+    np.testing.assert_array_equal(images[0], band_records.decode_value(value, BANDS, 120))
     # The tf.data reader gives the same floats.
     reader = bigearthnet.batch_reader(data["lmdb_path"], BANDS, 120, pipelines.ReaderErrors().wrap)
     np.testing.assert_array_equal(reader(np.array(data["test"]["sources"])).numpy(), images)
