@@ -99,13 +99,7 @@ def get_args_parser():
         choices=METHODS,
         help="Losses to train (paper: all four).",
     )
-    parser.add_argument(
-        "--calibration_epochs",
-        type=int,
-        default=20,
-        help="Epochs of each per-method timing run that splits a stack's wall time by each method's own "
-        "cost (0: split evenly).",
-    )
+    awir.add_calibration_argument(parser)
     parser.add_argument(
         "--views",
         nargs="*",
@@ -333,30 +327,28 @@ def train_heads(
 
 
 def calibrate_method_costs(heads_by_embedding, data, task_scores, args):
-    """{(embedding, method): seconds per epoch of a stack of that method's heads alone}.
+    """{(embedding, method): seconds per head-epoch of a stack of that method's heads alone}.
 
     The timings split a stack's wall time over its heads in proportion to these costs, so each
     method is charged what its own loss costs (batch-hard, batch-all, selection), not an equal share.
     Each stack of one method's heads (up to 8 folds) runs one compiled chunk of
-    `--calibration_epochs`, then two timed ones; the quicker one counts.
+    `--calibration_epochs`, then two timed ones (stacked_training.calibrate_costs).
     """
     epochs = args.calibration_epochs
     settings = argparse.Namespace(**dict(vars(args), epochs=3 * epochs, jit_compile=args.epochs >= 100))
-    costs = {}
-    # Each short stack compiles its own graph; TensorFlow's retracing warning about that is noise here.
-    logger, level = tf.get_logger(), tf.get_logger().level
-    logger.setLevel("ERROR")
+    groups = {}
     for name, heads in heads_by_embedding.items():
         for method in sorted({head["method"] for head in heads}, key=STACK_ORDER.index):
             alone = [dict(head, key=head["key"] + 10**7) for head in heads if head["method"] == method]
-            marks = []
-            train_heads(
-                alone, data["embeddings"][name], data, task_scores, settings, chunk_epochs=epochs,
-                    progress=lambda done, total, seconds, *_, marks=marks: marks.append(seconds),
-            )  # fmt: skip
-            costs[(name, method)] = min(np.diff(marks)) / epochs / len(alone)
-    logger.setLevel(level)
-    return costs
+            groups[(name, method)] = alone
+
+    def train(key, heads, chunk_epochs, progress):
+        embedding = data["embeddings"][key[0]]
+        train_heads(
+            heads, embedding, data, task_scores, settings, chunk_epochs=chunk_epochs, progress=progress
+        )
+
+    return stacked_training.calibrate_costs(groups, train, epochs)
 
 
 def split_into_jobs(heads_by_embedding, embeddings, workers):
@@ -455,18 +447,11 @@ def heads_to_train(args, results_dir):
     return heads_by_embedding
 
 
-def head_seconds(result, embedding, costs):
-    """A stack's wall time split over its heads in proportion to each method's calibrated cost
-    (evenly without calibration): the heads' times sum to the stack's."""
-    cost = np.array([costs.get((embedding, head["method"]), 1.0) for head in result["heads"]])
-    return result["seconds"] * cost / cost.sum()
-
-
 def record_stack(job, result, data, timings, timings_path, summary, zero_validation_loss, costs):
     """Export a finished stack, add its timings and test accuracies, note zero validation losses."""
     accuracies, _ = export_and_evaluate(job, result, data)
     name, heads = job["embedding"], result["heads"]
-    seconds = head_seconds(result, name, costs)
+    seconds = stacked_training.head_seconds(result["seconds"], heads, costs, lambda h: (name, h["method"]))
     for index, head in enumerate(heads):
         row = timings.setdefault((name, head["fold"]), {"experiment": name, "fold": head["fold"]})
         row[TIMING_COLUMNS[head["method"]]] = round(float(seconds[index]), 4)
@@ -484,16 +469,10 @@ def method_costs(heads_by_embedding, data, task_scores, args, results_dir):
     """Calibrate each method's own cost (see calibrate_method_costs), print and record it."""
     if not heads_by_embedding or args.calibration_epochs <= 0:
         return {}
-    print(f"# ---- timing calibration: {3 * args.calibration_epochs} epochs per method and embedding ----")
     costs = calibrate_method_costs(heads_by_embedding, data, task_scores, args)
-    rows = [
-        {"experiment": name, "method": method, "ms_per_head_epoch": round(1e3 * cost, 4)}
-        for (name, method), cost in costs.items()
-    ]
-    for row in rows:
-        print(f"  {row['experiment']} {row['method']}: {row['ms_per_head_epoch']:.3f} ms per head-epoch")
-    path = results_dir / "exp1_timings" / f"method_costs_test{args.test_size}.csv"
-    atomic.write_csv(path, rows, ["experiment", "method", "ms_per_head_epoch"])
+    stacked_training.write_costs(
+        costs, results_dir / "exp1_timings" / f"method_costs_test{args.test_size}.csv"
+    )
     return costs
 
 

@@ -7,12 +7,14 @@ For each embedding (CLIP, DINOv2, MAE), each input (the raw embedding, `base`, a
 of every exp1 method: DTL, DTL-Hard, MATL, TG-MATL) and each of the 8 folds, three task heads are
 trained for 5000 epochs with Adam(1e-4), batch 32, keeping the best-validation weights: a 3-way
 classifier, a 13-d box-feature regressor and a 2-d box-location regressor (360 heads). Each is
-evaluated on the fixed test set. Writes, at the paper repo's paths,
+evaluated on the fixed test set and, as val_*, on its fold's validation split. Writes, at the paper
+repo's paths,
 
     results/trained_models/exp2_task_heads/{emb}/{method}/{head}_run{k}.h5
         ({head} = class_head, reg_boxfeat_head, reg_boxloc_head)
     results/exp2_results/{emb}/{method}_fold{k}_taskhead_metrics.npy   (+ .json twin, safe to load)
     results/exp2_results/summary.csv, summary.md, summary.png          (mean +- std over folds)
+    results/exp2_results/method_costs.csv        (each method's calibrated cost, which splits the times)
 
 Commands:
     python igarss_exp1.py --margin 0.1 --batch_size 32 --test_size 0.7    # exp1 heads first
@@ -23,10 +25,12 @@ The heads of one (embedding, input width) train together in compiled graphs
 (common/stacked_training.py), which equals training them one by one (own parameters, Adam
 moments, BatchNorm statistics, batches and best weights). The full protocol takes about 8.5
 minutes on a 2-core CPU (bench.tgmatl_exp2_speed compares it with model.fit), --demo a few minutes.
-It ends with one line per method; the demo prints on a 2-core CPU, e.g.
-    summary: tg_matl_30_10 acc 0.919 f1 0.919 r2_feat 0.598 r2_loc -0.460 (mean over 3 embeddings x 8 folds)
+It ends with one line per method; the demo printed on a 2-core CPU, e.g.
+    summary: tg_matl_30_10 acc 0.919 prec 0.922 rec 0.919 f1 0.919 r2_feat 0.599 r2_loc -0.462
+        (mean over 3 embeddings x 8 folds)      [one line; the third decimal depends on the CPU]
 """
 
+import argparse
 import functools
 import json
 import time
@@ -52,6 +56,8 @@ HEAD_KINDS = {
 OUTPUT_UNITS = max(kind["units"] for kind in HEAD_KINDS.values())
 BN_MOMENTUM, BN_EPSILON = 0.99, 1e-3  # Keras BatchNormalization defaults.
 METRICS = ("acc", "precision", "recall", "f1", "mse_feat", "r2_feat", "mse_loc", "r2_loc")
+# The same metrics of each fold's validation split (9 samples held out for model selection).
+VAL_METRICS = tuple(f"val_{metric}" for metric in METRICS)
 LOWER_IS_BETTER = ("mse_feat", "mse_loc")
 TIME_METRICS = ("class_time", "reg_boxfeat_time", "reg_boxloc_time")
 # Arguments that change what a head learns: finished heads are reused only if these agree.
@@ -83,6 +89,7 @@ def get_args_parser():
         choices=METHODS,
         help="Inputs of the task heads: 'base' (raw embedding) and the exp1 methods' projections.",
     )
+    awir.add_calibration_argument(parser)
     parser.add_argument(
         "--margin",
         type=float,
@@ -273,24 +280,6 @@ def sources_for(args, command):
     return sources
 
 
-def load_inputs(data, sources, embedding_names, folds, results_dir):
-    """{(embedding, method, fold): (N, D) input} for every source; exp1 heads are read per fold."""
-    inputs = {}
-    for name in embedding_names:
-        embedding = data["embeddings"][name]
-        for source in sources:
-            for fold in folds:
-                if source["exp1_tag"] is None:
-                    inputs[(name, source["method"], fold)] = embedding
-                else:
-                    path = awir.exp1_head_path(
-                        results_dir, name, source["exp1_tag"], fold, source["exp1_subdir"]
-                    )
-                    projection = awir.project_with_exp1_head(path, embedding, source["command"])
-                    inputs[(name, source["method"], fold)] = projection
-    return inputs
-
-
 def head_targets(data, fold, kind):
     """(N, 13) targets of one head, zero-padded: class one-hot, fold-normalised box features, location."""
     if kind == "class":
@@ -304,11 +293,12 @@ def head_targets(data, fold, kind):
     return padded
 
 
-def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=None):
+def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=None, progress=None):
     """Train a list of heads (dicts with embedding, method, fold, kind, key) of one input width together.
 
     Heads are grouped by kind into contiguous slices so each slice gets its own loss in the same
-    compiled step. Returns best-validation params/state, test predictions and wall seconds.
+    compiled step. Returns best-validation params/state, outputs `(M, N, 13)` on every sample (test
+    and validation metrics are taken from them) and wall seconds. `progress` replaces the printer.
     """
     heads = sorted(heads, key=lambda head: list(HEAD_KINDS).index(head["kind"]))
     generators = [stacked_training.model_generator(args.seed, head["key"]) for head in heads]
@@ -345,7 +335,7 @@ def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=
     started = time.perf_counter()
     # One compiled chunk of up to 500 epochs is reused for every later chunk of the same length.
     chunk_epochs = chunk_epochs or max(1, min(500, args.epochs))
-    progress = stacked_training.progress_printer(progress_label)
+    progress = progress or stacked_training.progress_printer(progress_label)
     stack.fit(train_lists, val_lists, args.epochs, generators, chunk_epochs=chunk_epochs, progress=progress)
     seconds = time.perf_counter() - started
     best_params, best_state = stack.best()
@@ -353,7 +343,7 @@ def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=
         "heads": heads,
         "params": best_params,
         "state": best_state,
-        "test_outputs": stack.predict(per_model["x"][:, data["test"]]),
+        "outputs": stack.predict(per_model["x"]),
         "input_dim": input_dim,
         "best_val_loss": stack.best_val_loss.numpy(),
         "seconds": seconds,
@@ -365,8 +355,8 @@ def train_task_job(job, data, args):
     return train_task_heads(job["heads"], job["inputs"], data, args, progress_label=job["label"])
 
 
-def plan_jobs(units, inputs, workers):
-    """Split the heads of each (embedding, input width) into `workers` stacks, largest work first."""
+def heads_by_width(units, inputs):
+    """{(embedding, input width): [task head]}, three heads (one per kind) per unit."""
     stacks = {}
     for unit in units:
         width = inputs[unit["input"]].shape[1]
@@ -374,9 +364,39 @@ def plan_jobs(units, inputs, workers):
             # Each head's random stream (initialisation, batch order) depends only on its identity.
             key = unit["key"] * 10 + list(HEAD_KINDS).index(kind)
             stacks.setdefault((unit["embedding"], width), []).append(dict(unit, kind=kind, key=key))
+    return stacks
+
+
+def plan_jobs(units, inputs, workers):
+    """Split the heads of each (embedding, input width) into `workers` stacks, largest work first."""
     return stacked_training.split_into_stacks(
-        stacks, workers, cost=lambda group: group[1] + 40, label=lambda group: f"{group[0]}/{group[1]}d"
-    )
+        heads_by_width(units, inputs), workers, cost=lambda group: group[1] + 40,
+        label=lambda group: f"{group[0]}/{group[1]}d",
+    )  # fmt: skip
+
+
+def cost_group(head):
+    """The calibration group of a task head: its (embedding, method)."""
+    return head["embedding"], head["method"]
+
+
+def calibrate_method_costs(units, inputs, data, args, epochs):
+    """{(embedding, method): seconds per head-epoch of that method's task heads trained alone}.
+
+    The methods of one input width (the four exp1 projections) share stacks; each method's time is
+    its stacks' wall time split by these costs, measured on a short run of its own heads (three
+    kinds x its folds) in a stack of their own (stacked_training.calibrate_costs).
+    """
+    groups = {}
+    for heads in heads_by_width(units, inputs).values():
+        for head in heads:
+            groups.setdefault(cost_group(head), []).append(head)
+    settings = argparse.Namespace(**dict(vars(args), epochs=3 * epochs))
+
+    def train(key, heads, chunk_epochs, progress):
+        train_task_heads(heads, inputs, data, settings, chunk_epochs=chunk_epochs, progress=progress)
+
+    return stacked_training.calibrate_costs(groups, train, epochs)
 
 
 # ---- running the protocol ----
@@ -400,10 +420,11 @@ def units_to_train(args, sources, results_dir):
     return units
 
 
-def record_heads(job, result, data, args, pending, keras_models):
-    """Export a finished stack's heads, evaluate them and write each completed unit's metrics."""
-    # The joint wall time is divided evenly over the heads trained together (README: igarss_exp2.py).
-    seconds_per_head = result["seconds"] / len(result["heads"])
+def record_heads(job, result, data, args, pending, keras_models, costs):
+    """Export a finished stack's heads, evaluate them on the test set and on their fold's validation
+    split, and write each completed unit's metrics."""
+    # The joint wall time is split by each method's calibrated cost (README: igarss_exp2.py, Timings).
+    seconds = stacked_training.head_seconds(result["seconds"], result["heads"], costs, cost_group)
     for index, head in enumerate(result["heads"]):
         kind, unit = head["kind"], (head["embedding"], head["method"], head["fold"])
         path = task_head_path(args.results_dir, *unit[:2], kind, head["fold"])
@@ -411,19 +432,22 @@ def record_heads(job, result, data, args, pending, keras_models):
         export_task_head(
             result["params"], state, index, kind, result["input_dim"], path, args.learning_rate, keras_models
         )
-        target = head_targets(data, head["fold"], kind)[data["test"], : HEAD_KINDS[kind]["units"]]
-        predictions = head_predictions(kind, result["test_outputs"][index])
+        target = head_targets(data, head["fold"], kind)[:, : HEAD_KINDS[kind]["units"]]
         unit_metrics = pending.setdefault(unit, {})
-        unit_metrics.update(task_metrics(kind, predictions, target))
-        unit_metrics[HEAD_KINDS[kind]["time"]] = round(seconds_per_head, 4)
+        for prefix, split in (("", data["test"]), ("val_", data["folds"][head["fold"] - 1][1])):
+            predictions = head_predictions(kind, result["outputs"][index][split])
+            metrics = task_metrics(kind, predictions, target[split])
+            unit_metrics.update({prefix + name: value for name, value in metrics.items()})
+        unit_metrics[HEAD_KINDS[kind]["time"]] = round(float(seconds[index]), 4)
         unit_metrics[f"{kind}_best_val_loss"] = float(result["best_val_loss"][index])
         if all(HEAD_KINDS[k]["time"] in unit_metrics for k in HEAD_KINDS):
             write_metrics(args.results_dir, *unit, unit_metrics)
     print(stacked_training.finished_line(job, result, args.epochs))
 
 
-def run_task_heads(data, sources, args, config_name="exp2_config.json"):
-    """Train, export and evaluate the task heads of every (embedding, source, fold) not yet finished."""
+def run_task_heads(data, sources, args, config_name="exp2_config.json", calibration_epochs=0):
+    """Train, export and evaluate the task heads of every (embedding, source, fold) not yet finished;
+    with `calibration_epochs`, each method's time is its own calibrated share (README: Timings)."""
     results_dir = Path(args.results_dir)
     config_path = results_dir / "trained_models" / "exp2_task_heads" / config_name
     training_config = runs.check_same_settings(
@@ -436,8 +460,14 @@ def run_task_heads(data, sources, args, config_name="exp2_config.json"):
     needed = sorted({(unit["embedding"], unit["method"]) for unit in units})
     needed_sources = [s for s in sources if any(s["method"] == m for _, m in needed)]
     folds = sorted({u["fold"] for u in units})
-    inputs = load_inputs(data, needed_sources, sorted({n for n, _ in needed}), folds, results_dir)
+    inputs = awir.load_task_head_inputs(
+        data, needed_sources, sorted({n for n, _ in needed}), folds, results_dir
+    )
     atomic.write_json(config_path, training_config)
+    costs = {}
+    if calibration_epochs > 0:
+        costs = calibrate_method_costs(units, inputs, data, args, calibration_epochs)
+        stacked_training.write_costs(costs, results_dir / "exp2_results" / "method_costs.csv")
     jobs = plan_jobs(units, inputs, args.workers)
     print(
         f"# ---- train: {sum(len(j['heads']) for j in jobs)} task heads in {len(jobs)} stacks on "
@@ -445,7 +475,7 @@ def run_task_heads(data, sources, args, config_name="exp2_config.json"):
     )
     for job in jobs:
         job["inputs"] = {head["input"]: inputs[head["input"]] for head in job["heads"]}
-    record = functools.partial(record_heads, data=data, args=args, pending={}, keras_models={})
+    record = functools.partial(record_heads, data=data, args=args, pending={}, keras_models={}, costs=costs)
     run = functools.partial(train_task_job, data=data, args=args)
     seconds = stacked_training.run_side_by_side(jobs, run, record, args.workers, args.deterministic)
     print(f"  all stacks done in {seconds:.1f}s")
@@ -465,11 +495,14 @@ def read_metrics(results_dir, embedding, method, folds):
     for fold in folds:
         path = metrics_path(results_dir, embedding, method, fold).with_suffix(".json")
         if path.exists():
+            expected = "the metrics twin igarss_exp2.py writes; delete it to retrain that fold"
             try:
                 rows.append(json.loads(path.read_text()))
             except ValueError as error:
-                expected = "the metrics twin igarss_exp2.py writes; delete it to retrain that fold"
                 raise InputError(path, f"is not valid JSON ({error})", expected) from None
+            missing = [key for key in METRICS + VAL_METRICS + TIME_METRICS if key not in rows[-1]]
+            if missing:
+                raise InputError(path, f"has no {missing[0]} (an earlier version wrote it)", expected)
     return rows
 
 
@@ -485,23 +518,11 @@ def summarise(results_dir, embedding_names, methods, folds):
             if not per_fold:
                 continue
             row = {"embedding": name, "method": method, "folds": len(per_fold)}
-            for metric in METRICS + TIME_METRICS:
+            for metric in METRICS + VAL_METRICS + TIME_METRICS:
                 values = [fold_metrics[metric] for fold_metrics in per_fold]
                 row[f"{metric}_mean"], row[f"{metric}_std"] = reports.mean_std(values, ddof=0)
             rows.append(row)
     return rows
-
-
-def best_marks(rows):
-    """{(row index, metric)} of the best value of each column within each embedding."""
-    marks = set()
-    for name in sorted({row["embedding"] for row in rows}):
-        members = [i for i, row in enumerate(rows) if row["embedding"] == name]
-        for metric in METRICS:
-            values = [rows[i][f"{metric}_mean"] for i in members]
-            best = min(values) if metric in LOWER_IS_BETTER else max(values)
-            marks.update((i, metric) for i, value in zip(members, values, strict=True) if value == best)
-    return marks
 
 
 def write_summary(rows, directory, prefix="summary"):
@@ -509,8 +530,8 @@ def write_summary(rows, directory, prefix="summary"):
     directory = Path(directory)
     grid = [key for key in ("top_percent", "random_percent") if rows and key in rows[0]]
     columns = ["embedding", "method", *grid, "folds"]
-    columns += [f"{m}_{s}" for m in METRICS + TIME_METRICS for s in ("mean", "std")]
-    marks = best_marks(rows)
+    columns += [f"{m}_{s}" for m in METRICS + VAL_METRICS + TIME_METRICS for s in ("mean", "std")]
+    marks = reports.best_marks(rows, "embedding", METRICS, LOWER_IS_BETTER)
     table = []
     for index, row in enumerate(rows):
         cells = [reports.format_mean_std(row[f"{metric}_mean"], row[f"{metric}_std"]) for metric in METRICS]
@@ -526,33 +547,8 @@ def write_summary(rows, directory, prefix="summary"):
         + reports.markdown_table(["embedding", "method", "folds", *METRICS], table)
     )
     reports.write_table(directory / prefix, rows, columns, markdown)
-    plot_summary(rows, directory / f"{prefix}.png")
-
-
-def plot_summary(rows, path):
-    """Bars of acc / precision / recall / r2_feat / r2_loc per method and embedding, fold std as errors."""
-    embeddings = sorted({row["embedding"] for row in rows})
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    by_key = {(row["embedding"], row["method"]): row for row in rows}
-    figure, axes = plots.pyplot().subplots(1, 5, figsize=(25, 4))
-    for axis, metric in zip(axes, ("acc", "precision", "recall", "r2_feat", "r2_loc"), strict=True):
-        series = {}
-        for method in methods:
-            found = [by_key.get((name, method)) for name in embeddings]
-            means = [row[f"{metric}_mean"] if row else np.nan for row in found]
-            series[method] = (means, [row[f"{metric}_std"] if row else np.nan for row in found])
-        plots.grouped_bars(axis, embeddings, series)
-        axis.set_title(metric)
-        axis.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    plots.save(figure, path)
-
-
-def exp1_command(script, args):
-    """The command that writes the exp1 heads this run reads (named in errors about missing heads)."""
-    command = f"python {script}" + (" --demo" if args.demo else "")
-    return command + (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
+    metrics = ("acc", "precision", "recall", "r2_feat", "r2_loc")
+    plots.metric_bars(rows, directory / f"{prefix}.png", "embedding", "method", metrics)
 
 
 def report_methods(rows, methods, args):
@@ -584,10 +580,10 @@ def main(args):
         f"steps per epoch {int(np.ceil(max(len(t) for t, _ in data['folds']) / args.batch_size))}, "
         f"task heads {3 * len(args.embeddings) * len(args.methods) * len(args.folds)}"
     )
-    sources = sources_for(args, exp1_command("igarss_exp1.py", args))
+    sources = sources_for(args, awir.exp1_command("igarss_exp1.py", args))
 
     # ---- train ----
-    run_task_heads(data, sources, args)
+    run_task_heads(data, sources, args, calibration_epochs=args.calibration_epochs)
 
     # ---- evaluate ----
     methods = [source["method"] for source in sources]

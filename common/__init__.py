@@ -20,7 +20,7 @@ TG-MATL:
 awir              TG-MATL data protocol: labels, box features, clusters, the one fold split, shared flags
 npy               .npy/.npz headers read without loading; rows streamed in batches; row-chunk checkpoints
 triplet           triplet losses (batch-all, batch-hard, MATL) and the TG-MATL selection rule
-stacked_training  many small models trained side by side in one compiled graph (TG-MATL heads)
+stacked_training  many small models trained side by side in one compiled graph; per-method timing calibration
 embedding_views   t-SNE / UMAP maps and class / box-cluster silhouette scores of projections
 
 AdaGC / SPML:

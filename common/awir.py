@@ -162,6 +162,17 @@ def add_protocol_arguments(parser, demo_help: str) -> None:
     cli.add_demo_argument(parser, demo_help)
 
 
+def add_calibration_argument(parser) -> None:
+    """--calibration_epochs of igarss_exp1.py and igarss_exp2.py (stacked_training.calibrate_costs)."""
+    parser.add_argument(
+        "--calibration_epochs",
+        type=int,
+        default=20,
+        help="Epochs of each per-method timing run that splits a stack's wall time by each method's own "
+        "cost (0: split evenly).",
+    )
+
+
 def checked_folds(folds):
     """--folds as sorted unique fold numbers; a number outside 1..8 is an InputError."""
     bad_folds = [fold for fold in folds if not 1 <= fold <= NUM_FOLDS]
@@ -494,6 +505,33 @@ def project_with_exp1_head(path, embedding, command):
         problem += " with non-finite values" if projection.ndim == 2 else ""
         raise InputError(path, problem, "a ProjectionHead with finite (N, 64) outputs")
     return projection
+
+
+def exp1_command(script: str, args) -> str:
+    """The command that writes the exp1 heads an exp2 run reads (named in errors about missing heads)."""
+    command = f"python {script}" + (" --demo" if args.demo else "")
+    return command + (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
+
+
+def load_task_head_inputs(data, sources, embedding_names, folds, results_dir) -> dict:
+    """{(embedding, method, fold): (N, D) input} of the exp2 task heads, for every source.
+
+    A source with `exp1_tag` None is the raw embedding; otherwise each fold's exp1 head (in
+    `exp1_subdir`) projects every sample.
+    """
+    inputs = {}
+    for name in embedding_names:
+        embedding = data["embeddings"][name]
+        for source in sources:
+            for fold in folds:
+                if source["exp1_tag"] is None:
+                    inputs[(name, source["method"], fold)] = embedding
+                else:
+                    path = exp1_head_path(results_dir, name, source["exp1_tag"], fold, source["exp1_subdir"])
+                    inputs[(name, source["method"], fold)] = project_with_exp1_head(
+                        path, embedding, source["command"]
+                    )
+    return inputs
 
 
 def knn_accuracy(train_points, train_labels, test_points, test_labels, neighbours=5):

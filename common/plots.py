@@ -100,3 +100,26 @@ def grouped_bars(
             positions[shown], means[shown], width, yerr=np.nan_to_num(stds[shown]), label=label, capsize=2
         )
     axis.set_xticks(range(len(groups)), groups)
+
+
+def metric_bars(
+    rows: Sequence[Mapping], path, group_key: str, series_key: str, metrics: Sequence[str]
+) -> None:
+    """One panel of grouped bars per metric: `<metric>_mean` with `<metric>_std` error bars of each
+    series (e.g. method) in each group (e.g. embedding); a missing row leaves its bar out."""
+    groups = sorted({row[group_key] for row in rows})
+    series_names = list(dict.fromkeys(row[series_key] for row in rows))
+    by_key = {(row[group_key], row[series_key]): row for row in rows}
+    figure, axes = pyplot().subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        series = {}
+        for name in series_names:
+            found = [by_key.get((group, name)) for group in groups]
+            means = [row[f"{metric}_mean"] if row else np.nan for row in found]
+            series[name] = (means, [row[f"{metric}_std"] if row else np.nan for row in found])
+        grouped_bars(axis, groups, series)
+        axis.set_title(metric)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    save(figure, path)

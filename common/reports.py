@@ -1,6 +1,6 @@
 """Result tables: mean +- std over folds or seeds, written as CSV (numbers) and markdown (to read)."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,21 @@ def mean_std(values: Sequence[float], ddof: int = 0) -> tuple[float, float]:
 def format_mean_std(mean: float, std: float, digits: int = 4) -> str:
     """`0.9190 +- 0.0123`."""
     return f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
+def best_marks(
+    rows: Sequence[Mapping], group_key: str, metrics: Sequence[str], lower_is_better: Collection[str] = ()
+) -> set[tuple[int, str]]:
+    """{(row index, metric)} of the best `<metric>_mean` within each group of rows (ties all marked);
+    metrics in `lower_is_better` are minimised, the others maximised."""
+    marks = set()
+    for group in sorted({row[group_key] for row in rows}):
+        members = [i for i, row in enumerate(rows) if row[group_key] == group]
+        for metric in metrics:
+            values = [rows[i][f"{metric}_mean"] for i in members]
+            best = min(values) if metric in lower_is_better else max(values)
+            marks.update((i, metric) for i, value in zip(members, values, strict=True) if value == best)
+    return marks
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence], align: str = "---") -> str:

@@ -16,15 +16,18 @@ is shared, so the result equals training the models one by one (up to float roun
 matrix products). The epoch loop runs inside one XLA-compiled tf.function per chunk of epochs.
 
 Also here: the Keras initialisers drawn from each model's own generator, BatchNorm over the valid
-samples of each model's batch, and the split of many heads into stacks for worker processes.
+samples of each model's batch, the split of many heads into stacks for worker processes, and
+the per-group cost calibration that splits a stack's wall time over its heads.
 """
 
+import csv
 import time
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from common import parallel
+from common import atomic, parallel
 
 ADAM_BETA_1 = 0.9
 ADAM_BETA_2 = 0.999
@@ -153,6 +156,62 @@ def finished_line(job: dict, result: dict, epochs: int) -> str:
     heads, seconds = len(result["heads"]), result["seconds"]
     per_head_epoch = 1e3 * seconds / (heads * epochs)
     return f"  {job['label']}: {heads} heads in {seconds:.1f}s ({per_head_epoch:.3f} ms per head-epoch)"
+
+
+# ---- timings: each group of heads charged its own cost ----
+
+
+def calibrate_costs(groups: dict, train, epochs: int) -> dict:
+    """{key: seconds per head-epoch of the heads of `groups[key]` trained in a stack of their own}.
+
+    A stack's wall time covers all its heads at once; to say what each kind of head costs, every
+    group (e.g. the heads of one method) is trained alone: `train(key, heads, chunk_epochs, progress)`
+    must train `heads` for 3 chunks of `epochs` epochs and pass `progress` to `StackedModels.fit`. The
+    first chunk pays the compilation; the quicker of the two later ones counts.
+    """
+    print(f"# ---- timing calibration: {3 * epochs} epochs per method and embedding ----")
+    costs = {}
+    # Each short stack compiles its own graph; TensorFlow's retracing warning about that is noise here.
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")
+    try:
+        for key, heads in groups.items():
+            marks = []
+            train(key, heads, epochs, lambda done, total, seconds, *_, marks=marks: marks.append(seconds))
+            if len(marks) < 3:
+                raise ValueError(f"calibration of {key} ran {len(marks)} chunks, expected 3")
+            costs[key] = float(min(np.diff(marks))) / epochs / len(heads)
+    finally:
+        logger.setLevel(level)
+    return costs
+
+
+def head_seconds(seconds: float, heads: list, costs: dict, group_of) -> np.ndarray:
+    """A stack's wall `seconds` split over its heads in proportion to `costs[group_of(head)]`
+    (evenly without costs): the heads' times sum to the stack's."""
+    cost = np.array([costs.get(group_of(head), 1.0) for head in heads], np.float64)
+    return seconds * cost / cost.sum()
+
+
+def write_costs(costs: dict, path) -> list[dict]:
+    """Print and write (CSV: experiment, method, ms_per_head_epoch) costs keyed (embedding, method).
+
+    Rows of an earlier run for other keys are kept, so a resumed run does not lose them.
+    """
+    columns = ["experiment", "method", "ms_per_head_epoch"]
+    rows = {}
+    if Path(path).exists():
+        with open(path, newline="") as file:
+            rows = {(row["experiment"], row["method"]): row for row in csv.DictReader(file)}
+    for (name, method), cost in costs.items():
+        rows[(name, method)] = {
+            "experiment": name,
+            "method": method,
+            "ms_per_head_epoch": round(1e3 * cost, 4),
+        }
+        print(f"  {name} {method}: {1e3 * cost:.3f} ms per head-epoch")
+    atomic.write_csv(path, list(rows.values()), columns)
+    return list(rows.values())
 
 
 def epoch_permutations(generators, train_counts, num_epochs, padded_length):

@@ -143,8 +143,13 @@ def test_stack_time_is_split_by_each_methods_calibrated_cost():
         "heads": [{"method": "dtl_hard"}, {"method": "tg_matl"}, {"method": "tg_matl"}],
     }
     costs = {("clip", "dtl_hard"): 1.0, ("clip", "tg_matl"): 2.0}
-    np.testing.assert_allclose(igarss_exp1.head_seconds(result, "clip", costs), [2.0, 4.0, 4.0])
-    np.testing.assert_allclose(igarss_exp1.head_seconds(result, "clip", {}), [10 / 3] * 3)
+
+    def split(costs):
+        group = lambda head: ("clip", head["method"])  # noqa: E731
+        return stacked_training.head_seconds(result["seconds"], result["heads"], costs, group)
+
+    np.testing.assert_allclose(split(costs), [2.0, 4.0, 4.0])
+    np.testing.assert_allclose(split({}), [10 / 3] * 3)
 
 
 def test_a_head_alone_trains_exactly_as_inside_a_stack(small_data):

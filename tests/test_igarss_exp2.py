@@ -9,6 +9,7 @@ from conftest import assert_main_error, no_temporary_files, parse, run_script
 
 import igarss_exp2
 from common import awir, stacked_training
+from common.errors import cli_entry
 
 EXP1_METHODS = ("dtl", "dtl_hard", "matl", "tg_matl_30_10")
 ALL_METHODS = ("base", *EXP1_METHODS)
@@ -56,6 +57,8 @@ def demo_results(tmp_path_factory):
         "1",
         "--results_dir",
         str(results),
+        "--calibration_epochs",
+        "0",  # the calibration is tested on its own below
     )
     assert exp2.returncode == 0, exp2.stderr[-2000:]
     return results, exp2.stdout
@@ -133,6 +136,71 @@ def test_heads_learn_and_triplet_projections_keep_box_geometry(demo_results):
     assert rows["base"]["r2_feat_mean"] > 0.2
     assert rows["matl"]["r2_feat_mean"] >= rows["dtl"]["r2_feat_mean"]
     assert rows["tg_matl_30_10"]["r2_feat_mean"] >= rows["dtl"]["r2_feat_mean"]
+
+
+def test_validation_metrics_are_those_of_the_model_selection_split(demo_results):
+    """Each fold's val_* metrics come from its 9 held-out validation samples with the kept weights: the
+    validation MSE equals the best validation loss that chose them, and differs from the test MSE."""
+    results, _ = demo_results
+    for method in ALL_METHODS:
+        for fold in range(1, 9):
+            path = results / "exp2_results" / "clip" / f"{method}_fold{fold}_taskhead_metrics.json"
+            twin = json.loads(path.read_text())
+            assert set(igarss_exp2.VAL_METRICS) <= set(twin)
+            assert twin["val_mse_feat"] == pytest.approx(twin["boxfeat_best_val_loss"], rel=1e-4)
+            assert twin["val_mse_loc"] == pytest.approx(twin["boxloc_best_val_loss"], rel=1e-4)
+            assert twin["val_mse_feat"] != twin["mse_feat"]
+    header = (results / "exp2_results" / "summary.csv").read_text().splitlines()[0]
+    assert "val_acc_mean" in header and "val_r2_loc_std" in header
+
+
+def test_calibration_times_each_method_in_a_run_of_its_own(monkeypatch):
+    """A cheap and an expensive method: each cost comes from the run of that method's heads alone, and
+    a joint stack's wall time is split by these costs, not evenly."""
+    per_head_epoch = {"base": 4e-3, "dtl": 1e-3}  # seconds; the fake clock of each method's run
+    calls = []
+
+    def fake_train(heads, inputs, data, settings, chunk_epochs=None, progress=None):
+        (method,) = {head["method"] for head in heads}  # one method per calibration run
+        calls.append((method, len(heads), settings.epochs, chunk_epochs))
+        compile_seconds, chunk = 5.0, per_head_epoch[method] * chunk_epochs * len(heads)
+        for done, seconds in (
+            (1, compile_seconds),
+            (2, compile_seconds + chunk),
+            (3, compile_seconds + 2.5 * chunk),
+        ):
+            progress(done * chunk_epochs, settings.epochs, seconds, np.zeros(1), np.zeros(1))
+
+    monkeypatch.setattr(igarss_exp2, "train_task_heads", fake_train)
+    inputs = {("clip", "base", 1): np.zeros((10, 512)), ("clip", "dtl", 1): np.zeros((10, 64))}
+    inputs[("clip", "dtl", 2)] = inputs[("clip", "dtl", 1)]
+    units = [
+        {"embedding": "clip", "method": method, "fold": fold, "input": ("clip", method, fold), "key": key}
+        for key, (method, fold) in enumerate([("base", 1), ("dtl", 1), ("dtl", 2)])
+    ]
+    args = parse(igarss_exp2, ["--demo"])
+    costs = igarss_exp2.calibrate_method_costs(units, inputs, {}, args, epochs=7)
+    assert sorted(calls) == [("base", 3, 21, 7), ("dtl", 6, 21, 7)]  # 3 kinds x folds, 3 chunks of 7
+    assert costs == pytest.approx({("clip", "base"): 4e-3, ("clip", "dtl"): 1e-3})
+    joint = [head for heads in igarss_exp2.heads_by_width(units, inputs).values() for head in heads]
+    seconds = stacked_training.head_seconds(30.0, joint, costs, igarss_exp2.cost_group)
+    by_method = {m: seconds[[h["method"] == m for h in joint]] for m in per_head_epoch}
+    np.testing.assert_allclose(by_method["base"], 30.0 * 4 / (3 * 4 + 6 * 1))
+    np.testing.assert_allclose(by_method["dtl"], 30.0 * 1 / (3 * 4 + 6 * 1))
+    assert not np.allclose(seconds, 30.0 / len(joint))
+
+
+def test_metrics_twin_of_an_earlier_version_is_named(tmp_path, capsys):
+    path = igarss_exp2.metrics_path(tmp_path, "clip", "dtl", 1).with_suffix(".json")
+    path.parent.mkdir(parents=True)
+    record = dict.fromkeys(igarss_exp2.METRICS + igarss_exp2.TIME_METRICS, 0.5)
+    path.write_text(json.dumps(record))
+    assert_main_error(
+        capsys,
+        cli_entry(lambda: igarss_exp2.summarise(tmp_path, ["clip"], ["dtl"], [1])),
+        str(path),
+        "has no val_acc",
+    )
 
 
 # ---- bad input ----

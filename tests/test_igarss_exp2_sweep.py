@@ -1,8 +1,10 @@
 """igarss_exp2_sweep.py: CLI, a tiny demo sweep on generated exp1 sweep heads, resumption, bad inputs."""
 
+import argparse
 import json
 
 import numpy as np
+import pytest
 from conftest import assert_main_error, parse, run_script
 
 import igarss_exp2
@@ -136,3 +138,37 @@ def test_demo_without_sweep_models(tmp_path, capsys):
 def test_config_dir_uses_integer_percent():
     assert igarss_exp2_sweep.config_dir(0.7, 0.05) == "tp70_rp5"
     assert igarss_exp2_sweep.config_dir(0.4, 0.25) == "tp40_rp25"
+
+
+def test_best_grid_point_is_chosen_on_validation_and_reported_on_test(capsys):
+    """Hand-made rows: the test-best grid point is not the validation-best one; the sweep names the
+    validation-best point and reports its test mean (means over embeddings of the fold means)."""
+    sources = igarss_exp2_sweep.sweep_sources([(0.4, 0.1), (0.5, 0.2), (0.6, 0.3)], "cmd")
+    # (val, test) per grid point and embedding: tp50_rp20 is best on validation, tp60_rp30 on test.
+    scores = {
+        "tg_matl_tp40_rp10": {"clip": (0.70, 0.80), "mae": (0.60, 0.70)},
+        "tg_matl_tp50_rp20": {"clip": (0.90, 0.75), "mae": (0.80, 0.65)},
+        "tg_matl_tp60_rp30": {"clip": (0.75, 0.95), "mae": (0.65, 0.85)},
+    }
+    rows = []
+    for method, by_embedding in scores.items():
+        for embedding, (val, test) in by_embedding.items():
+            row = {"embedding": embedding, "method": method}
+            for metric in igarss_exp2.METRICS:
+                # Lower MSE is better: the same order as the scores, mirrored.
+                sign = -1 if metric in igarss_exp2.LOWER_IS_BETTER else 1
+                row[f"{metric}_mean"], row[f"val_{metric}_mean"] = sign * test, sign * val
+            rows.append(row)
+    args = argparse.Namespace(embeddings=["clip", "mae"], folds=[1, 2, 3])
+    report = igarss_exp2_sweep.best_grid_points(rows, sources, args)
+    for metric in igarss_exp2.METRICS:
+        sign = -1 if metric in igarss_exp2.LOWER_IS_BETTER else 1
+        assert report[metric]["method"] == "tg_matl_tp50_rp20", metric
+        assert (report[metric]["top_percent"], report[metric]["random_percent"]) == (0.5, 0.2)
+        assert report[metric]["val"] == pytest.approx(sign * 0.85)
+        assert report[metric]["test"] == pytest.approx(sign * 0.70)  # not the test maximum 0.90
+    output = capsys.readouterr().out
+    assert (
+        "summary: best acc on validation at top_percent 0.50 random_percent 0.20: val 0.850, test 0.700 "
+        "(mean over 2 embeddings x 3 folds)" in output
+    )
