@@ -180,7 +180,7 @@ def write_best_config(args, run_dir, best_params) -> Path:
 
 @cli_entry
 def main(args):
-    args = trainer.resolve_derived(args)
+    args = trainer.resolve_derived(args, SCRIPT_STEM)
     require(args.method != "full", "--method", "full needs full labels", "a single-positive method")
     require(args.n_trials >= 1, "--n_trials", f"{args.n_trials}", "an integer >= 1")
     space = search_space(args)

@@ -456,10 +456,11 @@ def save_dynamics_plot(path, state):
 # ---- the run ----
 
 
-def resolve_derived(args):
-    """Values derived after parsing: the demo's data folder, the dataset's image size, the run name."""
+def resolve_derived(args, demo_owner: str = SCRIPT_STEM):
+    """Values derived after parsing: the demo's data folder (that of the script `demo_owner`, so that
+    demos generating different data do not share one), the dataset's image size, the run name."""
     if args.demo and "data_dir" not in cli.typed_flags(args):
-        args.data_dir = str(cli.demo_data_dir(args, SCRIPT_STEM) / args.dataset)
+        args.data_dir = str(cli.demo_data_dir(args, demo_owner) / args.dataset)
     args.image_size = args.image_size or (224 if args.dataset == "aid" else 120)
     needed = args.method not in ("epr", "role") or args.expected_num_positives > 0
     require(needed, "--expected_num_positives", "not set", "the mean positives per image (EPR and ROLE)")

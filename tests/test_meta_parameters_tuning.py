@@ -39,7 +39,7 @@ def study(tmp_path_factory):
 
 def test_the_objective_never_reads_full_training_or_validation_labels(study, tmp_path):
     results, _ = study
-    args = tm.resolve_derived(parse(mt, f"{TINY} --results_dir {results}"))
+    args = tm.resolve_derived(parse(mt, f"{TINY} --results_dir {results}"), mt.SCRIPT_STEM)
     data = tm.load_data(args)
     for part in ("train", "val"):
         data[part]["full"] = Hidden()
@@ -52,7 +52,11 @@ def test_the_objective_never_reads_full_training_or_validation_labels(study, tmp
 
 
 def test_study_writes_its_outputs_and_the_best_config_trains(study):
+    # Its demo data (64 images) live apart from the trainer's demo data (480), so both demos run in turn.
     results, summary = study
+    trainer_demo = tm.resolve_derived(parse(tm, f"--demo --results_dir {results}"))
+    assert (results / "demo_data" / "meta_parameters_tuning" / "aid").is_dir()
+    assert "meta_parameters_tuning" not in trainer_demo.data_dir
     run_dir = results / "meta_parameters_tuning" / "demo_ll_r"
     for name in ("study.db", "trials.csv", "best_config.yaml", "optimization_history.png", "summary.json"):
         assert (run_dir / name).is_file(), name
