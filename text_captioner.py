@@ -26,7 +26,6 @@ and its load):
 
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from common import captions, cli, runs
@@ -102,19 +101,18 @@ def caption_batch(batch, args, tokenizer, model, percentages):
         )
         for name, _ in batch
     ]
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    with torch.no_grad():
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=True,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    texts = captions.generate_texts(
+        model,
+        tokenizer(prompts, return_tensors="pt", padding=True),
+        tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return [
-        {"filename": name, "caption": text.strip(), "model": args.model, "prompt_id": "text_percentages"}
+        {"filename": name, "caption": text, "model": args.model, "prompt_id": "text_percentages"}
         for (name, _), text in zip(batch, texts, strict=True)
     ]
 
@@ -151,19 +149,8 @@ def main(args):
         "batch_size": args.batch_size,
     }
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
-    jobs = log.missing(names)
-    print(
-        f"{len(jobs)} captions to make ({len(names) - len({name for name, _ in jobs})} images already done)"
-    )
-    written, failed, seconds = captions.caption_batches(
-        jobs,
-        args.batch_size,
-        lambda batch: caption_batch(batch, args, tokenizer, model, percentages),
-        log,
-        args.retries,
-        seed=args.seed,
-    )
-    captions.finish(log, written, failed, seconds, len({name for name, _ in jobs}))
+    make_captions = lambda batch: caption_batch(batch, args, tokenizer, model, percentages)  # noqa: E731
+    captions.caption_missing(log, names, args.batch_size, make_captions, args.retries, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ It ended with (images/s depends on the CPU and its load):
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -169,14 +168,9 @@ def caption_batch(batch, args, processor, model):
         return_dict=True,
         processor_kwargs={"padding": True, "padding_side": "left"},
     )
-    inputs = {key: value.to(model.device) for key, value in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, use_cache=True)
-    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-    texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    texts = captions.generate_texts(model, inputs, processor.tokenizer, max_new_tokens=args.max_new_tokens)
     return [
-        {"filename": name, "caption": text.strip(), "model": args.model, "prompt_id": "base"}
+        {"filename": name, "caption": text, "model": args.model, "prompt_id": "base"}
         for (name, _), text in zip(batch, texts, strict=True)
     ]
 
@@ -202,14 +196,8 @@ def main(args):
     settings = {"model": args.model, "prompt": "base", "dtype": str(dtype), "generation": generation}
     settings["seed"] = args.seed
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
-    jobs = log.missing(names)
-    print(
-        f"{len(jobs)} captions to make ({len(names) - len({name for name, _ in jobs})} images already done)"
-    )
-    written, failed, seconds = captions.caption_batches(
-        jobs, args.batch_size, lambda batch: caption_batch(batch, args, processor, model), log, args.retries
-    )
-    captions.finish(log, written, failed, seconds, len({name for name, _ in jobs}))
+    make_captions = lambda batch: caption_batch(batch, args, processor, model)  # noqa: E731
+    captions.caption_missing(log, names, args.batch_size, make_captions, args.retries)
 
 
 if __name__ == "__main__":

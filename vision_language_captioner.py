@@ -30,7 +30,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -183,16 +182,11 @@ def caption_batch(batch, args, tokenizer, image_processor, model, percentages, p
         for (text, _), image in zip(prompts, images, strict=True)
     ]
     inputs = captions.qwen_vl_inputs(tokenizer, image_processor, conversations, images, IMAGE_TOKEN)
-    inputs = {key: value.to(model.device) for key, value in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        generated = model.generate(
-            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=True
-        )
-    # Left padding puts every prompt's end at the same column, so the new tokens start there.
-    texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    texts = captions.generate_texts(
+        model, inputs, tokenizer, max_new_tokens=args.max_new_tokens, do_sample=False
+    )
     return [
-        {"filename": name, "caption": text.strip(), "model": args.model, "prompt_id": prompt_id}
+        {"filename": name, "caption": text, "model": args.model, "prompt_id": prompt_id}
         for (name, _), (_, prompt_id), text in zip(batch, prompts, texts, strict=True)
     ]
 
@@ -227,19 +221,11 @@ def main(args):
         "generation": generation,
     }
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
-    jobs = log.missing(names)
-    print(
-        f"{len(jobs)} captions to make ({len(names) - len({name for name, _ in jobs})} images already done)"
-    )
     with ThreadPoolExecutor(max(1, args.workers)) as pool:
-        written, failed, seconds = captions.caption_batches(
-            jobs,
-            args.batch_size,
-            lambda batch: caption_batch(batch, args, tokenizer, image_processor, model, percentages, pool),
-            log,
-            args.retries,
+        make_captions = lambda batch: caption_batch(  # noqa: E731
+            batch, args, tokenizer, image_processor, model, percentages, pool
         )
-    captions.finish(log, written, failed, seconds, len({name for name, _ in jobs}))
+        captions.caption_missing(log, names, args.batch_size, make_captions, args.retries)
 
 
 if __name__ == "__main__":

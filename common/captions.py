@@ -343,7 +343,30 @@ def finish(log: CaptionLog, written: int, failed: Sequence[str], seconds: float,
         )
 
 
+def caption_missing(log: CaptionLog, names, batch_size: int, make_captions, retries: int, seed=None) -> None:
+    """The captions `log` still lacks for `names`, made batch by batch (`caption_batches`), then `finish`."""
+    jobs = log.missing(names)
+    images = len({name for name, _ in jobs})
+    print(f"{len(jobs)} captions to make ({len(names) - images} images already done)")
+    written, failed, seconds = caption_batches(jobs, batch_size, make_captions, log, retries, seed=seed)
+    finish(log, written, failed, seconds, images)
+
+
 # ---- PyTorch captioners: seeding, device, generation records, demo tokenizers ----
+
+
+def generate_texts(model, inputs: Mapping, tokenizer, **generate) -> list[str]:
+    """Each prompt's generated continuation, decoded and stripped. The prompts are left-padded, so every
+    prompt ends at the same column and the new tokens start there."""
+    import torch
+
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        generated = model.generate(**inputs, use_cache=True, **generate)
+    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def seed_torch(seed: int) -> None:
