@@ -29,9 +29,9 @@ Runtime: the TerraMind-v1-base encoder runs at 3.4 chips/s of 224 px on a shared
 about 10 minutes; GPU speed was not measured. The demo (a randomly initialised TerraMind-v1-tiny-
 shaped checkpoint, 243 synthetic 32 px chips, 2 x 2 tokens each, then `train_lucas_classifier.py
 --embeddings <tokens> --grid`) takes about 35 s and ends with the probe's summary line:
-    summary (val, 1 seed): wce/identity OA 0.612+-0.000 macc 0.548+-0.000 mF1 0.517+-0.000; wce/mlp OA
-    0.714+-0.000 macc 0.785+-0.000 mF1 0.719+-0.000; focal/identity OA 0.592+-0.000 macc 0.557+-0.000
-    mF1 0.512+-0.000; focal/mlp OA 0.673+-0.000 macc 0.756+-0.000 mF1 0.709+-0.000
+    summary (val, 1 seed): wce/identity OA 0.694+-0.000 macc 0.710+-0.000 mF1 0.676+-0.000; wce/mlp OA
+    0.694+-0.000 macc 0.809+-0.000 mF1 0.751+-0.000; focal/identity OA 0.612+-0.000 macc 0.500+-0.000
+    mF1 0.495+-0.000; focal/mlp OA 0.714+-0.000 macc 0.753+-0.000 mF1 0.734+-0.000
 """
 
 import hashlib
