@@ -19,7 +19,7 @@ Commands:
 Runtime: the paper setting (256 px, 20 epochs over ~80k patches) needs a GPU; outputs in
 `results/generative_trainer_unet_spade_gan/<run_name>/`: config.json, log.csv, state.json +
 checkpoint_epochNNN.npz, generator.weights.h5, samples.png, metrics.json. The demo prints
-    gan: 20 epochs, 120 steps | last epoch loss_D 1.7398 loss_G_adv 0.3518 loss_G_vgg off | 96 masks
+    gan: 20 epochs, 220 steps | last epoch loss_D 1.7612 loss_G_adv 0.2370 loss_G_vgg off | 176 masks
 """
 
 import time
@@ -380,7 +380,8 @@ def write_demo_dataset(args):
     """64 px crops of dataset_creator.py's demo patches, in the segmentation layout (made on first use).
 
     Each 256 px patch gives (256 / 64)^2 crops (mask and image cut alike, so the 10 m pixels stay).
-    The creator's demo has no test tiles, so half of its val patches become the test split here.
+    The creator's demo splits by patch (11 train, 2 val, 1 test); a source without a test split (e.g. a
+    split by tile of two tiles) gives half of its val patches to the test split here.
     """
     root = cli.demo_data_dir(args, "generative_trainer_unet_spade_gan")
     if (root / "demo.json").exists():
