@@ -186,7 +186,8 @@ class OutputBuffers:
     on that memory is gone, and every view of the array references its base: an array whose reference
     counts (its own and its base's) are back to those it had when only the pool held it is free. Reuse
     saves the page faults of a fresh batch-sized allocation, which cost more than the decoding itself.
-    At most `spare` free arrays are kept, so memory follows the batches in flight.
+    At most `spare` free arrays are kept, so memory follows the batches in flight (over 8 passes of 24
+    batches the bench's pipeline allocated 13 arrays with 4 spares, 25 with 2, 66 with none).
     """
 
     def __init__(self, spare: int = 4):
