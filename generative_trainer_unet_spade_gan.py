@@ -380,8 +380,7 @@ def write_demo_dataset(args):
     """64 px crops of dataset_creator.py's demo patches, in the segmentation layout (made on first use).
 
     Each 256 px patch gives (256 / 64)^2 crops (mask and image cut alike, so the 10 m pixels stay).
-    The creator's demo splits by patch (11 train, 2 val, 1 test); a source without a test split (e.g. a
-    split by tile of two tiles) gives half of its val patches to the test split here.
+    A source without a test split (e.g. two tiles split by tile) gives half its val patches to test.
     """
     root = cli.demo_data_dir(args, "generative_trainer_unet_spade_gan")
     if (root / "demo.json").exists():
