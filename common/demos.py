@@ -81,7 +81,8 @@ def run_demo(script: str, timeout: float) -> tuple[int, float, str, str]:
 def main(args) -> int:
     unknown = [stem for stem in args.only if f"{stem.removesuffix('.py')}.py" not in DEMOS]
     if unknown:
-        print(f"error: --only: unknown demo {unknown[0]!r}; expected one of {', '.join(DEMOS)}", file=sys.stderr)
+        expected = ", ".join(DEMOS)
+        print(f"error: --only: unknown demo {unknown[0]!r}; expected one of {expected}", file=sys.stderr)
         return 2
     chosen = {f"{stem.removesuffix('.py')}.py" for stem in args.only}
     scripts = [script for script in DEMOS if not chosen or script in chosen]
