@@ -31,7 +31,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import train_owl_gps as owl
-from common import owl_gps_data
+from common.owl_gps import datasets, patches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,11 +55,11 @@ def script_args(**overrides):
 
 def round_ours(rounds):
     """Our loop: ActiveLearningRun.run on the tutorial data (seconds per round after the first)."""
-    images, labels, concepts = owl_gps_data.synthetic_dataset()
+    images, labels, concepts = datasets.synthetic_dataset()
     with tempfile.TemporaryDirectory() as folder:
-        owl_gps_data.write_dataset(folder, images, labels, concepts)
+        datasets.write_dataset(folder, images, labels, concepts)
         args = script_args(n_rounds=rounds + 1)
-        data = owl_gps_data.load_npy_dataset(folder, ["urban", "near_industrial"], 0.3)
+        data = datasets.load_npy_dataset(folder, ["urban", "near_industrial"], 0.3)
         learner = owl.Learner(args, 32)
         arm = owl.ActiveLearningRun(args, data, learner, Path(folder) / "run", "concept", 0)
         rows = arm.run()
@@ -73,8 +73,8 @@ def round_eager(rounds):
     import tensorflow as tf
     from sklearn.metrics import roc_auc_score
 
-    images, labels, concepts = owl_gps_data.synthetic_dataset()
-    patches = np.transpose(images, (0, 2, 3, 1))
+    images, labels, concepts = datasets.synthetic_dataset()
+    channels_last = np.transpose(images, (0, 2, 3, 1))
     test_ids, pool_ids, labelled = owl.split_pool_test(500, 0.2, 20, 0)
     labelled = list(labelled)
     active = np.stack([concepts["urban"], concepts["near_industrial"]], 1).astype(bool)
@@ -92,12 +92,12 @@ def round_eager(rounds):
             for start in range(0, len(ids), 16):
                 batch = ids[order[start : start + 16]]
                 with tf.GradientTape() as tape:
-                    loss = loss_fn(labels[batch], model(patches[batch], training=True))
+                    loss = loss_fn(labels[batch], model(channels_last[batch], training=True))
                 gradients = tape.gradient(loss, model.trainable_variables)
                 optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         p_test = np.concatenate(
             [
-                tf.nn.softmax(model(patches[test_ids[s : s + 64]], training=False)).numpy()
+                tf.nn.softmax(model(channels_last[test_ids[s : s + 64]], training=False)).numpy()
                 for s in range(0, len(test_ids), 64)
             ]
         )
@@ -105,7 +105,7 @@ def round_eager(rounds):
         candidates = np.setdiff1d(pool_ids, ids)
         p_pool = np.concatenate(
             [
-                tf.nn.softmax(model(patches[candidates[s : s + 64]], training=False)).numpy()
+                tf.nn.softmax(model(channels_last[candidates[s : s + 64]], training=False)).numpy()
                 for s in range(0, len(candidates), 64)
             ]
         )
@@ -117,7 +117,7 @@ def round_eager(rounds):
         sgd = keras.optimizers.SGD(0.01)
         support = new[:5]
         with tf.GradientTape() as tape:
-            loss = loss_fn(labels[support], adapted(patches[support], training=True))
+            loss = loss_fn(labels[support], adapted(channels_last[support], training=True))
         sgd.apply_gradients(
             zip(tape.gradient(loss, adapted.trainable_variables), adapted.trainable_variables, strict=True)
         )
@@ -138,7 +138,7 @@ def write_pool(path, pool_size, image_size=32, chunk=4096):
 
 def pool_ours(path, passes, limit):
     """Our scorer: validate and stream images.npy from disk, MC-dropout moments per batch."""
-    source = owl_gps_data.open_images_npy(path)
+    source = patches.open_images_npy(path)
     args = script_args(uncertainty="mc_dropout", mc_passes=passes)
     learner = owl.Learner(args, source.height)
     learner.initialise(0)

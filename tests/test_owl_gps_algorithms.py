@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import train_owl_gps as owl
-from common import owl_gps_data
 from common.errors import InputError
+from common.owl_gps import datasets, patches
 
 
 def test_concept_relevance_is_product_of_active_weights():
@@ -58,9 +58,9 @@ def _tiny_args(**overrides):
 
 def _tiny_arm(tmp_path, **overrides):
     args = _tiny_args(initial_budget=4, query_budget=30, **overrides)
-    images, labels, _ = owl_gps_data.synthetic_dataset(40, 8, 0.3, 1)
+    images, labels, _ = datasets.synthetic_dataset(40, 8, 0.3, 1)
     data = {
-        "source": owl_gps_data.ArrayPatches(images),
+        "source": patches.ArrayPatches(images),
         "labels": labels,
         "active": np.zeros((40, 1), dtype=bool),
         "locations": None,
@@ -110,11 +110,11 @@ def test_learner_reptile_step_on_tiny_model(keep_optimizer_state):
     args = _tiny_args(meta_lr=0.25, inner_lr=0.05, keep_optimizer_state=keep_optimizer_state)
     learner = owl.Learner(args, 8)
     learner.initialise(3)
-    images, labels, _ = owl_gps_data.synthetic_dataset(12, 8, 0.3, 2)
-    patches = owl_gps_data.ArrayPatches(images).read(np.arange(12))
-    learner.train_round(patches, labels, np.random.default_rng(0))  # gives Adam non-zero moments
+    images, labels, _ = datasets.synthetic_dataset(12, 8, 0.3, 2)
+    x = patches.ArrayPatches(images).read(np.arange(12))
+    learner.train_round(x, labels, np.random.default_rng(0))  # gives Adam non-zero moments
     theta = learner.members[0].get_weights()
-    query_loss = learner.reptile(patches[:10], labels[:10], np.random.default_rng(1))
+    query_loss = learner.reptile(x[:10], labels[:10], np.random.default_rng(1))
     adapted = learner.adapted.get_weights()
     assert any(not np.allclose(a, t) for a, t in zip(adapted, theta, strict=True)), (
         "the inner SGD step changed nothing"
@@ -127,8 +127,8 @@ def test_learner_reptile_step_on_tiny_model(keep_optimizer_state):
 
 
 def test_uncertainty_estimators_are_bounded_and_batched():
-    images, _, _ = owl_gps_data.synthetic_dataset(17, 8, 0.0, 4)
-    source = owl_gps_data.ArrayPatches(images)
+    images, _, _ = datasets.synthetic_dataset(17, 8, 0.0, 4)
+    source = patches.ArrayPatches(images)
     ids = np.arange(17)
     for uncertainty, mc_score in (
         ("entropy", "entropy"),
@@ -155,8 +155,8 @@ def test_mc_dropout_moments_equal_full_passes():
 
     learner = owl.Learner(_tiny_args(uncertainty="mc_dropout", mc_passes=4), 8)
     learner.initialise(0)
-    images, _, _ = owl_gps_data.synthetic_dataset(9, 8, 0.3, 5)
-    x = owl_gps_data.ArrayPatches(images).read(np.arange(9))
+    images, _, _ = datasets.synthetic_dataset(9, 8, 0.3, 5)
+    x = patches.ArrayPatches(images).read(np.arange(9))
     learner.reseed_dropout(0, 1, 2)
     mean, mean_entropy = (t.numpy() for t in learner.mc(x))
     learner.reseed_dropout(0, 1, 2)
@@ -169,9 +169,9 @@ def test_mc_dropout_moments_equal_full_passes():
 def test_lazy_npy_reader_matches_np_load(tmp_path):
     images = np.random.default_rng(0).random((50, 4, 6, 5)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
-    eager = owl_gps_data.open_images_npy(tmp_path / "images.npy")
-    lazy = owl_gps_data.open_images_npy(tmp_path / "images.npy", in_memory_bytes=0)
-    assert isinstance(eager, owl_gps_data.ArrayPatches) and isinstance(lazy, owl_gps_data.NpyPatches)
+    eager = patches.open_images_npy(tmp_path / "images.npy")
+    lazy = patches.open_images_npy(tmp_path / "images.npy", in_memory_bytes=0)
+    assert isinstance(eager, patches.ArrayPatches) and isinstance(lazy, patches.NpyPatches)
     for ids in (np.arange(10, 20), np.array([49, 0, 17]), np.array([5, 3, 4])):
         expected = np.transpose(images[ids], (0, 2, 3, 1))
         np.testing.assert_array_equal(lazy.read(ids), expected)
@@ -181,16 +181,16 @@ def test_lazy_npy_reader_matches_np_load(tmp_path):
 def test_read_queue_validation(tmp_path):
     path = tmp_path / "queue_round1.csv"
     path.write_text("id,row,col,score,label\n4,,,0.9,1\n9,,,0.8,0\n")
-    np.testing.assert_array_equal(owl_gps_data.read_queue(path, [4, 9]), [1, 0])
+    np.testing.assert_array_equal(owl.read_queue(path, [4, 9]), [1, 0])
     path.write_text("id,row,col,score,label\n4,,,0.9,1\n9,,,0.8,\n")
     with pytest.raises(InputError, match="line 3: blank label for id 9"):
-        owl_gps_data.read_queue(path, [4, 9])
+        owl.read_queue(path, [4, 9])
     path.write_text("id,row,col,score,label\n4,,,0.9,yes\n9,,,0.8,0\n")
     with pytest.raises(InputError, match="label 'yes' for id 4 is not 0/1"):
-        owl_gps_data.read_queue(path, [4, 9])
+        owl.read_queue(path, [4, 9])
     path.write_text("id,row,col,score,label\n4,,,0.9,1\n")
     with pytest.raises(InputError, match="queued id 9 is missing"):
-        owl_gps_data.read_queue(path, [4, 9])
+        owl.read_queue(path, [4, 9])
 
 
 def test_reptile_support_is_the_tutorials_lower_scored_half():
@@ -217,8 +217,8 @@ def test_train_loss_is_the_mean_of_batch_means():
 
 
 def test_ensemble_uncertainty_evaluates_member_0_unless_ensemble_eval():
-    images, _, _ = owl_gps_data.synthetic_dataset(9, 8, 0.3, 6)
-    source, ids = owl_gps_data.ArrayPatches(images), np.arange(9)
+    images, _, _ = datasets.synthetic_dataset(9, 8, 0.3, 6)
+    source, ids = patches.ArrayPatches(images), np.arange(9)
     for ensemble_eval in (False, True):
         learner = owl.Learner(_tiny_args(uncertainty="ensemble", ensemble_eval=ensemble_eval), 8)
         learner.initialise(0)
@@ -242,7 +242,7 @@ def _write_tutorial_pickle(path, structure):
 
 @pytest.mark.parametrize("layout", ["rows", "columns", "by_id"])
 def test_tutorial_concepts_pkl_is_read_without_running_code(tmp_path, layout):
-    images, labels, concepts = owl_gps_data.synthetic_dataset(12, 8, 0.3, 0)
+    images, labels, concepts = datasets.synthetic_dataset(12, 8, 0.3, 0)
     np.save(tmp_path / "images.npy", images)
     np.save(tmp_path / "labels.npy", labels)
     land_cover = concepts["land_cover"].tolist()
@@ -256,14 +256,14 @@ def test_tutorial_concepts_pkl_is_read_without_running_code(tmp_path, layout):
         },
     }[layout]
     _write_tutorial_pickle(tmp_path / "concepts.pkl", structure)
-    data = owl_gps_data.load_npy_dataset(tmp_path, ["urban", "near_industrial"], 0.3)
+    data = datasets.load_npy_dataset(tmp_path, ["urban", "near_industrial"], 0.3)
     np.testing.assert_array_equal(data["active"][:, 0], concepts["urban"].astype(bool))
     np.testing.assert_array_equal(data["active"][:, 1], concepts["near_industrial"].astype(bool))
     np.testing.assert_array_equal(data["labels"], labels)
 
 
 def test_concepts_pkl_with_a_class_is_refused_before_it_runs(tmp_path):
-    images, _, _ = owl_gps_data.synthetic_dataset(4, 8, 0.3, 0)
+    images, _, _ = datasets.synthetic_dataset(4, 8, 0.3, 0)
     np.save(tmp_path / "images.npy", images)
 
     class Exploit:
@@ -272,10 +272,10 @@ def test_concepts_pkl_with_a_class_is_refused_before_it_runs(tmp_path):
 
     _write_tutorial_pickle(tmp_path / "concepts.pkl", [{"land_cover": 1, "dist_industrial": Exploit()}])
     with pytest.raises(InputError, match=r"concepts.pkl.*class builtins.print, refused"):
-        owl_gps_data.load_npy_dataset(tmp_path, ["urban"], 0.3)
+        datasets.load_npy_dataset(tmp_path, ["urban"], 0.3)
     _write_tutorial_pickle(tmp_path / "concepts.pkl", {"land_cover": np.arange(4)})
     with pytest.raises(InputError, match=r"class numpy.*\.tolist\(\)"):
-        owl_gps_data.load_npy_dataset(tmp_path, ["urban"], 0.3)
+        datasets.load_npy_dataset(tmp_path, ["urban"], 0.3)
     (tmp_path / "concepts.pkl").unlink()
     with pytest.raises(InputError, match=r"concepts.csv: file not found.*concepts.pkl"):
-        owl_gps_data.load_npy_dataset(tmp_path, ["urban"], 0.3)
+        datasets.load_npy_dataset(tmp_path, ["urban"], 0.3)

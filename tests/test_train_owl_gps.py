@@ -9,7 +9,8 @@ import pytest
 from conftest import assert_main_error, call_main, run_script
 
 import train_owl_gps as owl
-from common import atomic, owl_gps_data
+from common import atomic
+from common.owl_gps import datasets
 
 SCRIPT = "train_owl_gps.py"
 # Tiny settings for everything but the learning check: 16 px patches, 2 epochs.
@@ -315,7 +316,7 @@ def test_geotiff_with_concepts_and_labels_csv(tmp_path):
         "rasters",
     )
     assert (tmp_path / "out" / "train_owl_gps" / "rasters" / "metrics.json").is_file()
-    data = owl_gps_data.load_geotiff_dataset(
+    data = datasets.load_geotiff_dataset(
         tmp_path / "scene.tif",
         ["urban", "near_industrial"],
         patch_size=16,
@@ -329,8 +330,8 @@ def test_geotiff_with_concepts_and_labels_csv(tmp_path):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    images, labels, concepts = owl_gps_data.synthetic_dataset(40, 8, 0.3, 0)
-    owl_gps_data.write_dataset(tmp_path / "data", images, labels, concepts)
+    images, labels, concepts = datasets.synthetic_dataset(40, 8, 0.3, 0)
+    datasets.write_dataset(tmp_path / "data", images, labels, concepts)
     return tmp_path / "data"
 
 
@@ -380,8 +381,24 @@ def test_bad_data_gives_one_line_and_exit_2(data_dir, tmp_path, capsys, problem,
 def test_csv_oracle_starts_from_an_unlabelled_pool(data_dir, tmp_path, capsys):
     """No labels.npy: the simulated oracle is refused, a person labels the queues, AUC stays unknown."""
     (data_dir / "labels.npy").unlink()
-    base = ["--data_dir", data_dir, "--results_dir", tmp_path, "--epochs", "1", "--image_size", "8"]
-    base += ["--initial_budget", "4", "--query_budget", "4", "--n_rounds", "2", "--run_name", "pool"]
+    base = [
+        "--data_dir",
+        data_dir,
+        "--results_dir",
+        tmp_path,
+        "--epochs",
+        "1",
+        "--image_size",
+        "8",
+        "--initial_budget",
+        "4",
+        "--query_budget",
+        "4",
+        "--n_rounds",
+        "2",
+        "--run_name",
+        "pool",
+    ]
     expect_input_error(capsys, base, "labels.npy: missing")
     run_dir = tmp_path / "train_owl_gps" / "pool"
     for round_number in range(2):
