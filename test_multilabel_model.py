@@ -6,7 +6,7 @@ trained the run; the run folder is `<results_dir>/train_multilabel_model/<run na
 or --run_name). The data are read with the settings saved in the run's config.json, the best
 validation epoch's `best_model.keras` is scored (mAP, micro AP, macro / micro F1, per class), and the
 result is compared with the run's own metrics.json. The code is shared with
-`train_multilabel_model.py --test_only` (common/spml_evaluation.py).
+`train_multilabel_model.py --test_only` (common/spml/evaluation.py).
 
     python test_multilabel_model.py -c configs/adagc_aid_random.yaml
     python test_multilabel_model.py --demo --method an   # after train_multilabel_model.py --demo --method an
@@ -22,8 +22,9 @@ from pathlib import Path
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import train_multilabel_model as trainer
-from common import runs, spml_evaluation
+from common import runs
 from common.errors import cli_entry
+from common.spml import evaluation
 
 
 def get_args_parser():
@@ -39,7 +40,7 @@ def main(args):
     runs.seed_everything(args.seed, args.deterministic)
     run_dir = Path(args.results_dir) / trainer.SCRIPT_STEM / args.run_name
     print(f"run folder: {run_dir}")
-    return spml_evaluation.evaluate_run(args, run_dir, trainer.load_data, trainer.make_loader)
+    return evaluation.evaluate_run(args, run_dir, trainer.load_data, trainer.make_loader)
 
 
 if __name__ == "__main__":
