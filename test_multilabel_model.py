@@ -9,12 +9,14 @@ result is compared with the run's own metrics.json. The code is shared with
 `train_multilabel_model.py --test_only` (common/spml/evaluation.py).
 
     python test_multilabel_model.py -c configs/adagc_aid_random.yaml
-    python test_multilabel_model.py --demo --method an   # after train_multilabel_model.py --demo --method an
+    python test_multilabel_model.py --demo     # after train_multilabel_model.py --demo (seconds)
 
 Writes test_only_metrics.json and test_only_per_class.csv into the run folder and ends with the trainer's
-summary line; after the AN demo above (one CPU run; the figures depend on the CPU):
-    test metrics match results/train_multilabel_model/demo_an/metrics.json
-    test mAP 0.7467 | micro AP 0.7589 | macro F1 0.1047 | micro F1 0.1811 | method an
+summary line; after the trainer's demo (one CPU run; the figures depend on the CPU, the match is bit for
+bit on the same machine):
+    run folder: results/train_multilabel_model/demo_adagc
+    test metrics match results/train_multilabel_model/demo_adagc/metrics.json
+    test mAP 0.7020 | micro AP 0.5724 | macro F1 0.2847 | micro F1 0.4690 | method adagc | trigger epoch 6
 """
 
 from pathlib import Path

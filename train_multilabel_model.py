@@ -26,12 +26,13 @@ The dataset readers, the (images, row index) batches and the metrics are in comm
     python train_multilabel_model.py --demo                  # AdaGC on a generated AID-like set
     python train_multilabel_model.py --demo --method an      # any method, no config needed
 
-Runtime: `--demo` (small CNN, 48 px, 480 generated images, 10 epochs) about 30 s on an idle 2-core CPU; a
-paper run (ResNet-50, 224 px, 30 epochs, batch 64) wants a GPU (`--strategy mirrored` for all local GPUs,
-`--strategy multiworker` for several machines). The demo's trigger fires at epoch 6 (checked at epoch 8,
-rolled back) and it ends with (one CPU run; the figures depend on the CPU):
-    test mAP 0.6952 | micro AP 0.5849 | macro F1 0.2870 | micro F1 0.4695 | method adagc | trigger epoch 6
-    | epoch 10 (gc) | last epoch mAP 0.6952        (on one line; --method an: test mAP 0.7467)
+Runtime: `--demo` (small CNN, 48 px, 480 generated images, 10 epochs) about 30 s on an idle 2-core CPU
+(137 s at load average 10); a paper run (ResNet-50, 224 px, 30 epochs, batch 64) wants a GPU
+(`--strategy mirrored` for all local GPUs, `--strategy multiworker` for several machines). The demo's
+trigger fires at epoch 6 (checked at epoch 8, rolled back) and it ends with (one CPU run; the figures
+depend on the CPU):
+    test mAP 0.7020 | micro AP 0.5724 | macro F1 0.2847 | micro F1 0.4690 | method adagc | trigger epoch 6
+    | epoch 10 (gc) | last epoch mAP 0.7020        (on one line; --method an: test mAP 0.7381)
 
 Outputs in results/train_multilabel_model/<config name>/ (demo_<method> for the demo): config.json,
 log.csv, best_model.keras, metrics.json, per_class.csv, training_dynamics.png and checkpoints/ (per-epoch
@@ -242,7 +243,7 @@ def get_args_parser():
 
 
 def neg_log_sigmoid(logits):
-    """-log(sigmoid(z)) = softplus(-z), exact for any z."""
+    """-log(sigmoid(z)) = softplus(-z), exact for any z (no probabilities + eps)."""
     return tf.nn.softplus(-logits)
 
 
