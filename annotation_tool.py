@@ -24,12 +24,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import common.startup  # noqa: F401  (common.aid_multilabel loads TensorFlow: quietly, so before it)
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import numpy as np
 
-from common import aid_multilabel, cli
+from common import cli
 from common.errors import cli_entry, require, require_dir
+from common.spml import aid_multilabel
 
 CANDIDATES_PER_BATCH = 4
 PAGE = """<!doctype html>

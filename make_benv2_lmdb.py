@@ -19,12 +19,13 @@ Ends with `wrote <n> patches (<m> reference maps) to <output>`.
 import shutil
 from pathlib import Path
 
-import common.startup  # noqa: F401  (common.bigearthnet loads TensorFlow: quietly, so before it)
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import numpy as np
 
-from common import atomic, bigearthnet, cli, raster
+from common import atomic, cli, raster
 from common.errors import InputError, cli_entry, require, require_dir
+from common.spml import bigearthnet
 
 
 def get_args_parser():

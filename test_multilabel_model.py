@@ -6,15 +6,17 @@ trained the run; the run folder is `<results_dir>/train_multilabel_model/<run na
 or --run_name). The data are read with the settings saved in the run's config.json, the best
 validation epoch's `best_model.keras` is scored (mAP, micro AP, macro / micro F1, per class), and the
 result is compared with the run's own metrics.json. The code is shared with
-`train_multilabel_model.py --test_only` (common/spml_evaluation.py).
+`train_multilabel_model.py --test_only` (common/spml/evaluation.py).
 
     python test_multilabel_model.py -c configs/adagc_aid_random.yaml
-    python test_multilabel_model.py --demo --method an   # after train_multilabel_model.py --demo --method an
+    python test_multilabel_model.py --demo     # after train_multilabel_model.py --demo (seconds)
 
 Writes test_only_metrics.json and test_only_per_class.csv into the run folder and ends with the trainer's
-summary line; after the AN demo above (one CPU run; the figures depend on the CPU):
-    test metrics match results/train_multilabel_model/demo_an/metrics.json
-    test mAP 0.7467 | micro AP 0.7589 | macro F1 0.1047 | micro F1 0.1811 | method an
+summary line; after the trainer's demo (one CPU run; the figures depend on the CPU, the match is bit for
+bit on the same machine):
+    run folder: results/train_multilabel_model/demo_adagc
+    test metrics match results/train_multilabel_model/demo_adagc/metrics.json
+    test mAP 0.7020 | micro AP 0.5724 | macro F1 0.2847 | micro F1 0.4690 | method adagc | trigger epoch 6
 """
 
 from pathlib import Path
@@ -22,8 +24,9 @@ from pathlib import Path
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import train_multilabel_model as trainer
-from common import runs, spml_evaluation
+from common import runs
 from common.errors import cli_entry
+from common.spml import evaluation
 
 
 def get_args_parser():
@@ -39,7 +42,7 @@ def main(args):
     runs.seed_everything(args.seed, args.deterministic)
     run_dir = Path(args.results_dir) / trainer.SCRIPT_STEM / args.run_name
     print(f"run folder: {run_dir}")
-    return spml_evaluation.evaluate_run(args, run_dir, trainer.load_data, trainer.make_loader)
+    return evaluation.evaluate_run(args, run_dir, trainer.load_data, trainer.make_loader)
 
 
 if __name__ == "__main__":

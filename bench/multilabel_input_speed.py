@@ -28,7 +28,8 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import train_multilabel_model as tm
-from common import aid_multilabel, band_records, bigearthnet, pipelines, spml
+from common import pipelines
+from common.spml import aid_multilabel, band_records, batches, bigearthnet
 
 
 def get_args_parser():
@@ -95,11 +96,11 @@ def main(args):
     lmdb_path = str(ben_root / "lmdb")
     errors = pipelines.ReaderErrors()
     aid_loader = tm.make_loader({"reader": "aid"}, args.image_size, errors)
-    aid_pipeline = spml.make_dataset(aid_paths, aid_loader, args.batch_size)
+    aid_pipeline = batches.make_dataset(aid_paths, aid_loader, args.batch_size)
     ben_data = {"reader": "benv2", "lmdb_path": lmdb_path, "bands": bands}
     ben_loader = tm.make_loader(ben_data, 120, errors)
-    ben_pipeline = spml.make_dataset(patch_ids, ben_loader, args.batch_size)
-    ben_one_thread = spml.make_dataset(patch_ids, ben_loader, args.batch_size, reader_threads=1)
+    ben_pipeline = batches.make_dataset(patch_ids, ben_loader, args.batch_size)
+    ben_one_thread = batches.make_dataset(patch_ids, ben_loader, args.batch_size, reader_threads=1)
 
     aid = alternating_rates(
         {

@@ -1,6 +1,6 @@
 """Every SPML method of train_multilabel_model.py on the same generated data and seeds: mean +- std.
 
-Data: the script's --demo generator (`common/aid_multilabel.write_demo`): the 17 AID classes in six
+Data: the script's --demo generator (`common/spml/aid_multilabel.write_demo`): the 17 AID classes in six
 scenes whose classes co-occur, 2-7 true labels per image (mean 3.75), one of them observed per training
 image (random single positive, drawn with the seed). Every method is trained by the script's own `main`
 (small CNN) once per seed; the seed also draws the validation split, the initialisation and the batch
@@ -30,7 +30,8 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import train_multilabel_model as tm
-from common import aid_multilabel, atomic, parallel, pipelines, plots, reports, spml
+from common import atomic, parallel, pipelines, plots, reports
+from common.spml import aid_multilabel, batches
 
 METRICS = ("mAP", "micro_AP", "macro_F1", "micro_F1")
 PSEUDO = ("pseudo_precision", "pseudo_recall", "pseudo_on_hidden_positives", "pseudo_on_negatives")
@@ -64,19 +65,14 @@ def get_args_parser():
 
 
 def run_argv(name, seed, settings, root):
+    """The trainer's command line of one (method or variant, seed) run on the shared data."""
     extra = variants(settings.epochs).get(name, ["--method", name])
-    sizes = [
-        "--image_size",
-        settings.image_size,
-        "--epochs",
-        settings.epochs,
-        "--batch_size",
-        settings.batch_size,
-    ]
-    sizes += ["--demo_images", settings.images]
+    sizes = (
+        f"--image_size {settings.image_size} --epochs {settings.epochs} --batch_size {settings.batch_size}"
+        f" --demo_images {settings.images} --seed {seed} --val_fraction {settings.val_fraction}"
+    )
     where = ["--data_dir", root / "data", "--results_dir", root / "results", "--run_name", f"{name}_{seed}"]
-    argv = ["--demo", *extra, "--seed", seed, "--val_fraction", settings.val_fraction, *sizes, *where]
-    return [str(item) for item in argv]
+    return [str(item) for item in ["--demo", *extra, *sizes.split(), *where]]
 
 
 def pseudo_label_quality(trainer, args):
@@ -84,7 +80,7 @@ def pseudo_label_quality(trainer, args):
     data = tm.load_data(args)
     loader = tm.make_loader(data, args.image_size, pipelines.ReaderErrors())
     pseudo = []
-    for images, _ in spml.make_dataset(data["train"]["sources"], loader, args.batch_size):
+    for images, _ in batches.make_dataset(data["train"]["sources"], loader, args.batch_size):
         pseudo.append(
             trainer.teachers.pseudo_labels(images, trainer.teachers.probabilities_a(images)).numpy()
         )

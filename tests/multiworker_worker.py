@@ -2,17 +2,19 @@
 
     python tests/multiworker_worker.py RECORD.json SCRIPT.py [script arguments]
 
-The worker's TF_CONFIG comes from the environment. The script runs unchanged as `__main__`; the
-training step of its replica is wrapped so that each training sample is noted (segmentation: a
-digest of the augmented image; multi-label: the row index), and the list is written to RECORD.json
-when the script ends. The notes come from inside the compiled step, so they are what the replica
-really received after tf.distribute sharded the input.
+The worker's TF_CONFIG comes from the environment. The script is imported as a module and its `main`
+runs on the script arguments, as `python SCRIPT.py [script arguments]` runs it; the script itself is
+unchanged. The training step of its replica is wrapped so that each training sample is noted
+(segmentation: a digest of the augmented image, through Keras's train step; multi-label: the row index,
+through the script's own `SpmlTrainer._replica_step`), and the list is written to RECORD.json when the
+script ends. The notes come from inside the compiled step, so they are what the replica really received
+after tf.distribute sharded the input.
 """
 
 import atexit
 import hashlib
+import importlib
 import json
-import runpy
 import sys
 from pathlib import Path
 
@@ -23,8 +25,6 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 import tensorflow as tf
 from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
-
-from common import spml
 
 SEEN = []
 
@@ -58,10 +58,14 @@ def main():
         return recorded(lambda model, images: original_train_step(model, data), note_images, 0)(self, data[0])
 
     TensorFlowTrainer.train_step = train_step
-    spml.SpmlTrainer._replica_step = recorded(spml.SpmlTrainer._replica_step, note_indices, 1)
+    # The multi-label trainer's step is a method of the script's own class: patch it in the imported module.
+    module = importlib.import_module(Path(script).stem)
+    trainer_class = getattr(module, "SpmlTrainer", None)
+    if trainer_class is not None:
+        trainer_class._replica_step = recorded(trainer_class._replica_step, note_indices, 1)
     atexit.register(lambda: Path(record).write_text(json.dumps(SEEN)))
     sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
+    module.main(module.get_args_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 import annotation_tool as at
-from common import aid_multilabel
+from common.spml import aid_multilabel
 
 CHROMIUM_FLAGS = (
     "--headless",

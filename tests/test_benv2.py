@@ -5,8 +5,9 @@ import pytest
 from conftest import assert_main_error, call_main
 
 import make_benv2_lmdb as mk
-from common import band_records, bigearthnet, pipelines
+from common import pipelines
 from common.errors import InputError
+from common.spml import band_records, bigearthnet
 
 BANDS = ["B04", "B03", "B02", "B08", "B05", "B11", "B01"]
 

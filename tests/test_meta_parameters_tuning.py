@@ -78,16 +78,18 @@ def test_a_rerun_resumes_the_study_and_a_changed_one_is_refused(study, capsys):
     assert "the study's trials were made with learning_rate" in capsys.readouterr().err
 
 
+def test_a_resumed_study_compares_every_flag_but_the_trial_count_and_overwrite():
+    flags = set(vars(parse(mt, [])))
+    assert len(set(mt.RESUME_SETTINGS)) == len(mt.RESUME_SETTINGS)
+    assert set(mt.RESUME_SETTINGS) == flags - {"n_trials", "overwrite"}
+
+
 def test_test_script_reproduces_the_final_run(study):
     results, summary = study
     run_dir = results / "meta_parameters_tuning"
-    argv = [
-        "-c",
-        str(run_dir / "demo_ll_r" / "best_config.yaml"),
-        "--results_dir",
-        str(run_dir / "demo_ll_r"),
-    ]
-    metrics = call_main(tmm, [*argv, "--run_name", "best"])
+    study_dir = run_dir / "demo_ll_r"
+    argv = ["-c", str(study_dir / "best_config.yaml"), "--results_dir", str(study_dir), "--run_name", "best"]
+    metrics = call_main(tmm, argv)
     assert metrics["matches_saved_metrics"] is True and metrics["mAP"] == summary["test"]["mAP"]
 
 

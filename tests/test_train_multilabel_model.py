@@ -17,7 +17,8 @@ from conftest import (
 )
 
 import train_multilabel_model as tm
-from common import aid_multilabel, bigearthnet, pipelines
+from common import pipelines
+from common.spml import aid_multilabel, bigearthnet
 
 SCRIPT = "train_multilabel_model.py"
 RUN_FILES = (
@@ -36,6 +37,13 @@ def main_error(capsys, argv, *fragments):
     return assert_main_error(capsys, lambda: call_main(tm, argv), *fragments)
 
 
+def test_resume_settings_are_every_flag_but_where_the_run_lives_and_how_far_it_goes():
+    flags = set(vars(parse(tm, [])))
+    resumable = {"config", "demo", "epochs", "overwrite", "resume", "results_dir", "run_name", "strategy"}
+    assert len(set(tm.RESUME_SETTINGS)) == len(tm.RESUME_SETTINGS)
+    assert set(tm.RESUME_SETTINGS) == flags - resumable
+
+
 def test_help_lists_the_methods(capsys):
     with pytest.raises(SystemExit) as exit_:
         tm.get_args_parser().parse_args(["--help"])
@@ -46,9 +54,8 @@ def test_help_lists_the_methods(capsys):
 
 def test_demo_adagc_mirrored_writes_every_file_and_test_only_reproduces_it(tmp_path):
     results = tmp_path / "results"
-    command = [*"--demo --method adagc --strategy mirrored --epochs 4 --gc_start_epoch 2".split(), *TINY]
-    command += ["--results_dir", str(results)]
-    done = run_script(SCRIPT, *command, timeout=300)
+    command = "--demo --method adagc --strategy mirrored --epochs 4 --gc_start_epoch 2".split()
+    done = run_script(SCRIPT, *command, *TINY, "--results_dir", str(results), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = results / "train_multilabel_model" / "demo_adagc"
     for name in RUN_FILES:
@@ -256,16 +263,7 @@ def ben_root(tmp_path):
 
 
 def ben_argv(root, tmp_path):
-    return [
-        "--dataset",
-        "benv2",
-        "--data_dir",
-        str(root),
-        "--image_size",
-        "24",
-        "--results_dir",
-        str(tmp_path / "r"),
-    ]
+    return f"--dataset benv2 --data_dir {root} --image_size 24 --results_dir {tmp_path / 'r'}".split()
 
 
 def test_lmdb_key_missing(ben_root, tmp_path, capsys):

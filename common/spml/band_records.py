@@ -16,8 +16,16 @@ import threading
 import numpy as np
 
 # safetensors dtype names -> NumPy (little-endian, as the format stores them).
-SAFETENSORS_DTYPES = {"U8": "u1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4", "F16": "<f2"}
-SAFETENSORS_DTYPES.update({"F32": "<f4", "F64": "<f8"})
+SAFETENSORS_DTYPES = {
+    "U8": "u1",
+    "U16": "<u2",
+    "I16": "<i2",
+    "U32": "<u4",
+    "I32": "<i4",
+    "F16": "<f2",
+    "F32": "<f4",
+    "F64": "<f8",
+}
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:

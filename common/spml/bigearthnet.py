@@ -7,7 +7,7 @@ m bands); the key `<patch name>_reference_map` holds `{"Data": (120, 120) uint16
 `metadata.parquet` has `patch_id, labels, split, ..., contains_seasonal_snow, contains_cloud_or_shadow`.
 One LMDB (`<data_dir>/lmdb`) or one per split (`<data_dir>/BigEarthNetV2_LMDB/{train,val,test}_BENv2.lmdb`).
 Values become reflectance (/ 10000); every band not at the model size is resampled with ConfigILM's rule
-(BENv2DataSet: `F.interpolate(mode="nearest")`), batch by batch (`common.band_records`).
+(BENv2DataSet: `F.interpolate(mode="nearest")`), batch by batch (`common.spml.band_records`).
 Label matrices use the BigEarthNet-19 order of `CLASSES` (the paper's); ConfigILM's alphabetical order
 (`CONFIGILM_CLASS_ORDER`) is refused. Single positives live in `train_{random,dominant}_single_labels.npy`
 ((training patches x 19), +1 observed, 0 unobserved); dominant ones come from the reference maps.
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic, band_records, spml
+from common import atomic
 from common.errors import InputError, require, require_dir, require_file
+from common.spml import band_records, single_positives
 
 # The 19-class nomenclature in its usual order; column j of every label matrix is class j.
 CLASSES = (
@@ -301,7 +302,7 @@ def check_class_order(observed: np.ndarray, train_full: np.ndarray, path) -> Non
         not (wrong_here and fits_configilm),
         path,
         "columns are in ConfigILM's alphabetical class order",
-        "the BigEarthNet-19 order of common/bigearthnet.CLASSES (Urban fabric first, Marine waters last)",
+        "the BigEarthNet-19 order of common/spml/bigearthnet.py (Urban fabric first, Marine waters last)",
     )
 
 
@@ -328,7 +329,7 @@ def read_single_positives(path, train_full: np.ndarray) -> np.ndarray:
     require(np.isin(observed, (0, 1)).all(), path, "values outside 0/1", "+1 observed positive, 0 unobserved")
     observed = observed.astype(np.uint8)
     check_class_order(observed, train_full, path)
-    spml.check_single_positives(observed, train_full, path)
+    single_positives.check_single_positives(observed, train_full, path)
     return observed
 
 
@@ -343,13 +344,13 @@ def train_single_positives(
     if path.exists():
         return read_single_positives(path, train_full)
     if mode == "random":
-        observed = spml.single_positive_random(train_full, seed)
+        observed = single_positives.single_positive_random(train_full, seed)
     elif mode == "dominant":
         if class_fractions:
             fractions = read_class_fractions(class_fractions, train_ids)
         else:
             fractions = reference_map_fractions(lmdb_paths, train_ids)
-        observed = spml.single_positive_dominant(train_full, fractions)
+        observed = single_positives.single_positive_dominant(train_full, fractions)
     else:
         raise InputError(
             "--single_positive",
@@ -418,7 +419,7 @@ def load(
         "val": {
             "sources": list(patch_ids[parts["validation"]]),
             "full": val_full,
-            "observed": spml.single_positive_random(val_full, seed),
+            "observed": single_positives.single_positive_random(val_full, seed),
         },
         "test": {"sources": list(patch_ids[parts["test"]]), "full": full[parts["test"]]},
         "reader": "benv2",

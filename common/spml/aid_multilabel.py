@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic, spml
+from common import atomic
 from common.errors import InputError, require, require_dir, require_file
+from common.spml import single_positives
 
 CLASSES = (
     "airplane",
@@ -113,7 +114,7 @@ def train_single_positives(root: Path, train_names, train_full, mode: str, seed:
     elif mode == "random":
         path = root / f"single_positive_labels_random_seed{seed}.csv"
         if not path.exists():
-            observed = spml.single_positive_random(train_full, seed)
+            observed = single_positives.single_positive_random(train_full, seed)
             write_label_csv(path, train_names, observed)
             return observed
         names, matrix = read_label_csv(path)
@@ -131,7 +132,7 @@ def train_single_positives(root: Path, train_names, train_full, mode: str, seed:
             "dominant needs class area fractions, which AID does not have",
             "random or manual for AID",
         )
-    spml.check_single_positives(observed, train_full, path)
+    single_positives.check_single_positives(observed, train_full, path)
     return observed
 
 
