@@ -40,7 +40,7 @@ Runtime: the TerraMind-v1-base encoder runs at 3.4 chips/s of 224 px on a shared
 (`python -m bench.terramind_extraction_speed`; PyTorch reference 2.9 chips/s), so the 1,994 chips take
 about 10 minutes; GPU speed was not measured. The demo (a randomly initialised TerraMind-v1-tiny-
 shaped checkpoint, 243 synthetic 32 px chips, 2 x 2 tokens each, then `train_lucas_classifier.py
---embeddings <tokens> --grid`) takes about 35 s and ends with the probe's summary line:
+--embeddings <tokens> --grid`) takes about 35 s of CPU time and ends with the probe's summary line:
     summary (val, 1 seed): wce/identity OA 0.694+-0.000 macc 0.710+-0.000 mF1 0.676+-0.000; wce/mlp OA
     0.694+-0.000 macc 0.809+-0.000 mF1 0.751+-0.000; focal/identity OA 0.612+-0.000 macc 0.500+-0.000
     mF1 0.495+-0.000; focal/mlp OA 0.714+-0.000 macc 0.753+-0.000 mF1 0.734+-0.000

@@ -23,15 +23,15 @@ Commands:
     python train_lucas_classifier.py --demo --grid --seeds 5
 
 Runtime: the demo (498 synthetic 32 px chips in the study's class proportions, simplecnn, 4
-configurations x 5 seeds x 30 epochs) takes about 2 minutes on a shared 2-core CPU; a frozen
-backbone sees the chips once and only the heads train. On a CPU the per-token MLP decoder on the
-7 x 7 x 2048 features of ResNet50 at 224 px is the slow part (use a GPU or `--embeddings` there);
-the cached tokens take N x tokens x features x 4 bytes (about 800 MB for 1,994 chips through
-ResNet50 at 224 px) on disk and in memory.
+configurations x 5 seeds x 30 epochs) takes about 2 minutes of CPU time (5 minutes of wall time on
+a 2-core machine shared with other jobs); a frozen backbone sees the chips once and only the heads
+train. On a CPU the per-token MLP decoder on the 7 x 7 x 2048 features of ResNet50 at 224 px is the
+slow part (use a GPU or `--embeddings` there); the cached tokens take N x tokens x features x 4
+bytes (about 800 MB for 1,994 chips through ResNet50 at 224 px) on disk and in memory.
 
 The demo should print, as its last line (per-class tables and plots are in the run folder):
     summary (val, 5 seeds): wce/identity OA 0.636+-0.040 macc 0.588+-0.051 mF1 0.475+-0.051; wce/mlp
-    OA 0.728+-0.031 macc 0.763+-0.073 mF1 0.672+-0.085; focal/identity OA 0.614+-0.033 macc
+    OA 0.730+-0.029 macc 0.764+-0.072 mF1 0.673+-0.083; focal/identity OA 0.614+-0.033 macc
     0.342+-0.103 mF1 0.318+-0.112; focal/mlp OA 0.740+-0.027 macc 0.641+-0.043 mF1 0.634+-0.049
 The focal loss is the study's (TerraTorch's loss="focal": segmentation_models_pytorch
 FocalLoss(mode="multiclass", normalized=True)); `--focal_form lin` is Lin et al.'s softmax form.
@@ -601,7 +601,7 @@ def prepare_inputs(args):
     return inputs
 
 
-# ---- one configuration: train, keep the best epoch, score it ----
+# ---- the run: its folder, then one configuration at a time (train, keep the best epoch, score it) ----
 
 
 def prepare_run(args, inputs, configs, seeds):
