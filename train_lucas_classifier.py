@@ -8,9 +8,13 @@ focal loss, and an identity vs an MLP decoder, trade overall (micro) against mac
 script reproduces the study's trade-off table (OA, macro accuracy, macro F1 per loss x decoder,
 mean +- std over seeds), per-class accuracies and confusion matrices.
 
-TerraMind is a PyTorch model, so the backbone here is any Keras backbone with its input adapted to 6
-bands (`--backbone`, optional local `--weights`), or precomputed foundation-model embeddings
-(`--embeddings`, the study's frozen probe on tokens from extract_terramind_embeddings.py).
+The study's pieces are all here, top to bottom: the identity and MLP decoders (TerraTorch's decoder
+and classification head), the class weights, the weighted cross-entropy, the study's one-vs-rest
+focal loss (segmentation_models_pytorch) and Lin et al.'s softmax form, the macro accuracy that
+selects the checkpoint, and the trade-off tables. TerraMind is a PyTorch model, so the backbone here
+is any Keras backbone with its input adapted to 6 bands (`--backbone`, optional local `--weights`),
+or precomputed foundation-model embeddings (`--embeddings`, the study's frozen probe on tokens from
+extract_terramind_embeddings.py).
 
 Commands:
     python train_lucas_classifier.py --data_root lucas_chips --loss wce --decoder identity
@@ -19,12 +23,15 @@ Commands:
     python train_lucas_classifier.py --demo --grid --seeds 5
 
 Runtime: the demo (498 synthetic 32 px chips in the study's class proportions, simplecnn, 4
-configurations x 5 seeds x 30 epochs) takes about 2 minutes on a shared 2-core CPU; a frozen
-backbone sees the chips once and only the heads train.
+configurations x 5 seeds x 30 epochs) takes about 2 minutes of CPU time (5 minutes of wall time on
+a 2-core machine shared with other jobs); a frozen backbone sees the chips once and only the heads
+train. On a CPU the per-token MLP decoder on the 7 x 7 x 2048 features of ResNet50 at 224 px is the
+slow part (use a GPU or `--embeddings` there); the cached tokens take N x tokens x features x 4
+bytes (about 800 MB for 1,994 chips through ResNet50 at 224 px) on disk and in memory.
 
 The demo should print, as its last line (per-class tables and plots are in the run folder):
     summary (val, 5 seeds): wce/identity OA 0.636+-0.040 macc 0.588+-0.051 mF1 0.475+-0.051; wce/mlp
-    OA 0.728+-0.031 macc 0.763+-0.073 mF1 0.672+-0.085; focal/identity OA 0.614+-0.033 macc
+    OA 0.730+-0.029 macc 0.764+-0.072 mF1 0.673+-0.083; focal/identity OA 0.614+-0.033 macc
     0.342+-0.103 mF1 0.318+-0.112; focal/mlp OA 0.740+-0.027 macc 0.641+-0.043 mF1 0.634+-0.049
 The focal loss is the study's (TerraTorch's loss="focal": segmentation_models_pytorch
 FocalLoss(mode="multiclass", normalized=True)); `--focal_form lin` is Lin et al.'s softmax form.
@@ -36,6 +43,7 @@ import argparse
 import contextlib
 import json
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,29 +54,48 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, checkpoints, cli, lucas, pipelines, reports, runs
-from common.errors import InputError, cli_entry, require
+from common import atomic, checkpoints, cli, fused_bn, pipelines, plots, reports, runs
+from common.errors import InputError, cli_entry, require, require_file, require_finite
+from common.lucas import demo_chips, lucas_chips
+from common.metrics import ConfusionMatrix
 
 SCRIPT_STEM = "train_lucas_classifier"
-CLASS_NAMES = lucas.CLASS_NAMES
+CLASS_NAMES = lucas_chips.CLASS_NAMES
 GRID = [("wce", "identity"), ("wce", "mlp"), ("focal", "identity"), ("focal", "mlp")]
 HEADLINE_KEYS = ["overall_accuracy", "macro_accuracy", "macro_f1", "macro_precision"]
+BACKBONES = ["resnet50", "resnet101", "efficientnetv2b0", "mobilenetv3small", "convnexttiny", "simplecnn"]
+# Keras ResNets were trained on caffe-style BGR input: their first kernel's channels are B, G, R.
+BGR_BACKBONES = {"resnet50", "resnet101"}
 # The arguments that change every configuration's numbers; a resumed run must keep them. Loss,
 # decoder, seeds and epochs only choose which <loss>_<decoder>/seed<k> results exist (or extend them).
-RESULT_SETTINGS = [
-    *("data_root", "labels_csv", "embeddings", "image_size", "val_fraction", "test_fraction", "split_seed"),
-    *("backbone", "weights", "freeze_backbone", "mlp_dim", "head_dropout", "class_weights"),
-    *(
-        "focal_gamma",
-        "focal_form",
-        "focal_weighting",
-        "batch_size",
-        "learning_rate",
-        "weight_decay",
-        "monitor",
-    ),
-    *("precision", "demo_scale"),
-]
+RESUME_SETTINGS = (
+    # data and split
+    "data_root",
+    "labels_csv",
+    "embeddings",
+    "image_size",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    # model
+    "backbone",
+    "weights",
+    "freeze_backbone",
+    "mlp_dim",
+    "head_dropout",
+    # loss
+    "class_weights",
+    "focal_gamma",
+    "focal_form",
+    "focal_weighting",
+    # training
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "monitor",
+    "precision",
+    "demo_scale",
+)
 
 
 def get_args_parser():
@@ -76,38 +103,93 @@ def get_args_parser():
     add = parser.add_argument_group("data").add_argument
     add("--data_root", default=None, help="Folder of <STR18>/<Point_ID>.tif 6-band chips + labels CSV.")
     add("--labels_csv", default=None, help="Point_ID, STR18 CSV; default <data_root>/chips_LC_class.csv.")
-    add("--embeddings", default=None, help="Embeddings .npy, a row per CSV row; replaces the backbone.")
-    add("--image_size", type=int, default=None, help="Resize chips to this size; default their own size.")
-    add("--val_fraction", type=float, default=0.2, help="Stratified validation share (study: 1,595 / 399).")
-    add("--test_fraction", type=float, default=0.0, help="Held-out test share; 0 = the study (val is test).")
+    add(
+        "--embeddings",
+        default=None,
+        help="Precomputed embeddings .npy, one row per labels-CSV row in CSV order, shaped (N, D), "
+        "(N, tokens, D) or (N, h, w, D); replaces the backbone (frozen probe).",
+    )
+    add(
+        "--image_size",
+        type=int,
+        default=None,
+        help="Resize chips to this size; default: the chips' own size (224 for LUCAS).",
+    )
+    add(
+        "--val_fraction",
+        type=float,
+        default=0.2,
+        help="Stratified validation share of all chips (study: 0.2 -> 1,595 / 399).",
+    )
+    add(
+        "--test_fraction",
+        type=float,
+        default=0.0,
+        help="Stratified held-out test share. The study used the validation set both for checkpoint "
+        "selection and as its test set (0 reproduces that; its numbers are optimistic); > 0 reports an "
+        "untouched test set as well.",
+    )
     add("--split_seed", type=int, default=42, help="random_state of the stratified split (study: 42).")
     add = parser.add_argument_group("model").add_argument
-    add("--backbone", default="resnet50", choices=lucas.BACKBONES, help="Keras backbone with 6 input bands.")
-    add("--weights", default=None, help="Local backbone weights (.h5), 6 or 3 channels (3 are adapted).")
-    add("--freeze_backbone", action=argparse.BooleanOptionalAction, default=True, help="Study: frozen.")
-    add("--decoder", default="identity", choices=["identity", "mlp"], help="TerraTorch decoder type.")
+    add("--backbone", default="resnet50", choices=BACKBONES, help="Keras backbone with 6 input bands.")
+    add(
+        "--weights",
+        default=None,
+        help="Local backbone weights (.weights.h5 / .h5) for 6 or 3 input channels; 3-channel RGB "
+        "weights are adapted to the 6 bands. Default: random initialisation.",
+    )
+    add(
+        "--freeze_backbone",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Frozen probe as in the study: features are computed once and only the head trains; "
+        "--no-freeze_backbone fine-tunes end to end from the chips.",
+    )
+    add(
+        "--decoder",
+        default="identity",
+        choices=["identity", "mlp"],
+        help="identity: Dropout -> Dense(C) per token, mean over tokens; mlp: Dense(embed) ReLU per "
+        "token first (TerraTorch IdentityDecoder / MLPDecoder + ClassificationHead).",
+    )
     add("--mlp_dim", type=int, default=None, help="Hidden width of the mlp decoder; default embedding size.")
     add("--head_dropout", type=float, default=0.1, help="Dropout before the last Dense (study: 0.1).")
     add = parser.add_argument_group("loss").add_argument
-    add("--loss", default="wce", choices=["wce", "focal", "ce"], help="Weighted CE, focal or plain CE.")
-    add("--class_weights", default="balanced", choices=["balanced", "sqrt"], help="N / (C n_c) or its root.")
+    add(
+        "--loss",
+        default="wce",
+        choices=["wce", "focal", "ce"],
+        help="wce: class-weighted cross-entropy; focal: the focal loss of --focal_form; ce: unweighted.",
+    )
+    add(
+        "--class_weights",
+        default="balanced",
+        choices=["balanced", "sqrt"],
+        help="balanced: N / (C n_c) from the training split (sklearn); sqrt: its square root.",
+    )
     add("--focal_gamma", type=float, default=2.0, help="Focal loss focusing parameter gamma.")
     add(
         "--focal_form",
         default="smp",
         choices=["smp", "lin"],
-        help="smp: the study's (sigmoid); lin: softmax.",
+        help="smp: the study's (one-vs-rest sigmoid terms, normalised, no class weights); lin: Lin et "
+        "al.'s softmax focal loss.",
     )
     add(
         "--focal_weighting",
         default="alpha",
         choices=["alpha", "none"],
-        help="lin form: class weights as alpha.",
+        help="lin form only: alpha uses the class weights as the focal alpha; none drops them.",
     )
     train = parser.add_argument_group("training")
     add = train.add_argument
     add("--grid", action="store_true", help="Run all four configurations {wce, focal} x {identity, mlp}.")
-    add("--seeds", type=int, default=1, help="Seeds seed..seed+N-1; single-seed differences are noise.")
+    add(
+        "--seeds",
+        type=int,
+        default=1,
+        help="Number of seeds (seed, seed+1, ...); single-seed differences are noise.",
+    )
     add("--epochs", type=int, default=100, help="Training epochs (study: 100).")
     add("--batch_size", type=int, default=8, help="Global batch size (study: 8).")
     add("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (study: 1e-4).")
@@ -117,9 +199,14 @@ def get_args_parser():
         "--monitor",
         default=monitors[0],
         choices=monitors,
-        help="Best epoch kept (study: val macro accuracy).",
+        help="Checkpoint selection: the best epoch on the validation set (study: val macro accuracy).",
     )
-    add("--precision", default="auto", choices=["auto", "mixed16", "float32"], help="auto: mixed16 on GPUs.")
+    add(
+        "--precision",
+        default="auto",
+        choices=["auto", "mixed16", "float32"],
+        help="auto: mixed float16 on GPUs with compute capability >= 7, else float32.",
+    )
     cli.add_strategy_argument(train)
     cli.add_demo_argument(train, "in the study's class proportions (about 25 s per seed on a CPU).")
     add("--demo_scale", type=float, default=0.25, help="Demo chips per class = study counts x this (>= 5).")
@@ -129,16 +216,112 @@ def get_args_parser():
     return parser
 
 
+# ---- backbones for the 6-band chips ----
+
+
+def simple_cnn(input_shape):
+    """Three strided Conv-BN-ReLU blocks: a small CPU-friendly backbone for demos and tests."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for width in (32, 64, 128):
+        x = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+    return keras.Model(inputs, x, name="simplecnn")
+
+
+def backbone_constructor(name):
+    """The Keras application for `--backbone` (ImageNet preprocessing layers off: inputs are 6 bands)."""
+    applications = keras.applications
+    return {
+        "resnet50": applications.ResNet50,
+        "resnet101": applications.ResNet101,
+        "efficientnetv2b0": lambda **kw: applications.EfficientNetV2B0(include_preprocessing=False, **kw),
+        "mobilenetv3small": lambda **kw: applications.MobileNetV3Small(include_preprocessing=False, **kw),
+        "convnexttiny": lambda **kw: applications.ConvNeXtTiny(include_preprocessing=False, **kw),
+        "simplecnn": lambda input_shape, **kw: simple_cnn(input_shape),
+    }[name]
+
+
+def adapt_first_kernel(kernel, bands, bgr):
+    """RGB kernel `(kh, kw, 3, out)` -> `(kh, kw, bands, out)` (docs/lucas.md, differences: RGB weights).
+
+    B4, B3, B2 get the R, G, B filters, the extra bands their mean, and everything is scaled by
+    3 / bands to keep the activation scale.
+    """
+    rgb = kernel[:, :, ::-1] if bgr else kernel
+    extra = np.repeat(rgb.mean(axis=2, keepdims=True), bands - 3, axis=2)
+    return np.concatenate([rgb, extra], axis=2) * (3.0 / bands)
+
+
+def load_weights_strictly(model, path):
+    """model.load_weights, where a partial load (Keras only warns and keeps fresh weights) also fails."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(path)
+    skipped = [str(warning.message) for warning in caught if "Skipping" in str(warning.message)]
+    if skipped:
+        raise ValueError(skipped[0])
+
+
+def build_backbone(name, image_size, weights=None):
+    """Keras backbone with 6 input bands, optionally initialised from local 6- or 3-channel weights.
+
+    Its batch-norm layers run through TensorFlow's fused kernel (`common.fused_bn`).
+    """
+    backbone = _backbone_with_weights(name, image_size, weights)
+    fused_bn.fuse(backbone)
+    return backbone
+
+
+def _backbone_with_weights(name, image_size, weights):
+    """The backbone of `build_backbone` before fusing: random, 6-band weights, or RGB weights adapted."""
+    constructor = backbone_constructor(name)
+    bands = len(lucas_chips.BAND_NAMES)
+    with warnings.catch_warnings():
+        # Keras notes that ImageNet models expect 1 or 3 channels: 6 bands is the point here.
+        warnings.filterwarnings("ignore", message="This model usually expects 1 or 3 input channels")
+        backbone = constructor(include_top=False, weights=None, input_shape=(image_size, image_size, bands))
+    if not weights:
+        print(f"backbone {name}: random initialisation (no --weights given)")
+        return backbone
+    weights = require_file(weights, f"a Keras weights file for {name}")
+    try:
+        load_weights_strictly(backbone, weights)
+        print(f"backbone {name}: loaded 6-band weights from {weights}")
+        return backbone
+    except (ValueError, OSError, KeyError):
+        pass
+    rgb_backbone = constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    try:
+        load_weights_strictly(rgb_backbone, weights)
+    except (ValueError, OSError, KeyError) as error:
+        problem = f"does not fit {name} with 6 or 3 input channels ({str(error).splitlines()[0][:120]})"
+        raise InputError(weights, problem, f"weights saved from Keras {name}") from None
+    adapted = False
+    for source, target in zip(rgb_backbone.layers, backbone.layers, strict=True):
+        values = source.get_weights()
+        if values and not adapted and values[0].ndim == 4 and values[0].shape[2] == 3:
+            values[0] = adapt_first_kernel(values[0], bands, name in BGR_BACKBONES)
+            adapted = True
+        target.set_weights(values)
+    print(f"backbone {name}: RGB weights from {weights} adapted to {bands} bands")
+    return backbone
+
+
+# ---- the study's model: backbone tokens -> identity or MLP decoder -> classification head ----
+
+
 def build_feature_extractor(args, inputs):
     """Raw reflectance -> train-split normalisation -> backbone -> tokens `(h * w, features)`.
 
     `inputs` holds the chips' `image_size` and the train split's `band_mean` and `band_variance`.
     """
     size = inputs.image_size
-    chips = keras.Input((size, size, len(lucas.BAND_NAMES)), name="chip")
+    chips = keras.Input((size, size, len(lucas_chips.BAND_NAMES)), name="chip")
     mean, variance = inputs.band_mean, inputs.band_variance
     x = layers.Normalization(mean=mean, variance=variance, name="band_normalisation")(chips)
-    backbone = lucas.build_backbone(args.backbone, size, args.weights)
+    backbone = build_backbone(args.backbone, size, args.weights)
     backbone.trainable = not args.freeze_backbone
     x = backbone(x, training=False if args.freeze_backbone else None)
     tokens = layers.Reshape((-1, x.shape[-1]), name="tokens")(x)
@@ -159,6 +342,9 @@ def build_head(token_shape, num_classes, decoder, mlp_dim, dropout):
     x = layers.Dense(num_classes, name="classifier")(x)
     logits = layers.GlobalAveragePooling1D(dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=f"{decoder}_head")
+
+
+# ---- the study's losses: class weights, weighted cross-entropy, focal loss ----
 
 
 def class_weights_from_counts(train_labels, num_classes, kind="balanced"):
@@ -254,24 +440,151 @@ def make_loss(loss_name, class_weights, args):
     return SoftmaxFocalLoss(None, gamma=0.0, name="cross_entropy")
 
 
+# ---- the study's metrics: overall and macro accuracy, macro F1 / precision, per class ----
+
+
+def classification_metrics(truth, prediction):
+    """OA, macro accuracy (balanced accuracy), macro F1 / precision, per-class values, confusion counts."""
+    confusion = ConfusionMatrix(len(CLASS_NAMES)).update(truth, prediction)
+    values = confusion.metrics(CLASS_NAMES)
+    support = confusion.counts.sum(axis=1)
+    rows = values["per_class"]
+    recall = np.array([row["recall"] for row in rows])
+    # Per class, the study's accuracy is the recall.
+    kept = ("class", "support", "precision", "f1")
+    per_class = [{key: row[key] for key in kept} | {"accuracy": row["recall"]} for row in rows]
+    return {
+        "overall_accuracy": values["accuracy"],
+        # Balanced accuracy: a class absent from the truth has no recall and is not averaged.
+        "macro_accuracy": float(np.mean(recall[support > 0])),
+        "macro_f1": values["macro_f1"],
+        "macro_precision": values["macro_precision"],
+        "per_class": per_class,
+        "confusion_matrix": confusion.counts.tolist(),
+    }
+
+
+@keras.saving.register_keras_serializable(package="rsrepro")
+class MacroAccuracy(keras.metrics.Metric):
+    """Streaming macro accuracy (= balanced accuracy = mean recall over classes present in the truth).
+
+    The in-graph twin of `classification_metrics`' macro accuracy, for `--monitor val_macro_accuracy`;
+    test_macro_accuracy_equals_sklearn_balanced_accuracy proves both equal to sklearn's.
+    """
+
+    def __init__(self, num_classes, name="macro_accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        shape = (self.num_classes, self.num_classes)
+        self.counts = self.add_variable(shape=shape, initializer="zeros", name="counts", dtype="float32")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        truth = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        prediction = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+        pairs = ops.bincount(truth * self.num_classes + prediction, minlength=self.num_classes**2)
+        self.counts.assign_add(ops.cast(ops.reshape(pairs, (self.num_classes, self.num_classes)), "float32"))
+
+    def result(self):
+        support = ops.sum(self.counts, axis=1)
+        recall = ops.diagonal(self.counts) / ops.maximum(support, 1.0)
+        present = ops.cast(support > 0, "float32")
+        return ops.sum(recall * present) / ops.maximum(ops.sum(present), 1.0)
+
+    def reset_state(self):
+        self.counts.assign(ops.zeros_like(self.counts))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+# ---- data: labels, chips or embeddings, the stratified split ----
+
+
+def as_tokens(embeddings: np.ndarray) -> np.ndarray:
+    """`(N, D)` -> `(N, 1, D)`; `(N, T, D)` stays; `(N, h, w, D)` -> `(N, h*w, D)`."""
+    return embeddings.reshape(len(embeddings), -1, embeddings.shape[-1])
+
+
+def read_embeddings(path, labels_csv, count: int) -> np.ndarray:
+    """Precomputed embeddings, one row per labels-CSV row in CSV order, as float32 tokens `(N, T, D)`.
+
+    Args:
+        path: a `.npy` array shaped `(N, D)`, `(N, T, D)` or `(N, h, w, D)`.
+        labels_csv: the labels CSV (named in errors).
+        count: its number of rows.
+    """
+    path = require_file(path, "a .npy array of embeddings")
+    try:
+        embeddings = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise InputError(path, f"cannot be read ({error})", "a numeric .npy array") from None
+    require(
+        embeddings.ndim in (2, 3, 4) and np.issubdtype(embeddings.dtype, np.number),
+        path,
+        f"has shape {embeddings.shape} and dtype {embeddings.dtype}",
+        "numeric (N, D), (N, T, D) or (N, h, w, D)",
+    )
+    problem = f"has {len(embeddings)} rows but {labels_csv} has {count}"
+    require(len(embeddings) == count, path, problem, "one row per CSV row, in CSV order")
+    require_finite(embeddings, path, "embeddings")
+    return as_tokens(embeddings.astype(np.float32))
+
+
+def stratified_split(labels, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Stratified train/val(/test) index split (sklearn, random_state=seed), every class in every split.
+
+    With test_fraction 0 this is exactly the study's train_test_split(test_size=0.2, stratify=y,
+    random_state=42). sklearn can leave a small class out of a split by rounding; then one chip of
+    it moves over from the split holding most of that class (never triggers at LUCAS counts).
+
+    Returns:
+        {"train", "val"[, "test"]: sorted indices}, a partition of `range(len(labels))`.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    indices = np.arange(len(labels))
+    splits = {}
+    rest = indices
+    if test_fraction > 0:
+        rest, splits["test"] = train_test_split(
+            indices, test_size=test_fraction, stratify=labels, random_state=seed
+        )
+    splits["train"], splits["val"] = train_test_split(
+        rest, test_size=val_fraction / (1.0 - test_fraction), stratify=labels[rest], random_state=seed
+    )
+    names = list(splits)
+    for label in np.unique(labels):
+        for name in names:
+            if np.any(labels[splits[name]] == label):
+                continue
+            donor = max(names, key=lambda other: int(np.sum(labels[splits[other]] == label)))
+            if np.sum(labels[splits[donor]] == label) < 2:
+                continue
+            moved = splits[donor][labels[splits[donor]] == label][-1]
+            splits[donor] = splits[donor][splits[donor] != moved]
+            splits[name] = np.append(splits[name], moved)
+    return {name: np.sort(split) for name, split in splits.items()}
+
+
 def prepare_inputs(args):
     """Labels, chips (or embeddings), the stratified split, class weights and train-split band statistics."""
     expected = "--data_root <chips folder>, --embeddings with --labels_csv, or --demo"
     require(args.data_root or (args.embeddings and args.labels_csv), "--data_root", "no data given", expected)
-    labels_csv = args.labels_csv or Path(args.data_root) / lucas.LABELS_CSV_NAME
-    point_ids, labels = lucas.read_labels(labels_csv)
+    labels_csv = args.labels_csv or Path(args.data_root) / lucas_chips.LABELS_CSV_NAME
+    point_ids, labels = lucas_chips.read_labels(labels_csv)
     inputs = SimpleNamespace(point_ids=point_ids, labels=labels, reader=None, image_size=None, band_mean=None)
     if args.embeddings:
-        inputs.embeddings = lucas.read_embeddings(args.embeddings, labels_csv, len(labels))
+        inputs.embeddings = read_embeddings(args.embeddings, labels_csv, len(labels))
     else:
-        paths, sizes = lucas.locate_chips(args.data_root, labels_csv, point_ids, labels)
-        inputs.reader, inputs.embeddings = lucas.ChipReader(paths), None
-        inputs.image_size = lucas.chip_size(sizes, args.image_size, args.data_root)
+        paths, sizes = lucas_chips.locate_chips(args.data_root, labels_csv, point_ids, labels)
+        inputs.reader, inputs.embeddings = lucas_chips.ChipReader(paths), None
+        inputs.image_size = lucas_chips.chip_size(sizes, args.image_size, args.data_root)
     counts = np.bincount(labels, minlength=len(CLASS_NAMES))
     for index in np.flatnonzero((counts > 0) & (counts < 2 + (args.test_fraction > 0))):
         problem = f"class STR18 {index + 1} ({CLASS_NAMES[index]}) has {counts[index]} chip(s)"
         raise InputError(labels_csv, problem, "at least one chip per split for a stratified split")
-    splits = lucas.stratified_split(labels, args.val_fraction, args.test_fraction, args.split_seed)
+    splits = stratified_split(labels, args.val_fraction, args.test_fraction, args.split_seed)
     inputs.splits, train_labels = splits, labels[splits["train"]]
     inputs.train_counts = np.bincount(train_labels, minlength=len(CLASS_NAMES))
     inputs.class_weights = class_weights_from_counts(train_labels, len(CLASS_NAMES), args.class_weights)
@@ -283,9 +596,12 @@ def prepare_inputs(args):
         with inputs.reader.surface():
             chips = inputs.reader.dataset(splits["train"], inputs.image_size, 32).as_numpy_iterator()
             inputs.band_mean, inputs.band_variance = pipelines.band_statistics(chips)
-        means = zip(lucas.BAND_NAMES, inputs.band_mean, strict=True)
+        means = zip(lucas_chips.BAND_NAMES, inputs.band_mean, strict=True)
         print("train band mean: " + ", ".join(f"{band} {mean:.4f}" for band, mean in means))
     return inputs
+
+
+# ---- the run: its folder, then one configuration at a time (train, keep the best epoch, score it) ----
 
 
 def prepare_run(args, inputs, configs, seeds):
@@ -296,7 +612,7 @@ def prepare_run(args, inputs, configs, seeds):
     run_name = args.run_name or name
     run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, run_name, args.overwrite, args.resume)
     # Finished configurations are kept on re-runs, so they must come from the same settings.
-    settings, what = runs.settings_of(args, RESULT_SETTINGS), "the results in this run folder"
+    settings, what = runs.settings_of(args, RESUME_SETTINGS), "the results in this run folder"
     runs.check_same_settings(run_dir / "config.json", settings, args.overwrite, what, section="args")
     splits = {name: [inputs.point_ids[i] for i in split] for name, split in inputs.splits.items()}
     atomic.write_json(run_dir / "splits.json", splits)
@@ -372,7 +688,7 @@ def train_and_evaluate(folder, build_model, data, loss, args, strategy, **compil
     resumed = checkpoints.load(folder) if args.resume else None
     metrics = [
         keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-        lucas.MacroAccuracy(len(CLASS_NAMES)),
+        MacroAccuracy(len(CLASS_NAMES)),
     ]
     with strategy.scope():
         model = build_model()
@@ -392,7 +708,7 @@ def train_and_evaluate(folder, build_model, data, loss, args, strategy, **compil
         model.fit(data.train, validation_data=data.val, shuffle=False, **fit)
     best_model = keras.saving.load_model(folder / "checkpoint_best.keras")
     return {
-        split: lucas.classification_metrics(labels, np.argmax(predict_logits(best_model, inputs), -1))
+        split: classification_metrics(labels, np.argmax(predict_logits(best_model, inputs), -1))
         for split, (inputs, labels) in data.evaluate.items()
     }
 
@@ -485,6 +801,9 @@ def train_configuration(args, inputs, tokens, loss_name, decoder, seed, run_dir,
     return result
 
 
+# ---- results: mean +- std over seeds, tables, plots ----
+
+
 def summarise(results, split):
     """mean +- sample std (ddof=1) over seeds of each configuration's headline and per-class metrics."""
     summary = {}
@@ -515,12 +834,46 @@ def summary_line(summary, split):
     return f"summary ({split}, {seeds} seed{'s' if seeds > 1 else ''}): " + "; ".join(parts)
 
 
+def write_tables(run_dir, summary, split):
+    """summary_<split>.csv / .md (the trade-off table) and per_class_<split>.csv."""
+    columns = [f"{key}_{stat}" for key in HEADLINE_KEYS for stat in ("mean", "std")]
+    header = [f"config ({split}, mean +- std over seeds)", "OA", "macro acc", "macro F1", "macro precision"]
+    rows, cells, per_class = [], [], []
+    for config, v in summary.items():
+        rows.append({"config": config, "split": split, "seeds": v["seeds"]})
+        rows[-1] |= {column: round(v[column], 4) for column in columns}
+        means = [reports.format_mean_std(v[f"{k}_mean"], v[f"{k}_std"], 3) for k in HEADLINE_KEYS]
+        cells.append([config, *means])
+        accuracies = zip(CLASS_NAMES, v["per_class_accuracy_mean"], v["per_class_accuracy_std"], strict=True)
+        for name, mean, std in accuracies:
+            per_class.append({"config": config, "class": name, "accuracy_mean": round(mean, 4)})
+            per_class[-1]["accuracy_std"] = round(std, 4)
+    markdown = reports.markdown_table(header, cells)
+    reports.write_table(run_dir / f"summary_{split}", rows, list(rows[0]), markdown)
+    atomic.write_csv(run_dir / f"per_class_{split}.csv", per_class, list(per_class[0]))
+
+
+def plot_results(run_dir, summary, split):
+    """Per-class accuracy bars of every configuration and one confusion matrix per configuration."""
+    figure, axis = plots.pyplot().subplots(figsize=(11, 4))
+    bars = {name: (v["per_class_accuracy_mean"], v["per_class_accuracy_std"]) for name, v in summary.items()}
+    plots.grouped_bars(axis, CLASS_NAMES, bars)
+    axis.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=30, ha="right")
+    axis.set(ylabel=f"per-class accuracy ({split})", ylim=(0, 1))
+    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    plots.save(figure, run_dir / f"per_class_accuracy_{split}.png")
+    for config, v in summary.items():
+        title = f"{config} ({split}, summed over {v['seeds']} seeds, row-normalised)"
+        path = run_dir / f"confusion_{config.replace('/', '_')}_{split}.png"
+        plots.confusion_matrix(v["confusion_matrix_sum"], CLASS_NAMES, path, title, "counts", fontsize=7)
+
+
 def report(run_dir, results, eval_splits):
     """Tables and plots per evaluated split; metrics.json (marks the run finished); the summary line."""
     summaries = {split: summarise(results, split) for split in eval_splits}
     for split, summary in summaries.items():
-        lucas.write_tables(run_dir, summary, split, HEADLINE_KEYS)
-        lucas.plot_results(run_dir, summary, split)
+        write_tables(run_dir, summary, split)
+        plot_results(run_dir, summary, split)
     headline = "test" if "test" in summaries else "val"
     line = summary_line(summaries[headline], headline)
     print((run_dir / f"summary_{headline}.md").read_text(), end="")
@@ -549,7 +902,9 @@ def check_arguments(args):
 def main(args):
     runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
-        args.data_root = str(lucas.write_demo_chips(cli.demo_data_dir(args, SCRIPT_STEM), args.demo_scale))
+        args.data_root = str(
+            demo_chips.write_demo_chips(cli.demo_data_dir(args, SCRIPT_STEM), args.demo_scale)
+        )
     runs.print_args(args)
     check_arguments(args)
     configs = GRID if args.grid else [(args.loss, args.decoder)]

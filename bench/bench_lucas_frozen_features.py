@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 import train_lucas_classifier as classifier
-from common import lucas, pipelines, runs
+from common import pipelines, runs
+from common.lucas import demo_chips, lucas_chips
 
 
 def main():
@@ -32,18 +33,19 @@ def main():
     parser.add_argument("--demo_scale", type=float, default=0.12)
     options = parser.parse_args()
     runs.seed_everything(0)
-    root = lucas.write_demo_chips(Path(tempfile.mkdtemp()) / "chips", options.demo_scale)
-    point_ids, labels = lucas.read_labels(root / lucas.LABELS_CSV_NAME)
-    paths, sizes = lucas.locate_chips(root, root / lucas.LABELS_CSV_NAME, point_ids, labels)
+    root = demo_chips.write_demo_chips(Path(tempfile.mkdtemp()) / "chips", options.demo_scale)
+    point_ids, labels = lucas_chips.read_labels(root / lucas_chips.LABELS_CSV_NAME)
+    paths, sizes = lucas_chips.locate_chips(root, root / lucas_chips.LABELS_CSV_NAME, point_ids, labels)
     image_size = next(iter(sizes))[0]
-    reader = lucas.ChipReader(paths)
-    splits = lucas.stratified_split(labels, 0.2, 0.0, 42)
+    reader = lucas_chips.ChipReader(paths)
+    splits = classifier.stratified_split(labels, 0.2, 0.0, 42)
     with reader.surface():
         mean, variance = pipelines.band_statistics(
             reader.dataset(splits["train"], image_size, 32).as_numpy_iterator()
         )
     inputs = SimpleNamespace(image_size=image_size, band_mean=mean, band_variance=variance)
-    weights = classifier.class_weights_from_counts(labels[splits["train"]], len(lucas.CLASS_NAMES))
+    num_classes = len(lucas_chips.CLASS_NAMES)
+    weights = classifier.class_weights_from_counts(labels[splits["train"]], num_classes)
     args = argparse.Namespace(
         backbone=options.backbone,
         weights=None,
@@ -64,7 +66,7 @@ def main():
     # Baseline: chips -> frozen backbone -> head, every epoch.
     start = time.perf_counter()
     extractor = classifier.build_feature_extractor(args, inputs)
-    head = classifier.build_head(extractor.output.shape[1:], len(lucas.CLASS_NAMES), "identity", None, 0.1)
+    head = classifier.build_head(extractor.output.shape[1:], num_classes, "identity", None, 0.1)
     model = compiled(keras.Model(extractor.input, head(extractor.output)))
     train = reader.dataset(splits["train"], image_size, options.batch_size, labels, shuffle_seed=0)
     val = reader.dataset(splits["val"], image_size, options.batch_size, labels)
@@ -75,9 +77,7 @@ def main():
     start = time.perf_counter()
     extractor = classifier.build_feature_extractor(args, inputs)
     tokens = extractor.predict(reader.dataset(np.arange(len(labels)), image_size, 32), verbose=0)
-    head = compiled(
-        classifier.build_head(tokens.shape[1:], len(lucas.CLASS_NAMES), "identity", None, 0.1), 16
-    )
+    head = compiled(classifier.build_head(tokens.shape[1:], num_classes, "identity", None, 0.1), 16)
 
     def cached(indices, shuffle):
         data = tf.data.Dataset.from_tensor_slices((tokens[indices], labels[indices]))

@@ -1,10 +1,11 @@
 """TerraMind v1 encoder speed: the Keras port (ours) vs the PyTorch reference, chips/s on this machine.
 
 Both run the same randomly initialised encoder of `--variant` (real shapes, 12 layers for base) on
-the same standardised 6-band `--image_size` chips: ours is `common.terramind` as
-extract_terramind_embeddings.py runs it (`predict_on_batch`), the baseline the PyTorch transcription
-of terratorch's TerraMindViT in tests/fixtures/make_terramind_fixture.py (`torch.no_grad`, all CPU
-threads). Rounds alternate; the medians are printed, and the ratio ours / baseline on the last line.
+the same standardised 6-band `--image_size` chips: ours is the Keras encoder of
+extract_terramind_embeddings.py as that script runs it (`predict_on_batch`), the baseline the
+PyTorch transcription of terratorch's TerraMindViT in tests/fixtures/make_terramind_fixture.py
+(`torch.no_grad`, all CPU threads). Rounds alternate; the medians are printed, and the ratio ours /
+baseline on the last line.
 
     python -m bench.terramind_extraction_speed --variant base --batch_size 8 --rounds 3
 """
@@ -17,29 +18,32 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 import torch
 
-from common import lucas, runs, terramind
+import extract_terramind_embeddings as extractor
+from common import runs
+from common.lucas import lucas_chips
 from tests.fixtures import make_terramind_fixture as reference
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="base", choices=list(terramind.VARIANTS))
+    parser.add_argument("--variant", default="base", choices=list(extractor.VARIANTS))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
     runs.seed_everything(0)
-    config = terramind.VARIANTS[options.variant]
+    config = extractor.VARIANTS[options.variant]
     torch_model = reference.TorchTerraMindS2L2A(
         config.dim, config.depth, config.num_heads, config.bias, config.gated_mlp, image_size=224
     )
     torch_model = reference.randomise(torch_model, seed=0).eval()
     state = {name: value.detach().numpy() for name, value in torch_model.state_dict().items()}
     reference.select_bands(torch_model, reference.LUCAS_BANDS)
-    keras_model = terramind.build_encoder(config, options.image_size, len(lucas.BAND_NAMES), config.depth - 1)
-    terramind.assign_weights(keras_model, state, reference.LUCAS_BANDS, options.image_size)
+    bands = len(lucas_chips.BAND_NAMES)
+    keras_model = extractor.build_encoder(config, options.image_size, bands, config.depth - 1)
+    extractor.assign_weights(keras_model, state, reference.LUCAS_BANDS, options.image_size)
     size, batch = options.image_size, options.batch_size
-    shape = (batch, size, size, len(lucas.BAND_NAMES))
+    shape = (batch, size, size, bands)
     chips = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     torch_chips = torch.from_numpy(np.ascontiguousarray(chips.transpose(0, 3, 1, 2)))
 
@@ -60,7 +64,7 @@ def main():
             times[name].append(time.perf_counter() - start)
     speed = {name: batch / float(np.median(seconds)) for name, seconds in times.items()}
     print(f"baseline (PyTorch reference): {speed['baseline']:.2f} chips/s")
-    print(f"ours (Keras, common.terramind): {speed['ours']:.2f} chips/s")
+    print(f"ours (Keras, extract_terramind_embeddings): {speed['ours']:.2f} chips/s")
     print(f"speed ratio ours / baseline: {speed['ours'] / speed['baseline']:.2f}")
 
 

@@ -1,5 +1,5 @@
-"""extract_terramind_embeddings.py and common.terramind: the Keras TerraMind v1 encoder equals the
-PyTorch reference fixture, bands and scaling, strict checkpoint checks, token order, resume, demo."""
+"""extract_terramind_embeddings.py: its Keras TerraMind v1 encoder equals the PyTorch reference
+fixture, bands and scaling, strict checkpoint checks, token order, resume, demo."""
 
 import json
 from pathlib import Path
@@ -11,8 +11,8 @@ from conftest import assert_main_error, call_main, no_temporary_files
 from fixtures import make_terramind_fixture as reference
 
 import extract_terramind_embeddings as extractor
-from common import terramind
 from common.errors import InputError
+from common.lucas import lucas_chips
 from common.raster import write_geotiff
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
@@ -21,8 +21,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 STEM = "extract_terramind_embeddings"
 # tests/fixtures/make_terramind_fixture.py CONFIGS, as EncoderConfig.
 FIXTURE_CONFIGS = {
-    "gelu": terramind.EncoderConfig(dim=16, depth=2, num_heads=2, bias=True, gated_mlp=False),
-    "swiglu": terramind.EncoderConfig(dim=16, depth=2, num_heads=2, bias=False, gated_mlp=True),
+    "gelu": extractor.EncoderConfig(dim=16, depth=2, num_heads=2, bias=True, gated_mlp=False),
+    "swiglu": extractor.EncoderConfig(dim=16, depth=2, num_heads=2, bias=False, gated_mlp=True),
 }
 
 
@@ -62,13 +62,13 @@ def extracted(tmp_path_factory, chips, tiny_checkpoint):
 @pytest.mark.parametrize("name", ["gelu", "swiglu"])
 def test_keras_encoder_equals_the_reference_fixture(name):
     config = FIXTURE_CONFIGS[name]
-    state = terramind.read_checkpoint(FIXTURES / f"terramind_{name}.safetensors")
+    state = extractor.read_checkpoint(FIXTURES / f"terramind_{name}.safetensors")
     with np.load(FIXTURES / f"terramind_{name}.npz") as reference:
         for size in (64, 32):  # the position grid's own size, and interpolated
             chips = np.transpose(reference[f"inputs_{size}"], (0, 2, 3, 1))
             for layer in range(config.depth):
-                model = terramind.build_encoder(config, size, 6, layer)
-                terramind.assign_weights(model, state, extractor.BAND_MAPPINGS["correct"], size)
+                model = extractor.build_encoder(config, size, 6, layer)
+                extractor.assign_weights(model, state, extractor.BAND_MAPPINGS["correct"], size)
                 expected = reference[f"tokens_{size}_layer{layer}"]
                 np.testing.assert_allclose(np.asarray(model(chips)), expected, atol=1e-4, rtol=0)
 
@@ -79,7 +79,7 @@ def test_bicubic_matrix_equals_torch_interpolate():
         expected = torch.nn.functional.interpolate(
             grid, size=(size, size), mode="bicubic", align_corners=False
         )
-        matrix = terramind.bicubic_matrix(14, size)
+        matrix = extractor.bicubic_matrix(14, size)
         np.testing.assert_allclose(
             np.einsum("ai,bj,ncij->ncab", matrix, matrix, grid.numpy()), expected, atol=1e-12
         )
@@ -91,21 +91,21 @@ def test_band_mapping_and_scaling_against_hand_values():
     assert bands == ["RED", "GREEN", "BLUE", "NIR_BROAD", "SWIR_1", "SWIR_2"] and scale == 10000
     value = extractor.standardise(chip, scale, mean, std)[0, 0, 0]
     # B4 = RED (mean 1853.91, std 2134.138), B2 = BLUE (1503.317, 2141.107), B8 = NIR_BROAD.
-    np.testing.assert_allclose(value[[0, 2, 3]], [(1234 - 1853.91) / 2134.138, (500 - 1503.317) / 2141.107,
-                                                  (3000 - 3083.234) / 1871.918], rtol=1e-5)  # fmt: skip
+    expected = [(1234 - 1853.91) / 2134.138, (500 - 1503.317) / 2141.107, (3000 - 3083.234) / 1871.918]
+    np.testing.assert_allclose(value[[0, 2, 3]], expected, rtol=1e-5)
     bands, scale, mean, std = extractor.band_preprocessing("study", "pretraining")
     value = extractor.standardise(chip, scale, mean, std)[0, 0, 0]
     # The study: B4 read as BLUE, B2 as RED, B8 as NIR_NARROW (mean 3132.22, std 1753.829).
-    np.testing.assert_allclose(value[[0, 2, 3]], [(1234 - 1503.317) / 2141.107, (500 - 1853.91) / 2134.138,
-                                                  (3000 - 3132.22) / 1753.829], rtol=1e-5)  # fmt: skip
+    expected = [(1234 - 1503.317) / 2141.107, (500 - 1853.91) / 2134.138, (3000 - 3132.22) / 1753.829]
+    np.testing.assert_allclose(value[[0, 2, 3]], expected, rtol=1e-5)
     bands, scale, mean, std = extractor.band_preprocessing("correct", "dataset", [0.1] * 6, [0.05] * 6)
     np.testing.assert_allclose(
         extractor.standardise(chip, scale, mean, std)[0, 0, 0, 0], (0.1234 - 0.1) / 0.05, 1e-5
     )
     # Patch-embedding columns: pixel-major, band-minor; each chip channel gets its band's column.
-    pixels, pretrained = 256, terramind.PRETRAINED_BANDS
+    pixels, pretrained = 256, extractor.PRETRAINED_BANDS
     weight = np.array([[100 * band + pixel for pixel in range(pixels) for band in range(12)]], np.float32)
-    picked = terramind.select_patch_bands(weight, bands).reshape(pixels, 6)
+    picked = extractor.select_patch_bands(weight, bands).reshape(pixels, 6)
     assert (
         picked[7].tolist()
         == [100 * pretrained.index(band) + 7 for band in bands]
@@ -114,14 +114,12 @@ def test_band_mapping_and_scaling_against_hand_values():
 
 
 def test_dataset_statistics_are_all_chips_pixels(chips):
-    from common import lucas
-
-    point_ids, labels = lucas.read_labels(chips / "chips_LC_class.csv")
-    paths, _ = lucas.locate_chips(chips, chips / "chips_LC_class.csv", point_ids, labels)
+    point_ids, labels = lucas_chips.read_labels(chips / "chips_LC_class.csv")
+    paths, _ = lucas_chips.locate_chips(chips, chips / "chips_LC_class.csv", point_ids, labels)
     import rasterio
 
     pixels = np.concatenate([rasterio.open(path).read().reshape(6, -1) for path in paths], axis=1)
-    mean, std = extractor.chip_statistics(lucas.ChipReader(paths), len(paths), 4)
+    mean, std = extractor.chip_statistics(lucas_chips.ChipReader(paths), len(paths), 4)
     np.testing.assert_allclose(mean, pixels.mean(axis=1), rtol=1e-6)
     np.testing.assert_allclose(std, pixels.std(axis=1), rtol=1e-5)
 
@@ -138,13 +136,11 @@ def test_tokens_have_the_layer_shape_and_csv_order(extracted, chips, tiny_checkp
     # Row i is CSV row i's chip through the PyTorch reference of terratorch's encoder at v1 tiny size.
     import rasterio
 
-    config, _, scale, mean, std = (
-        terramind.VARIANTS["tiny"],
-        *extractor.band_preprocessing("correct", "pretraining"),
-    )
+    config = extractor.VARIANTS["tiny"]
+    _, scale, mean, std = extractor.band_preprocessing("correct", "pretraining")
     model = reference.TorchTerraMindS2L2A(192, config.depth, config.num_heads, True, False, image_size=224)
     model.load_state_dict(
-        {name: torch.from_numpy(v) for name, v in terramind.read_checkpoint(tiny_checkpoint).items()}
+        {name: torch.from_numpy(v) for name, v in extractor.read_checkpoint(tiny_checkpoint).items()}
     )
     reference.select_bands(model.eval(), reference.LUCAS_BANDS)
     rows = [line.split(",") for line in (chips / "chips_LC_class.csv").read_text().splitlines()[1:]]
@@ -210,34 +206,33 @@ def test_wrong_variant_or_damaged_checkpoint_is_one_line(chips, tiny_checkpoint,
 
 
 def test_state_dict_check_names_missing_unexpected_and_ignores_the_decoder(tiny_checkpoint, tmp_path):
-    state = terramind.read_checkpoint(tiny_checkpoint)
+    state = extractor.read_checkpoint(tiny_checkpoint)
     as_pt = tmp_path / "TerraMind_v1_tiny.pt"
     torch.save({name: torch.from_numpy(value) for name, value in state.items()}, as_pt)
-    from_pt = terramind.read_checkpoint(as_pt)
+    from_pt = extractor.read_checkpoint(as_pt)
     assert from_pt.keys() == state.keys() and all(np.array_equal(from_pt[k], state[k]) for k in state)
     # The official files hold the whole encoder-decoder: names outside the encoder are not used.
     whole = state | {
         "decoder.0.mlp.fc1.weight": np.zeros((4, 4)),
         "encoder_embeddings.untok_dem@224.proj.weight": 0,
     }
-    assert terramind.check_state_dict(whole, "tiny", "ckpt").keys() == state.keys()
+    assert extractor.check_state_dict(whole, "tiny", "ckpt").keys() == state.keys()
     # Buffers may be absent: the sin-cos position embedding and the zero norm biases are recomputed.
-    no_buffers = {name: value for name, value in state.items() if not terramind.is_buffer(name)}
-    assert len(terramind.check_state_dict(no_buffers, "tiny", "ckpt")) == len(state) - 26
+    no_buffers = {name: value for name, value in state.items() if not extractor.is_buffer(name)}
+    assert len(extractor.check_state_dict(no_buffers, "tiny", "ckpt")) == len(state) - 26
     missing = {name: value for name, value in state.items() if name != "encoder.3.attn.qkv.bias"}
     with pytest.raises(InputError, match=r"1 missing \(encoder\.3\.attn\.qkv\.bias\)"):
-        terramind.check_state_dict(missing, "tiny", "ckpt")
+        extractor.check_state_dict(missing, "tiny", "ckpt")
     deeper = state | {"encoder.12.norm1.weight": np.ones(192, np.float32)}
     with pytest.raises(InputError, match=r"1 unexpected \(encoder\.12\.norm1\.weight\)"):
-        terramind.check_state_dict(deeper, "tiny", "ckpt")
+        extractor.check_state_dict(deeper, "tiny", "ckpt")
     with pytest.raises(InputError, match="holds no TerraMind encoder tensors"):
-        terramind.check_state_dict({"model.weight": np.zeros(3)}, "tiny", "ckpt")
+        extractor.check_state_dict({"model.weight": np.zeros(3)}, "tiny", "ckpt")
 
 
 def test_demo_extracts_then_starts_the_probe_grid_on_the_tokens(tmp_path, monkeypatch):
     # The probe's training is train_lucas_classifier.py's (its own tests); here: what it is given.
     import train_lucas_classifier
-    from common import lucas
 
     probes = []
     monkeypatch.setattr(train_lucas_classifier, "main", probes.append)
@@ -246,5 +241,6 @@ def test_demo_extracts_then_starts_the_probe_grid_on_the_tokens(tmp_path, monkey
     assert {path.name for path in run_dir.iterdir()} == {"tokens.npy", "mean.npy", "extraction.json"}
     (probe,) = probes
     assert probe.grid and probe.epochs == 2 and Path(probe.embeddings) == run_dir / "tokens.npy"
-    count = len(lucas.read_labels(probe.labels_csv)[0])
-    assert lucas.read_embeddings(probe.embeddings, probe.labels_csv, count).shape == (count, 4, 192)
+    count = len(lucas_chips.read_labels(probe.labels_csv)[0])
+    tokens = train_lucas_classifier.read_embeddings(probe.embeddings, probe.labels_csv, count)
+    assert tokens.shape == (count, 4, 192)

@@ -1,6 +1,6 @@
-"""Formula checks for train_lucas_classifier.py and common/lucas.py: focal / weighted CE losses, class
-weights, macro accuracy, the stratified split, the RGB -> 6-band kernel adaptation, the decoders and
-the cached frozen features."""
+"""Formula checks for train_lucas_classifier.py: focal / weighted CE losses, class weights, macro
+accuracy, the stratified split, the RGB -> 6-band kernel adaptation, the decoders and the cached
+frozen features."""
 
 from types import SimpleNamespace
 
@@ -12,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
 import train_lucas_classifier as classifier
-from common import lucas
+from common.lucas import lucas_chips
 
 LOGITS = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-2.0, 3.0, 0.0], [1.0, 1.0, 1.0]], np.float32)
 LABELS = np.array([0, 2, 1, 0])
@@ -126,21 +126,22 @@ def test_class_weights_balanced_and_sqrt():
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning")
 def test_macro_accuracy_equals_sklearn_balanced_accuracy():
     rng = np.random.default_rng(0)
-    truth = rng.choice(10, size=300, p=np.array(lucas.STUDY_CHIP_COUNTS) / sum(lucas.STUDY_CHIP_COUNTS))
+    study_counts = np.array(lucas_chips.STUDY_CHIP_COUNTS)
+    truth = rng.choice(10, size=300, p=study_counts / study_counts.sum())
     prediction = np.where(rng.random(300) < 0.6, truth, rng.integers(0, 10, 300))
     truth[truth == 9] = 8  # class 9 now only appears in the predictions
-    metrics = lucas.classification_metrics(truth, prediction)
+    metrics = classifier.classification_metrics(truth, prediction)
     assert np.isclose(metrics["macro_accuracy"], balanced_accuracy_score(truth, prediction))
     assert np.isclose(metrics["overall_accuracy"], np.mean(truth == prediction))
-    streaming = lucas.MacroAccuracy(10)
+    streaming = classifier.MacroAccuracy(10)
     for start in range(0, 300, 64):
         streaming.update_state(truth[start : start + 64], np.eye(10)[prediction[start : start + 64]])
     assert np.isclose(float(streaming.result()), balanced_accuracy_score(truth, prediction), atol=1e-6)
 
 
 def test_split_reproduces_study_split_sizes():
-    labels = np.repeat(np.arange(10), lucas.STUDY_CHIP_COUNTS)
-    splits = lucas.stratified_split(labels, 0.2, 0.0, 42)
+    labels = np.repeat(np.arange(10), lucas_chips.STUDY_CHIP_COUNTS)
+    splits = classifier.stratified_split(labels, 0.2, 0.0, 42)
     assert (len(splits["train"]), len(splits["val"])) == (1595, 399)
     _, study_val = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=42)
     np.testing.assert_array_equal(splits["val"], np.sort(study_val))
@@ -149,7 +150,7 @@ def test_split_reproduces_study_split_sizes():
 @pytest.mark.parametrize("test_fraction", [0.0, 0.2])
 def test_split_keeps_every_class_in_every_split(test_fraction):
     labels = np.repeat(np.arange(6), [60, 25, 7, 4, 3, 3])
-    splits = lucas.stratified_split(labels, 0.2, test_fraction, 42)
+    splits = classifier.stratified_split(labels, 0.2, test_fraction, 42)
     assert set(splits) == ({"train", "val", "test"} if test_fraction else {"train", "val"})
     for split in splits.values():
         assert set(labels[split]) == set(range(6))
@@ -158,9 +159,9 @@ def test_split_keeps_every_class_in_every_split(test_fraction):
 
 
 def test_rgb_weights_are_adapted_to_six_bands(tmp_path):
-    rgb = lucas.simple_cnn((16, 16, 3))
+    rgb = classifier.simple_cnn((16, 16, 3))
     rgb.save_weights(tmp_path / "rgb.weights.h5")
-    six = lucas.build_backbone("simplecnn", 16, tmp_path / "rgb.weights.h5")
+    six = classifier.build_backbone("simplecnn", 16, tmp_path / "rgb.weights.h5")
     rgb_kernel, six_kernel = rgb.layers[1].get_weights()[0], six.layers[1].get_weights()[0]
     assert six_kernel.shape[2] == 6
     np.testing.assert_allclose(six_kernel[:, :, :3], rgb_kernel * 0.5, rtol=1e-6)
@@ -169,7 +170,7 @@ def test_rgb_weights_are_adapted_to_six_bands(tmp_path):
         for a, b in zip(source.get_weights(), target.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(
-        lucas.adapt_first_kernel(rgb_kernel, 6, bgr=True)[:, :, 0], rgb_kernel[:, :, 2] * 0.5
+        classifier.adapt_first_kernel(rgb_kernel, 6, bgr=True)[:, :, 0], rgb_kernel[:, :, 2] * 0.5
     )
 
 
@@ -187,8 +188,8 @@ def test_decoders_follow_terratorch_token_order():
     kernel, bias = mlp.get_layer("classifier").get_weights()
     per_token = np.maximum(tokens @ hidden_kernel + hidden_bias, 0) @ kernel + bias
     np.testing.assert_allclose(mlp(tokens, training=False), per_token.mean(axis=1), atol=1e-5)
-    assert lucas.as_tokens(np.zeros((2, 3, 3, 7))).shape == (2, 9, 7)
-    assert lucas.as_tokens(np.zeros((2, 7))).shape == (2, 1, 7)
+    assert classifier.as_tokens(np.zeros((2, 3, 3, 7))).shape == (2, 9, 7)
+    assert classifier.as_tokens(np.zeros((2, 7))).shape == (2, 1, 7)
 
 
 def test_head_on_cached_tokens_equals_the_end_to_end_model():

@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_main_error, call_main, no_temporary_files, parse, run_script
 
 import train_lucas_classifier as classifier
-from common import lucas
+from common.lucas import demo_chips, lucas_chips
 from common.raster import write_geotiff
 
 # rasterio's own use of the affine package, inside write_geotiff's default transform.
@@ -158,15 +158,15 @@ def test_demo_checkpoint_is_the_best_val_macro_accuracy_epoch(demo_run):
 
 def test_demo_chips_have_the_lucas_imbalance(demo_run, tmp_path):
     _, results, _ = demo_run
-    _, labels = lucas.read_labels(results / "demo_data" / STEM / "chips_LC_class.csv")
+    _, labels = lucas_chips.read_labels(results / "demo_data" / STEM / "chips_LC_class.csv")
     counts = np.bincount(labels, minlength=10)
-    study = np.array(lucas.STUDY_CHIP_COUNTS)
+    study = np.array(lucas_chips.STUDY_CHIP_COUNTS)
     np.testing.assert_allclose(counts / counts.sum(), study / study.sum(), atol=0.002)
     assert counts.max() / counts.min() == pytest.approx(study.max() / study.min())  # 704 : 20
     # Chips written with another --demo_scale are rewritten, never silently reused.
-    lucas.write_demo_chips(tmp_path, 0.01, chip_size=4)
-    lucas.write_demo_chips(tmp_path, 0.02, chip_size=4)
-    assert len(lucas.read_labels(tmp_path / lucas.LABELS_CSV_NAME)[1]) == sum(
+    demo_chips.write_demo_chips(tmp_path, 0.01, chip_size=4)
+    demo_chips.write_demo_chips(tmp_path, 0.02, chip_size=4)
+    assert len(lucas_chips.read_labels(tmp_path / lucas_chips.LABELS_CSV_NAME)[1]) == sum(
         max(5, round(count * 0.02)) for count in study
     )
 
