@@ -4,9 +4,9 @@ Same model, loss, optimizer, batch, input size and thread count on each side, al
 one process, medians of the per-round times:
 
 1. SPML (train_multilabel_model.py): ResNet-50 at 224 px, batch 16, AN loss, Adam. Ours is the
-   script's own model builder (`spml.build_classifier`, fused batch-norm kernel) trained by
-   `spml.SpmlTrainer`'s compiled step and evaluated by `spml.predict_probabilities`. The peer is a
-   ResNet-50 written here with torch only (no CPU torchvision exists for this torch build), in
+   script's own model builder (`build_classifier`, fused batch-norm kernel) trained by its
+   `SpmlTrainer`'s compiled step and evaluated by `common.spml.evaluation.predict_probabilities`. The
+   peer is a ResNet-50 written here with torch only (no CPU torchvision exists for this torch build), in
    torchvision's v1.5 layout (stride in the 3x3 conv of each bottleneck) and, for the same FLOPs as
    Keras's v1 layout, in the v1 layout (stride in the first 1x1 conv).
 2. LUCAS (train_lucas_classifier.py): the identity and MLP heads on cached TerraMind-base-sized tokens
@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 import train_lucas_classifier as lucas_script
-from common import lucas, runs, spml
+import train_multilabel_model as spml_script
+from common import runs
+from common.spml import evaluation, single_positives
 
 
 def get_args_parser():
@@ -141,15 +143,15 @@ def spml_comparison(options):
     images = rng.uniform(0, 255, (count, size, size, 3)).astype(np.float32)
     full = (rng.random((count, classes)) < 0.2).astype(np.float32)
     full[np.arange(count), rng.integers(classes, size=count)] = 1.0
-    observed = spml.single_positive_random(full, 0)
+    observed = single_positives.single_positive_random(full, 0)
     runs.seed_everything(0)
     settings = SimpleNamespace(method="an", learning_rate=1e-4, seed=0, delta_rel=0.0)
 
     def build_model():
         mean, variance = np.full(3, 127.0, np.float32), np.full(3, 60.0**2, np.float32)
-        return spml.build_classifier("resnet50", (size, size, 3), classes, mean, variance)
+        return spml_script.build_classifier("resnet50", (size, size, 3), classes, mean, variance)
 
-    trainer = spml.SpmlTrainer(
+    trainer = spml_script.SpmlTrainer(
         settings, tf.distribute.get_strategy(), build_model, keras.optimizers.Adam, observed, full
     )
     indices = np.arange(count, dtype=np.int32)
@@ -192,7 +194,7 @@ def spml_comparison(options):
     train.update({name: (lambda peer=peer: torch_train(*peer)) for name, peer in peers.items()})
     print(f"SPML: {count} images of {size} px per round, batch {batch}, {options.threads} threads")
     train_times = alternate(options.rounds, train)
-    evaluate = {"ours": lambda: spml.predict_probabilities(trainer.student, eval_data)}
+    evaluate = {"ours": lambda: evaluation.predict_probabilities(trainer.student, eval_data)}
     evaluate.update({name: (lambda peer=peer: torch_eval(peer[0])) for name, peer in peers.items()})
     eval_times = alternate(options.rounds, evaluate)
     rows = []
@@ -208,7 +210,7 @@ def spml_comparison(options):
 
 def lucas_comparison(options):
     count, dim, batch = options.lucas_chips, options.lucas_dim, 8
-    num_classes = len(lucas.CLASS_NAMES)
+    num_classes = len(lucas_script.CLASS_NAMES)
     rng = np.random.default_rng(1)
     tokens = rng.normal(size=(count, 196, dim)).astype(np.float32)
     labels = rng.integers(num_classes, size=count).astype(np.int32)
