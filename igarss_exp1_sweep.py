@@ -16,9 +16,10 @@ with T, R in integer percent. An interrupted sweep re-run skips every finished h
 
 Commands:
     python igarss_exp1_sweep.py --margin 0.1 --batch_size 32 --test_size 0.7
-    python igarss_exp1_sweep.py --demo        # synthetic data, 576 heads x 100 epochs, a few minutes
-It ends with the grid point of the best mean validation 5-NN accuracy and its test accuracy, e.g.
-    summary: best grid point on validation tp{T}_rp{R}: val 5-NN 0.xxx, test 5-NN 0.xxx (mean over 24 heads)
+    python igarss_exp1_sweep.py --demo        # synthetic data, 576 heads x 100 epochs, 1-3 minutes
+It ends with the grid point of the best mean validation 5-NN accuracy and its test accuracy; the
+demo printed
+    summary: best grid point on validation tp70_rp20: val 5-NN 0.986, test 5-NN 0.984 (mean over 24 heads)
 """
 
 import functools

@@ -26,13 +26,13 @@ The heads of one (embedding, input width) train together in compiled graphs
 moments, BatchNorm statistics, batches and best weights). The full protocol (360 heads x 5000
 epochs, 12 stacks in 2 worker processes) took 8 min 32 s end to end on a 2-core CPU, against about
 100+ hours for one model.fit per head (python -m bench.tgmatl_exp2_speed compares the two); --demo
-takes a few minutes. It ends with one line per method, each closing with (mean over 3 embeddings x 8
-folds); the demo printed on a 2-core CPU (the third decimal depends on the CPU):
-    summary: base acc 1.000 prec 1.000 rec 1.000 f1 1.000 r2_feat 0.846 r2_loc -0.300 (mean ...)
-    summary: dtl acc 0.994 prec 0.994 rec 0.994 f1 0.994 r2_feat 0.297 r2_loc -0.438 (mean ...)
-    summary: dtl_hard acc 0.990 prec 0.991 rec 0.990 f1 0.990 r2_feat 0.373 r2_loc -0.416 (mean ...)
-    summary: matl acc 0.962 prec 0.964 rec 0.962 f1 0.961 r2_feat 0.503 r2_loc -0.426 (mean ...)
-    summary: tg_matl_30_10 acc 0.919 prec 0.922 rec 0.919 f1 0.919 r2_feat 0.599 r2_loc -0.462 (mean ...)
+takes a few minutes. It ends with one line per method, each closing with "(mean over 3 embeddings x 8
+folds)"; the demo printed on a 2-core CPU (the third decimal depends on the CPU):
+    summary: base acc 1.000 prec 1.000 rec 1.000 f1 1.000 r2_feat 0.846 r2_loc -0.308
+    summary: dtl acc 0.994 prec 0.994 rec 0.994 f1 0.994 r2_feat 0.297 r2_loc -0.443
+    summary: dtl_hard acc 0.990 prec 0.991 rec 0.990 f1 0.990 r2_feat 0.368 r2_loc -0.410
+    summary: matl acc 0.962 prec 0.964 rec 0.962 f1 0.961 r2_feat 0.500 r2_loc -0.434
+    summary: tg_matl_30_10 acc 0.919 prec 0.922 rec 0.919 f1 0.919 r2_feat 0.598 r2_loc -0.449
 """
 
 import argparse
