@@ -38,6 +38,8 @@ import os
 import shutil
 import sys
 import time
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,7 @@ from transformers import (
     ViTMAEModel,
 )
 
-from common import atomic, cli, npy, runs
+from common import atomic, cli, runs
 from common.errors import InputError, cli_entry, require, require_file
 
 # Per model: the transformers class that computes the embedding, the hub id of the checkpoint the
@@ -76,6 +78,10 @@ FOUNDATION_MODELS = {
     "dinov2": (Dinov2Model, "facebook/dinov2-base", ("dinov2",), 768),
     "mae": (ViTMAEModel, "facebook/vit-mae-base", ("vit_mae",), 768),
 }
+# The settings a resume must match: these arguments, plus what is derived from the others (the
+# resolved data file and model folder, the image count, the pixel mapping, the model), so that rows
+# embedded from another file, model or setting are never mixed into one output.
+RESUME_SETTINGS = ("input", "batch_size")
 
 
 def get_args_parser():
@@ -176,19 +182,113 @@ def seed_torch(seed):
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+# ---- reading images from data.npz one batch at a time ----
+#
+# `np.load` of an .npz is lazy per key but reads a whole array at once; these helpers read the .npy
+# headers inside the zip and stream an array's rows a batch at a time, so memory stays bounded by one
+# batch whatever N is (np.savez and np.savez_compressed alike). Object arrays are refused: loading
+# them runs pickle.
+
+
+def npz_keys(path) -> list[str]:
+    """The array names in an .npz archive (np.load of an .npz reads nothing until a key is used)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        archive = None
+    require(
+        isinstance(archive, np.lib.npyio.NpzFile),
+        path,
+        "not a readable .npz archive",
+        "a data.npz written by np.savez",
+    )
+    with archive:
+        return list(archive.files)
+
+
+def npz_array_header(path, key: str) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of `key` in the .npz without reading its data."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+        shape, _, dtype = read_npy_header(path, key, member)
+    return shape, dtype
+
+
+def read_npy_header(path, key: str, member) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an open .npy member; object arrays are refused (pickle)."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise InputError(path, f"'{key}' uses .npy format version {version}", "version 1.0 or 2.0 (np.savez)")
+    require(
+        not dtype.hasobject,
+        path,
+        f"'{key}' holds Python objects (loading them would run pickle)",
+        "a numeric image array",
+    )
+    return shape, fortran_order, dtype
+
+
+def iter_npz_batches(path, key: str, batch_size: int, first: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (start, images) batches of `key` from sample `first` on, read straight from the archive,
+    so memory stays bounded by one batch whatever N is (np.savez and np.savez_compressed alike)."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+        shape, fortran_order, dtype = read_npy_header(path, key, member)
+        if fortran_order:
+            # Column-major data cannot be cut into samples while streaming: read the array once.
+            with np.load(path, allow_pickle=False) as npz:
+                images = np.ascontiguousarray(npz[key])
+            for start in range(first, shape[0], batch_size):
+                yield start, images[start : start + batch_size]
+            return
+        sample_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        for skipped in range(0, first, batch_size):
+            # Zip members are read sequentially: step over the rows already embedded, a batch at a time.
+            member.read(min(batch_size, first - skipped) * sample_bytes)
+        for start in range(first, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            buffer = member.read(count * sample_bytes)
+            require(
+                len(buffer) == count * sample_bytes,
+                path,
+                f"'{key}' is truncated at sample {start}",
+                f"{shape[0]} complete samples",
+            )
+            yield start, np.frombuffer(buffer, dtype=dtype).reshape((count, *shape[1:]))
+
+
+def value_range(data_path, image_key: str, batch_size: int) -> tuple[float, float]:
+    """One streaming pass over an array: its global min and max; a non-finite sample is an InputError."""
+    low, high = np.inf, -np.inf
+    for start, images in iter_npz_batches(data_path, image_key, batch_size):
+        if images.dtype.kind == "f":
+            finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+            first_bad = start + int(np.argmin(finite))
+            require(
+                finite.all(),
+                data_path,
+                f"'{image_key}' sample {first_bad} contains NaN or Inf",
+                "finite pixels",
+            )
+        low, high = min(low, float(images.min())), max(high, float(images.max()))
+    return low, high
+
+
 # ---- checking and scaling the images of data.npz ----
 
 
 def check_images(data_path, image_key):
     """Validate the image array's presence, shape and dtype and its length against class_label."""
-    keys = npy.npz_keys(data_path)
+    keys = npz_keys(data_path)
     require(
         image_key in keys,
         data_path,
         f"no '{image_key}' array (has: {', '.join(keys) or 'nothing'})",
         f"'{image_key}' images, (N,H,W,3) for rgb or (N,H,W,1) for thermal",
     )
-    shape, dtype = npy.npz_array_header(data_path, image_key)
+    shape, dtype = npz_array_header(data_path, image_key)
     channels = 3 if image_key == "rgb" else 1
     good_shape = (len(shape) == 4 and shape[3] == channels) or (image_key == "thermal" and len(shape) == 3)
     require(
@@ -199,7 +299,7 @@ def check_images(data_path, image_key):
     )
     require(dtype.kind in "uif", data_path, f"'{image_key}' has dtype {dtype}", "uint8 or float images")
     if "class_label" in keys:
-        shape_labels, _ = npy.npz_array_header(data_path, "class_label")
+        shape_labels, _ = npz_array_header(data_path, "class_label")
         require(
             len(shape_labels) == 1 and shape_labels[0] == shape[0],
             data_path,
@@ -213,7 +313,7 @@ def pixel_mapping(data_path, image_key, dtype, rescale, batch_size):
     """Choose how raw pixel values become the 0-255 images the models' processors expect."""
     if dtype == np.uint8 and rescale == "auto":
         return 0.0, 1.0, "uint8 as stored"
-    low, high = npy.value_range(data_path, image_key, batch_size)
+    low, high = value_range(data_path, image_key, batch_size)
     if rescale == "minmax":
         require(high > low, data_path, f"'{image_key}' is constant ({low})", "images with some contrast")
         return low, 255.0 / (high - low), f"min-max [{low:g}, {high:g}] -> [0, 255]"
@@ -321,7 +421,7 @@ def extract(model_name, model, processor, args, num_images, pixel_scaling, devic
     folder, chunks = checkpoint["folder"], list(checkpoint["chunks"])
     first_pending = sum(len(chunk) for chunk in chunks)
     pending = []
-    batches = npy.iter_npz_batches(args.data, args.input, args.batch_size, first=first_pending)
+    batches = iter_npz_batches(args.data, args.input, args.batch_size, first=first_pending)
     with tqdm(
         total=num_images, initial=first_pending, desc=f"{model_name} embeddings", unit="img", file=sys.stderr
     ) as progress:
@@ -338,9 +438,36 @@ def extract(model_name, model, processor, args, num_images, pixel_scaling, devic
                 if not folder.exists():
                     folder.mkdir(parents=True)
                     atomic.write_json(folder / "run.json", checkpoint["settings"])
-                npy.save_row_chunk(folder, first_pending, chunks[-1])
+                save_row_chunk(folder, first_pending, chunks[-1])
                 first_pending, pending = end, []
     return np.concatenate(chunks + pending).astype(np.float32, copy=False)
+
+
+# ---- checkpoints: the rows embedded so far, saved in chunks ----
+
+
+def save_row_chunk(folder, first: int, rows: np.ndarray) -> Path:
+    """Save `rows` (the rows from `first` on) as `<folder>/rows_<first>_<end>.npy`, atomically."""
+    path = Path(folder) / f"rows_{first:09d}_{first + len(rows):09d}.npy"
+    atomic.save_npy(path, rows)
+    return path
+
+
+def load_row_chunks(folder) -> list[np.ndarray]:
+    """The `rows_<first>_<end>.npy` chunks of `folder` in order; a gap or a wrong length is an InputError."""
+    chunks, next_row = [], 0
+    for chunk_file in sorted(Path(folder).glob("rows_*.npy")):
+        first, end = (int(part) for part in chunk_file.stem.split("_")[1:])
+        chunk = np.load(chunk_file, allow_pickle=False)
+        require(
+            first == next_row and chunk.shape[0] == end - first,
+            chunk_file,
+            f"chunk does not continue at row {next_row}",
+            "contiguous checkpoint chunks (--overwrite to start over)",
+        )
+        chunks.append(chunk)
+        next_row = end
+    return chunks
 
 
 def load_checkpoint(checkpoint_dir, settings, resume, overwrite):
@@ -367,7 +494,7 @@ def load_checkpoint(checkpoint_dir, settings, resume, overwrite):
         what="the partial embeddings",
         hint="the same settings, or --overwrite to start over",
     )
-    return npy.load_row_chunks(checkpoint_dir)
+    return load_row_chunks(checkpoint_dir)
 
 
 def resolve_device(name):
@@ -429,12 +556,11 @@ def run_extraction(args, model_name, model_path, device):
     checkpoint_dir = output.parent / f".{output.stem}.partial"
     settings = {
         "data": str(Path(args.data).resolve()),
-        "input": args.input,
+        **runs.settings_of(args, RESUME_SETTINGS),
         "num_images": shape[0],
         "pixel_mapping": mapping,
         "model": model_name,
         "model_path": str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path,
-        "batch_size": args.batch_size,
     }
     finished_chunks = load_checkpoint(checkpoint_dir, settings, args.resume, args.overwrite)
     resumed_rows = sum(len(chunk) for chunk in finished_chunks)

@@ -14,17 +14,28 @@ weights with the best validation loss are kept: 96 heads. Writes, at the paper r
 
 Commands:
     python igarss_exp1.py --margin 0.1 --batch_size 32 --test_size 0.7     # the paper's protocol
-    python igarss_exp1.py --demo                                           # synthetic data, ~1 minute
+    python igarss_exp1.py --demo                                           # synthetic data, 2-4 minutes
 
-All heads of one embedding train together in one compiled graph (common/stacked_training.py),
-which equals training them one by one: the full protocol takes under 3 minutes on a 2-core CPU.
-It ends with one line per method, e.g.
-    summary: tg_matl test 5-NN accuracy 0.93 (mean over 3 embeddings x 8 folds), best val loss 0.02
+The file reads top to bottom as the method: the ProjectionHead, the triplet losses (batch-all DTL,
+batch-hard DTL-Hard, MATL), the task-guidance score and the task-guided selection of TG-MATL, the
+four losses as one readable function (`method_loss`), then its fast twin that trains many heads in
+one graph, evaluation (5-NN accuracy, silhouettes, t-SNE / UMAP maps) and the protocol.
+
+All heads of one embedding train together in one compiled graph (common/tgmatl/stacked_training.py),
+which equals training them one by one: the full protocol (N=240, 96 heads x 5000 epochs) took
+2 min 31 s and 2 min 41 s end to end in two runs on a 2-core CPU. It ends with one line per method;
+the demo printed on a 2-core CPU (the figures depend a little on the CPU):
+    summary: dtl test 5-NN accuracy 0.999 (mean over 24 heads), best val loss 0.6521
+    summary: dtl_hard test 5-NN accuracy 0.999 (mean over 24 heads), best val loss 0.6686
+    summary: matl test 5-NN accuracy 0.988 (mean over 24 heads), best val loss 2.7054
+    summary: tg_matl_30_10 test 5-NN accuracy 0.939 (mean over 24 heads), best val loss 0.3150
 """
 
 import argparse
+import csv
 import functools
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
@@ -32,8 +43,9 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, awir, cli, embedding_views, runs, stacked_training, triplet
+from common import atomic, cli, plots, runs
 from common.errors import cli_entry
+from common.tgmatl import awir, stacked_training
 
 METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
 PROJECTION_DIM = 64
@@ -43,12 +55,27 @@ TIMING_COLUMNS = {
     "matl": "matl_train_time",
     "tg_matl": "tg_matl_train_time",
 }
-# Arguments that change what a head learns: finished heads are reused only if these agree.
-TRAINING_KEYS = (
-    "margin", "batch_size", "test_size", "box_weight", "top_percent", "random_percent", "extra_selection",
-    "epochs", "learning_rate", "seed", "model_selection",
-)  # fmt: skip
+# The settings a resume must match: finished heads are reused only if these arguments agree.
+RESUME_SETTINGS = (
+    "margin",
+    "batch_size",
+    "test_size",
+    "box_weight",
+    "top_percent",
+    "random_percent",
+    "extra_selection",
+    "epochs",
+    "learning_rate",
+    "seed",
+    "model_selection",
+)
 MODEL_SELECTIONS = ("reference", "matl_val", "last")
+# The 2-D maps of the test projections, and the marker of each box cluster in them.
+VIEW_METHODS = ("tsne", "umap")
+MARKERS = ("o", "^", "s", "D", "v", "P")
+# Below this a triplet term counts as not violating the margin (the reference's 1e-16), and the guard
+# of the square root at zero distance.
+TINY = 1e-16
 
 
 def add_projection_head_arguments(parser, demo_help):
@@ -103,8 +130,8 @@ def get_args_parser():
     parser.add_argument(
         "--views",
         nargs="*",
-        default=list(embedding_views.VIEW_METHODS),
-        choices=embedding_views.VIEW_METHODS,
+        default=list(VIEW_METHODS),
+        choices=VIEW_METHODS,
         help="2-D maps of the fold-1 test projections per embedding x method (silhouette scores are "
         "always written; give no value to skip the maps).",
     )
@@ -113,15 +140,15 @@ def get_args_parser():
 
 
 def head_paths(results_dir, embedding, tag, fold, test_size, model_subdir=""):
-    model_dir = Path(results_dir) / "trained_models" / "exp1_emb_proj" / embedding / model_subdir
+    """A head's .h5 (awir.exp1_head_path, which igarss_exp2.py reads) and its test projection .npy."""
     projection_dir = Path(results_dir) / "exp1_test_projections" / embedding / model_subdir
     return (
-        model_dir / f"{tag}_best_fold{fold}.h5",
+        awir.exp1_head_path(results_dir, embedding, tag, fold, model_subdir),
         projection_dir / f"{tag}_proj_val{test_size}_fold{fold}.npy",
     )
 
 
-# ---- the paper's model and losses ----
+# ---- the paper's model ----
 
 
 def build_projection_head(input_dim):
@@ -148,30 +175,124 @@ def linear_forward(params, state, x, valid, training):
     return tf.einsum("mbd,mde->mbe", x, params["kernel"]) + params["bias"][:, None, :], state
 
 
-def method_loss(method, outputs, batch, valid, args, top_percent=None, random_percent=None):
-    """One of the four exp1 losses on a stack of same-method models: the readable reference.
+# ---- the paper's triplet losses ----
+#
+# Every function works on a stack of M independent models' batches: embeddings (M, B, E), labels
+# (M, B), and a boolean `valid` (M, B) that marks real samples (padding and samples dropped by the
+# task-guided selection are False). Distances are Euclidean on the raw outputs, not squared; the
+# square root is guarded so its gradient at zero distance is finite. The readable loss of one head
+# is `method_loss` below; tests/test_triplet.py checks each function against brute-force loops over
+# all triplets.
 
-    DTL and DTL-Hard are the paper's baselines, MATL the predecessor's loss (arXiv 2504.08054), and
-    TG-MATL is MATL on the paper's task-guided selection (README: igarss_exp1.py).
+
+def pairwise_distance(embeddings):
+    """(M, B, E) -> (M, B, B) Euclidean distances, with a finite gradient where two points coincide.
+
+    Uses |a|^2 + |b|^2 - 2 a.b (one batched matrix product instead of a (M, B, B, E) difference
+    tensor), clamped at 0 against rounding. The squared norms are the diagonal of the same Gram
+    matrix, so for a point and its duplicate all four terms are the same float and the distance is
+    exactly 0 (norms summed separately differ from the matrix product's dot products by rounding:
+    up to 0.016 at norm 31 in float32, a sixth of the margin 0.1). This needs a matrix product that
+    rounds every row alike, as the XLA-compiled training step does; TensorFlow's eager CPU product
+    was seen to round the last row of a 40-row batch differently (0.011 at norm 31).
     """
-    distance = triplet.pairwise_distance(outputs)
-    if method == "dtl":
-        return triplet.batch_all_triplet_loss(distance, batch["class_label"], valid, args.margin)
-    if method == "dtl_hard":
-        return triplet.batch_hard_triplet_loss(distance, batch["class_label"], valid, args.margin)
-    if method == "tg_matl":
-        # TG-MATL: MATL restricted to the task-guided selection of each class in the batch.
-        random_key = None
-        if args.extra_selection == "random":
-            random_key = triplet.random_selection_key(
-                batch["model_key"], batch["model_step"], batch["sample_id"]
-            )
-        valid = triplet.task_guided_selection(
-            batch["task_score"], batch["class_label"], valid, top_percent, random_percent, random_key
-        )
-    return triplet.matl_loss(
-        distance, batch["class_label"], batch["box_cluster"], valid, args.margin, args.box_weight
+    gram = tf.matmul(embeddings, embeddings, transpose_b=True)
+    squared_norm = tf.linalg.diag_part(gram)
+    squared = squared_norm[:, :, None] + squared_norm[:, None, :] - 2.0 * gram
+    off_diagonal = 1.0 - tf.eye(tf.shape(embeddings)[1], dtype=embeddings.dtype)[None]
+    squared = tf.maximum(squared, 0.0) * off_diagonal
+    is_zero = tf.cast(squared <= 0.0, squared.dtype)
+    return tf.sqrt(squared + is_zero * TINY) * (1.0 - is_zero)
+
+
+def batch_all_triplet_loss(distance, labels, valid, margin):
+    """Batch-all triplet loss L_BA per model (MATL paper, arXiv 2504.08054: the DTL loss).
+
+    Valid triplets (a, p, n) are pairwise distinct, all valid, with y_a = y_p != y_n;
+    l = max(0, D_ap - D_an + m); L = sum(l) / (count(l > 1e-16) + 1e-16), 0 when nothing violates.
+
+    The triplet mask factorises as positive[a, p] * negative[a, n] (n differs from a and p by its
+    label). With x_ap = D_ap + m and y_an = D_an, sum(l) = sum_ap x_ap c_ap - sum_an y_an c_an where
+    c_ap = #{n: l_apn > 0} and c_an = #{p: l_apn > 0}. The counts are piecewise constant, so only
+    they need the (B, B, B) comparison, which carries no gradient: value and gradient equal those of
+    the relu form, at a fraction of its cost.
+    """
+    batch_size = tf.shape(labels)[1]
+    same = tf.equal(labels[:, :, None], labels[:, None, :])
+    pair_valid = valid[:, :, None] & valid[:, None, :]
+    positive = same & pair_valid & ~tf.eye(batch_size, dtype=tf.bool)[None]
+    negative = ~same & pair_valid
+    far = tf.cast(1e9, distance.dtype)
+    anchor_positive = tf.where(positive, distance + margin, -far)
+    anchor_negative = tf.where(negative, distance, far)
+    violates = tf.cast(
+        tf.stop_gradient(anchor_positive)[:, :, :, None] - tf.stop_gradient(anchor_negative)[:, :, None, :]
+        > TINY,
+        distance.dtype,
     )
+    positive_counts = tf.reduce_sum(violates, axis=3)
+    negative_counts = tf.reduce_sum(violates, axis=2)
+    violation_sum = tf.reduce_sum(
+        tf.where(positive, anchor_positive, 0.0) * positive_counts, axis=[1, 2]
+    ) - tf.reduce_sum(tf.where(negative, anchor_negative, 0.0) * negative_counts, axis=[1, 2])
+    return violation_sum / (tf.reduce_sum(positive_counts, axis=[1, 2]) + TINY)
+
+
+def batch_hard_triplet_loss(distance, labels, valid, margin):
+    """Batch-hard triplet loss per model: mean over anchors of max(0, d+ - d- + m): the paper's DTL-Hard.
+
+    d+ is the largest distance to another sample of the anchor's class (0 if there is none); d- is
+    the smallest distance to a sample of another class, or the row maximum when there is none.
+    """
+    dtype = distance.dtype
+    batch_size = tf.shape(labels)[1]
+    same = tf.equal(labels[:, :, None], labels[:, None, :])
+    pair_valid = valid[:, :, None] & valid[:, None, :]
+    not_self = ~tf.eye(batch_size, dtype=tf.bool)[None]
+    positive_mask = tf.cast(same & not_self & pair_valid, dtype)
+    hardest_positive = tf.reduce_max(distance * positive_mask, axis=2)
+    row_maximum = tf.reduce_max(distance * tf.cast(pair_valid, dtype), axis=2, keepdims=True)
+    negative_mask = ~same & pair_valid
+    # Non-negatives are pushed above the row maximum so the minimum falls back to it when no
+    # negative exists, exactly as the reference batch-hard implementation does.
+    candidate = tf.where(negative_mask, distance, distance + row_maximum)
+    candidate = tf.where(valid[:, None, :], candidate, tf.cast(float("inf"), dtype))
+    hardest_negative = tf.reduce_min(candidate, axis=2)
+    per_anchor = tf.nn.relu(hardest_positive - hardest_negative + margin) * tf.cast(valid, dtype)
+    anchors = tf.reduce_sum(tf.cast(valid, dtype), axis=1)
+    return tf.reduce_sum(per_anchor, axis=1) / tf.maximum(anchors, 1.0)
+
+
+def matl_loss(distance, class_label, box_cluster, valid, margin, box_weight):
+    """MATL = (1 - w) L_BA(class) + w L_BA(box cluster), each normalised by its own violating count.
+
+    The MATL paper (arXiv 2504.08054) weighs the class and box-annotation triplet terms by w.
+    """
+    return (1.0 - box_weight) * batch_all_triplet_loss(
+        distance, class_label, valid, margin
+    ) + box_weight * batch_all_triplet_loss(distance, box_cluster, valid, margin)
+
+
+# ---- the paper's task guidance: the score and the selection of TG-MATL ----
+
+
+def task_guidance_scores(box_label, class_label, seed):
+    """TG-MATL score s_i = sum_j MI_j * X_ij with X = [x_c, y_c, w, h]/300 min-max scaled over the split.
+
+    MI_j is the mutual information between feature j and the class (sklearn's estimator), computed
+    on this split only: train and validation scores are computed separately.
+    """
+    from sklearn.feature_selection import mutual_info_classif
+
+    box, width, height = awir.box_width_height(box_label)
+    centre = np.stack([(box[:, 0] + box[:, 1]) / 2, (box[:, 2] + box[:, 3]) / 2], axis=1)
+    geometry = awir.min_max_scale(
+        np.concatenate([centre, width[:, None], height[:, None]], axis=1) / awir.IMAGE_SIZE
+    )
+    mutual_information = np.array(
+        [mutual_info_classif(geometry[:, [j]], class_label, random_state=seed)[0] for j in range(4)]
+    )
+    return geometry @ mutual_information
 
 
 def fold_task_scores(data, seed):
@@ -179,13 +300,103 @@ def fold_task_scores(data, seed):
     scores = np.zeros((len(data["folds"]), len(data["class_label"])), np.float32)
     for fold, (train, val) in enumerate(data["folds"]):
         for split in (train, val):
-            scores[fold, split] = awir.task_guidance_scores(
+            scores[fold, split] = task_guidance_scores(
                 data["box_label"][split], data["class_label"][split], seed
             )
     return scores
 
 
-# ---- training many heads at once ----
+def _rank_within_class(key, labels, valid):
+    """Rank of each sample among the valid samples of its class by descending `key` (ties: lower index)."""
+    batch_size = tf.shape(labels)[1]
+    index = tf.range(batch_size)
+    earlier = index[None, :, None] > index[None, None, :]  # [i, j]: j comes before i
+    same_valid = tf.equal(labels[:, :, None], labels[:, None, :]) & valid[:, None, :]
+    ahead = (key[:, None, :] > key[:, :, None]) | ((key[:, None, :] == key[:, :, None]) & earlier)
+    return tf.reduce_sum(tf.cast(same_valid & ahead, tf.int32), axis=2)
+
+
+def task_guided_selection(score, class_label, valid, top_percent, random_percent, random_key=None):
+    """The paper's task-guided sample selection per batch and class (docs/tgmatl.md).
+
+    For each class c present among the valid samples (n_c of them) keep the top
+    k_top = max(1, floor(n_c * top_percent)) by score, plus k_more = min(floor(n_c * random_percent),
+    n_c - k_top) more: the next-ranked ones (`random_key` None, the reference behaviour) or, given a
+    `random_key` (M, B) of random draws (any ordered dtype), those of the rest of the class with the
+    largest keys.
+    `top_percent` and `random_percent` are per model (M,), so one stack can hold a whole sweep grid.
+    Returns the keep mask (M, B).
+    """
+    same_valid = tf.equal(class_label[:, :, None], class_label[:, None, :]) & valid[:, None, :]
+    class_count = tf.reduce_sum(tf.cast(same_valid, tf.int32), axis=2)
+    # k_top and k_more for every possible class count 0..B, looked up per sample: the float64
+    # arithmetic stays on this small table (float64 inside the per-sample graph slows XLA's CPU
+    # code for the whole triplet loss several-fold). The 1e-5 keeps e.g. floor(10 * 0.7) at 7
+    # despite 0.7 being stored as 0.69999998 in float32.
+    possible_count = tf.range(tf.shape(class_label)[1] + 1, dtype=tf.float64)[None, :]
+    top_table = tf.maximum(tf.floor(possible_count * tf.cast(top_percent, tf.float64)[:, None] + 1e-5), 1.0)
+    more_table = tf.minimum(
+        tf.floor(possible_count * tf.cast(random_percent, tf.float64)[:, None] + 1e-5),
+        possible_count - top_table,
+    )
+    k_top = tf.gather(tf.cast(top_table, tf.int32), class_count, batch_dims=1)
+    k_more = tf.gather(tf.cast(more_table, tf.int32), class_count, batch_dims=1)
+    rank = _rank_within_class(score, class_label, valid)
+    if random_key is None:
+        keep = rank < k_top + k_more
+    else:
+        rest = valid & (rank >= k_top)
+        random_rank = _rank_within_class(random_key, class_label, rest)
+        keep = (rank < k_top) | (rest & (random_rank < k_more))
+    return keep & valid
+
+
+def random_selection_key(model_key, model_step, sample_id):
+    """A uniformly random int32 per (model, step, sample), independent of which models share the stack.
+
+    Only the order of the keys matters; int32 rather than a float64 draw keeps XLA's CPU code fast.
+    """
+    mixed = (
+        tf.cast(model_key, tf.int64)[:, None] * 0x2545F491
+        + tf.cast(model_step, tf.int64)[:, None] * 0x6C8E9CF5
+        + tf.cast(sample_id, tf.int64) * 0x1B873593
+    )
+    mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
+    for shift, multiplier in ((16, 0x45D9F3B), (16, 0x45D9F3B), (16, 1)):
+        shifted = tf.bitwise.right_shift(mixed, tf.constant(shift, tf.int64))
+        mixed = tf.bitwise.bitwise_xor(mixed, shifted) * multiplier
+        mixed = tf.bitwise.bitwise_and(mixed, tf.constant(0xFFFFFFFF, tf.int64))
+    return tf.cast(mixed - 2**31, tf.int32)
+
+
+# ---- the four exp1 losses of one head: the readable reference ----
+
+
+def method_loss(method, outputs, batch, valid, args, top_percent=None, random_percent=None):
+    """One of the four exp1 losses on a stack of same-method models: the readable reference.
+
+    DTL and DTL-Hard are the paper's baselines, MATL the predecessor's loss (arXiv 2504.08054), and
+    TG-MATL is MATL on the paper's task-guided selection (docs/tgmatl.md).
+    """
+    distance = pairwise_distance(outputs)
+    if method == "dtl":
+        return batch_all_triplet_loss(distance, batch["class_label"], valid, args.margin)
+    if method == "dtl_hard":
+        return batch_hard_triplet_loss(distance, batch["class_label"], valid, args.margin)
+    if method == "tg_matl":
+        # TG-MATL: MATL restricted to the task-guided selection of each class in the batch.
+        random_key = None
+        if args.extra_selection == "random":
+            random_key = random_selection_key(batch["model_key"], batch["model_step"], batch["sample_id"])
+        valid = task_guided_selection(
+            batch["task_score"], batch["class_label"], valid, top_percent, random_percent, random_key
+        )
+    return matl_loss(
+        distance, batch["class_label"], batch["box_cluster"], valid, args.margin, args.box_weight
+    )
+
+
+# ---- the fast twin: training many heads at once ----
 
 # Order of the methods inside a stack: every batch-all term then covers one contiguous block of rows.
 STACK_ORDER = ("dtl_hard", "dtl", "matl", "tg_matl")
@@ -216,24 +427,24 @@ def stacked_method_loss(heads, args, task_guided=True):
     )
 
     def loss(outputs, batch, valid):
-        distance = triplet.pairwise_distance(outputs)
+        distance = pairwise_distance(outputs)
         class_label, box_cluster = batch["class_label"], batch["box_cluster"]
         losses = []
         if class_start:
             losses.append(
-                triplet.batch_hard_triplet_loss(
+                batch_hard_triplet_loss(
                     distance[:class_start], class_label[:class_start], valid[:class_start], args.margin
                 )
             )
         if task_guided and selection_start < num_models:
             random_key = None
             if args.extra_selection == "random":
-                random_key = triplet.random_selection_key(
+                random_key = random_selection_key(
                     batch["model_key"][selection_start:],
                     batch["model_step"][selection_start:],
                     batch["sample_id"][selection_start:],
                 )
-            selected = triplet.task_guided_selection(
+            selected = task_guided_selection(
                 batch["task_score"][selection_start:],
                 class_label[selection_start:],
                 valid[selection_start:],
@@ -243,7 +454,7 @@ def stacked_method_loss(heads, args, task_guided=True):
             )
             valid = tf.concat([valid[:selection_start], selected], axis=0)
         if class_start < num_models:
-            batch_all = triplet.batch_all_triplet_loss(
+            batch_all = batch_all_triplet_loss(
                 tf.concat([distance[class_start:], distance[box_start:]], axis=0),
                 tf.concat([class_label[class_start:], box_cluster[box_start:]], axis=0),
                 tf.concat([valid[class_start:], valid[box_start:]], axis=0),
@@ -391,6 +602,14 @@ def export_heads(result, embedding, test_embedding, paths):
         atomic.save_npy(projection_path, projection)
 
 
+def knn_accuracy(train_points, train_labels, test_points, test_labels, neighbours=5):
+    """k-NN class accuracy of test projections against the fold's training projections."""
+    distance = ((test_points[:, None, :] - train_points[None, :, :]) ** 2).sum(-1)
+    nearest = np.argsort(distance, axis=1, kind="stable")[:, :neighbours]
+    votes = np.apply_along_axis(np.bincount, 1, train_labels[nearest], minlength=awir.NUM_CLASSES)
+    return float((votes.argmax(axis=1) == test_labels).mean())
+
+
 def head_knn_accuracies(result, embedding, data):
     """Test and validation 5-NN class accuracies of every head of a finished stack, each against
     its fold's training projections: ([test], [validation])."""
@@ -401,7 +620,7 @@ def head_knn_accuracies(result, embedding, data):
         train_points, train_labels = embedding[train] @ kernel + bias, data["class_label"][train]
         for split, accuracies in ((data["test"], test_accuracies), (val, val_accuracies)):
             accuracies.append(
-                awir.knn_accuracy(
+                knn_accuracy(
                     train_points, train_labels, embedding[split] @ kernel + bias, data["class_label"][split]
                 )
             )
@@ -416,14 +635,147 @@ def export_and_evaluate(job, result, data):
     return head_knn_accuracies(result, embedding, data)
 
 
+# ---- embedding views: silhouettes and 2-D maps of the test projections ----
+#
+# TG-MATL's paper repository shows embedding-space views of the test projections. Here each
+# (embedding, method) gets its silhouette scores in the projection space itself (64-d, Euclidean),
+# once with the class labels and once with the box clusters as the grouping, averaged over the folds,
+# and one 2-D map per view method of the fold-1 test projections: a panel per method, colour = class,
+# marker = box cluster. The maps only illustrate; the silhouette scores are the numbers to compare.
+
+
+def silhouette(points: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette (b - a) / max(a, b) over the points, Euclidean; nan with fewer than 2 groups.
+
+    a: mean distance to the other members of the point's group (a point alone in its group scores
+    0), b: the smallest mean distance to another group (scikit-learn's silhouette_score).
+    """
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(labels)) < 2 or len(np.unique(labels)) >= len(labels):
+        return float("nan")
+    return float(silhouette_score(np.asarray(points, np.float64), labels, metric="euclidean"))
+
+
+def project_2d(points: np.ndarray, view: str, seed: int) -> np.ndarray:
+    """(N, D) -> (N, 2) by t-SNE (scikit-learn, PCA init) or UMAP (umap-learn, 15 neighbours)."""
+    points = np.asarray(points, np.float32)
+    if view == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, (len(points) - 1) / 3)
+        return TSNE(perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+    if view == "umap":
+        import umap
+
+        neighbours = min(15, len(points) - 1)
+        return umap.UMAP(n_neighbors=neighbours, random_state=seed, n_jobs=1).fit_transform(points)
+    raise ValueError(f"unknown view {view!r}; expected one of {VIEW_METHODS}")
+
+
+def silhouette_rows(
+    projections: Mapping[tuple[str, str], Sequence[np.ndarray]], class_label, box_cluster
+) -> list[dict]:
+    """Rows (embedding, method, folds, silhouette_class, silhouette_box): fold means of the scores.
+
+    `projections` maps (embedding, method) to the test projections of each fold.
+    """
+    rows = []
+    for (embedding, method), per_fold in projections.items():
+        by_class = [silhouette(points, class_label) for points in per_fold]
+        by_box = [silhouette(points, box_cluster) for points in per_fold]
+        rows.append(
+            {
+                "embedding": embedding,
+                "method": method,
+                "folds": len(per_fold),
+                "silhouette_class": float(np.mean(by_class)),
+                "silhouette_box": float(np.mean(by_box)),
+            }
+        )
+    return rows
+
+
+def plot_views(projections, class_label, box_cluster, views, seed, directory, class_names) -> list:
+    """One PNG per (embedding, view): the fold-1 test projections of each method in 2-D."""
+    plt = plots.pyplot()
+    paths = []
+    embeddings = list(dict.fromkeys(embedding for embedding, _ in projections))
+    for embedding in embeddings:
+        methods = [method for name, method in projections if name == embedding]
+        for view in views:
+            figure, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.6), squeeze=False)
+            for axis, method in zip(axes[0], methods, strict=True):
+                flat = project_2d(projections[(embedding, method)][0], view, seed)
+                for cluster in np.unique(box_cluster):
+                    member = box_cluster == cluster
+                    axis.scatter(
+                        flat[member, 0],
+                        flat[member, 1],
+                        c=class_label[member],
+                        cmap="viridis",
+                        vmin=0,
+                        vmax=len(class_names) - 1,
+                        marker=MARKERS[cluster % len(MARKERS)],
+                        s=12,
+                    )
+                axis.set_title(f"{embedding} {method}", fontsize=9)
+                axis.set_xticks([])
+                axis.set_yticks([])
+            figure.suptitle(f"{view}: colour = class ({', '.join(class_names)}), marker = box cluster")
+            figure.tight_layout()
+            paths.append(directory / f"{embedding}_{view}.png")
+            plots.save(figure, paths[-1])
+    return paths
+
+
+def write_projection_views(
+    projections, class_label, box_cluster, directory, views=VIEW_METHODS, seed=0, class_names=()
+):
+    """silhouette.csv / .json under `directory` and the 2-D maps of `views`; returns the rows."""
+    rows = silhouette_rows(projections, class_label, box_cluster)
+    columns = ["embedding", "method", "folds", "silhouette_class", "silhouette_box"]
+    atomic.write_csv(directory / "silhouette.csv", rows, columns)
+    atomic.write_json(directory / "silhouette.json", rows)
+    names = list(class_names) or [str(c) for c in np.unique(class_label)]
+    plot_views(projections, np.asarray(class_label), np.asarray(box_cluster), views, seed, directory, names)
+    return rows
+
+
 # ---- the protocol ----
 
 
-def check_training_settings(results_dir, config_name, args, keys):
-    """Refuse to mix heads trained with other arguments into this results tree; record these ones."""
+def read_timings(path, overwrite, key):
+    """Rows of an earlier run's timings CSV by `key(row)` (none with --overwrite)."""
+    if not path.exists() or overwrite:
+        return {}
+    with open(path, newline="") as file:
+        return {key(row): row for row in csv.DictReader(file)}
+
+
+def print_data(data, batch_size):
+    """The data sizes and derived values, printed at start."""
+    train_sizes = sorted({len(train) for train, _ in data["folds"]})
+    print(
+        f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {len(data['folds'])} "
+        f"(train {train_sizes}, val {sorted({len(v) for _, v in data['folds']})}), "
+        f"steps per epoch {int(np.ceil(max(train_sizes) / batch_size))}"
+    )
+    for name, embedding in data["embeddings"].items():
+        paper_width = awir.PAPER_EMBEDDING_WIDTHS[name]
+        note = "" if embedding.shape[1] == paper_width else f" (the paper's {name} width is {paper_width})"
+        print(f"embedding {name}: {embedding.shape}{note}")
+
+
+def check_training_settings(results_dir, config_name, args, resume_settings):
+    """Refuse to mix heads trained with other `resume_settings` into this results tree; record these ones."""
     config_path = Path(results_dir) / "trained_models" / "exp1_emb_proj" / config_name
     current = runs.check_same_settings(
-        config_path, runs.settings_of(args, keys), args.overwrite, "existing heads", hint=awir.RESUME_HINT
+        config_path,
+        runs.settings_of(args, resume_settings),
+        args.overwrite,
+        "existing heads",
+        hint=awir.RESUME_HINT,
     )
     atomic.write_json(config_path, current)
 
@@ -488,10 +840,14 @@ def write_views(data, args, results_dir):
     if not projections:
         return []
     test = data["test"]
-    rows = embedding_views.write_views(
-        projections, data["class_label"][test], data["box_cluster"][test],
-        results_dir / "exp1_test_projections" / "views", args.views, args.seed,
-    )  # fmt: skip
+    rows = write_projection_views(
+        projections,
+        data["class_label"][test],
+        data["box_cluster"][test],
+        results_dir / "exp1_test_projections" / "views",
+        args.views,
+        args.seed,
+    )
     for row in rows:
         print(
             f"  silhouette {row['embedding']} {row['method']}: class {row['silhouette_class']:.3f}, "
@@ -540,13 +896,13 @@ def main(args):
 
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size)
-    awir.print_data(data, args.batch_size)
+    print_data(data, args.batch_size)
     task_scores = fold_task_scores(data, args.seed)
-    check_training_settings(results_dir, "exp1_config.json", args, TRAINING_KEYS)
+    check_training_settings(results_dir, "exp1_config.json", args, RESUME_SETTINGS)
 
     # ---- train ----
     timings_path = results_dir / "exp1_timings" / f"timings_test{args.test_size}.csv"
-    timings = awir.read_timings(
+    timings = read_timings(
         timings_path, args.overwrite, key=lambda row: (row["experiment"], int(row["fold"]))
     )
     heads_by_embedding = heads_to_train(args, results_dir)

@@ -16,9 +16,10 @@ with T, R in integer percent. An interrupted sweep re-run skips every finished h
 
 Commands:
     python igarss_exp1_sweep.py --margin 0.1 --batch_size 32 --test_size 0.7
-    python igarss_exp1_sweep.py --demo        # synthetic data, 576 heads x 100 epochs, a few minutes
-It ends with the grid point of the best mean validation 5-NN accuracy and its test accuracy, e.g.
-    summary: best grid point on validation tp{T}_rp{R}: val 5-NN 0.xxx, test 5-NN 0.xxx (mean over 24 heads)
+    python igarss_exp1_sweep.py --demo        # synthetic data, 576 heads x 100 epochs, 1-3 minutes
+It ends with the grid point of the best mean validation 5-NN accuracy and its test accuracy; the
+demo printed
+    summary: best grid point on validation tp70_rp20: val 5-NN 0.986, test 5-NN 0.984 (mean over 24 heads)
 """
 
 import functools
@@ -29,14 +30,26 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import igarss_exp1
-from common import atomic, awir, cli, runs, stacked_training
+from common import atomic, cli, runs
 from common.errors import cli_entry
+from common.tgmatl import awir, stacked_training
 
 PAPER_TOP_PERCENTS = [0.40, 0.50, 0.60, 0.70]
 PAPER_RANDOM_PERCENTS = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30]
 TIMING_COLUMNS = ["experiment", "fold", "top_percent", "random_percent", "train_time"]
-# The grid replaces top_percent and random_percent; the other training arguments must agree.
-SWEEP_KEYS = [key for key in igarss_exp1.TRAINING_KEYS if key not in ("top_percent", "random_percent")]
+# The settings a resume must match: igarss_exp1.py's, less top_percent and random_percent (the grid
+# replaces them).
+RESUME_SETTINGS = (
+    "margin",
+    "batch_size",
+    "test_size",
+    "box_weight",
+    "extra_selection",
+    "epochs",
+    "learning_rate",
+    "seed",
+    "model_selection",
+)
 
 
 def get_args_parser():
@@ -62,16 +75,12 @@ def get_args_parser():
     return parser
 
 
-def grid_tag(top_percent, random_percent):
-    return f"tp{round(top_percent * 100)}_rp{round(random_percent * 100)}"
-
-
 def heads_to_train(args, grid, results_dir):
     """{embedding: [TG-MATL head]} for every (embedding, grid point, fold) without finished files."""
     heads_by_embedding = {}
     for embedding_index, name in enumerate(args.embeddings):
         for grid_index, (top, extra) in enumerate(grid):
-            tag = grid_tag(top, extra)
+            tag = awir.grid_tag(top, extra)
             for fold in range(1, awir.NUM_FOLDS + 1):
                 paths = igarss_exp1.head_paths(results_dir, name, "tg_matl", fold, args.test_size, tag)
                 if all(path.exists() for path in paths) and not args.overwrite:
@@ -122,7 +131,7 @@ def main(args):
     # ---- data ----
     data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size)
     task_scores = igarss_exp1.fold_task_scores(data, args.seed)
-    igarss_exp1.check_training_settings(results_dir, "exp1_sweep_config.json", args, SWEEP_KEYS)
+    igarss_exp1.check_training_settings(results_dir, "exp1_sweep_config.json", args, RESUME_SETTINGS)
     grid = [(top, extra) for top in args.top_percents for extra in args.random_percents]
     print(
         f"grid {len(grid)} points x {len(args.embeddings)} embeddings x {awir.NUM_FOLDS} folds "
@@ -131,7 +140,7 @@ def main(args):
 
     # ---- train ----
     timings_path = results_dir / "exp1_timings" / f"timings_test{args.test_size}_sweep.csv"
-    timings = awir.read_timings(
+    timings = igarss_exp1.read_timings(
         timings_path,
         args.overwrite,
         lambda r: (r["experiment"], int(r["fold"]), float(r["top_percent"]), float(r["random_percent"])),

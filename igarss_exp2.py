@@ -22,12 +22,17 @@ Commands:
     python igarss_exp1.py --demo && python igarss_exp2.py --demo          # synthetic data
 
 The heads of one (embedding, input width) train together in compiled graphs
-(common/stacked_training.py), which equals training them one by one (own parameters, Adam
-moments, BatchNorm statistics, batches and best weights). The full protocol takes about 8.5
-minutes on a 2-core CPU (bench.tgmatl_exp2_speed compares it with model.fit), --demo a few minutes.
-It ends with one line per method; the demo printed on a 2-core CPU, e.g.
-    summary: tg_matl_30_10 acc 0.919 prec 0.922 rec 0.919 f1 0.919 r2_feat 0.599 r2_loc -0.462
-        (mean over 3 embeddings x 8 folds)      [one line; the third decimal depends on the CPU]
+(common/tgmatl/stacked_training.py), which equals training them one by one (own parameters, Adam
+moments, BatchNorm statistics, batches and best weights). The full protocol (360 heads x 5000
+epochs, 12 stacks in 2 worker processes) took 8 min 32 s end to end on a 2-core CPU, against about
+100+ hours for one model.fit per head (python -m bench.tgmatl_exp2_speed compares the two); --demo
+takes a few minutes. It ends with one line per method, each closing with "(mean over 3 embeddings x 8
+folds)"; the demo printed on a 2-core CPU (the third decimal depends on the CPU):
+    summary: base acc 1.000 prec 1.000 rec 1.000 f1 1.000 r2_feat 0.846 r2_loc -0.308
+    summary: dtl acc 0.994 prec 0.994 rec 0.994 f1 0.994 r2_feat 0.297 r2_loc -0.443
+    summary: dtl_hard acc 0.990 prec 0.991 rec 0.990 f1 0.990 r2_feat 0.368 r2_loc -0.410
+    summary: matl acc 0.962 prec 0.964 rec 0.962 f1 0.961 r2_feat 0.500 r2_loc -0.434
+    summary: tg_matl_30_10 acc 0.919 prec 0.922 rec 0.919 f1 0.919 r2_feat 0.598 r2_loc -0.449
 """
 
 import argparse
@@ -41,8 +46,9 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, awir, cli, plots, reports, runs, stacked_training
+from common import atomic, cli, plots, reports, runs
 from common.errors import InputError, cli_entry
+from common.tgmatl import awir, stacked_training
 
 EXP1_METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
 METHODS = ("base", *EXP1_METHODS)
@@ -60,8 +66,8 @@ METRICS = ("acc", "precision", "recall", "f1", "mse_feat", "r2_feat", "mse_loc",
 VAL_METRICS = tuple(f"val_{metric}" for metric in METRICS)
 LOWER_IS_BETTER = ("mse_feat", "mse_loc")
 TIME_METRICS = ("class_time", "reg_boxfeat_time", "reg_boxloc_time")
-# Arguments that change what a head learns: finished heads are reused only if these agree.
-TRAINING_KEYS = ("batch_size", "test_size", "epochs", "learning_rate", "seed")
+# The settings a resume must match: finished heads are reused only if these arguments agree.
+RESUME_SETTINGS = ("batch_size", "test_size", "epochs", "learning_rate", "seed")
 
 
 def add_task_head_arguments(parser, demo_help):
@@ -117,7 +123,7 @@ def metrics_path(results_dir, embedding, method, fold):
     return Path(results_dir) / "exp2_results" / embedding / f"{method}_fold{fold}_taskhead_metrics.npy"
 
 
-# ---- the task heads (the MATL paper's heads, arXiv 2504.08054; README: igarss_exp2.py) ----
+# ---- the task heads (the MATL paper's heads, arXiv 2504.08054; docs/tgmatl.md) ----
 
 
 def build_task_head(input_dim, kind, learning_rate=1e-4):
@@ -211,8 +217,9 @@ def initial_task_head_params(input_dim, kinds, generators):
         output_kernel[model, :, :units] = stacked_training.glorot_normal(generator, TRUNK_UNITS[-1], units)
     params["kernel_out"] = output_kernel
     params["bias_out"] = np.zeros((len(generators), OUTPUT_UNITS))
-    as_float32 = lambda arrays: {k: v.astype(np.float32) for k, v in arrays.items()}  # noqa: E731
-    return as_float32(params), as_float32(state)
+    params = {name: value.astype(np.float32) for name, value in params.items()}
+    state = {name: value.astype(np.float32) for name, value in state.items()}
+    return params, state
 
 
 def task_head_forward(params, state, x, valid, training):
@@ -231,9 +238,16 @@ def task_head_forward(params, state, x, valid, training):
         )
         moving = (state[f"moving_mean{layer}"], state[f"moving_variance{layer}"])
         hidden, moving = stacked_training.masked_batch_norm(
-            hidden, weight, count, moving, params[f"gamma{layer}"], params[f"beta{layer}"], training,
-            BN_MOMENTUM, BN_EPSILON,
-        )  # fmt: skip
+            hidden,
+            weight,
+            count,
+            moving,
+            params[f"gamma{layer}"],
+            params[f"beta{layer}"],
+            training,
+            BN_MOMENTUM,
+            BN_EPSILON,
+        )
         new_state[f"moving_mean{layer}"], new_state[f"moving_variance{layer}"] = moving
     outputs = tf.einsum("mbd,mde->mbe", hidden, params["kernel_out"]) + params["bias_out"][:, None, :]
     return outputs, new_state
@@ -270,6 +284,68 @@ def export_task_head(params, state, index, kind, input_dim, path, learning_rate,
     return model
 
 
+# ---- the inputs of the task heads: raw embeddings or exp1 projections ----
+
+
+def project_with_exp1_head(path, embedding, command):
+    """Apply one saved igarss_exp1 ProjectionHead to every sample; one-line errors for bad files."""
+    import keras
+
+    if not Path(path).is_file():
+        raise InputError(path, "exp1 projection head not found", f"the head of `{command}`; run it first")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:  # h5py/Keras
+        detail = str(error).splitlines()[0][:120] if str(error) else ""
+        raise InputError(
+            path,
+            f"cannot be loaded as a Keras model ({type(error).__name__}: {detail})",
+            f"a .h5 written by `{command}`; delete it and re-run that command",
+        ) from None
+    input_width = model.input_shape[-1]
+    if input_width != embedding.shape[1]:
+        raise InputError(
+            path,
+            f"takes {input_width}-d inputs but the embedding is {embedding.shape[1]}-d",
+            f"a head trained on this embedding by `{command}`",
+        )
+    projection = np.asarray(model(embedding, training=False), np.float32)
+    if projection.ndim != 2 or not np.isfinite(projection).all():
+        problem = f"gives outputs of shape {projection.shape}"
+        problem += " with non-finite values" if projection.ndim == 2 else ""
+        raise InputError(path, problem, "a ProjectionHead with finite (N, 64) outputs")
+    return projection
+
+
+def exp1_command(script: str, args) -> str:
+    """The command that writes the exp1 heads an exp2 run reads (named in errors about missing heads)."""
+    command = f"python {script}" + (" --demo" if args.demo else "")
+    return command + (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
+
+
+def load_task_head_inputs(data, sources, embedding_names, folds, results_dir) -> dict:
+    """{(embedding, method, fold): (N, D) input} of the exp2 task heads, for every source.
+
+    A source with `exp1_tag` None is the raw embedding; otherwise each fold's exp1 head (in
+    `exp1_subdir`) projects every sample.
+    """
+    inputs = {}
+    for name in embedding_names:
+        embedding = data["embeddings"][name]
+        for source in sources:
+            for fold in folds:
+                if source["exp1_tag"] is None:
+                    inputs[(name, source["method"], fold)] = embedding
+                else:
+                    path = awir.exp1_head_path(
+                        results_dir, name, source["exp1_tag"], fold, source["exp1_subdir"]
+                    )
+                    inputs[(name, source["method"], fold)] = project_with_exp1_head(
+                        path, embedding, source["command"]
+                    )
+    return inputs
+
+
 def sources_for(args, command):
     """The task-head inputs of this run: (method tag, exp1 model subdir, exp1 file tag) per method."""
     sources = []
@@ -280,12 +356,17 @@ def sources_for(args, command):
     return sources
 
 
+def box_feature_targets(dataset_features, train_indices):
+    """Re-normalise with the training fold's min/max and clip to [0, 1] (train, val, test alike)."""
+    return np.clip(awir.min_max_scale(dataset_features, dataset_features[train_indices]), 0.0, 1.0)
+
+
 def head_targets(data, fold, kind):
     """(N, 13) targets of one head, zero-padded: class one-hot, fold-normalised box features, location."""
     if kind == "class":
         target = np.eye(awir.NUM_CLASSES)[data["class_label"]]
     elif kind == "boxfeat":
-        target = awir.box_feature_targets(data["box_features"], data["folds"][fold - 1][0])
+        target = box_feature_targets(data["box_features"], data["folds"][fold - 1][0])
     else:
         target = data["box_location"]
     padded = np.zeros((len(target), OUTPUT_UNITS), np.float32)
@@ -370,9 +451,11 @@ def heads_by_width(units, inputs):
 def plan_jobs(units, inputs, workers):
     """Split the heads of each (embedding, input width) into `workers` stacks, largest work first."""
     return stacked_training.split_into_stacks(
-        heads_by_width(units, inputs), workers, cost=lambda group: group[1] + 40,
+        heads_by_width(units, inputs),
+        workers,
+        cost=lambda group: group[1] + 40,
         label=lambda group: f"{group[0]}/{group[1]}d",
-    )  # fmt: skip
+    )
 
 
 def cost_group(head):
@@ -423,7 +506,7 @@ def units_to_train(args, sources, results_dir):
 def record_heads(job, result, data, args, pending, keras_models, costs):
     """Export a finished stack's heads, evaluate them on the test set and on their fold's validation
     split, and write each completed unit's metrics."""
-    # The joint wall time is split by each method's calibrated cost (README: igarss_exp2.py, Timings).
+    # The joint wall time is split by each method's calibrated cost (docs/tgmatl.md, Timings).
     seconds = stacked_training.head_seconds(result["seconds"], result["heads"], costs, cost_group)
     for index, head in enumerate(result["heads"]):
         kind, unit = head["kind"], (head["embedding"], head["method"], head["fold"])
@@ -445,24 +528,31 @@ def record_heads(job, result, data, args, pending, keras_models, costs):
     print(stacked_training.finished_line(job, result, args.epochs))
 
 
-def run_task_heads(data, sources, args, config_name="exp2_config.json", calibration_epochs=0):
+def run_task_heads(
+    data, sources, args, resume_settings, config_name="exp2_config.json", calibration_epochs=0
+):
     """Train, export and evaluate the task heads of every (embedding, source, fold) not yet finished;
-    with `calibration_epochs`, each method's time is its own calibrated share (README: Timings)."""
+    with `calibration_epochs`, each method's time is its own calibrated share (docs/tgmatl.md, Timings).
+
+    Finished heads are reused only if the `resume_settings` arguments agree with those recorded in
+    `config_name`.
+    """
     results_dir = Path(args.results_dir)
     config_path = results_dir / "trained_models" / "exp2_task_heads" / config_name
     training_config = runs.check_same_settings(
-        config_path, runs.settings_of(args, TRAINING_KEYS), args.overwrite, "existing task heads",
+        config_path,
+        runs.settings_of(args, resume_settings),
+        args.overwrite,
+        "existing task heads",
         hint=awir.RESUME_HINT,
-    )  # fmt: skip
+    )
     units = units_to_train(args, sources, results_dir)
     if not units:
         return
     needed = sorted({(unit["embedding"], unit["method"]) for unit in units})
     needed_sources = [s for s in sources if any(s["method"] == m for _, m in needed)]
     folds = sorted({u["fold"] for u in units})
-    inputs = awir.load_task_head_inputs(
-        data, needed_sources, sorted({n for n, _ in needed}), folds, results_dir
-    )
+    inputs = load_task_head_inputs(data, needed_sources, sorted({n for n, _ in needed}), folds, results_dir)
     atomic.write_json(config_path, training_config)
     costs = {}
     if calibration_epochs > 0:
@@ -580,10 +670,10 @@ def main(args):
         f"steps per epoch {int(np.ceil(max(len(t) for t, _ in data['folds']) / args.batch_size))}, "
         f"task heads {3 * len(args.embeddings) * len(args.methods) * len(args.folds)}"
     )
-    sources = sources_for(args, awir.exp1_command("igarss_exp1.py", args))
+    sources = sources_for(args, exp1_command("igarss_exp1.py", args))
 
     # ---- train ----
-    run_task_heads(data, sources, args, calibration_epochs=args.calibration_epochs)
+    run_task_heads(data, sources, args, RESUME_SETTINGS, calibration_epochs=args.calibration_epochs)
 
     # ---- evaluate ----
     methods = [source["method"] for source in sources]

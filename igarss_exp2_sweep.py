@@ -21,8 +21,11 @@ Commands:
 Finished (embedding, config, fold) sets are reused, so an interrupted sweep continues. The 24 grid
 points give 3 x 24 x 8 x 3 = 1728 heads, about 5 times the work of igarss_exp2.py. It ends with one
 line each for acc, r2_feat and r2_loc naming the grid point with the best validation mean (fold
-means, then embeddings; results/exp2_results/sweep_best.json has every metric) and its test mean:
-    summary: best r2_feat on validation at top_percent <T> random_percent <R>: val <v>, test <t> (mean ...)
+means, then embeddings; results/exp2_results/sweep_best.json has every metric) and its test mean,
+each closing with "(mean over 3 embeddings x 8 folds)"; the demo printed
+  summary: best acc on validation at top_percent 0.70 random_percent 0.30: val 0.981, test 0.972
+  summary: best r2_feat on validation at top_percent 0.50 random_percent 0.05: val 0.494, test 0.587
+  summary: best r2_loc on validation at top_percent 0.60 random_percent 0.15: val -0.272, test -0.392
 """
 
 import re
@@ -33,12 +36,15 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import igarss_exp2
-from common import atomic, awir, cli, plots, runs
+from common import atomic, cli, plots, runs
 from common.errors import InputError, cli_entry
+from common.tgmatl import awir
 
 TOP_PERCENTS = (0.40, 0.50, 0.60, 0.70)
 RANDOM_PERCENTS = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 HEATMAP_METRICS = ("acc", "precision", "recall", "f1", "r2_feat", "r2_loc", "mse_feat", "mse_loc")
+# The settings a resume must match: those of igarss_exp2.py, whose task heads this script trains.
+RESUME_SETTINGS = igarss_exp2.RESUME_SETTINGS
 
 
 def get_args_parser():
@@ -61,11 +67,6 @@ def get_args_parser():
         help="random_percent values of the exp1 sweep (paper grid: 0.05 ... 0.30).",
     )
     return parser
-
-
-def config_dir(top_percent, random_percent):
-    """The exp1 sweep's folder of one grid point, tp{T}_rp{R} with T, R in integer percent."""
-    return f"tp{round(top_percent * 100)}_rp{round(random_percent * 100)}"
 
 
 def trained_grid(results_dir, embedding_names):
@@ -99,9 +100,9 @@ def sweep_grid(args, command):
 def sweep_sources(grid, command):
     return [
         {
-            "method": f"tg_matl_{config_dir(t, r)}",
+            "method": f"tg_matl_{awir.grid_tag(t, r)}",
             "exp1_tag": "tg_matl",
-            "exp1_subdir": config_dir(t, r),
+            "exp1_subdir": awir.grid_tag(t, r),
             "command": command,
             "top_percent": t,
             "random_percent": r,
@@ -181,7 +182,7 @@ def best_grid_points(rows, sources, args):
 @cli_entry
 def main(args):
     runs.seed_everything(args.seed, args.deterministic)
-    command = awir.exp1_command("igarss_exp1_sweep.py", args)
+    command = igarss_exp2.exp1_command("igarss_exp1_sweep.py", args)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp2_sweep")
     grid = sweep_grid(args, command)
@@ -197,7 +198,7 @@ def main(args):
     )
 
     # ---- train ----
-    igarss_exp2.run_task_heads(data, sources, args, config_name="exp2_sweep_config.json")
+    igarss_exp2.run_task_heads(data, sources, args, RESUME_SETTINGS, config_name="exp2_sweep_config.json")
 
     # ---- evaluate ----
     directory = Path(args.results_dir) / "exp2_results"

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import igarss_exp1
-from common import awir
+from common.tgmatl import awir
 
 FULL_HEADS, FULL_EPOCHS = 96, 5000
 

@@ -31,7 +31,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import igarss_exp2
-from common import awir
+from common.tgmatl import awir, stacked_training
 
 FULL_EPOCHS = 5000
 FULL_HEADS = 360
@@ -88,15 +88,13 @@ def stacked_epoch_seconds(units, inputs, data, args, chunk_epochs, chunks=3):
     per-epoch cost, measured inside one run (robust to load changing between runs). Returns
     (compile seconds, steady seconds per epoch) summed over stacks, and the number of stacks.
     """
-    from common.stacked_training import run_side_by_side
-
     args.epochs = chunks * chunk_epochs
     jobs = igarss_exp2.plan_jobs(units, inputs, args.workers)
     for job in jobs:
         job["inputs"] = {head["input"]: inputs[head["input"]] for head in job["heads"]}
     timings = []
     cpu_started = cpu_seconds()
-    wall = run_side_by_side(
+    wall = stacked_training.run_side_by_side(
         jobs,
         functools.partial(train_job, data=data, args=args, chunk_epochs=chunk_epochs),
         lambda job, result: timings.append(result["chunk_seconds"]),

@@ -1,4 +1,4 @@
-"""TG-MATL data protocol: box targets on hand-made boxes, clusters, and the one reusable fold protocol."""
+"""The AWIR data protocol (common.tgmatl.awir): box features on hand-made boxes, clusters, the fold split."""
 
 import json
 import math
@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from common import awir
 from common.errors import InputError
+from common.tgmatl import awir
 
 
 def test_box_features_equal_their_formulas_on_a_hand_made_box():
@@ -39,15 +39,6 @@ def test_boxes_are_clipped_and_degenerate_boxes_stay_finite():
     assert features[0, 0] == 300 and features[0, 1] == 0
     assert np.isfinite(features).all()
     np.testing.assert_allclose(awir.box_location(np.array([[0, 300, 100, 200]])), [[0.5, 0.5]])
-
-
-def test_feature_targets_are_renormalised_on_the_training_fold_and_clipped():
-    features = awir.box_features(np.array([[0, 10, 0, 10], [0, 20, 0, 40], [0, 200, 0, 250], [0, 5, 0, 5]]))
-    targets = awir.box_feature_targets(features, np.array([0, 1]))
-    assert targets.min() >= 0 and targets.max() <= 1
-    np.testing.assert_allclose(targets[0, :2], [0, 0])
-    np.testing.assert_allclose(targets[1, :2], [1, 1])
-    np.testing.assert_allclose(targets[2, :2], [1, 1])  # beyond the training maximum: clipped
 
 
 def demo_labels(tmp_path, num_samples=240):
@@ -91,17 +82,3 @@ def test_folds_file_of_other_data_is_refused(tmp_path):
     changed[0] = (changed[0] + 1) % 3
     with pytest.raises(InputError, match="was made for other data"):
         awir.load_or_make_folds(tmp_path / "results", 0.7, changed, box_label, cluster)
-
-
-def test_task_guidance_scores_weight_informative_box_geometry(tmp_path):
-    rng = np.random.default_rng(0)
-    class_label = rng.integers(0, 3, 200)
-    # Box width is informative about the class; position is noise.
-    width = 20 + 60 * class_label + rng.integers(0, 10, 200)
-    x_min = rng.integers(0, 100, 200)
-    y_min = rng.integers(0, 100, 200)
-    box_label = np.stack([x_min, x_min + width, y_min, y_min + 30], axis=1)
-    scores = awir.task_guidance_scores(box_label, class_label, seed=0)
-    assert scores.shape == (200,)
-    # Larger (more class-informative) widths get larger scores on average.
-    assert np.corrcoef(scores, width)[0, 1] > 0.5

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import extract_embeddings as ee
-from common import npy
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "extract_embeddings.py"
@@ -367,7 +366,7 @@ def test_streaming_reader_matches_np_load(tmp_path):
         path = tmp_path / f"{writer.__name__}.npz"
         writer(path, rgb=images, thermal=np.asfortranarray(images[..., :1].astype(np.float32)))
         for key in ("rgb", "thermal"):
-            batches = [batch for _, batch in npy.iter_npz_batches(path, key, 2)]
+            batches = [batch for _, batch in ee.iter_npz_batches(path, key, 2)]
             assert [len(batch) for batch in batches] == [2, 2, 1]
             assert np.array_equal(np.concatenate(batches), np.load(path)[key])
 

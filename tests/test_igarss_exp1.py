@@ -10,7 +10,7 @@ from conftest import assert_main_error, assert_process_error, no_temporary_files
 from conftest import parse as parse_argv
 
 import igarss_exp1
-from common import awir, stacked_training
+from common.tgmatl import awir, stacked_training
 
 SMALL_WIDTHS = {"clip": 12, "dinov2": 16, "mae": 16}
 
@@ -194,7 +194,7 @@ def knn_accuracy_of(result, data, embedding, label_key):
         train, _ = data["folds"][head["fold"] - 1]
         kernel, bias = result["params"]["kernel"][index], result["params"]["bias"][index]
         accuracies.append(
-            awir.knn_accuracy(
+            igarss_exp1.knn_accuracy(
                 embedding[train] @ kernel + bias,
                 data[label_key][train],
                 embedding[data["test"]] @ kernel + bias,

@@ -8,13 +8,14 @@ import pytest
 from conftest import assert_main_error, call_main, parse, run_script
 
 import igarss_exp1_sweep
+from common.tgmatl import awir
 
 
 def test_grid_defaults_are_the_papers():
     args = parse(igarss_exp1_sweep, [])
     assert args.top_percents == [0.40, 0.50, 0.60, 0.70]
     assert args.random_percents == [0.05, 0.10, 0.15, 0.20, 0.25, 0.30]
-    assert igarss_exp1_sweep.grid_tag(0.6, 0.15) == "tp60_rp15"
+    assert awir.grid_tag(0.6, 0.15) == "tp60_rp15"
 
 
 def test_demo_sweep_writes_grid_heads_and_resumes(tmp_path, capsys):

@@ -8,8 +8,8 @@ import pytest
 from conftest import assert_main_error, no_temporary_files, parse, run_script
 
 import igarss_exp2
-from common import awir, stacked_training
 from common.errors import cli_entry
+from common.tgmatl import awir, stacked_training
 
 EXP1_METHODS = ("dtl", "dtl_hard", "matl", "tg_matl_30_10")
 ALL_METHODS = ("base", *EXP1_METHODS)
@@ -109,7 +109,7 @@ def test_exported_heads_reload_and_reproduce_the_metrics(demo_results):
         0.7,
     )
     fold, test = 3, data["test"]
-    projection = awir.project_with_exp1_head(
+    projection = igarss_exp2.project_with_exp1_head(
         awir.exp1_head_path(results, "clip", "tg_matl_30_10", fold), data["embeddings"]["clip"], "exp1"
     )
     twin = json.loads(
@@ -400,3 +400,12 @@ def test_stacked_training_equals_keras_one_by_one_and_exports_exactly(tmp_path):
         reloaded = keras.models.load_model(path)
         stacked = igarss_exp2.head_predictions(kind, stack.predict(x)[model_index])
         np.testing.assert_allclose(reloaded.predict(x, verbose=0), stacked, atol=1e-5)
+
+
+def test_feature_targets_are_renormalised_on_the_training_fold_and_clipped():
+    features = awir.box_features(np.array([[0, 10, 0, 10], [0, 20, 0, 40], [0, 200, 0, 250], [0, 5, 0, 5]]))
+    targets = igarss_exp2.box_feature_targets(features, np.array([0, 1]))
+    assert targets.min() >= 0 and targets.max() <= 1
+    np.testing.assert_allclose(targets[0, :2], [0, 0])
+    np.testing.assert_allclose(targets[1, :2], [1, 1])
+    np.testing.assert_allclose(targets[2, :2], [1, 1])  # beyond the training maximum: clipped

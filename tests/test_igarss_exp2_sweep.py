@@ -9,7 +9,8 @@ from conftest import assert_main_error, parse, run_script
 
 import igarss_exp2
 import igarss_exp2_sweep
-from common import atomic, awir
+from common import atomic
+from common.tgmatl import awir
 
 GRID = ((0.4, 0.1), (0.5, 0.2))
 
@@ -27,7 +28,7 @@ def write_exp1_sweep_heads(results, grid, folds, input_dim=awir.PAPER_EMBEDDING_
                 [rng.normal(0, 0.05, (input_dim, 64)).astype(np.float32), np.zeros(64, np.float32)]
             )
             path = awir.exp1_head_path(
-                results, "clip", "tg_matl", fold, igarss_exp2_sweep.config_dir(top_percent, random_percent)
+                results, "clip", "tg_matl", fold, awir.grid_tag(top_percent, random_percent)
             )
             atomic.save_keras(model, path)
 
@@ -70,7 +71,7 @@ def test_demo_sweep_writes_grid_summary_and_resumes(tmp_path, capsys):
     assert "summary: best r2_feat" in output
     assert {report["acc"]["top_percent"], report["acc"]["random_percent"]} <= {0.4, 0.5, 0.1, 0.2}
     for top_percent, random_percent in GRID:
-        method = f"tg_matl_{igarss_exp2_sweep.config_dir(top_percent, random_percent)}"
+        method = f"tg_matl_{awir.grid_tag(top_percent, random_percent)}"
         for fold in (1, 2):
             npy = results / "exp2_results" / "clip" / f"{method}_fold{fold}_taskhead_metrics.npy"
             assert npy.is_file() and npy.with_suffix(".json").is_file()
@@ -135,9 +136,9 @@ def test_demo_without_sweep_models(tmp_path, capsys):
     )
 
 
-def test_config_dir_uses_integer_percent():
-    assert igarss_exp2_sweep.config_dir(0.7, 0.05) == "tp70_rp5"
-    assert igarss_exp2_sweep.config_dir(0.4, 0.25) == "tp40_rp25"
+def test_grid_point_folder_uses_integer_percent():
+    assert awir.grid_tag(0.7, 0.05) == "tp70_rp5"
+    assert awir.grid_tag(0.4, 0.25) == "tp40_rp25"
 
 
 def test_best_grid_point_is_chosen_on_validation_and_reported_on_test(capsys):

@@ -1,4 +1,5 @@
-"""TG-MATL losses and task-guided selection against brute-force loops over all triplets."""
+"""igarss_exp1.py's triplet losses, task-guidance score and task-guided selection, against brute-force
+loops over all triplets and hand-made inputs."""
 
 import math
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import triplet
+import igarss_exp1
 
 MARGIN = 0.1
 
@@ -67,18 +68,18 @@ def random_batches(seed, num_models=4, batch_size=11, width=5, num_labels=3):
 
 
 def stacked(function, points, labels, valid, *extra):
-    distance = triplet.pairwise_distance(tf.constant(points))
+    distance = igarss_exp1.pairwise_distance(tf.constant(points))
     return function(distance, tf.constant(labels), tf.constant(valid), *extra).numpy()
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_distance_batch_all_and_batch_hard_equal_brute_force(seed):
     points, labels, valid = random_batches(seed)
-    distance = triplet.pairwise_distance(tf.constant(points)).numpy()
+    distance = igarss_exp1.pairwise_distance(tf.constant(points)).numpy()
     for model in range(len(points)):
         np.testing.assert_allclose(distance[model], brute_distance(points[model]), atol=2e-5)
-    batch_all = stacked(triplet.batch_all_triplet_loss, points, labels, valid, MARGIN)
-    batch_hard = stacked(triplet.batch_hard_triplet_loss, points, labels, valid, MARGIN)
+    batch_all = stacked(igarss_exp1.batch_all_triplet_loss, points, labels, valid, MARGIN)
+    batch_hard = stacked(igarss_exp1.batch_hard_triplet_loss, points, labels, valid, MARGIN)
     for model in range(len(points)):
         assert batch_all[model] == pytest.approx(
             brute_batch_all(points[model], labels[model], valid[model]), rel=1e-4, abs=1e-5
@@ -93,14 +94,14 @@ def test_batch_all_is_zero_without_violations_and_hard_uses_row_maximum_without_
     points = np.array([[[0, 0], [0, 0.01], [10, 0], [10, 0.01]]], np.float32)
     labels = np.array([[0, 0, 1, 1]], np.int32)
     valid = np.ones((1, 4), bool)
-    assert stacked(triplet.batch_all_triplet_loss, points, labels, valid, MARGIN)[0] == 0.0
+    assert stacked(igarss_exp1.batch_all_triplet_loss, points, labels, valid, MARGIN)[0] == 0.0
     # One class only: d- falls back to the row maximum, as in the reference implementation.
     same_class = np.zeros((1, 4), np.int32)
     expected = brute_batch_hard(points[0], same_class[0], valid[0])
     assert expected > 0
-    assert stacked(triplet.batch_hard_triplet_loss, points, same_class, valid, MARGIN)[0] == pytest.approx(
-        expected, rel=1e-5
-    )
+    assert stacked(igarss_exp1.batch_hard_triplet_loss, points, same_class, valid, MARGIN)[
+        0
+    ] == pytest.approx(expected, rel=1e-5)
 
 
 def test_batch_all_gradient_equals_relu_form():
@@ -132,9 +133,9 @@ def test_batch_all_gradient_equals_relu_form():
         )
 
     with tf.GradientTape(persistent=True) as tape:
-        distance = triplet.pairwise_distance(points)
+        distance = igarss_exp1.pairwise_distance(points)
         ours = tf.reduce_sum(
-            triplet.batch_all_triplet_loss(distance, tf.constant(labels), tf.constant(valid), MARGIN)
+            igarss_exp1.batch_all_triplet_loss(distance, tf.constant(labels), tf.constant(valid), MARGIN)
         )
         reference = tf.reduce_sum(relu_form(distance, tf.constant(labels), tf.constant(valid)))
     np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-5)
@@ -146,7 +147,7 @@ def test_batch_all_gradient_equals_relu_form():
 def test_distance_gradient_is_finite_for_coinciding_points():
     points = tf.Variable(np.zeros((1, 3, 4), np.float32))
     with tf.GradientTape() as tape:
-        total = tf.reduce_sum(triplet.pairwise_distance(points))
+        total = tf.reduce_sum(igarss_exp1.pairwise_distance(points))
     assert np.isfinite(tape.gradient(total, points).numpy()).all()
 
 
@@ -155,8 +156,8 @@ def test_matl_equals_weighted_sum_of_brute_force_terms(seed):
     points, labels, valid = random_batches(seed)
     clusters = np.random.default_rng(seed + 100).integers(0, 3, labels.shape).astype(np.int32)
     box_weight = 0.3
-    distance = triplet.pairwise_distance(tf.constant(points))
-    ours = triplet.matl_loss(
+    distance = igarss_exp1.pairwise_distance(tf.constant(points))
+    ours = igarss_exp1.matl_loss(
         distance, tf.constant(labels), tf.constant(clusters), tf.constant(valid), MARGIN, box_weight
     ).numpy()
     for model in range(len(points)):
@@ -181,7 +182,7 @@ def test_task_guided_selection_equals_brute_force(seed, mode):
     top_percent = np.array([0.3, 0.4, 0.5, 0.7, 0.3])
     random_percent = np.array([0.1, 0.05, 0.2, 0.3, 0.9])  # the last asks for more than the class has
     random_key = rng.random((num_models, batch_size)) if mode == "random" else None
-    keep = triplet.task_guided_selection(
+    keep = igarss_exp1.task_guided_selection(
         tf.constant(score),
         tf.constant(labels),
         tf.constant(valid),
@@ -207,11 +208,11 @@ def test_selection_counts_follow_the_floor_rule():
     labels = np.zeros((1, 10), np.int32)
     valid = np.ones((1, 10), bool)
     score = np.arange(10, dtype=np.float64)[None]
-    keep = triplet.task_guided_selection(
+    keep = igarss_exp1.task_guided_selection(
         tf.constant(score), tf.constant(labels), tf.constant(valid), tf.constant([0.7]), tf.constant([0.0])
     ).numpy()
     assert keep.sum() == 7 and keep[0, 3:].all()
-    keep = triplet.task_guided_selection(
+    keep = igarss_exp1.task_guided_selection(
         tf.constant(score), tf.constant(labels), tf.constant(valid), tf.constant([0.7]), tf.constant([0.5])
     ).numpy()
     assert keep.all()
@@ -221,15 +222,17 @@ def test_tg_matl_is_matl_on_the_selected_triplets():
     points, labels, valid = random_batches(3, num_models=2, batch_size=24)
     clusters = np.random.default_rng(9).integers(0, 3, labels.shape).astype(np.int32)
     score = np.random.default_rng(10).random(labels.shape)
-    keep = triplet.task_guided_selection(
+    keep = igarss_exp1.task_guided_selection(
         tf.constant(score),
         tf.constant(labels),
         tf.constant(valid),
         tf.constant([0.5, 0.5]),
         tf.constant([0.2, 0.2]),
     )
-    distance = triplet.pairwise_distance(tf.constant(points))
-    ours = triplet.matl_loss(distance, tf.constant(labels), tf.constant(clusters), keep, MARGIN, 0.5).numpy()
+    distance = igarss_exp1.pairwise_distance(tf.constant(points))
+    ours = igarss_exp1.matl_loss(
+        distance, tf.constant(labels), tf.constant(clusters), keep, MARGIN, 0.5
+    ).numpy()
     for model in range(2):
         kept = brute_selection(score[model], labels[model], valid[model], 0.5, 0.2)
         expected = 0.5 * brute_batch_all(points[model], labels[model], kept) + 0.5 * brute_batch_all(
@@ -249,10 +252,26 @@ def test_self_and_duplicate_distances_are_exactly_zero(jit_compile):
     points[:, 7] = points[:, 2]  # duplicates at several positions of the batch
     points[:, 39] = points[:, 2]
     points[:, 20] = points[:, 11]
-    distance = tf.function(triplet.pairwise_distance, jit_compile=jit_compile)(tf.constant(points)).numpy()
+    distance = tf.function(igarss_exp1.pairwise_distance, jit_compile=jit_compile)(
+        tf.constant(points)
+    ).numpy()
     for model in range(2):
         assert np.all(np.diag(distance[model]) == 0.0)
         for i, j in [(2, 7), (7, 2), (2, 39), (7, 39), (11, 20), (20, 11)]:
             assert distance[model, i, j] == 0.0
     brute = np.sqrt(((points[:, :, None].astype(np.float64) - points[:, None]) ** 2).sum(-1))
     np.testing.assert_allclose(distance, brute, rtol=1e-4, atol=2e-3)
+
+
+def test_task_guidance_scores_weight_informative_box_geometry(tmp_path):
+    rng = np.random.default_rng(0)
+    class_label = rng.integers(0, 3, 200)
+    # Box width is informative about the class; position is noise.
+    width = 20 + 60 * class_label + rng.integers(0, 10, 200)
+    x_min = rng.integers(0, 100, 200)
+    y_min = rng.integers(0, 100, 200)
+    box_label = np.stack([x_min, x_min + width, y_min, y_min + 30], axis=1)
+    scores = igarss_exp1.task_guidance_scores(box_label, class_label, seed=0)
+    assert scores.shape == (200,)
+    # Larger (more class-informative) widths get larger scores on average.
+    assert np.corrcoef(scores, width)[0, 1] > 0.5

@@ -1,14 +1,14 @@
-"""TG-MATL data protocol shared by the four igarss scripts: loading, box targets, clusters, folds.
+"""The AWIR data protocol of the TG-MATL scripts: labels, box features, box clusters, the one fold split.
 
-As in the paper's reference code (README: igarss_exp1.py): `data.npz` holds `class_label` (N,)
-in {0,1,2} and `box_label` (N,4) pixel boxes `[xmin, xmax, ymin, ymax]` in 300x300 images; the
+As in the paper's reference code (docs/tgmatl.md): `data.npz` holds `class_label` (N,) in {0,1,2}
+and `box_label` (N,4) pixel boxes `[xmin, xmax, ymin, ymax]` in 300x300 images; the
 foundation-model embeddings are `embeddings/awir_{clip,dinov2,mae}_emb.npy`. One fold protocol (a
 fixed stratified test set and 8 stratified folds of the remaining pool, stratified by class x box
 cluster) is computed once, saved to `results/splits/folds_test{test_size}.json`, and reused by
-every script.
+every script. Also here: the flags the four igarss scripts share, the results-tree paths one script
+writes and another reads, and the seeded synthetic AWIR-like data of `--demo`.
 """
 
-import csv
 import hashlib
 import json
 import os
@@ -226,7 +226,7 @@ def load_embedding(embeddings_dir, name, num_samples):
     return embedding
 
 
-# ---- box targets (the MATL and TG-MATL papers' box annotations; README: igarss_exp2.py) ----
+# ---- box targets (the MATL and TG-MATL papers' box annotations; docs/tgmatl.md) ----
 
 
 def box_width_height(box_label):
@@ -291,11 +291,6 @@ def box_features(box_label):
     return min_max_scale(raw_box_features(box_label))
 
 
-def box_feature_targets(dataset_features, train_indices):
-    """Re-normalise with the training fold's min/max and clip to [0, 1] (train, val, test alike)."""
-    return np.clip(min_max_scale(dataset_features, dataset_features[train_indices]), 0.0, 1.0)
-
-
 def box_cluster_labels(box_label):
     """The MATL box annotation: KMeans(k=3) on min-max scaled (w, h, area, SSD). Ids are arbitrary."""
     from sklearn.cluster import KMeans
@@ -303,30 +298,6 @@ def box_cluster_labels(box_label):
     features = raw_box_features(box_label)[:, [0, 1, 2, 3]]
     kmeans = KMeans(n_clusters=3, n_init=10, random_state=SPLIT_RANDOM_STATE)
     return kmeans.fit_predict(min_max_scale(features)).astype(np.int64)
-
-
-def task_guidance_scores(box_label, class_label, seed):
-    """TG-MATL score s_i = sum_j MI_j * X_ij with X = [x_c, y_c, w, h]/300 min-max scaled over the split.
-
-    MI_j is the mutual information between feature j and the class (sklearn's estimator), computed
-    on this split only: train and validation scores are computed separately.
-    """
-    from sklearn.feature_selection import mutual_info_classif
-
-    box, width, height = box_width_height(box_label)
-    centre = np.stack([(box[:, 0] + box[:, 1]) / 2, (box[:, 2] + box[:, 3]) / 2], axis=1)
-    geometry = min_max_scale(np.concatenate([centre, width[:, None], height[:, None]], axis=1) / IMAGE_SIZE)
-    mutual_information = np.array(
-        [mutual_info_classif(geometry[:, [j]], class_label, random_state=seed)[0] for j in range(4)]
-    )
-    return geometry @ mutual_information
-
-
-def method_tag(method, top_percent, random_percent):
-    """File tag of an exp1 method; TG-MATL carries its selection percentages (tg_matl_30_10)."""
-    if method != "tg_matl":
-        return method
-    return f"tg_matl_{round(top_percent * 100)}_{round(random_percent * 100)}"
 
 
 # ---- the fold protocol ----
@@ -468,97 +439,22 @@ def make_demo_data(directory, num_samples=240, seed=0, widths=None):
     return directory / "data.npz", directory / "embeddings"
 
 
-# ---- exp1 projections: the inputs of the exp2 task heads ----
+# ---- results-tree paths that one script writes and another reads ----
+
+
+def method_tag(method, top_percent, random_percent):
+    """File tag of an exp1 method; TG-MATL carries its selection percentages (tg_matl_30_10)."""
+    if method != "tg_matl":
+        return method
+    return f"tg_matl_{round(top_percent * 100)}_{round(random_percent * 100)}"
+
+
+def grid_tag(top_percent, random_percent):
+    """The folder of one exp1-sweep grid point, tp{T}_rp{R} with T, R in integer percent."""
+    return f"tp{round(top_percent * 100)}_rp{round(random_percent * 100)}"
 
 
 def exp1_head_path(results_dir, embedding, tag, fold, model_subdir=""):
     """Where igarss_exp1.py (model_subdir "") and its sweep (tp{T}_rp{R}) save a projection head."""
     folder = Path(results_dir) / "trained_models" / "exp1_emb_proj" / embedding / model_subdir
     return folder / f"{tag}_best_fold{fold}.h5"
-
-
-def project_with_exp1_head(path, embedding, command):
-    """Apply one saved igarss_exp1 ProjectionHead to every sample; one-line errors for bad files."""
-    import keras
-
-    if not Path(path).is_file():
-        raise InputError(path, "exp1 projection head not found", f"the head of `{command}`; run it first")
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:  # h5py/Keras
-        detail = str(error).splitlines()[0][:120] if str(error) else ""
-        raise InputError(
-            path,
-            f"cannot be loaded as a Keras model ({type(error).__name__}: {detail})",
-            f"a .h5 written by `{command}`; delete it and re-run that command",
-        ) from None
-    input_width = model.input_shape[-1]
-    if input_width != embedding.shape[1]:
-        raise InputError(
-            path,
-            f"takes {input_width}-d inputs but the embedding is {embedding.shape[1]}-d",
-            f"a head trained on this embedding by `{command}`",
-        )
-    projection = np.asarray(model(embedding, training=False), np.float32)
-    if projection.ndim != 2 or not np.isfinite(projection).all():
-        problem = f"gives outputs of shape {projection.shape}"
-        problem += " with non-finite values" if projection.ndim == 2 else ""
-        raise InputError(path, problem, "a ProjectionHead with finite (N, 64) outputs")
-    return projection
-
-
-def exp1_command(script: str, args) -> str:
-    """The command that writes the exp1 heads an exp2 run reads (named in errors about missing heads)."""
-    command = f"python {script}" + (" --demo" if args.demo else "")
-    return command + (f" --results_dir {args.results_dir}" if args.results_dir != "results" else "")
-
-
-def load_task_head_inputs(data, sources, embedding_names, folds, results_dir) -> dict:
-    """{(embedding, method, fold): (N, D) input} of the exp2 task heads, for every source.
-
-    A source with `exp1_tag` None is the raw embedding; otherwise each fold's exp1 head (in
-    `exp1_subdir`) projects every sample.
-    """
-    inputs = {}
-    for name in embedding_names:
-        embedding = data["embeddings"][name]
-        for source in sources:
-            for fold in folds:
-                if source["exp1_tag"] is None:
-                    inputs[(name, source["method"], fold)] = embedding
-                else:
-                    path = exp1_head_path(results_dir, name, source["exp1_tag"], fold, source["exp1_subdir"])
-                    inputs[(name, source["method"], fold)] = project_with_exp1_head(
-                        path, embedding, source["command"]
-                    )
-    return inputs
-
-
-def knn_accuracy(train_points, train_labels, test_points, test_labels, neighbours=5):
-    """k-NN class accuracy of test projections against the fold's training projections."""
-    distance = ((test_points[:, None, :] - train_points[None, :, :]) ** 2).sum(-1)
-    nearest = np.argsort(distance, axis=1, kind="stable")[:, :neighbours]
-    votes = np.apply_along_axis(np.bincount, 1, train_labels[nearest], minlength=NUM_CLASSES)
-    return float((votes.argmax(axis=1) == test_labels).mean())
-
-
-def read_timings(path, overwrite, key):
-    """Rows of an earlier run's timings CSV by `key(row)` (none with --overwrite)."""
-    if not path.exists() or overwrite:
-        return {}
-    with open(path, newline="") as file:
-        return {key(row): row for row in csv.DictReader(file)}
-
-
-def print_data(data, batch_size):
-    """The data sizes and derived values, printed at start."""
-    train_sizes = sorted({len(train) for train, _ in data["folds"]})
-    print(
-        f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {len(data['folds'])} "
-        f"(train {train_sizes}, val {sorted({len(v) for _, v in data['folds']})}), "
-        f"steps per epoch {int(np.ceil(max(train_sizes) / batch_size))}"
-    )
-    for name, embedding in data["embeddings"].items():
-        paper_width = PAPER_EMBEDDING_WIDTHS[name]
-        note = "" if embedding.shape[1] == paper_width else f" (the paper's {name} width is {paper_width})"
-        print(f"embedding {name}: {embedding.shape}{note}")
