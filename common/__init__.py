@@ -22,7 +22,7 @@ One package a paper: what two or more of its scripts share, and readers of its p
 The paper's own losses, scores, selection and update rules live in the script that trains it.
 tgmatl/           TG-MATL: the AWIR data protocol and the stacked training engine of the igarss scripts
 owl_gps/          OWL-GPS readers: 4-band patches (images.npy, tiled GeoTIFF), concepts and labels
-spml/             AdaGC / SPML: single positives, batches, evaluation; AID-multilabel and BigEarthNet v2 readers
+spml/             AdaGC / SPML: single positives, batches, evaluation; AID-multilabel, BigEarthNet v2 readers
 aras400k/         ARAS400k: classes, palette, patch readers, the SegFormer encoder, captions
 lucas/            TerraMind-on-LUCAS: the chip folder reader and the demo chips
 """
