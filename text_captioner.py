@@ -18,10 +18,10 @@ Without --images every row of the percentage CSV is captioned (as in the referen
 only the images of that folder. The demo captions the 8 seeded demo patches' rows with a tiny
 randomly initialised Qwen3ForCausalLM (about 0.03 M parameters, a BPE tokenizer trained on three
 sentences, the real checkpoint's sampling settings), two captions each, 32 new tokens instead of
-100; it took 20-35 s in all on a loaded 2-core machine and ended with (images/s depends on the CPU
-and its load):
+100; it took 20 s of CPU (56 s in all on a 2-core machine under a load average of about 8) and
+ended with (images/s depends on the CPU and its load):
 
-    captioned 8 images (16 captions) in 11.7 s: 0.68 images/s -> results/text_captioner/demo/captions.csv
+    captioned 8 images (16 captions) in 34.9 s: 0.23 images/s -> results/text_captioner/demo/captions.csv
 """
 
 from pathlib import Path

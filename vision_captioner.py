@@ -17,10 +17,10 @@ Commands:
 The demo captions 8 seeded 64 x 64 demo patches with a tiny randomly initialised
 Gemma3ForConditionalGeneration (SigLIP tower, about 0.05 M parameters, a BPE tokenizer trained on
 three sentences, the real checkpoint's sampling settings): gibberish captions, the real pipeline.
-The demo generates 32 new tokens instead of 100 and took 20-35 s in all on a loaded 2-core machine.
-It ended with (images/s depends on the CPU and its load):
+The demo generates 32 new tokens instead of 100 and took 20 s of CPU (55 s in all on a 2-core
+machine under a load average of about 8). It ended with (images/s depends on the CPU and its load):
 
-    captioned 8 images (8 captions) in 13.7 s: 0.58 images/s -> results/vision_captioner/demo/captions.csv
+    captioned 8 images (8 captions) in 32.8 s: 0.24 images/s -> results/vision_captioner/demo/captions.csv
 """
 
 from pathlib import Path

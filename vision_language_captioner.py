@@ -19,11 +19,11 @@ Commands:
 The demo captions 8 seeded 64 x 64 demo patches with a tiny randomly initialised
 Qwen3VLForConditionalGeneration (about 0.15 M parameters, a BPE tokenizer trained on three sentences):
 the captions are gibberish, the pipeline is the real one. A re-run continues the CSV; failed
-batches are named and retried. The demo generates 32 new tokens instead
-of 100 and took 20-35 s in all on a loaded 2-core machine. It ended with (images/s depends on the
-CPU and its load):
+batches are named and retried. The demo generates 32 new tokens instead of 100 and took 11 s of
+CPU (46 s in all on a 2-core machine under a load average of about 8). It ended with (images/s
+depends on the CPU and its load):
 
-    captioned 8 images (8 captions) in 9.1 s: 0.88 images/s -> results/vision_language_captioner/demo/...
+    captioned 8 images (8 captions) in 20.7 s: 0.39 images/s -> results/vision_language_captioner/demo/...
 """
 
 import time
