@@ -44,6 +44,7 @@ REMAP_NAMES = {
 }
 CLASS_CODES = (10, 20, 30, 40, 50, 60, 80)  # the WorldCover code of each class index after the remap
 WATER_CODE = 80
+# CODE_TO_CLASS's entry for code 0 (no data) and for any code outside WORLDCOVER_CODES.
 NODATA_CLASS, UNKNOWN_CLASS = 254, 255
 CODE_TO_CLASS = np.full(256, UNKNOWN_CLASS, dtype=np.uint8)
 CODE_TO_CLASS[0] = NODATA_CLASS

@@ -2,12 +2,12 @@
 
 The layout `dataset_creator.py` writes, and the one the scripts expect the released archives
 (train.zip, val.zip, test.zip, synth.zip) to unpack to: an RGB patch and an RGB mask of the same
-name, coloured with the palette of `common.aras400k.classes`. `list_split` lists and checks a split's pairs from the PNG headers alone;
-`check_masks` decodes every mask once before training so that a colour outside the palette stops a
-run before its first step; `train_batches` and `eval_batches` are the tf.data pipelines of
-`segmentation_train.py` and `generative_trainer_unet_spade_gan.py`, whose order and augmentation are
-functions of (seed, epoch, index) only, so a resumed run sees exactly the batches of an
-uninterrupted one.
+name, coloured with the palette of `common.aras400k.classes`. `list_split` lists and checks a
+split's pairs from the PNG headers alone; `check_masks` decodes every mask once before training so
+that a colour outside the palette stops a run before its first step; `train_batches` and
+`eval_batches` are the tf.data pipelines of `segmentation_train.py` and
+`generative_trainer_unet_spade_gan.py`, whose order and augmentation are functions of (seed, epoch,
+index) only, so a resumed run sees exactly the batches of an uninterrupted one.
 """
 
 import struct
