@@ -60,10 +60,10 @@ def land(rows, cols, seed=0):
 def decode_mask(path):
     """Mask PNG -> class indices by exact colour; -1 where a colour is not in the palette."""
     rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    classes = np.full(rgb.shape[:2], -1)
+    labels = np.full(rgb.shape[:2], -1)
     for index, colour in enumerate(classes.PALETTE):
-        classes[(rgb == colour).all(axis=-1)] = index
-    return classes
+        labels[(rgb == colour).all(axis=-1)] = index
+    return labels
 
 
 @pytest.fixture(scope="module")
