@@ -4,7 +4,7 @@ Paper: M. Caglar, A. Temizel, "Grounding Synthetic Data Generation With Vision a
 arXiv 2603.09625 (ARAS400k). The poster reports 12.85 % redundancy over all captions and a
 CLIPScore of 29.66; neither the paper nor the repository says how redundancy was computed, so this
 script states its definitions and adds what no reference reports: whether a caption is grounded in
-the patch's land-cover percentages. Per caption CSV (`common.captions.CAPTION_COLUMNS`):
+the patch's land-cover percentages. Per caption CSV (`common.aras400k.captions.CAPTION_COLUMNS`):
 
 - redundancy_pct: captions that repeat an earlier caption of the same CSV, in percent, after
   normalisation (lower case, words only: `a forest, near WATER.` = `a forest near water`);
@@ -30,6 +30,7 @@ scores two hand-written seeded caption CSVs of the demo patches with a tiny rand
 """
 
 import argparse
+import csv
 import itertools
 import re
 import statistics
@@ -37,8 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic, captions, cli, plots, reports, runs
-from common.errors import cli_entry, require
+from common import atomic, cli, plots, reports, runs
+from common.aras400k import captions
+from common.errors import cli_entry, require, require_file
 
 # Words that name each class in a caption (whole words, any case).
 CLASS_TERMS = {
@@ -203,8 +205,20 @@ def _embedding(output):
 # ---- one CSV ----
 
 
+def read_captions(path) -> list[dict]:
+    """Read a caption CSV (`CAPTION_COLUMNS`; extra columns kept) as a list of dicts."""
+    path = require_file(path, "a caption CSV (filename, caption, model, prompt_id)")
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        lacking = [name for name in ("filename", "caption") if name not in (reader.fieldnames or [])]
+        require(
+            not lacking, path, f"lacks the column(s) {', '.join(lacking)}", ",".join(captions.CAPTION_COLUMNS)
+        )
+        return list(reader)
+
+
 def csv_stats(path, percentages, args, clip, device) -> dict:
-    rows = [row for row in captions.read_captions(path) if row["caption"] is not None]
+    rows = [row for row in read_captions(path) if row["caption"] is not None]
     require(rows, path, "has no captions", "at least one caption row")
     redundant, within = redundancy(rows)
     dominant, absent, scored = grounding(rows, percentages)
@@ -233,8 +247,18 @@ def csv_stats(path, percentages, args, clip, device) -> dict:
 
 
 def markdown(table) -> str:
-    header = ["captions CSV", "captions", "redundancy %", "same-image repeats %", "CLIPScore"]
-    header += ["names dominant %", "names absent %", "words (mean / median)", "vocabulary", "distinct-2"]
+    header = [
+        "captions CSV",
+        "captions",
+        "redundancy %",
+        "same-image repeats %",
+        "CLIPScore",
+        "names dominant %",
+        "names absent %",
+        "words (mean / median)",
+        "vocabulary",
+        "distinct-2",
+    ]
     rows = [
         [
             row["captions_csv"],
@@ -256,8 +280,11 @@ def markdown(table) -> str:
 def plot(table, path) -> None:
     plt = plots.pyplot()
     figure, axis = plt.subplots(figsize=(max(5, 1.6 * len(table) + 3), 3.6))
-    metrics = {"redundancy %": "redundancy_pct", "names dominant %": "names_dominant_pct"}
-    metrics["names absent %"] = "names_absent_pct"
+    metrics = {
+        "redundancy %": "redundancy_pct",
+        "names dominant %": "names_dominant_pct",
+        "names absent %": "names_absent_pct",
+    }
     series = {label: ([row[key] for row in table], [0.0] * len(table)) for label, key in metrics.items()}
     plots.grouped_bars(axis, [row["captions_csv"] for row in table], series)
     axis.set_ylabel("% of captions")
@@ -308,12 +335,25 @@ def make_demo_clip(folder) -> Path:
         single="<|startoftext|> $A <|endoftext|>",
         special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)],
     )
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    text.update(
-        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1
-    )
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    vision.update(image_size=32, patch_size=8)
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 77,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

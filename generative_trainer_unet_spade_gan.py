@@ -5,7 +5,7 @@ Models" (ARAS400k; arXiv 2603.09625). The paper's "Generated" set is one image p
 drawn by a SPADE generator (Park et al., CVPR 2019) trained with a PatchGAN discriminator, hinge
 losses and a VGG19 perceptual term (reference `generative_trainer_unet_spade_gan.py`; despite the
 name the generator has no U-Net skips). segmentation_train.py `--train_splits "train generated"` and
-segformer_vis.py use the folder written here (README "generative_trainer_unet_spade_gan.py").
+segformer_vis.py use the folder written here (docs/aras400k.md, "generative_trainer_unet_spade_gan.py").
 
 Input: `<root>/train/{images,masks}/*.png` (dataset_creator.py's layout). Output of `--generate`:
 `<root>/train/generated/<mask name>.png`, one per mask of `--generate_split`.
@@ -16,10 +16,14 @@ Commands:
     python generative_trainer_unet_spade_gan.py --data_root ARAS400k --resume --generate
     python generative_trainer_unet_spade_gan.py --demo --generate   # 64 px, widths / 16, ~1 min CPU
 
-Runtime: the paper setting (256 px, 20 epochs over ~80k patches) needs a GPU; outputs in
-`results/generative_trainer_unet_spade_gan/<run_name>/`: config.json, log.csv, state.json +
-checkpoint_epochNNN.npz, generator.weights.h5, samples.png, metrics.json. The demo prints
-    gan: 20 epochs, 220 steps | last epoch loss_D 1.7612 loss_G_adv 0.2370 loss_G_vgg off | 176 masks
+Runtime: the paper setting (256 px, batch 50, 20 epochs over ~80k patches) needs a GPU
+(`--strategy mirrored`); the demo takes about a minute on a laptop CPU (53 s of CPU measured).
+Outputs in `results/generative_trainer_unet_spade_gan/<run_name>/`: config.json, log.csv, state.json
++ checkpoint_epochNNN.npz, generator.weights.h5, samples.png, metrics.json. The generator and the
+discriminator are plain Keras models whose custom layers are registered, so
+`gan.generator.save("generator.keras")` reloads with `keras.saving.load_model`. The demo with
+`--generate` prints (the losses depend on the CPU's floating-point order)
+    gan: 20 epochs, 220 steps | last epoch loss_D 1.7792 loss_G_adv 0.2717 loss_G_vgg off | 176 masks
 """
 
 import time
@@ -33,13 +37,24 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import aras400k, atomic, checkpoints, cli, plots, runs
+from common import atomic, checkpoints, cli, plots, runs
+from common.aras400k import classes, efficientnet, patches
 from common.errors import InputError, cli_entry, require, require_dir, require_file
 
-NUM_CLASSES = aras400k.NUM_CLASSES
+NUM_CLASSES = classes.NUM_CLASSES
 INSTANCE_NORM_EPS = 1e-5  # torch.nn.InstanceNorm2d's default
 # The arguments that change what a checkpoint holds: --resume refuses a run made with others.
-SAME_SETTINGS = "image_size width_divisor batch_size learning_rate beta_1 beta_2 vgg_weights vgg_weight seed"
+RESUME_SETTINGS = (
+    "image_size",
+    "width_divisor",
+    "batch_size",
+    "learning_rate",
+    "beta_1",
+    "beta_2",
+    "vgg_weights",
+    "vgg_weight",
+    "seed",
+)
 
 
 def get_args_parser():
@@ -110,6 +125,33 @@ def nearest_downsample(segmap, size):
     return segmap[:, ::factor, ::factor, :]
 
 
+@keras.saving.register_keras_serializable(package="spade_gan")
+class NearestDownsample(layers.Layer):
+    """`nearest_downsample` of a mask to `size` x `size` as a layer: the generator's input at size / 16."""
+
+    def __init__(self, size, **kwargs):
+        super().__init__(**kwargs)
+        self.size = size
+
+    def call(self, segmap):
+        return nearest_downsample(segmap, self.size)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.size, self.size, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
+
+
+@keras.saving.register_keras_serializable(package="spade_gan")
+class InstanceNorm(layers.Layer):
+    """`instance_norm` as a layer (no parameters): the discriminator's InstanceNorm2d(affine=False)."""
+
+    def call(self, x):
+        return instance_norm(x)
+
+
+@keras.saving.register_keras_serializable(package="spade_gan")
 class SPADE(layers.Layer):
     """Park et al. Eq. 1: x_hat * (1 + gamma(m)) + beta(m), gamma and beta from a shared conv of the mask.
 
@@ -137,7 +179,16 @@ class SPADE(layers.Layer):
         activation = ops.relu(self.mlp_shared(segmap))
         return instance_norm(x) * (1.0 + self.mlp_gamma(activation)) + self.mlp_beta(activation)
 
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "norm_channels": self.norm_channels,
+            "hidden": self.hidden,
+            "label_channels": self.label_channels,
+        }
 
+
+@keras.saving.register_keras_serializable(package="spade_gan")
 class SPADEResnetBlock(layers.Layer):
     """SPADE residual block: two (SPADE, LeakyReLU 0.2, 3x3 conv) steps plus the shortcut.
 
@@ -175,6 +226,9 @@ class SPADEResnetBlock(layers.Layer):
         dx = self.conv_1(ops.leaky_relu(self.norm_1((dx, segmap)), 0.2))
         return shortcut + dx
 
+    def get_config(self):
+        return {**super().get_config(), "fin": self.fin, "fout": self.fout, "hidden": self.hidden}
+
 
 def build_generator(image_size, width_divisor=1):
     """The reference Generator: mask -> 3x3 conv at size/16 -> 4 SPADE blocks with nearest x2 -> tanh RGB.
@@ -186,7 +240,7 @@ def build_generator(image_size, width_divisor=1):
     widths = [width // width_divisor for width in (1024, 512, 256, 128, 64)]
     hidden = 128 // width_divisor
     segmap = keras.Input((image_size, image_size, NUM_CLASSES), name="mask")
-    x = layers.Lambda(lambda m: nearest_downsample(m, image_size // 16), name="mask_at_start")(segmap)
+    x = NearestDownsample(image_size // 16, name="mask_at_start")(segmap)
     x = torch_conv(widths[0], 3, NUM_CLASSES, "fc")(x)
     for index in range(4):
         x = SPADEResnetBlock(widths[index], widths[index + 1], hidden, name=f"up_{index}")((x, segmap))
@@ -208,7 +262,7 @@ def build_discriminator(image_size, width_divisor=1):
     for index, (width, stride) in enumerate(zip(widths, (2, 2, 2, 1), strict=True)):
         x = layers.ZeroPadding2D(1, name=f"pad_{index}")(x)
         x = torch_conv(width, 4, in_channels, f"model_{index}", strides=stride, padding="valid")(x)
-        x = layers.Lambda(instance_norm, name=f"instance_norm_{index}")(x)
+        x = InstanceNorm(name=f"instance_norm_{index}")(x)
         x = layers.LeakyReLU(0.2, name=f"leaky_relu_{index}")(x)
         in_channels = width
     x = layers.ZeroPadding2D(1, name="pad_4")(x)
@@ -250,10 +304,11 @@ def vgg_input(images):
     """The image the reference shows torchvision's VGG19, in the Keras (Caffe) file's convention.
 
     The reference feeds images in [-1, 1] straight to torchvision VGG19, which reads its input as
-    (rgb - mean) / std; the Keras file is the Caffe model, which reads bgr * 255 - mean, so the same
-    implied image is BGR of images * 255 * std (the weights are other trainings: features differ).
+    (rgb - mean) / std. The Keras weights come from the original Caffe model, which reads
+    bgr * 255 - mean. The same implied image therefore reaches the Keras file as BGR of
+    images * 255 * std. (The two weight sets are different trainings, so features still differ.)
     """
-    return ops.flip(images, axis=-1) * ops.convert_to_tensor(255.0 * aras400k.IMAGENET_STD[::-1])
+    return ops.flip(images, axis=-1) * ops.convert_to_tensor(255.0 * efficientnet.IMAGENET_STD[::-1])
 
 
 class SpadeGAN:
@@ -363,7 +418,7 @@ def read_mask_batch(paths, image_size):
             f"is {mask.shape[1]}x{mask.shape[0]}",
             f"{image_size}x{image_size} (--image_size)",
         )
-        labels = aras400k.colours_to_labels(cv2.cvtColor(mask, cv2.COLOR_BGR2RGB))
+        labels = classes.colours_to_labels(cv2.cvtColor(mask, cv2.COLOR_BGR2RGB))
         require(
             labels.max() < NUM_CLASSES, path, "has colours outside the palette", "only ARAS400k class colours"
         )
@@ -380,7 +435,8 @@ def write_demo_dataset(args):
     """64 px crops of dataset_creator.py's demo patches, in the segmentation layout (made on first use).
 
     Each 256 px patch gives (256 / 64)^2 crops (mask and image cut alike, so the 10 m pixels stay).
-    A source without a test split (e.g. two tiles split by tile) gives half its val patches to test.
+    The creator's demo splits by patch (11 train, 2 val, 1 test); a source without a test split (e.g. a
+    split by tile of two tiles) gives half of its val patches to the test split here.
     """
     root = cli.demo_data_dir(args, "generative_trainer_unet_spade_gan")
     if (root / "demo.json").exists():
@@ -393,7 +449,7 @@ def write_demo_dataset(args):
             dataset_creator.get_args_parser().parse_args(["--demo", "--results_dir", str(args.results_dir)])
         )
     size = args.image_size
-    for split in aras400k.SPLITS:
+    for split in patches.SPLITS:
         if not (source / split / "images").is_dir():
             continue
         names = sorted(path.name for path in (source / split / "images").glob("*.png"))
@@ -421,7 +477,7 @@ def open_run(args, run_name, count):
     if args.resume and (run_dir / checkpoints.STATE_FILE).exists():
         runs.check_same_settings(
             run_dir / "config.json",
-            runs.settings_of(args, SAME_SETTINGS.split()),
+            runs.settings_of(args, RESUME_SETTINGS),
             what="the checkpoints of this run",
             section="args",
             hint="the same arguments to resume it, --overwrite to start over, or another --run_name",
@@ -438,7 +494,7 @@ def open_run(args, run_name, count):
 def train(gan, args, pairs, run_dir, state):
     """The reference's loop: for each epoch, for each shuffled batch, one D then one G step."""
     steps_per_epoch = -(-len(pairs) // args.batch_size)
-    dataset = aras400k.train_batches(
+    dataset = patches.train_batches(
         pairs, args.image_size, args.batch_size, args.seed, state["epochs_done"], args.epochs, to_gan_inputs
     )
     batches = iter(gan.strategy.experimental_distribute_dataset(dataset))
@@ -541,10 +597,10 @@ def main(args):
     run_name = args.run_name or ("demo" if args.demo else f"spade_{args.image_size}px_seed{args.seed}")
 
     # ---- data ----
-    pairs = aras400k.list_split(
+    pairs = patches.list_split(
         require_dir(args.data_root, "the dataset root folder"), "train", args.image_size
     )
-    aras400k.check_masks(pairs, "error", threads=4)
+    patches.check_masks(pairs, "error", threads=4)
     run_dir, resuming = open_run(args, run_name, len(pairs))
 
     # ---- model ----

@@ -34,11 +34,19 @@ import os
 import time
 from pathlib import Path
 
-from common import atomic, captions, cli, runs
+from common import atomic, cli, runs
+from common.aras400k import captions
 from common.errors import InputError, cli_entry, require
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+# The arguments a re-run must share with the caption CSV it continues (with the prompt id).
+RESUME_SETTINGS = ("model", "temperature")
+# The reference's system message, word for word (its missing space after "sentences)." included).
+GPT_SYSTEM_MESSAGE = (
+    "You generate natural, fluent, human-like satellite image captions (1-2 sentences)."
+    "Do not list percentages, statistics, segmentation, or datasets."
+)
 
 
 def get_args_parser():
@@ -79,6 +87,11 @@ def get_args_parser():
 # ---- requests ----
 
 
+def gpt_user_message(shares) -> str:
+    """The GPT user message: `Class v%` with v truncated to an integer, classes above 0 only."""
+    return ", ".join(f"{name} {int(value)}%" for name, value in shares.items() if value > 0)
+
+
 def chat_request(custom_id: str, shares, model: str, temperature: float) -> dict:
     """One Batch API line: a chat completion with the reference's system and user messages."""
     return {
@@ -88,8 +101,8 @@ def chat_request(custom_id: str, shares, model: str, temperature: float) -> dict
         "body": {
             "model": model,
             "messages": [
-                {"role": "system", "content": captions.GPT_SYSTEM_MESSAGE},
-                {"role": "user", "content": captions.gpt_user_message(shares)},
+                {"role": "system", "content": GPT_SYSTEM_MESSAGE},
+                {"role": "user", "content": gpt_user_message(shares)},
             ],
             "temperature": temperature,
         },
@@ -283,7 +296,7 @@ def main(args):
     # ---- requests still to make ----
     percentages = captions.read_percentages(args.percentages)
     names = captions.files_to_caption(args.images, percentages, True, args.percentages)
-    settings = {"model": args.model, "prompt": "gpt_percentages", "temperature": args.temperature}
+    settings = {**runs.settings_of(args, RESUME_SETTINGS), "prompt": "gpt_percentages"}
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     if args.overwrite:
         state_path(args.out).unlink(missing_ok=True)

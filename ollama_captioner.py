@@ -32,10 +32,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from common import atomic, captions, cli, runs
+from common import atomic, cli, runs
+from common.aras400k import captions
 from common.errors import InputError, cli_entry
 
 DEFAULT_MODELS = {"image": "moondream:latest", "percentages": "gemma3:4b-it-qat"}
+# The arguments a re-run must share with the caption CSV it continues (with the prompt, see main).
+RESUME_SETTINGS = ("model", "mode", "seed")
 # The prompt the reference's image captions were made with (its function default).
 EXPERT_IMAGE_PROMPT = (
     "You are an expert in remote sensing and satellite imagery analysis. Based only on the visual content "
@@ -45,6 +48,11 @@ EXPERT_IMAGE_PROMPT = (
     "roads). Do not speculate about specific locations, names, activities, or objects that cannot be "
     "confidently identified at this resolution. Avoid making assumptions or adding details not visible "
     "in the image. "
+)
+# The reference's percentage-mode prompt for a patch without any class share.
+OLLAMA_EMPTY_PROMPT = (
+    "The provided data indicates no significant land cover percentages. Please describe the scene as a "
+    "blank or non-existent landscape."
 )
 
 
@@ -69,6 +77,34 @@ def get_args_parser():
     return parser
 
 
+def ollama_percentage_prompt(shares) -> str:
+    """The Ollama description prompt: classes sorted by share, "a large amount of ... and some ...".
+
+    The reference reads integer percentages as text; here shares are truncated to integers first,
+    the sort is stable (ties keep column order) and classes at 0 % are left out, as there.
+    """
+    integers = {name: int(value) for name, value in shares.items()}
+    ordered = [
+        (name, value) for name, value in sorted(integers.items(), key=lambda item: -item[1]) if value != 0
+    ]
+    if not ordered:
+        return OLLAMA_EMPTY_PROMPT
+    parts = [
+        "Based on the following percentages of land cover classes, generate a concise, factual, and "
+        "objective description of the scene.",
+        "The scene is primarily composed of:",
+    ]
+    for index, (name, value) in enumerate(ordered):
+        if index == 0:
+            parts.append(f"a large amount of {name.lower()} ({value}%),")
+        elif index == len(ordered) - 1:
+            parts.append(f"and some {name.lower()} ({value}%).")
+        else:
+            parts.append(f"{name.lower()} ({value}%),")
+    parts.append("Do not add details that are not provided in the percentages.")
+    return " ".join(parts)
+
+
 def image_to_base64(path) -> str:
     """The reference's image encoding: RGB, thumbnail to 1024 px, JPEG quality 85, base64."""
     with Image.open(path) as image:
@@ -86,7 +122,7 @@ def request_body(name, index, args, percentages) -> tuple[dict, str]:
     if args.mode == "image":
         body.update(prompt=args.prompt, images=[image_to_base64(Path(args.images) / name)])
         return body, "ollama_image"
-    body["prompt"] = captions.ollama_percentage_prompt(percentages[name])
+    body["prompt"] = ollama_percentage_prompt(percentages[name])
     return body, "ollama_percentages"
 
 
@@ -147,11 +183,9 @@ def main(args):
     images = args.images if not text_only or "images" in cli.typed_flags(args) else ""
     names = captions.files_to_caption(images, percentages, text_only, args.percentages)
     settings = {
-        "model": args.model,
-        "mode": args.mode,
+        **runs.settings_of(args, RESUME_SETTINGS),
         "prompt": args.prompt if not text_only else "percentages",
     }
-    settings["seed"] = args.seed
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     jobs = log.missing(names)
     if args.dry_run:

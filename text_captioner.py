@@ -6,7 +6,7 @@ the system turn is "You are a remote sensing expert." and the user turn "An imag
 (41.5%), ... . Describe the scene in 1 or 2 concise sentences focusing on dominant land use."
 ("unidentified land cover" when no class is present). Sampling as in the reference: temperature
 0.7, top_p 0.8 (top_k and the rest from the checkpoint's GenerationConfig, recorded next to the
-CSV), 100 new tokens, seeded by --seed. See README "Captions" for every difference.
+CSV), 100 new tokens, seeded by --seed. See docs/aras400k.md, "Captions", for every difference.
 
 Commands:
 
@@ -18,20 +18,26 @@ Without --images every row of the percentage CSV is captioned (as in the referen
 only the images of that folder. The demo captions the 8 seeded demo patches' rows with a tiny
 randomly initialised Qwen3ForCausalLM (about 0.03 M parameters, a BPE tokenizer trained on three
 sentences, the real checkpoint's sampling settings), two captions each, 32 new tokens instead of
-100; it took 20-35 s in all on a loaded 2-core machine and ended with (images/s depends on the CPU
-and its load):
+100; it took 20 s of CPU (56 s in all on a 2-core machine under a load average of about 8) and
+ended with (images/s depends on the CPU and its load):
 
-    captioned 8 images (16 captions) in 11.7 s: 0.68 images/s -> results/text_captioner/demo/captions.csv
+    captioned 8 images (16 captions) in 34.9 s: 0.23 images/s -> results/text_captioner/demo/captions.csv
 """
 
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from common import captions, cli, runs
+from common import cli, runs
+from common.aras400k import captions
 from common.errors import cli_entry
 
 MODEL_ID = "Qwen/Qwen3-4B-Instruct-2507"
+# The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
+# effective generation settings, see main): the seed and batch size fix what is sampled.
+RESUME_SETTINGS = ("model", "seed", "batch_size")
+# The reference's system turn, word for word.
+TEXT_SYSTEM_PROMPT = "You are a remote sensing expert."
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # The Qwen chat format for system and user turns (real checkpoints bring their own template).
 QWEN_TEMPLATE = (
@@ -57,6 +63,16 @@ def get_args_parser():
     add("--top_p", type=float, default=0.8, help="Nucleus sampling mass (the reference's value).")
     parser.demo_defaults(batch_size=8, num_captions=2, max_new_tokens=32)
     return parser
+
+
+def text_messages(shares) -> list[dict]:
+    """The reference's chat: the system line and the percentages ("unidentified land cover" when none)."""
+    class_info = ", ".join(captions.present_classes(shares)) or "unidentified land cover"
+    user = (
+        f"An image shows: {class_info}. "
+        "Describe the scene in 1 or 2 concise sentences focusing on dominant land use."
+    )
+    return [{"role": "system", "content": TEXT_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
 def make_demo_model(folder) -> Path:
@@ -97,7 +113,7 @@ def caption_batch(batch, args, tokenizer, model, percentages):
     """Sampled captions for one batch of `(filename, caption number)` from the percentages alone."""
     prompts = [
         tokenizer.apply_chat_template(
-            captions.text_messages(percentages[name]), tokenize=False, add_generation_prompt=True
+            text_messages(percentages[name]), tokenize=False, add_generation_prompt=True
         )
         for name, _ in batch
     ]
@@ -141,12 +157,10 @@ def main(args):
 
     # ---- caption ----
     settings = {
-        "model": args.model,
+        **runs.settings_of(args, RESUME_SETTINGS),
         "prompt": "text_percentages",
         "dtype": str(dtype),
         "generation": generation,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
     }
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     make_captions = lambda batch: caption_batch(batch, args, tokenizer, model, percentages)  # noqa: E731

@@ -5,8 +5,8 @@ arXiv 2603.09625 (ARAS400k). Gemma-3 (`AutoProcessor` + `AutoModelForImageTextTo
 turn [text, image] with the base prompt ("Describe this remote sensing image in 1 or 2 concise
 sentences, focusing on land use and key geographical features.") and 100 new tokens. As in the
 reference, sampling is left to the checkpoint's GenerationConfig (gemma-3-4b-it samples with top_k
-64, top_p 0.95); the effective settings are printed and recorded next to the CSV. See README
-"Captions" for every difference from the reference script.
+64, top_p 0.95); the effective settings are printed and recorded next to the CSV. See
+docs/aras400k.md, "Captions", for every difference from the reference script.
 
 Commands:
 
@@ -17,10 +17,10 @@ Commands:
 The demo captions 8 seeded 64 x 64 demo patches with a tiny randomly initialised
 Gemma3ForConditionalGeneration (SigLIP tower, about 0.05 M parameters, a BPE tokenizer trained on
 three sentences, the real checkpoint's sampling settings): gibberish captions, the real pipeline.
-The demo generates 32 new tokens instead of 100 and took 20-35 s in all on a loaded 2-core machine.
-It ended with (images/s depends on the CPU and its load):
+The demo generates 32 new tokens instead of 100 and took 20 s of CPU (55 s in all on a 2-core
+machine under a load average of about 8). It ended with (images/s depends on the CPU and its load):
 
-    captioned 8 images (8 captions) in 13.7 s: 0.58 images/s -> results/vision_captioner/demo/captions.csv
+    captioned 8 images (8 captions) in 32.8 s: 0.24 images/s -> results/vision_captioner/demo/captions.csv
 """
 
 from pathlib import Path
@@ -35,10 +35,14 @@ from transformers import (
     Gemma3Processor,
 )
 
-from common import captions, cli, runs
+from common import cli, runs
+from common.aras400k import captions
 from common.errors import cli_entry, require
 
 MODEL_ID = "google/gemma-3-4b-it"
+# The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
+# effective generation settings, see main).
+RESUME_SETTINGS = ("model", "seed")
 GEMMA_SPECIAL_TOKENS = [
     "<pad>",
     "<eos>",
@@ -193,8 +197,12 @@ def main(args):
     print(f"{len(names)} images; {args.model} on {device} ({dtype}); generation {generation}")
 
     # ---- caption ----
-    settings = {"model": args.model, "prompt": "base", "dtype": str(dtype), "generation": generation}
-    settings["seed"] = args.seed
+    settings = {
+        **runs.settings_of(args, RESUME_SETTINGS),
+        "prompt": "base",
+        "dtype": str(dtype),
+        "generation": generation,
+    }
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     make_captions = lambda batch: caption_batch(batch, args, processor, model)  # noqa: E731
     captions.caption_missing(log, names, args.batch_size, make_captions, args.retries)

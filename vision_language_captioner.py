@@ -7,7 +7,7 @@ classes present with their percentages ("This remote sensing image contains the 
 distribution: Tree (41.5%), ... Based on this information, describe the scene in 1 or 2 concise
 sentences focusing on spatial layout and dominant land use types."; the base prompt when no class is
 present or the patch has no row), in batches of 32 with left padding, greedy, 100 new tokens, bf16 on
-a GPU. See README "Captions" for every difference from the reference script.
+a GPU. See docs/aras400k.md, "Captions", for every difference from the reference script.
 
 Commands:
 
@@ -19,11 +19,11 @@ Commands:
 The demo captions 8 seeded 64 x 64 demo patches with a tiny randomly initialised
 Qwen3VLForConditionalGeneration (about 0.15 M parameters, a BPE tokenizer trained on three sentences):
 the captions are gibberish, the pipeline is the real one. A re-run continues the CSV; failed
-batches are named and retried. The demo generates 32 new tokens instead
-of 100 and took 20-35 s in all on a loaded 2-core machine. It ended with (images/s depends on the
-CPU and its load):
+batches are named and retried. The demo generates 32 new tokens instead of 100 and took 11 s of
+CPU (46 s in all on a 2-core machine under a load average of about 8). It ended with (images/s
+depends on the CPU and its load):
 
-    captioned 8 images (8 captions) in 9.1 s: 0.88 images/s -> results/vision_language_captioner/demo/...
+    captioned 8 images (8 captions) in 20.7 s: 0.39 images/s -> results/vision_language_captioner/demo/...
 """
 
 import time
@@ -40,10 +40,14 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from common import captions, cli, runs
+from common import cli, runs
+from common.aras400k import captions
 from common.errors import cli_entry, require
 
 MODEL_ID = "Qwen/Qwen3-VL-8B-Instruct"
+# The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
+# effective generation settings, see main).
+RESUME_SETTINGS = ("model",)
 MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 IMAGE_TOKEN = "<|image_pad|>"
 QWEN_SPECIAL_TOKENS = [
@@ -87,6 +91,61 @@ def get_args_parser():
     )
     parser.demo_defaults(batch_size=4, max_new_tokens=32)
     return parser
+
+
+# ---- the reference's prompt and the Qwen3-VL inputs ----
+
+
+def vision_language_prompt(shares) -> tuple[str, str]:
+    """The reference's Qwen3-VL prompt and its id: the percentages, or the base prompt ("base") without."""
+    classes = captions.present_classes(shares or {})
+    if not classes:
+        return captions.BASE_PROMPT, "base"
+    return (
+        "This remote sensing image contains the following land cover distribution: "
+        f"{', '.join(classes)}. Based on this information, describe the scene in 1 or 2 concise sentences "
+        "focusing on spatial layout and dominant land use types.",
+        "percentages",
+    )
+
+
+def qwen_vl_inputs(tokenizer, image_processor, conversations, images, image_token: str = IMAGE_TOKEN) -> dict:
+    """Model inputs for a batch of Qwen3-VL chats, assembled the way `Qwen3VLProcessor` does.
+
+    The processor itself cannot be built without torchvision (its video processor needs it), so its
+    steps are done here with the checkpoint's own tokenizer, chat template and (PIL) image
+    processor: render the chat, expand each image placeholder to one token per merged patch
+    (`grid_t * grid_h * grid_w / merge_size**2`), tokenize with left padding, and mark the image
+    tokens in `mm_token_type_ids` (M-RoPE needs them). `tests/test_captioners.py` checks the result
+    against the processor's own `apply_chat_template` for the same batch.
+    """
+    import torch
+
+    texts = [
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        for chat in conversations
+    ]
+    pixels = image_processor(images, return_tensors="pt")
+    merge = image_processor.merge_size**2
+    tokens_per_image = iter((pixels["image_grid_thw"].prod(-1) // merge).tolist())
+    expanded = []
+    for text in texts:
+        first, *rest = text.split(image_token)
+        expanded.append(first + "".join(image_token * next(tokens_per_image) + piece for piece in rest))
+    encoded = tokenizer(
+        expanded, padding=True, padding_side="left", return_tensors="pt", return_token_type_ids=False
+    )
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "mm_token_type_ids": (encoded["input_ids"] == image_token_id).to(torch.long),
+        "pixel_values": pixels["pixel_values"],
+        "image_grid_thw": pixels["image_grid_thw"],
+    }
+
+
+# ---- model, batches ----
 
 
 def make_demo_model(folder) -> Path:
@@ -176,12 +235,12 @@ def load_image(path) -> Image.Image:
 def caption_batch(batch, args, tokenizer, image_processor, model, percentages, pool):
     """Greedy captions for one batch of `(filename, caption number)`: [text, image] per user turn."""
     images = list(pool.map(load_image, [Path(args.images) / name for name, _ in batch]))
-    prompts = [captions.vision_language_prompt(percentages.get(name)) for name, _ in batch]
+    prompts = [vision_language_prompt(percentages.get(name)) for name, _ in batch]
     conversations = [
         [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image", "image": image}]}]
         for (text, _), image in zip(prompts, images, strict=True)
     ]
-    inputs = captions.qwen_vl_inputs(tokenizer, image_processor, conversations, images, IMAGE_TOKEN)
+    inputs = qwen_vl_inputs(tokenizer, image_processor, conversations, images, IMAGE_TOKEN)
     texts = captions.generate_texts(
         model, inputs, tokenizer, max_new_tokens=args.max_new_tokens, do_sample=False
     )
@@ -215,7 +274,7 @@ def main(args):
 
     # ---- caption ----
     settings = {
-        "model": args.model,
+        **runs.settings_of(args, RESUME_SETTINGS),
         "prompt": "vision_language",
         "dtype": str(dtype),
         "generation": generation,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import aras400k
+from common.aras400k import demo_data
 
 ROOT = Path(__file__).resolve().parent.parent  # the children run at the repository root
 
@@ -66,7 +66,7 @@ def generate_tile(folder, size, compress, seed):
     coarse = rng.choice(land_codes, size=(size // 300 + 2, size // 300 + 2)).astype(np.uint8)
     means = np.zeros((256, 4), np.float32)
     for code in land_codes:
-        means[code] = aras400k.DEMO_BAND_MEANS[code]
+        means[code] = demo_data.DEMO_BAND_MEANS[code]
     # Smooth brightness over ~64 px, interpolated strip by strip (the full field would be ~0.5 GB).
     coarse_brightness = rng.normal(1.0, 0.15, (size // 64 + 3, size // 64 + 3)).astype(np.float32)
     res = 1.0 / 12000  # the release's grid: EPSG:4326, 1/12000 degree, image and map aligned
@@ -111,7 +111,7 @@ def run_floor(s2_path, map_path, files_folder=None):
     import cv2
     import rasterio
 
-    from common.aras400k import CODE_TO_BGR
+    from common.aras400k import classes
     from common.raster import patch_windows
 
     count = 0
@@ -122,7 +122,9 @@ def run_floor(s2_path, map_path, files_folder=None):
             bgr = cv2.merge([pixels[2], pixels[1], pixels[0]])
             image = cv2.convertScaleAbs(bgr, alpha=255.0 / max(int(pixels[:3].max()), 1))
             image_png = cv2.imencode(".png", image)[1]
-            mask_png = cv2.imencode(".png", cv2.LUT(cv2.merge([labels, labels, labels]), CODE_TO_BGR))[1]
+            mask_png = cv2.imencode(
+                ".png", cv2.LUT(cv2.merge([labels, labels, labels]), classes.CODE_TO_BGR)
+            )[1]
             if files_folder:
                 for kind, data in (("image", image_png), ("mask", mask_png)):
                     with open(f"{files_folder}/{count}_{kind}.png", "wb") as file:

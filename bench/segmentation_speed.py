@@ -21,7 +21,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import segmentation_train as st
-from common import aras400k
+from common.aras400k import classes, demo_data, patches
 from common.metrics import ConfusionMatrix
 
 
@@ -48,18 +48,18 @@ def bench_metrics(args):
     shape = (args.batch_size, args.image_size, args.image_size)
     batches = [
         (
-            rng.integers(0, aras400k.NUM_CLASSES, shape, dtype=np.uint8),
-            rng.integers(0, aras400k.NUM_CLASSES, shape, dtype=np.uint8),
+            rng.integers(0, classes.NUM_CLASSES, shape, dtype=np.uint8),
+            rng.integers(0, classes.NUM_CLASSES, shape, dtype=np.uint8),
         )
         for _ in range(args.metric_batches)
     ]
     pixels = args.metric_batches * np.prod(shape)
 
     started = time.perf_counter()
-    confusion = ConfusionMatrix(aras400k.NUM_CLASSES, ignore_index=aras400k.IGNORE_INDEX)
+    confusion = ConfusionMatrix(classes.NUM_CLASSES, ignore_index=classes.IGNORE_INDEX)
     for truth, predicted in batches:
         confusion.update(truth, predicted)
-    ours = confusion.metrics(aras400k.CLASS_NAMES)
+    ours = confusion.metrics(classes.CLASS_NAMES)
     ours_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -91,8 +91,8 @@ def bench_training(args):
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as folder:
-        root = aras400k.write_demo_patches(Path(folder) / "data", args.image_size, args.images, args.seed)
-        pairs = aras400k.list_split(root, "train", args.image_size)
+        root = demo_data.write_demo_patches(Path(folder) / "data", args.image_size, args.images, args.seed)
+        pairs = patches.list_split(root, "train", args.image_size)
         model = st.build_segformer("efficientnetb0", args.image_size)
         model.compile(
             optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-2, global_clipnorm=1.0),
@@ -103,14 +103,14 @@ def bench_training(args):
 
         # Our pipeline, over enough epochs for warm-up plus the timed steps.
         epochs_needed = 2 + -(-(args.steps + 2) * args.batch_size // len(pairs))
-        pipeline = aras400k.train_batches(
+        pipeline = patches.train_batches(
             pairs, args.image_size, args.batch_size, args.seed, 0, epochs_needed, st.augment_pair
         )
         pipeline_step = timed_fit(model, pipeline, args.steps)
 
         # The same images decoded once into memory, repeated, no decoding or augmentation per step.
         images, masks = [], []
-        for image, mask in aras400k.eval_batches(pairs, args.image_size, args.batch_size).unbatch():
+        for image, mask in patches.eval_batches(pairs, args.image_size, args.batch_size).unbatch():
             images.append(image.numpy())
             masks.append(mask.numpy())
         in_memory = (

@@ -179,7 +179,7 @@ def main(args):
     print(f"ratio ours/torch: {ours_s / torch_s:.2f}")
 
 
-if __name__ == "__main__":
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16, help="The demo's batch size.")
@@ -189,4 +189,8 @@ if __name__ == "__main__":
         "--vgg", action="store_true", help="Add the VGG19 term (random weights on both sides)."
     )
     parser.add_argument("--jit_compile", type=cli.str2bool, default=False)
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -10,9 +10,9 @@ import torch
 from conftest import call_main
 
 import caption_stats
-from common import aras400k, captions
+from common.aras400k import captions, classes
 
-NONE = dict.fromkeys(aras400k.CLASS_NAMES, 0.0)
+NONE = dict.fromkeys(classes.CLASS_NAMES, 0.0)
 PERCENTAGES = {
     "a.png": {**NONE, "Tree": 60.0, "Water": 40.0},
     "b.png": {**NONE, "Cropland": 70.0, "Built-up": 30.0},
@@ -27,7 +27,7 @@ ROWS = [
 
 
 def test_class_terms_cover_the_classes():
-    assert set(caption_stats.CLASS_TERMS) == set(aras400k.CLASS_NAMES)
+    assert set(caption_stats.CLASS_TERMS) == set(classes.CLASS_NAMES)
     assert caption_stats.named_classes("Built-up areas by a river; no trees.") == {
         "Built-up",
         "Water",

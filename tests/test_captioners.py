@@ -20,7 +20,7 @@ import ollama_captioner
 import text_captioner
 import vision_captioner
 import vision_language_captioner
-from common import captions
+from common.aras400k import captions
 from common.errors import InputError
 
 SHARES = {
@@ -60,23 +60,25 @@ def read_rows(path):
 
 
 def test_prompts_are_the_references():
-    assert captions.vision_language_prompt(SHARES) == (
+    assert vision_language_captioner.vision_language_prompt(SHARES) == (
         "This remote sensing image contains the following land cover distribution: Tree (41.5%), "
         "Grassland (12.0%), Built-up (3.33%), Water (43.17%). Based on this information, describe the "
         "scene in 1 or 2 concise sentences focusing on spatial layout and dominant land use types.",
         "percentages",
     )
-    assert captions.vision_language_prompt(NONE) == (captions.BASE_PROMPT, "base")
-    assert captions.vision_language_prompt(None) == (captions.BASE_PROMPT, "base")
-    system, user = captions.text_messages(SHARES)
+    assert vision_language_captioner.vision_language_prompt(NONE) == (captions.BASE_PROMPT, "base")
+    assert vision_language_captioner.vision_language_prompt(None) == (captions.BASE_PROMPT, "base")
+    system, user = text_captioner.text_messages(SHARES)
     assert system == {"role": "system", "content": "You are a remote sensing expert."}
     assert user["content"] == (
         "An image shows: Tree (41.5%), Grassland (12.0%), Built-up (3.33%), Water (43.17%). Describe the "
         "scene in 1 or 2 concise sentences focusing on dominant land use."
     )
-    assert captions.text_messages(NONE)[1]["content"].startswith("An image shows: unidentified land cover. ")
-    assert captions.gpt_user_message(SHARES) == "Tree 41%, Grassland 12%, Built-up 3%, Water 43%"
-    assert captions.ollama_percentage_prompt(SHARES) == (
+    assert text_captioner.text_messages(NONE)[1]["content"].startswith(
+        "An image shows: unidentified land cover. "
+    )
+    assert gpt_captioner.gpt_user_message(SHARES) == "Tree 41%, Grassland 12%, Built-up 3%, Water 43%"
+    assert ollama_captioner.ollama_percentage_prompt(SHARES) == (
         "Based on the following percentages of land cover classes, generate a concise, factual, and "
         "objective description of the scene. The scene is primarily composed of: a large amount of water "
         "(43%), tree (41%), grassland (12%), and some built-up (3%). Do not add details that are not "
@@ -84,10 +86,12 @@ def test_prompts_are_the_references():
     )
     # Ties keep column order; a single class only gets the "a large amount of" part; none: the fallback.
     tied = {**NONE, "Water": 50.0, "Tree": 50.0}
-    assert "a large amount of tree (50%), and some water (50%)." in captions.ollama_percentage_prompt(tied)
-    single = captions.ollama_percentage_prompt({**NONE, "Cropland": 100.0})
+    assert "a large amount of tree (50%), and some water (50%)." in ollama_captioner.ollama_percentage_prompt(
+        tied
+    )
+    single = ollama_captioner.ollama_percentage_prompt({**NONE, "Cropland": 100.0})
     assert "composed of: a large amount of cropland (100%), Do not add" in single
-    assert captions.ollama_percentage_prompt(NONE) == captions.OLLAMA_EMPTY_PROMPT
+    assert ollama_captioner.ollama_percentage_prompt(NONE) == ollama_captioner.OLLAMA_EMPTY_PROMPT
 
 
 def test_percentage_csv_errors(tmp_path):
@@ -174,7 +178,7 @@ def test_qwen_vl_inputs_equal_the_processor(demo, monkeypatch):
     images = [
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((64, 64), (96, 48))
     ]
-    texts = [captions.vision_language_prompt(SHARES)[0], captions.BASE_PROMPT]
+    texts = [vision_language_captioner.vision_language_prompt(SHARES)[0], captions.BASE_PROMPT]
     conversations = [
         [{"role": "user", "content": [{"type": "text", "text": t}, {"type": "image", "image": i}]}]
         for t, i in zip(texts, images, strict=True)
@@ -187,7 +191,7 @@ def test_qwen_vl_inputs_equal_the_processor(demo, monkeypatch):
         return_dict=True,
         processor_kwargs={"padding": True, "padding_side": "left"},
     )
-    ours = captions.qwen_vl_inputs(tokenizer, image_processor, conversations, images)
+    ours = vision_language_captioner.qwen_vl_inputs(tokenizer, image_processor, conversations, images)
     assert sorted(ours) == sorted(expected)
     for key, value in expected.items():
         torch.testing.assert_close(ours[key], value, rtol=0, atol=0, msg=key)
@@ -362,9 +366,9 @@ def test_gpt_captioner_end_to_end_with_the_openai_client(demo, tmp_path, monkeyp
     rows = read_rows(out)
     assert sorted(row["filename"] for row in rows) == sorted(table)
     for row in rows:
-        assert row["caption"] == f"caption of {captions.gpt_user_message(table[row['filename']])}"
+        assert row["caption"] == f"caption of {gpt_captioner.gpt_user_message(table[row['filename']])}"
     first = server.state["requests"][0]
-    assert first["body"]["messages"][0]["content"] == captions.GPT_SYSTEM_MESSAGE
+    assert first["body"]["messages"][0]["content"] == gpt_captioner.GPT_SYSTEM_MESSAGE
     assert first["body"]["temperature"] == 1.0
     state = json.loads(gpt_captioner.state_path(out).read_text())
     assert [b["requests"] for b in state["batches"]] == [3, 1, 1] and all(

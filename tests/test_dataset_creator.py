@@ -12,7 +12,7 @@ from conftest import one_line_error, run_script
 from rasterio.warp import transform as transform_points
 
 import dataset_creator
-from common import aras400k, aras400k_build
+from common.aras400k import classes, patches, percentages
 from common.raster import write_geotiff
 
 RES = 1.0 / 1200  # a coarse EPSG:4326 grid shared by hand-made images and maps
@@ -60,10 +60,10 @@ def land(rows, cols, seed=0):
 def decode_mask(path):
     """Mask PNG -> class indices by exact colour; -1 where a colour is not in the palette."""
     rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    classes = np.full(rgb.shape[:2], -1)
-    for index, colour in enumerate(aras400k.PALETTE):
-        classes[(rgb == colour).all(axis=-1)] = index
-    return classes
+    labels = np.full(rgb.shape[:2], -1)
+    for index, colour in enumerate(classes.PALETTE):
+        labels[(rgb == colour).all(axis=-1)] = index
+    return labels
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +108,11 @@ def test_remap_table_and_palette_exact():
     expected = {10: 0, 95: 0, 20: 1, 30: 2, 90: 2, 100: 2, 40: 3, 50: 4, 60: 5, 70: 5, 80: 6}
     for code in range(256):
         if code in expected:
-            assert aras400k.CODE_TO_CLASS[code] == expected[code], code
+            assert classes.CODE_TO_CLASS[code] == expected[code], code
         elif code == 0:
-            assert aras400k.CODE_TO_CLASS[0] == aras400k.NODATA_CLASS
+            assert classes.CODE_TO_CLASS[0] == classes.NODATA_CLASS
         else:
-            assert aras400k.CODE_TO_CLASS[code] == aras400k.UNKNOWN_CLASS, code
+            assert classes.CODE_TO_CLASS[code] == classes.UNKNOWN_CLASS, code
     palette = [
         (0, 100, 0),
         (255, 182, 193),
@@ -122,9 +122,9 @@ def test_remap_table_and_palette_exact():
         (211, 211, 211),
         (0, 0, 255),
     ]
-    assert aras400k.PALETTE.tolist() == [list(c) for c in palette]
+    assert classes.PALETTE.tolist() == [list(c) for c in palette]
     for code, index in expected.items():  # the BGR table OpenCV writes is the palette reversed
-        assert aras400k.CODE_TO_BGR[code, 0].tolist() == list(palette[index][::-1])
+        assert classes.CODE_TO_BGR[code, 0].tolist() == list(palette[index][::-1])
 
 
 def test_scaling_formulas():
@@ -170,7 +170,7 @@ def mosaic_classes(s2_path, window, map_paths):
             )
             sources += bool(inside.any())
             codes[inside] = label_map.read(1)[map_rows[inside], map_cols[inside]]
-    return aras400k.CODE_TO_CLASS[codes].reshape(rows.shape), sources
+    return classes.CODE_TO_CLASS[codes].reshape(rows.shape), sources
 
 
 def test_masks_equal_the_mosaic_also_across_map_tiles_and_crs(demo):
@@ -188,7 +188,7 @@ def test_masks_equal_the_mosaic_also_across_map_tiles_and_crs(demo):
         decoded = decode_mask(out / row["split"] / "masks" / row["patch"])
         assert (decoded >= 0).all(), "mask holds a colour outside the palette"
         assert np.array_equal(decoded, expected), row["patch"]
-        fractions = [float(row[f"frac_{name}"]) for name in aras400k.CLASS_KEYS]
+        fractions = [float(row[f"frac_{name}"]) for name in classes.CLASS_KEYS]
         assert np.allclose(fractions, np.bincount(expected.ravel(), minlength=7) / expected.size, atol=1e-6)
         if sources == 2:
             straddling.add(row["tile"])
@@ -208,7 +208,7 @@ def test_filters_counted_by_reason(demo):
     before = report["code_pixels_before_filtering"]
     assert "0" in before and "0" not in after and before["80"] > after.get("80", 0)
     assert sum(report["class_pixels_after_filtering"].values()) == 4 * 256 * 256
-    for code, name in aras400k.REMAP_NAMES.items():
+    for code, name in classes.REMAP_NAMES.items():
         assert report["remapped_pixels_after_filtering"][name] == after.get(str(code), 0)
 
 
@@ -301,15 +301,15 @@ def test_band_modes_formats_and_percentile_scaling(tmp_path):
 
 def test_split_is_by_tile_and_seeded_and_the_demo_splits_by_patch(demo):
     tiles = [f"N{i:02d}E000" for i in range(10)]
-    first = aras400k_build.split_names(tiles, [0.8, 0.1, 0.1], seed=0)
-    assert first == aras400k_build.split_names(list(reversed(tiles)), [0.8, 0.1, 0.1], seed=0)
+    first = dataset_creator.split_names(tiles, [0.8, 0.1, 0.1], seed=0)
+    assert first == dataset_creator.split_names(list(reversed(tiles)), [0.8, 0.1, 0.1], seed=0)
     assert sorted(first.values()).count("train") == 8 and sorted(first.values()).count("test") == 1
-    others = [aras400k_build.split_names(tiles, [0.8, 0.1, 0.1], seed=s) for s in range(1, 6)]
+    others = [dataset_creator.split_names(tiles, [0.8, 0.1, 0.1], seed=s) for s in range(1, 6)]
     assert any(other != first for other in others)
     _, out, report = demo  # two tiles: the demo splits patches, and says so
     assert report["split"]["level"] == "patch" and report["split"]["tiles"] is None
     assert "patch-level split" in report["split"]["note"]
-    assert all(report["totals"]["kept_by_split"][split] >= 1 for split in aras400k.SPLITS)
+    assert all(report["totals"]["kept_by_split"][split] >= 1 for split in patches.SPLITS)
     with open(out / "manifest.csv") as file:
         for row in csv.DictReader(file):
             assert (out / row["split"] / "images" / row["patch"]).is_file()
@@ -554,23 +554,38 @@ def test_class_percentages_per_split_and_for_any_mask_folder(demo, tmp_path):
     _, out, _ = demo
     with open(out / "manifest.csv") as file:
         fractions = {row["patch"]: row for row in csv.DictReader(file)}
-    for split in aras400k.SPLITS:
-        with open(aras400k.percentages_csv_path(out, split)) as file:
+    for split in patches.SPLITS:
+        with open(percentages.csv_path(out, split)) as file:
             rows = list(csv.DictReader(file))
-        assert rows and list(rows[0]) == aras400k.PERCENTAGE_COLUMNS
+        assert rows and list(rows[0]) == percentages.COLUMNS
         decoded = tmp_path / f"{split}.csv"  # the same table as decoding the masks gives
-        aras400k.write_class_percentages(out / split / "masks", decoded)
-        assert decoded.read_text() == aras400k.percentages_csv_path(out, split).read_text()
+        percentages.write_class_percentages(out / split / "masks", decoded)
+        assert decoded.read_text() == percentages.csv_path(out, split).read_text()
         for row in rows:
             manifest = fractions[row["filename"]]
-            for name, key in zip(aras400k.CLASS_NAMES, aras400k.CLASS_KEYS, strict=True):
+            for name, key in zip(classes.CLASS_NAMES, classes.CLASS_KEYS, strict=True):
                 assert float(row[name]) == pytest.approx(100 * float(manifest[f"frac_{key}"]), abs=0.006)
     masks = tmp_path / "synth" / "train" / "masks"  # e.g. generated masks: any folder of palette PNGs
     masks.mkdir(parents=True)
     labels = np.zeros((4, 5), np.uint8)
     labels[:, 4] = 6  # 16 tree, 4 water pixels
-    cv2.imwrite(str(masks / "g0.png"), cv2.cvtColor(aras400k.labels_to_colours(labels), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(masks / "g0.png"), cv2.cvtColor(classes.labels_to_colours(labels), cv2.COLOR_RGB2BGR))
     assert run(["--percentages", masks]) == tmp_path / "synth" / "class_percentages" / "train.csv"
     with open(tmp_path / "synth" / "class_percentages" / "train.csv") as file:
         (row,) = list(csv.DictReader(file))
     assert row["filename"] == "g0.png" and float(row["Tree"]) == 80.0 and float(row["Water"]) == 20.0
+
+
+def test_class_percentages_of_hand_made_masks(tmp_path):
+    labels = np.zeros((4, 4), dtype=np.uint8)  # Tree everywhere ...
+    labels[:1] = 6  # ... but a quarter Water
+    labels[1, :2] = 3  # and 2 of 16 pixels Cropland
+    cv2.imwrite(str(tmp_path / "a.png"), classes.labels_to_colours(labels)[..., ::-1])
+    out = percentages.write_class_percentages(tmp_path, tmp_path / "pct" / "train.csv")
+    with open(out) as file:
+        reader = csv.DictReader(file)
+        (row,) = list(reader)
+    assert reader.fieldnames == percentages.COLUMNS
+    assert row["filename"] == "a.png"
+    shares = tuple(float(row[name]) for name in ("Tree", "Water", "Cropland", "Grassland"))
+    assert shares == (62.5, 25.0, 12.5, 0.0)

@@ -1,5 +1,5 @@
 """dataset_downloader.py with the real terracatalogueclient against a local catalogue on 127.0.0.1
-(common/terrascope_local.py), then dataset_creator.py on what it wrote."""
+(dataset_downloader.LocalCatalogue), then dataset_creator.py on what it wrote."""
 
 import csv
 import hashlib
@@ -12,7 +12,6 @@ from conftest import assert_main_error, call_main, run_script
 import dataset_creator
 import dataset_downloader as dd
 from common.raster import write_geotiff
-from common.terrascope_local import LocalCatalogue
 
 RES = 1.0 / 1200
 
@@ -40,7 +39,7 @@ def served_products(folder):
 @pytest.fixture
 def catalogue(tmp_path, monkeypatch):
     served = tmp_path / "served"
-    with LocalCatalogue(served_products(served), username="alice", password="s3cret-pw") as local:
+    with dd.LocalCatalogue(served_products(served), username="alice", password="s3cret-pw") as local:
         local.config = local.write_config(tmp_path / "catalogue.ini")
         monkeypatch.setenv("TERRASCOPE_USERNAME", "alice")
         monkeypatch.setenv("TERRASCOPE_PASSWORD", "s3cret-pw")

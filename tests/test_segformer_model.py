@@ -1,7 +1,6 @@
-"""The paper's pieces in segmentation_train.py and common/aras400k.py: Dice loss against its formula,
-streaming metrics
-against sklearn, exact colour decoding, paired augmentation, decoder output size per encoder size,
-and mixed precision keeping float32 logits."""
+"""The paper's pieces in segmentation_train.py and common/aras400k/: Dice loss against its formula,
+streaming metrics against sklearn, exact colour decoding, paired augmentation, decoder output size per
+encoder size, and mixed precision keeping float32 logits."""
 
 import numpy as np
 import pytest
@@ -9,7 +8,8 @@ import tensorflow as tf
 from sklearn.metrics import accuracy_score, jaccard_score, precision_recall_fscore_support
 
 import segmentation_train as st
-from common import aras400k, metrics
+from common import metrics
+from common.aras400k import classes, efficientnet
 
 
 def softmax(logits):
@@ -98,17 +98,17 @@ def test_streaming_metrics_equal_sklearn_including_absent_classes():
 
 def test_mask_colours_round_trip_and_unknown_colours():
     labels = np.random.default_rng(0).integers(0, 7, (16, 16)).astype(np.uint8)
-    colours = aras400k.labels_to_colours(labels)
-    assert (aras400k.colours_to_labels(colours) == labels).all()
-    assert (aras400k.decode_mask_tf(tf.constant(colours)).numpy() == labels).all()
+    colours = classes.labels_to_colours(labels)
+    assert (classes.colours_to_labels(colours) == labels).all()
+    assert (classes.decode_mask_tf(tf.constant(colours)).numpy() == labels).all()
     colours[3, 4] = (0, 100, 1)  # one step away from Tree: not a palette colour
     for decoded in (
-        aras400k.colours_to_labels(colours),
-        aras400k.decode_mask_tf(tf.constant(colours)).numpy(),
+        classes.colours_to_labels(colours),
+        classes.decode_mask_tf(tf.constant(colours)).numpy(),
     ):
         assert decoded[3, 4] == st.IGNORE_INDEX
         assert (np.delete(decoded.ravel(), 3 * 16 + 4) == np.delete(labels.ravel(), 3 * 16 + 4)).all()
-    assert (aras400k.PALETTE[[0, 6]] == [(0, 100, 0), (0, 0, 255)]).all()
+    assert (classes.PALETTE[[0, 6]] == [(0, 100, 0), (0, 0, 255)]).all()
 
 
 def test_augmentation_moves_image_and_mask_identically():
@@ -157,7 +157,7 @@ def decoder_parameter_count(model):
 def test_decoder_matches_smp_and_has_input_size(encoder):
     model = st.build_segformer(encoder, 64)
     assert tuple(model.output.shape) == (None, 64, 64, st.NUM_CLASSES)
-    strides = [64 // feature.shape[1] for feature in aras400k.encoder_pyramid(model, 64)]
+    strides = [64 // feature.shape[1] for feature in efficientnet.encoder_pyramid(model, 64)]
     assert strides == [2, 4, 8, 16, 32]
     assert model.get_layer("decoder_fuse_conv").kernel.shape == (1, 1, 1280, 256)
     assert decoder_parameter_count(model) == SMP_DECODER_PARAMETERS[encoder]
@@ -184,18 +184,20 @@ def test_official_keras_weights_file_gets_std_squared(tmp_path):
 
     official = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
     normalization = next(layer for layer in official.layers if isinstance(layer, keras.layers.Normalization))
-    normalization.adapt_mean.assign(aras400k.IMAGENET_MEAN)
-    normalization.adapt_variance.assign(aras400k.IMAGENET_STD)
+    normalization.adapt_mean.assign(efficientnet.IMAGENET_MEAN)
+    normalization.adapt_variance.assign(efficientnet.IMAGENET_STD)
     path = tmp_path / "efficientnetb0_notop.h5"
     with h5py.File(path, "w") as file:
         legacy_h5_format.save_weights_to_hdf5_group(file, official)
-    encoder = aras400k.build_encoder("efficientnetb0", 32, weights=path)
+    encoder = efficientnet.build_encoder("efficientnetb0", 32, weights=path)
     loaded = next(layer for layer in encoder.layers if isinstance(layer, keras.layers.Normalization))
-    np.testing.assert_allclose(np.asarray(loaded.variance).ravel(), aras400k.IMAGENET_STD**2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(loaded.variance).ravel(), efficientnet.IMAGENET_STD**2, rtol=1e-6)
     image = np.full((1, 32, 32, 3), 255.0, np.float32)
     stem_input = keras.Model(encoder.input, loaded.output)(image)
     np.testing.assert_allclose(
-        np.asarray(stem_input)[0, 0, 0], (1 - aras400k.IMAGENET_MEAN) / aras400k.IMAGENET_STD, rtol=1e-5
+        np.asarray(stem_input)[0, 0, 0],
+        (1 - efficientnet.IMAGENET_MEAN) / efficientnet.IMAGENET_STD,
+        rtol=1e-5,
     )
 
 
@@ -221,7 +223,7 @@ def test_bad_image_size_and_weights_file(tmp_path):
     bad = tmp_path / "weights.h5"
     bad.write_bytes(b"not an h5 file")
     with pytest.raises(st.InputError, match="cannot be loaded into efficientnetb0"):
-        aras400k.build_encoder("efficientnetb0", 32, weights=bad)
+        efficientnet.build_encoder("efficientnetb0", 32, weights=bad)
 
 
 def small_compiled_model(width=4):

@@ -10,7 +10,8 @@ from conftest import assert_main_error, call_main, run_script
 
 import segformer_vis as vis
 import segmentation_train as st
-from common import aras400k, atomic
+from common import atomic
+from common.aras400k import demo_data
 
 SCRIPT = "segformer_vis.py"
 
@@ -30,14 +31,12 @@ def test_help():
 def saved_model_run(tmp_path_factory):
     # In-process and t-SNE only: UMAP's numba compilation alone costs about half a minute of CPU.
     results = tmp_path_factory.mktemp("results")
-    data = aras400k.write_demo_patches(results / "data", 32, 24, seed=0)
+    data = demo_data.write_demo_patches(results / "data", 32, 24, seed=0)
     model_path = results / "best_model.keras"
     atomic.save_keras(st.build_segformer("efficientnetb0", 32, decoder_width=16), model_path)
-    argv = [
-        "--image_dirs", data / "train" / "images", data / "val" / "images", "--model", model_path,
-        "--samples", 8, "--embeddings", "tsne", "--batch_size", 8, "--run_name", "analysis",
-        "--results_dir", results,
-    ]  # fmt: skip
+    folders = f"{data / 'train' / 'images'} {data / 'val' / 'images'}"
+    argv = f"""--image_dirs {folders} --model {model_path} --samples 8 --embeddings tsne --batch_size 8
+        --run_name analysis --results_dir {results}"""
     return results / "segformer_vis" / "analysis", call_main(vis, argv)
 
 

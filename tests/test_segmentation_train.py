@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_main_error, call_main, no_temporary_files, run_script
 
 import segmentation_train as st
-from common import aras400k
+from common.aras400k import classes, patches
 
 SCRIPT = "segmentation_train.py"
 DOCUMENTED_FILES = [
@@ -41,15 +41,15 @@ def write_pair(split_dir, name, labels, image_size=64, mask_colours=None):
     (split_dir / "masks").mkdir(parents=True, exist_ok=True)
     image = np.random.default_rng(0).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
     cv2.imwrite(str(split_dir / "images" / name), image)
-    colours = aras400k.labels_to_colours(labels) if mask_colours is None else mask_colours
+    colours = classes.labels_to_colours(labels) if mask_colours is None else mask_colours
     cv2.imwrite(str(split_dir / "masks" / name), cv2.cvtColor(colours, cv2.COLOR_RGB2BGR))
 
 
 def make_dataset(root, image_size=64):
     rng = np.random.default_rng(1)
-    for split in aras400k.SPLITS:
+    for split in patches.SPLITS:
         for index in range(2):
-            labels = rng.integers(0, aras400k.NUM_CLASSES, (image_size, image_size)).astype(np.uint8)
+            labels = rng.integers(0, classes.NUM_CLASSES, (image_size, image_size)).astype(np.uint8)
             write_pair(root / split, f"p_{index}.png", labels, image_size)
     return root
 
@@ -111,7 +111,7 @@ def test_demo_summary_matches_metrics(demo_run):
     assert completed.stdout.strip().splitlines()[-1] == metrics["summary"]
     assert f"{100 * metrics['test']['macro_f1']:.2f}" in metrics["summary"]
     per_class = read_csv(run_dir / "per_class.csv")
-    assert [row["class"] for row in per_class] == aras400k.CLASS_NAMES
+    assert [row["class"] for row in per_class] == classes.CLASS_NAMES
     log = read_csv(run_dir / "log.csv")
     assert len(log) == metrics["epochs_trained"] >= 1
 
@@ -125,8 +125,8 @@ def test_demo_predictions_are_palette_coloured(demo_run):
         assert sorted(archive.namelist()) == test_images
         colours = cv2.imdecode(np.frombuffer(archive.read(test_images[0]), np.uint8), cv2.IMREAD_COLOR)
     # Predictions are colour-coded with the palette only.
-    labels = aras400k.colours_to_labels(cv2.cvtColor(colours, cv2.COLOR_BGR2RGB))
-    assert (labels < aras400k.NUM_CLASSES).all()
+    labels = classes.colours_to_labels(cv2.cvtColor(colours, cv2.COLOR_BGR2RGB))
+    assert (labels < classes.NUM_CLASSES).all()
 
 
 def test_demo_learns(demo_run):
@@ -185,7 +185,7 @@ def test_image_without_mask(tmp_path, capsys):
 
 def test_mask_size_mismatch(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
-    small = aras400k.labels_to_colours(np.zeros((32, 32), np.uint8))
+    small = classes.labels_to_colours(np.zeros((32, 32), np.uint8))
     cv2.imwrite(str(root / "train" / "masks" / "p_0.png"), small)
     argv = ["--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results"]
     assert_input_error(
@@ -195,7 +195,7 @@ def test_mask_size_mismatch(tmp_path, capsys):
 
 def test_unknown_colour_is_an_error(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
-    colours = aras400k.labels_to_colours(np.zeros((64, 64), np.uint8))
+    colours = classes.labels_to_colours(np.zeros((64, 64), np.uint8))
     colours[5, 7] = (1, 2, 3)
     write_pair(root / "test", "p_0.png", None, mask_colours=colours)
     argv = ["--data_root", root, "--image_size", 64, "--results_dir", tmp_path / "results"]
@@ -234,14 +234,14 @@ def test_interrupted_run_needs_resume_or_overwrite(tmp_path, capsys):
 
 
 def test_unknown_colour_ignore_counts_pixels(tmp_path):
-    colours = aras400k.labels_to_colours(np.full((8, 8), 6, np.uint8))
+    colours = classes.labels_to_colours(np.full((8, 8), 6, np.uint8))
     colours[0, :3] = (9, 9, 9)
     write_pair(tmp_path, "x.png", None, image_size=8, mask_colours=colours)
     pairs = [(tmp_path / "images" / "x.png", tmp_path / "masks" / "x.png")]
-    counts = aras400k.check_masks(pairs, "ignore", threads=1)
-    assert counts[6] == 61 and counts[aras400k.NUM_CLASSES] == 3
+    counts = patches.check_masks(pairs, "ignore", threads=1)
+    assert counts[6] == 61 and counts[classes.NUM_CLASSES] == 3
     with pytest.raises(st.InputError, match=r"3 pixels of colour \(9, 9, 9\)"):
-        aras400k.check_masks(pairs, "error", threads=1)
+        patches.check_masks(pairs, "error", threads=1)
 
 
 def test_train_splits_combine_real_synthetic_and_generated_sets(tmp_path):
@@ -265,6 +265,15 @@ def test_generated_set_needs_one_image_per_mask(tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
     (root / "train" / "generated").mkdir()
     cv2.imwrite(str(root / "train" / "generated" / "p_0.png"), np.zeros((64, 64, 3), np.uint8))
-    argv = ["--data_root", root, "--image_size", 64, "--train_splits", "train generated"]
-    argv += ["--results_dir", tmp_path / "results"]
-    assert_input_error(capsys, argv, "generated/p_1.png: is missing", results=tmp_path / "results")
+    results = tmp_path / "results"
+    argv = [
+        "--data_root",
+        root,
+        "--image_size",
+        64,
+        "--train_splits",
+        "train generated",
+        "--results_dir",
+        results,
+    ]
+    assert_input_error(capsys, argv, "generated/p_1.png: is missing", results=results)

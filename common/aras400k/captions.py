@@ -1,11 +1,12 @@
-"""ARAS400k captions: percentage tables, the reference prompts, image lists and resumable caption CSVs.
+"""ARAS400k captions: what the five captioners share (percentage CSVs, resumable caption CSVs, generation).
 
 Every captioner (`vision_language_captioner.py`, `vision_captioner.py`, `text_captioner.py`,
 `gpt_captioner.py`, `ollama_captioner.py`) reads the class-percentage table of a split
-(`common.aras400k.PERCENTAGE_COLUMNS`, values in percent), builds the prompts of the ARAS400k
-reference scripts (Caglar & Temizel, arXiv 2603.09625) from it, and appends its captions to one CSV
-(`CAPTION_COLUMNS`) that a re-run continues. The settings that shape the captions (model, prompt,
-generation config) are recorded next to the CSV and a re-run with other settings is refused.
+(`common.aras400k.percentages`, values in percent), builds the prompt of its ARAS400k reference
+script (Caglar & Temizel, arXiv 2603.09625; each prompt lives in its captioner, the pieces two of
+them share here), and appends its captions to one CSV (`CAPTION_COLUMNS`) that a re-run continues.
+The settings that shape the captions (model, prompt, generation config) are recorded next to the
+CSV and a re-run with other settings is refused. `caption_stats.py` reads the same CSVs.
 """
 
 import argparse
@@ -22,26 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from common import aras400k, atomic, runs
+from common import atomic, runs
+from common.aras400k import classes, demo_data, percentages
 from common.errors import InputError, require, require_dir, require_file
 
 CAPTION_COLUMNS = ["filename", "caption", "model", "prompt_id"]
 IMAGE_EXTENSIONS = (".png",)
 
-# The prompts of the reference scripts, word for word.
+# The base prompt of the reference's Gemma-3 and Qwen3-VL captioners, word for word.
 BASE_PROMPT = (
     "Describe this remote sensing image in 1 or 2 concise sentences, "
     "focusing on land use and key geographical features."
-)
-TEXT_SYSTEM_PROMPT = "You are a remote sensing expert."
-GPT_SYSTEM_MESSAGE = (
-    "You generate natural, fluent, human-like satellite image captions (1-2 sentences)."
-    "Do not list percentages, statistics, segmentation, or datasets."
-)
-OLLAMA_IMAGE_PROMPT = "Describe this image in detail."
-OLLAMA_EMPTY_PROMPT = (
-    "The provided data indicates no significant land cover percentages. Please describe the scene as a "
-    "blank or non-existent landscape."
 )
 
 
@@ -57,17 +49,17 @@ def read_percentages(path) -> dict[str, dict[str, float]]:
     path = require_file(path, "a class-percentage CSV (filename + the 7 ARAS400k classes in percent)")
     with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
-        missing = [name for name in aras400k.PERCENTAGE_COLUMNS if name not in (reader.fieldnames or [])]
+        missing = [name for name in percentages.COLUMNS if name not in (reader.fieldnames or [])]
         require(
             not missing,
             path,
             f"lacks the column(s) {', '.join(missing)}",
-            ", ".join(aras400k.PERCENTAGE_COLUMNS),
+            ", ".join(percentages.COLUMNS),
         )
         table = {}
         for line, row in enumerate(reader, start=2):
             shares = {}
-            for name in aras400k.CLASS_NAMES:
+            for name in classes.CLASS_NAMES:
                 try:
                     value = float(row[name])
                 except (TypeError, ValueError):
@@ -94,7 +86,7 @@ def ensure_percentages(masks_dir, csv_path) -> Path:
     """Write the percentage CSV of a mask folder when it is missing (the demo); return its path."""
     csv_path = Path(csv_path)
     if not csv_path.exists():
-        aras400k.write_class_percentages(masks_dir, csv_path)
+        percentages.write_class_percentages(masks_dir, csv_path)
     return csv_path
 
 
@@ -106,14 +98,14 @@ def list_images(folder) -> list[str]:
     return names
 
 
-def files_to_caption(images_dir, percentages, need_percentages: bool, source) -> list[str]:
+def files_to_caption(images_dir, table, need_percentages: bool, source) -> list[str]:
     """The images to caption: those of `images_dir`, or every row of the table when it is empty.
 
     A text-only captioner needs a row for every image; the first image without one is an error.
     """
-    names = list_images(images_dir) if images_dir else sorted(percentages)
+    names = list_images(images_dir) if images_dir else sorted(table)
     if need_percentages:
-        lacking = [name for name in names if name not in percentages]
+        lacking = [name for name in names if name not in table]
         require(
             not lacking,
             source,
@@ -124,77 +116,21 @@ def files_to_caption(images_dir, percentages, need_percentages: bool, source) ->
 
 
 def demo_inputs(root, seed: int, train_images: int = 8, image_size: int = 64) -> tuple[Path, Path]:
-    """Seeded demo patches (common.aras400k) and their percentage CSV; returns (images, CSV)."""
-    root = aras400k.write_demo_patches(root, image_size, train_images, seed)
-    csv_path = aras400k.percentages_csv_path(root, "train")
+    """Seeded demo patches (common.aras400k.demo_data) and their percentage CSV; returns (images, CSV)."""
+    root = demo_data.write_demo_patches(root, image_size, train_images, seed)
+    csv_path = percentages.csv_path(root, "train")
     stale = csv_path.exists() and csv_path.stat().st_mtime < (root / "demo.json").stat().st_mtime
     if stale:
         csv_path.unlink()
     return root / "train" / "images", ensure_percentages(root / "train" / "masks", csv_path)
 
 
-# ---- the reference prompts ----
+# ---- prompts: the pieces two captioners share ----
 
 
 def present_classes(shares: Mapping[str, float]) -> list[str]:
     """`Class (v%)` for every class above 0, in column order, v rounded to 2 decimals as the references do."""
     return [f"{name} ({round(value, 2)}%)" for name, value in shares.items() if value > 0]
-
-
-def vision_language_prompt(shares: Mapping[str, float] | None) -> tuple[str, str]:
-    """The Qwen3-VL prompt of `vision_language_captioner.py` and its id ("percentages" or "base")."""
-    classes = present_classes(shares or {})
-    if not classes:
-        return BASE_PROMPT, "base"
-    return (
-        "This remote sensing image contains the following land cover distribution: "
-        f"{', '.join(classes)}. Based on this information, describe the scene in 1 or 2 concise sentences "
-        "focusing on spatial layout and dominant land use types.",
-        "percentages",
-    )
-
-
-def text_messages(shares: Mapping[str, float]) -> list[dict]:
-    """The chat of `text_captioner.py`: the system line and the percentages ("unidentified" when none)."""
-    class_info = ", ".join(present_classes(shares)) or "unidentified land cover"
-    user = (
-        f"An image shows: {class_info}. "
-        "Describe the scene in 1 or 2 concise sentences focusing on dominant land use."
-    )
-    return [{"role": "system", "content": TEXT_SYSTEM_PROMPT}, {"role": "user", "content": user}]
-
-
-def gpt_user_message(shares: Mapping[str, float]) -> str:
-    """The GPT user message: `Class v%` with v truncated to an integer, classes above 0 only."""
-    return ", ".join(f"{name} {int(value)}%" for name, value in shares.items() if value > 0)
-
-
-def ollama_percentage_prompt(shares: Mapping[str, float]) -> str:
-    """The Ollama description prompt: classes sorted by share, "a large amount of ... and some ...".
-
-    The reference reads integer percentages as text; here shares are truncated to integers first,
-    the sort is stable (ties keep column order) and classes at 0 % are left out, as there.
-    """
-    integers = {name: int(value) for name, value in shares.items()}
-    ordered = [
-        (name, value) for name, value in sorted(integers.items(), key=lambda item: -item[1]) if value != 0
-    ]
-    if not ordered:
-        return OLLAMA_EMPTY_PROMPT
-    parts = [
-        "Based on the following percentages of land cover classes, generate a concise, factual, and "
-        "objective description of the scene.",
-        "The scene is primarily composed of:",
-    ]
-    for index, (name, value) in enumerate(ordered):
-        if index == 0:
-            parts.append(f"a large amount of {name.lower()} ({value}%),")
-        elif index == len(ordered) - 1:
-            parts.append(f"and some {name.lower()} ({value}%).")
-        else:
-            parts.append(f"{name.lower()} ({value}%),")
-    parts.append("Do not add details that are not provided in the percentages.")
-    return " ".join(parts)
 
 
 # ---- the caption CSV: resumable, header once, settings recorded ----
@@ -271,16 +207,6 @@ def _csv_text(rows) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     return buffer.getvalue()
-
-
-def read_captions(path) -> list[dict]:
-    """Read a caption CSV (`CAPTION_COLUMNS`; extra columns kept) as a list of dicts."""
-    path = require_file(path, "a caption CSV (filename, caption, model, prompt_id)")
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        lacking = [name for name in ("filename", "caption") if name not in (reader.fieldnames or [])]
-        require(not lacking, path, f"lacks the column(s) {', '.join(lacking)}", ",".join(CAPTION_COLUMNS))
-        return list(reader)
 
 
 # ---- running batches: failures reported by file name and retried ----
@@ -456,44 +382,6 @@ def demo_tokenizer(special_tokens: Sequence[str], chat_template: str, vocab_size
     )
     backend.train_from_iterator(DEMO_SENTENCES, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template, **named)
-
-
-def qwen_vl_inputs(
-    tokenizer, image_processor, conversations, images, image_token: str = "<|image_pad|>"
-) -> dict:
-    """Model inputs for a batch of Qwen3-VL chats, assembled the way `Qwen3VLProcessor` does.
-
-    The processor itself cannot be built without torchvision (its video processor needs it), so its
-    steps are done here with the checkpoint's own tokenizer, chat template and (PIL) image
-    processor: render the chat, expand each image placeholder to one token per merged patch
-    (`grid_t * grid_h * grid_w / merge_size**2`), tokenize with left padding, and mark the image
-    tokens in `mm_token_type_ids` (M-RoPE needs them). `tests/test_captioners.py` checks the result
-    against the processor's own `apply_chat_template` for the same batch.
-    """
-    import torch
-
-    texts = [
-        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        for chat in conversations
-    ]
-    pixels = image_processor(images, return_tensors="pt")
-    merge = image_processor.merge_size**2
-    tokens_per_image = iter((pixels["image_grid_thw"].prod(-1) // merge).tolist())
-    expanded = []
-    for text in texts:
-        first, *rest = text.split(image_token)
-        expanded.append(first + "".join(image_token * next(tokens_per_image) + piece for piece in rest))
-    encoded = tokenizer(
-        expanded, padding=True, padding_side="left", return_tensors="pt", return_token_type_ids=False
-    )
-    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-    return {
-        "input_ids": encoded["input_ids"],
-        "attention_mask": encoded["attention_mask"],
-        "mm_token_type_ids": (encoded["input_ids"] == image_token_id).to(torch.long),
-        "pixel_values": pixels["pixel_values"],
-        "image_grid_thw": pixels["image_grid_thw"],
-    }
 
 
 # ---- the flags every captioner shares ----
