@@ -17,7 +17,7 @@ inference (tests/test_fused_bn.py).
 import os
 import types
 
-# keras and tensorflow are imported where used: common.aras400k imports this module, and its
+# keras and tensorflow are imported where used: common.aras400k.efficientnet imports this module, and its
 # TensorFlow-free users (dataset_creator.py) must not load TensorFlow.
 
 # tf.compat.v1.nn.fused_batch_norm raises smaller epsilons to this value; Keras would not.

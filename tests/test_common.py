@@ -291,21 +291,3 @@ def test_startup_keeps_tensorflow_start_up_lines_out_unless_a_level_is_set():
         env={**environment, "TF_CPP_MIN_LOG_LEVEL": "0"},
     )
     assert "oneDNN" in chosen.stderr or "cpu_feature_guard" in chosen.stderr
-
-
-def test_class_percentages_of_hand_made_masks(tmp_path):
-    import cv2
-    import pandas as pd
-
-    from common import aras400k
-
-    labels = np.zeros((4, 4), dtype=np.uint8)  # Tree everywhere ...
-    labels[:1] = 6  # ... but a quarter Water
-    labels[1, :2] = 3  # and 2 of 16 pixels Cropland
-    cv2.imwrite(str(tmp_path / "a.png"), aras400k.labels_to_colours(labels)[..., ::-1])
-    out = aras400k.write_class_percentages(tmp_path, tmp_path / "pct" / "train.csv")
-    table = pd.read_csv(out)
-    assert list(table.columns) == aras400k.PERCENTAGE_COLUMNS
-    row = table.iloc[0]
-    assert row["filename"] == "a.png"
-    assert (row["Tree"], row["Water"], row["Cropland"], row["Grassland"]) == (62.5, 25.0, 12.5, 0.0)
