@@ -25,13 +25,17 @@ from common import pipelines, runs
 from common.lucas import demo_chips, lucas_chips
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--demo_scale", type=float, default=0.12)
-    options = parser.parse_args()
+    return parser
+
+
+def main():
+    options = get_args_parser().parse_args()
     runs.seed_everything(0)
     root = demo_chips.write_demo_chips(Path(tempfile.mkdtemp()) / "chips", options.demo_scale)
     point_ids, labels = lucas_chips.read_labels(root / lucas_chips.LABELS_CSV_NAME)

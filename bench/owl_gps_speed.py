@@ -192,7 +192,7 @@ def child(arguments):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="Timed rounds (after one warm-up round).")
     parser.add_argument("--pool_size", type=int, default=100_000, help="Patches in the large pool.")
@@ -206,7 +206,11 @@ def main():
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = get_args_parser().parse_args()
 
     if args.phase:
         phases = {

@@ -24,13 +24,17 @@ from common.lucas import lucas_chips
 from tests.fixtures import make_terramind_fixture as reference
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="base", choices=list(extractor.VARIANTS))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    options = parser.parse_args()
+    return parser
+
+
+def main():
+    options = get_args_parser().parse_args()
     runs.seed_everything(0)
     config = extractor.VARIANTS[options.variant]
     torch_model = reference.TorchTerraMindS2L2A(

@@ -114,14 +114,18 @@ def baseline_seconds_per_head_epoch(data, task_scores, epochs, heads_per_method)
     return float(np.mean(steady))
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short_epochs", type=int, default=100)
     parser.add_argument("--long_epochs", type=int, default=600)
     parser.add_argument("--baseline_epochs", type=int, default=12)
     parser.add_argument("--baseline_heads_per_method", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = get_args_parser().parse_args()
     with tempfile.TemporaryDirectory() as folder:
         data_path, embeddings_dir = awir.make_demo_data(Path(folder) / "demo", seed=0)
         data = awir.load_awir(data_path, embeddings_dir, awir.EMBEDDING_NAMES, Path(folder) / "results", 0.7)

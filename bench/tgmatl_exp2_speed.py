@@ -109,12 +109,16 @@ def stacked_epoch_seconds(units, inputs, data, args, chunk_epochs, chunks=3):
     return compile_seconds, per_epoch, len(jobs), cores_used
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     parser.add_argument("--baseline_epochs", type=int, default=12)
     parser.add_argument("--chunk_epochs", type=int, default=40)
-    bench_args = parser.parse_args()
+    return parser
+
+
+def main():
+    bench_args = get_args_parser().parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
         data_path, embeddings_dir = awir.make_demo_data(Path(folder) / "data", seed=0)
