@@ -41,7 +41,7 @@ class Parser(argparse.ArgumentParser):
     `--demo` is set and the flag was neither typed nor set by the YAML file.
     """
 
-    def __init__(self, *args, config_flag: bool = False, **kwargs):
+    def __init__(self, *args, config_flag: bool = True, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self._demo_values: dict = {}
@@ -51,7 +51,13 @@ class Parser(argparse.ArgumentParser):
                 "-c",
                 "--config",
                 default="",
-                help="YAML file of flag names and values (e.g. configs/<name>.yaml); typed flags win.",
+                help="YAML file of flag names and values (e.g. written by --print_config); typed flags win.",
+            )
+            self.add_argument(
+                "--print_config",
+                action="store_true",
+                help="Print the effective settings (defaults, --demo values, -c file, typed flags) as YAML "
+                "that -c accepts back, and exit.",
             )
 
     def demo_defaults(self, **values) -> None:
@@ -87,6 +93,9 @@ class Parser(argparse.ArgumentParser):
                     setattr(parsed, dest, value)
         if isinstance(parsed, Arguments):
             parsed.typed = frozenset(typed)
+        if getattr(parsed, "print_config", False):
+            print(effective_config_yaml(parsed, self), end="")
+            sys.exit(0)
         return parsed
 
 
@@ -96,7 +105,24 @@ class Arguments(argparse.Namespace):
     __slots__ = ("typed",)
 
 
-_META_KEYS = ("config", "demo", "help")
+_META_KEYS = ("config", "print_config", "help")
+
+
+def _plain(value):
+    # YAML that -c reads back: tuples as lists, paths as strings.
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def effective_config_yaml(args, parser: argparse.ArgumentParser) -> str:
+    """The settings in `args` as YAML (flag names as keys) that `-c` accepts back unchanged."""
+    import yaml
+
+    keys = [a.dest for a in parser._actions if a.dest not in _META_KEYS and a.dest != argparse.SUPPRESS]
+    return yaml.safe_dump({key: _plain(getattr(args, key)) for key in keys}, sort_keys=False)
 
 
 def typed_flags(args) -> frozenset:
@@ -106,7 +132,13 @@ def typed_flags(args) -> frozenset:
 
 def _convert(action, key, value, path):
     if isinstance(value, list):
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            return [_convert_one(action, key, item, path) for item in value]
         value = ",".join(str(item) for item in value)
+    return _convert_one(action, key, value, path)
+
+
+def _convert_one(action, key, value, path):
     if value is not None and action.type is not None:
         try:
             value = action.type(value) if action.type is str2bool else action.type(str(value))

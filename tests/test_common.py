@@ -309,3 +309,38 @@ def test_class_percentages_of_hand_made_masks(tmp_path):
     row = table.iloc[0]
     assert row["filename"] == "a.png"
     assert (row["Tree"], row["Water"], row["Cropland"], row["Grassland"]) == (62.5, 25.0, 12.5, 0.0)
+
+
+def test_every_parser_takes_a_config_and_prints_one_it_reads_back(tmp_path, capsys):
+    """--print_config writes the effective settings (demo values included) as YAML that -c reads back."""
+    parser = cli.Parser()
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--splits", nargs="+", default=["train"])
+    parser.add_argument("--rate", type=float, default=0.1)
+    parser.add_argument("--flag", action="store_true")
+    cli.add_demo_argument(parser)
+    parser.demo_defaults(epochs=3)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args("--demo --splits train synth --rate 0.5 --print_config".split())
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed) == {
+        "epochs": 3,
+        "splits": ["train", "synth"],
+        "rate": 0.5,
+        "flag": False,
+        "demo": True,
+    }
+    config = tmp_path / "effective.yaml"
+    config.write_text(printed)
+    again = parser.parse_args(["-c", str(config)])
+    assert (again.epochs, again.splits, again.rate, again.flag, again.demo) == (
+        3,
+        ["train", "synth"],
+        0.5,
+        False,
+        True,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-c", str(config), "--print_config"])
+    assert capsys.readouterr().out == printed  # the round trip is a fixed point
