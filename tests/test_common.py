@@ -1,5 +1,6 @@
 """Unit tests of the small common/ modules: errors, atomic, runs, cli, checkpoints, pipelines, reports."""
 
+import argparse
 import json
 import os
 
@@ -102,6 +103,60 @@ def test_prepare_run_dir_refuses_a_finished_run(tmp_path):
     assert runs.prepare_run_dir(tmp_path, "script", "a", resume=True) == run_dir
     runs.prepare_run_dir(tmp_path, "script", "a", overwrite=True)
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_prepare_run_dir_refuses_an_interrupted_run_and_cleans_on_resume(tmp_path):
+    """An interrupted run is never restarted silently; --resume removes temporaries of killed writes."""
+    run_dir = runs.prepare_run_dir(tmp_path, "script", "a")
+    (run_dir / "checkpoint_epoch004.npz").write_bytes(b"state")
+    (run_dir / ".log.csv.x1y2.tmp.csv").write_text("half a row")
+    with pytest.raises(InputError, match=r"an interrupted run with this name exists \(no metrics.json\)"):
+        runs.prepare_run_dir(tmp_path, "script", "a")
+    assert (run_dir / "checkpoint_epoch004.npz").read_bytes() == b"state"
+    assert runs.prepare_run_dir(tmp_path, "script", "a", resume=True) == run_dir
+    assert (run_dir / "checkpoint_epoch004.npz").exists()
+    assert not (run_dir / ".log.csv.x1y2.tmp.csv").exists()
+    runs.prepare_run_dir(tmp_path, "script", "a", overwrite=True)
+    assert not any(run_dir.iterdir())
+    runs.prepare_run_dir(tmp_path, "script", "a")  # an empty folder is no interrupted run
+
+
+def test_prepare_run_dir_names_a_file_or_unwritable_folder(tmp_path):
+    (tmp_path / "script").mkdir()
+    (tmp_path / "script" / "a").write_text("not a folder")
+    with pytest.raises(InputError, match="is a file"):
+        runs.prepare_run_dir(tmp_path, "script", "a")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the results tree should be")
+    with pytest.raises(InputError, match="cannot write there"):
+        runs.prepare_run_dir(blocker, "script", "b")
+
+
+def test_input_paths_are_recorded_relative_to_the_run_folder(tmp_path):
+    """A results tree moved together with its inputs records the same input settings."""
+    args = argparse.Namespace(data_root=str(tmp_path / "old" / "chips"), epochs=3, weights="")
+    before = runs.settings_of(
+        args,
+        ("data_root", "epochs", "weights"),
+        tmp_path / "old" / "results" / "run",
+        ("data_root", "weights"),
+    )
+    args.data_root = str(tmp_path / "new" / "chips")
+    after = runs.settings_of(
+        args,
+        ("data_root", "epochs", "weights"),
+        tmp_path / "new" / "results" / "run",
+        ("data_root", "weights"),
+    )
+    assert before == after == {"data_root": "../../chips", "epochs": 3, "weights": ""}
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps(before))
+    runs.check_same_settings(record, after)
+    moved_alone = runs.settings_of(
+        args, ("data_root",), tmp_path / "elsewhere" / "deep" / "run", ("data_root",)
+    )
+    with pytest.raises(InputError, match="data_root"):
+        runs.check_same_settings(record, moved_alone)
 
 
 # ---- cli ----
