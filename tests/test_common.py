@@ -399,3 +399,31 @@ def test_every_parser_takes_a_config_and_prints_one_it_reads_back(tmp_path, caps
     with pytest.raises(SystemExit):
         parser.parse_args(["-c", str(config), "--print_config"])
     assert capsys.readouterr().out == printed  # the round trip is a fixed point
+
+
+def test_fuzz_helpers_catch_tracebacks_and_half_written_results(tmp_path, capsys):
+    from conftest import assert_fuzz_outcome, corrupted_copies
+
+    valid = tmp_path / "data.npz"
+    valid.write_bytes(b"0123456789" * 10)
+    kinds = {kind: path.read_bytes() for kind, path in corrupted_copies(valid, tmp_path / "bad")}
+    assert kinds["empty"] == b"" and kinds["truncated"] == b"0123456789" * 5 and len(kinds["random"]) == 100
+
+    @cli_entry
+    def clean_refusal():
+        raise InputError(valid, "is truncated", "a complete archive")
+
+    @cli_entry
+    def writes_then_refuses():
+        (tmp_path / "results" / "half.csv").parent.mkdir(exist_ok=True)
+        (tmp_path / "results" / "half.csv").write_text("a")
+        raise InputError(valid, "is truncated", "a complete archive")
+
+    def crashes():
+        raise EOFError("no data left in file")
+
+    assert assert_fuzz_outcome(capsys, clean_refusal, tmp_path / "results", "clean") == 2
+    with pytest.raises(AssertionError, match="files written before the error"):
+        assert_fuzz_outcome(capsys, writes_then_refuses, tmp_path / "results", "half")
+    with pytest.raises(EOFError):
+        assert_fuzz_outcome(capsys, crashes, tmp_path / "results", "crash")
