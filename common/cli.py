@@ -71,6 +71,29 @@ class Parser(argparse.ArgumentParser):
                 action.help = f"{action.help} (--demo: {value})"
             self._demo_values[dest] = value
 
+    def renamed(self, old_flag: str, new_flag: str) -> None:
+        """Accept `old_flag` as a hidden alias of the already added `new_flag` for one release.
+
+        The old spelling sets the new flag's value and prints one note on stderr naming the new one.
+        """
+        action = next(a for a in self._actions if new_flag in a.option_strings)
+        options = {"dest": action.dest, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+        if isinstance(action, argparse._StoreTrueAction):
+            options["action"] = "store_true"
+        else:
+            options.update(type=action.type, nargs=action.nargs, choices=action.choices)
+        self.add_argument(old_flag, **options)
+        self._renamed = {**getattr(self, "_renamed", {}), old_flag: new_flag}
+
+    def _note_renamed(self, argv) -> None:
+        words = sys.argv[1:] if argv is None else [str(word) for word in argv]
+        for old_flag, new_flag in getattr(self, "_renamed", {}).items():
+            if any(word == old_flag or word.startswith(f"{old_flag}=") for word in words):
+                print(
+                    f"note: {old_flag} is now {new_flag}; the old name goes in a later release",
+                    file=sys.stderr,
+                )
+
     def _typed_dests(self, argv) -> set:
         probe = argparse.Namespace(**{a.dest: _UNSET for a in self._actions if a.dest != "help"})
         parsed, _ = super().parse_known_args(argv, probe)
@@ -78,6 +101,7 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace if namespace is not None else Arguments())
+        self._note_renamed(args)
         typed = self._typed_dests(args)
         overlaid = set()
         if self._config_flag and getattr(parsed, "config", ""):

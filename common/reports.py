@@ -8,8 +8,9 @@ import numpy as np
 from common.atomic import write_csv, write_text
 
 
-def mean_std(values: Sequence[float], ddof: int = 0) -> tuple[float, float]:
-    """Mean and standard deviation; with `ddof=1` (sample std) a single value has std 0."""
+def mean_std(values: Sequence[float], ddof: int = 1) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1, the project's one convention; a single value has
+    std 0). `ddof=0` gives the population std where a caller must match another tool's figures."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return float("nan"), float("nan")

@@ -300,8 +300,8 @@ def test_band_statistics_equal_numpy():
 
 
 def test_mean_std_and_tables(tmp_path):
-    assert reports.mean_std([1.0, 3.0]) == (2.0, 1.0)
-    assert reports.mean_std([1.0, 3.0], ddof=1)[1] == pytest.approx(np.sqrt(2))
+    assert reports.mean_std([1.0, 3.0], ddof=0) == (2.0, 1.0)
+    assert reports.mean_std([1.0, 3.0])[1] == pytest.approx(np.sqrt(2))  # sample std by default
     assert reports.mean_std([5.0], ddof=1) == (5.0, 0.0)
     assert reports.format_mean_std(0.5, 0.25, 2) == "0.50 +- 0.25"
     table = reports.markdown_table(["a", "b"], [[1, 2]])
@@ -427,3 +427,19 @@ def test_fuzz_helpers_catch_tracebacks_and_half_written_results(tmp_path, capsys
         assert_fuzz_outcome(capsys, writes_then_refuses, tmp_path / "results", "half")
     with pytest.raises(EOFError):
         assert_fuzz_outcome(capsys, crashes, tmp_path / "results", "crash")
+
+
+def test_renamed_flags_keep_working_with_a_note(capsys):
+    parser = cli.Parser()
+    parser.add_argument("--results_dir", default="results")
+    parser.add_argument("--keep", action="store_true")
+    parser.renamed("--out_dir", "--results_dir")
+    parser.renamed("--keep_all", "--keep")
+    args = parser.parse_args(["--out_dir", "elsewhere", "--keep_all"])
+    assert (args.results_dir, args.keep) == ("elsewhere", True)
+    assert capsys.readouterr().err.splitlines() == [
+        "note: --out_dir is now --results_dir; the old name goes in a later release",
+        "note: --keep_all is now --keep; the old name goes in a later release",
+    ]
+    assert parser.parse_args([]).results_dir == "results" and capsys.readouterr().err == ""
+    assert "--out_dir" not in parser.format_help()
