@@ -15,6 +15,7 @@ raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it
 fused_bn          TensorFlow's fused batch-norm kernel behind Keras BatchNormalization layers (same variables)
 distribute        --strategy multiworker: MultiWorkerMirroredStrategy (TF_CONFIG or SLURM) for Keras 3 fit
+optimizers        Adam/AdamW as Keras optimizers that step as torch.optim's; --optimizer_convention
 demos             python -m common.demos: every script's demo, one line each, a table of summary lines
 copy_script       python -m common.copy_script: scripts and exactly the modules they import, into a project
 

@@ -41,7 +41,7 @@ class Parser(argparse.ArgumentParser):
     `--demo` is set and the flag was neither typed nor set by the YAML file.
     """
 
-    def __init__(self, *args, config_flag: bool = False, **kwargs):
+    def __init__(self, *args, config_flag: bool = True, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self._demo_values: dict = {}
@@ -51,7 +51,13 @@ class Parser(argparse.ArgumentParser):
                 "-c",
                 "--config",
                 default="",
-                help="YAML file of flag names and values (e.g. configs/<name>.yaml); typed flags win.",
+                help="YAML file of flag names and values (e.g. written by --print_config); typed flags win.",
+            )
+            self.add_argument(
+                "--print_config",
+                action="store_true",
+                help="Print the effective settings (defaults, --demo values, -c file, typed flags) as YAML "
+                "that -c accepts back, and exit.",
             )
 
     def demo_defaults(self, **values) -> None:
@@ -65,6 +71,29 @@ class Parser(argparse.ArgumentParser):
                 action.help = f"{action.help} (--demo: {value})"
             self._demo_values[dest] = value
 
+    def renamed(self, old_flag: str, new_flag: str) -> None:
+        """Accept `old_flag` as a hidden alias of the already added `new_flag` for one release.
+
+        The old spelling sets the new flag's value and prints one note on stderr naming the new one.
+        """
+        action = next(a for a in self._actions if new_flag in a.option_strings)
+        options = {"dest": action.dest, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+        if isinstance(action, argparse._StoreTrueAction):
+            options["action"] = "store_true"
+        else:
+            options.update(type=action.type, nargs=action.nargs, choices=action.choices)
+        self.add_argument(old_flag, **options)
+        self._renamed = {**getattr(self, "_renamed", {}), old_flag: new_flag}
+
+    def _note_renamed(self, argv) -> None:
+        words = sys.argv[1:] if argv is None else [str(word) for word in argv]
+        for old_flag, new_flag in getattr(self, "_renamed", {}).items():
+            if any(word == old_flag or word.startswith(f"{old_flag}=") for word in words):
+                print(
+                    f"note: {old_flag} is now {new_flag}; the old name goes in a later release",
+                    file=sys.stderr,
+                )
+
     def _typed_dests(self, argv) -> set:
         probe = argparse.Namespace(**{a.dest: _UNSET for a in self._actions if a.dest != "help"})
         parsed, _ = super().parse_known_args(argv, probe)
@@ -72,6 +101,7 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace if namespace is not None else Arguments())
+        self._note_renamed(args)
         typed = self._typed_dests(args)
         overlaid = set()
         if self._config_flag and getattr(parsed, "config", ""):
@@ -87,6 +117,9 @@ class Parser(argparse.ArgumentParser):
                     setattr(parsed, dest, value)
         if isinstance(parsed, Arguments):
             parsed.typed = frozenset(typed)
+        if getattr(parsed, "print_config", False):
+            print(effective_config_yaml(parsed, self), end="")
+            sys.exit(0)
         return parsed
 
 
@@ -96,7 +129,24 @@ class Arguments(argparse.Namespace):
     __slots__ = ("typed",)
 
 
-_META_KEYS = ("config", "demo", "help")
+_META_KEYS = ("config", "print_config", "help")
+
+
+def _plain(value):
+    # YAML that -c reads back: tuples as lists, paths as strings.
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def effective_config_yaml(args, parser: argparse.ArgumentParser) -> str:
+    """The settings in `args` as YAML (flag names as keys) that `-c` accepts back unchanged."""
+    import yaml
+
+    keys = [a.dest for a in parser._actions if a.dest not in _META_KEYS and a.dest != argparse.SUPPRESS]
+    return yaml.safe_dump({key: _plain(getattr(args, key)) for key in keys}, sort_keys=False)
 
 
 def typed_flags(args) -> frozenset:
@@ -106,7 +156,13 @@ def typed_flags(args) -> frozenset:
 
 def _convert(action, key, value, path):
     if isinstance(value, list):
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            return [_convert_one(action, key, item, path) for item in value]
         value = ",".join(str(item) for item in value)
+    return _convert_one(action, key, value, path)
+
+
+def _convert_one(action, key, value, path):
     if value is not None and action.type is not None:
         try:
             value = action.type(value) if action.type is str2bool else action.type(str(value))

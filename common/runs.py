@@ -6,6 +6,7 @@ checkpoints) refuses to mix in results made with other settings through `check_s
 
 import datetime
 import json
+import os
 import platform
 import random
 import shutil
@@ -88,12 +89,18 @@ def prepare_run_dir(
     resume=False,
     finished_marker="metrics.json",
 ) -> Path:
-    """Create `results_dir/script_stem/run_name`, refusing to clobber a finished run.
+    """Create `results_dir/script_stem/run_name` under the one resume contract of every script.
 
-    A run is finished when `finished_marker` exists. Without --overwrite or --resume a finished run
-    is an error; --overwrite empties the folder first; --resume keeps it.
+    - A finished run (its `finished_marker` exists) is refused: --overwrite replaces it, --resume
+      continues or extends it.
+    - An interrupted run (the folder holds files but no `finished_marker`) is refused too: it is
+      never restarted silently over its checkpoints. --resume continues it, --overwrite starts over.
+    - --overwrite empties the folder first; --resume keeps it and removes the temporary files that
+      an atomic write killed mid-way left behind (`.<name>.*.tmp*`), so none survives a resumed run.
     """
     run_dir = Path(results_dir) / script_stem / run_name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(run_dir, "is a file", "a folder for the run's outputs (or another --run_name)")
     if run_dir.exists() and not resume:
         if overwrite:
             shutil.rmtree(run_dir)
@@ -103,13 +110,57 @@ def prepare_run_dir(
                 "a finished run with this name exists",
                 "--overwrite to replace it, --resume to continue it, or another --run_name",
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
+        elif any(run_dir.iterdir()):
+            raise InputError(
+                run_dir,
+                f"an interrupted run with this name exists (no {finished_marker})",
+                "--resume to continue it, --overwrite to start over, or another --run_name",
+            )
+    if run_dir.exists() and resume:
+        remove_stale_temporaries(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe_{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise InputError(run_dir, f"cannot write there ({error.strerror})", "a writable folder") from None
     return run_dir
 
 
-def settings_of(args, keys) -> dict:
-    """The values of `keys` in `args` (the arguments that change results), as a plain dict."""
-    return {key: getattr(args, key) for key in keys}
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporary files of atomic writes that a killed process left under `folder`."""
+    stale = [path for path in Path(folder).rglob(".*.tmp*") if path.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+def input_path_record(path, run_dir) -> str:
+    """How config.json records an input path: relative to the run folder where that is possible.
+
+    A results tree moved together with its inputs (or both seen through another mount point) then
+    still matches on --resume; an input on another drive stays absolute.
+    """
+    path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
+    try:
+        return os.path.relpath(path, run_dir)
+    except ValueError:
+        return str(path)
+
+
+def settings_of(args, keys, run_dir=None, input_paths=()) -> dict:
+    """The values of `keys` in `args` (the arguments that change results), as a plain dict.
+
+    Keys in `input_paths` (input files and folders) are recorded relative to `run_dir` through
+    `input_path_record`, so a results tree moved together with its inputs still resumes; an empty
+    path stays empty.
+    """
+    settings = {key: getattr(args, key) for key in keys}
+    for key in input_paths:
+        if settings.get(key):
+            settings[key] = input_path_record(settings[key], run_dir)
+    return settings
 
 
 def _comparable(value):

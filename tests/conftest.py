@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pytest
 
 matplotlib.use("Agg")
@@ -75,3 +76,58 @@ def assert_main_error(capsys, call, *fragments) -> str:
 def no_temporary_files(folder) -> bool:
     """True when no `*.tmp*` file of an atomic write was left behind under `folder`."""
     return not list(Path(folder).rglob("*.tmp*"))
+
+
+# ---- fuzzing: bad files and bad numbers end in exit 0 or one error line, nothing left behind ----
+
+HUGE = 10**12
+
+
+def corrupted_copies(valid_file, folder) -> list[tuple[str, Path]]:
+    """Three bad versions of `valid_file` under `folder`, each keeping its name: empty, truncated to
+    half its bytes, and random bytes of the same length (seeded). Returns [(kind, path)]."""
+    valid_file = Path(valid_file)
+    data = valid_file.read_bytes()
+    rng = np.random.default_rng(0)
+    versions = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "random": rng.integers(0, 256, max(len(data), 64), dtype=np.uint8).tobytes(),
+    }
+    copies = []
+    for kind, content in versions.items():
+        path = Path(folder) / kind / valid_file.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        copies.append((kind, path))
+    return copies
+
+
+def files_under(folder) -> set:
+    """Every file under `folder` (relative paths); empty when the folder does not exist."""
+    folder = Path(folder)
+    return (
+        {path.relative_to(folder) for path in folder.rglob("*") if path.is_file()}
+        if folder.exists()
+        else set()
+    )
+
+
+def assert_fuzz_outcome(capsys, call, results_dir, case: str) -> int:
+    """`call()` (a script's main on a fuzzed argument) exits 0, or exits 2 with one error line, no
+    traceback, and no new file under `results_dir`. Any other exception fails the test. Returns the code."""
+    before = files_under(results_dir)
+    capsys.readouterr()
+    try:
+        call()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
+    error = capsys.readouterr().err
+    assert code in (0, 2), f"{case}: exit {code}\n{error[-2000:]}"
+    if code == 2:
+        one_line_error(error)
+        assert files_under(results_dir) == before, (
+            f"{case}: files written before the error: {files_under(results_dir) - before}"
+        )
+    return code

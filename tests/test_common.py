@@ -1,5 +1,6 @@
 """Unit tests of the small common/ modules: errors, atomic, runs, cli, checkpoints, pipelines, reports."""
 
+import argparse
 import json
 import os
 
@@ -102,6 +103,60 @@ def test_prepare_run_dir_refuses_a_finished_run(tmp_path):
     assert runs.prepare_run_dir(tmp_path, "script", "a", resume=True) == run_dir
     runs.prepare_run_dir(tmp_path, "script", "a", overwrite=True)
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_prepare_run_dir_refuses_an_interrupted_run_and_cleans_on_resume(tmp_path):
+    """An interrupted run is never restarted silently; --resume removes temporaries of killed writes."""
+    run_dir = runs.prepare_run_dir(tmp_path, "script", "a")
+    (run_dir / "checkpoint_epoch004.npz").write_bytes(b"state")
+    (run_dir / ".log.csv.x1y2.tmp.csv").write_text("half a row")
+    with pytest.raises(InputError, match=r"an interrupted run with this name exists \(no metrics.json\)"):
+        runs.prepare_run_dir(tmp_path, "script", "a")
+    assert (run_dir / "checkpoint_epoch004.npz").read_bytes() == b"state"
+    assert runs.prepare_run_dir(tmp_path, "script", "a", resume=True) == run_dir
+    assert (run_dir / "checkpoint_epoch004.npz").exists()
+    assert not (run_dir / ".log.csv.x1y2.tmp.csv").exists()
+    runs.prepare_run_dir(tmp_path, "script", "a", overwrite=True)
+    assert not any(run_dir.iterdir())
+    runs.prepare_run_dir(tmp_path, "script", "a")  # an empty folder is no interrupted run
+
+
+def test_prepare_run_dir_names_a_file_or_unwritable_folder(tmp_path):
+    (tmp_path / "script").mkdir()
+    (tmp_path / "script" / "a").write_text("not a folder")
+    with pytest.raises(InputError, match="is a file"):
+        runs.prepare_run_dir(tmp_path, "script", "a")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the results tree should be")
+    with pytest.raises(InputError, match="cannot write there"):
+        runs.prepare_run_dir(blocker, "script", "b")
+
+
+def test_input_paths_are_recorded_relative_to_the_run_folder(tmp_path):
+    """A results tree moved together with its inputs records the same input settings."""
+    args = argparse.Namespace(data_root=str(tmp_path / "old" / "chips"), epochs=3, weights="")
+    before = runs.settings_of(
+        args,
+        ("data_root", "epochs", "weights"),
+        tmp_path / "old" / "results" / "run",
+        ("data_root", "weights"),
+    )
+    args.data_root = str(tmp_path / "new" / "chips")
+    after = runs.settings_of(
+        args,
+        ("data_root", "epochs", "weights"),
+        tmp_path / "new" / "results" / "run",
+        ("data_root", "weights"),
+    )
+    assert before == after == {"data_root": "../../chips", "epochs": 3, "weights": ""}
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps(before))
+    runs.check_same_settings(record, after)
+    moved_alone = runs.settings_of(
+        args, ("data_root",), tmp_path / "elsewhere" / "deep" / "run", ("data_root",)
+    )
+    with pytest.raises(InputError, match="data_root"):
+        runs.check_same_settings(record, moved_alone)
 
 
 # ---- cli ----
@@ -245,8 +300,8 @@ def test_band_statistics_equal_numpy():
 
 
 def test_mean_std_and_tables(tmp_path):
-    assert reports.mean_std([1.0, 3.0]) == (2.0, 1.0)
-    assert reports.mean_std([1.0, 3.0], ddof=1)[1] == pytest.approx(np.sqrt(2))
+    assert reports.mean_std([1.0, 3.0], ddof=0) == (2.0, 1.0)
+    assert reports.mean_std([1.0, 3.0])[1] == pytest.approx(np.sqrt(2))  # sample std by default
     assert reports.mean_std([5.0], ddof=1) == (5.0, 0.0)
     assert reports.format_mean_std(0.5, 0.25, 2) == "0.50 +- 0.25"
     table = reports.markdown_table(["a", "b"], [[1, 2]])
@@ -291,3 +346,82 @@ def test_startup_keeps_tensorflow_start_up_lines_out_unless_a_level_is_set():
         env={**environment, "TF_CPP_MIN_LOG_LEVEL": "0"},
     )
     assert "oneDNN" in chosen.stderr or "cpu_feature_guard" in chosen.stderr
+
+
+def test_every_parser_takes_a_config_and_prints_one_it_reads_back(tmp_path, capsys):
+    """--print_config writes the effective settings (demo values included) as YAML that -c reads back."""
+    parser = cli.Parser()
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--splits", nargs="+", default=["train"])
+    parser.add_argument("--rate", type=float, default=0.1)
+    parser.add_argument("--flag", action="store_true")
+    cli.add_demo_argument(parser)
+    parser.demo_defaults(epochs=3)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args("--demo --splits train synth --rate 0.5 --print_config".split())
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed) == {
+        "epochs": 3,
+        "splits": ["train", "synth"],
+        "rate": 0.5,
+        "flag": False,
+        "demo": True,
+    }
+    config = tmp_path / "effective.yaml"
+    config.write_text(printed)
+    again = parser.parse_args(["-c", str(config)])
+    assert (again.epochs, again.splits, again.rate, again.flag, again.demo) == (
+        3,
+        ["train", "synth"],
+        0.5,
+        False,
+        True,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-c", str(config), "--print_config"])
+    assert capsys.readouterr().out == printed  # the round trip is a fixed point
+
+
+def test_fuzz_helpers_catch_tracebacks_and_half_written_results(tmp_path, capsys):
+    from conftest import assert_fuzz_outcome, corrupted_copies
+
+    valid = tmp_path / "data.npz"
+    valid.write_bytes(b"0123456789" * 10)
+    kinds = {kind: path.read_bytes() for kind, path in corrupted_copies(valid, tmp_path / "bad")}
+    assert kinds["empty"] == b"" and kinds["truncated"] == b"0123456789" * 5 and len(kinds["random"]) == 100
+
+    @cli_entry
+    def clean_refusal():
+        raise InputError(valid, "is truncated", "a complete archive")
+
+    @cli_entry
+    def writes_then_refuses():
+        (tmp_path / "results" / "half.csv").parent.mkdir(exist_ok=True)
+        (tmp_path / "results" / "half.csv").write_text("a")
+        raise InputError(valid, "is truncated", "a complete archive")
+
+    def crashes():
+        raise EOFError("no data left in file")
+
+    assert assert_fuzz_outcome(capsys, clean_refusal, tmp_path / "results", "clean") == 2
+    with pytest.raises(AssertionError, match="files written before the error"):
+        assert_fuzz_outcome(capsys, writes_then_refuses, tmp_path / "results", "half")
+    with pytest.raises(EOFError):
+        assert_fuzz_outcome(capsys, crashes, tmp_path / "results", "crash")
+
+
+def test_renamed_flags_keep_working_with_a_note(capsys):
+    parser = cli.Parser()
+    parser.add_argument("--results_dir", default="results")
+    parser.add_argument("--keep", action="store_true")
+    parser.renamed("--out_dir", "--results_dir")
+    parser.renamed("--keep_all", "--keep")
+    args = parser.parse_args(["--out_dir", "elsewhere", "--keep_all"])
+    assert (args.results_dir, args.keep) == ("elsewhere", True)
+    assert capsys.readouterr().err.splitlines() == [
+        "note: --out_dir is now --results_dir; the old name goes in a later release",
+        "note: --keep_all is now --keep; the old name goes in a later release",
+    ]
+    assert parser.parse_args([]).results_dir == "results" and capsys.readouterr().err == ""
+    assert "--out_dir" not in parser.format_help()
