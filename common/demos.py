@@ -3,14 +3,17 @@
     python -m common.demos                 # all 23 demos, about 12 minutes on a 2-core laptop
     python -m common.demos --only igarss_exp1 train_owl_gps
 
-Each demo runs as its own process from the repository root, exactly as `python <script> --demo`
-would, and writes under `results/` as usual. A demo's summary line is the last line it printed on
-standard output (each script ends with one line that matches its metrics.json). The exit code is 0
-when every demo exited 0, else 1; a failing demo's last stderr lines are shown and the chain goes on.
+Each demo runs as its own process from the repository root, as `python <script> --demo` would, and
+writes under `results/` as usual; scripts that keep finished runs from being replaced get
+`--overwrite` too, so the chain can be run again over its own earlier outputs. A demo's summary
+line is the last line it printed on standard output (each script ends with one line that matches
+its metrics.json). The exit code is 0 when every demo exited 0, else 1; a failing demo's last stderr
+lines are shown and the chain goes on.
 `annotation_tool.py --demo` is a local web page that serves until stopped, so it is not in the chain.
 """
 
 import argparse
+import importlib
 import subprocess
 import sys
 import time
@@ -60,12 +63,19 @@ def summary_line(stdout: str) -> str:
     return lines[-1] if lines else ""
 
 
+def takes_overwrite(script: str) -> bool:
+    """Whether the script's parser has --overwrite (imports the script; nothing runs at import)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    return any("--overwrite" in action.option_strings for action in module.get_args_parser()._actions)
+
+
 def run_demo(script: str, timeout: float) -> tuple[int, float, str, str]:
     """Run `python <script> --demo` from the repository root: (exit code, seconds, summary, stderr)."""
     start = time.perf_counter()
+    command = [sys.executable, script, "--demo", *(["--overwrite"] if takes_overwrite(script) else [])]
     try:
         completed = subprocess.run(
-            [sys.executable, script, "--demo"],
+            command,
             cwd=REPO,
             capture_output=True,
             text=True,
