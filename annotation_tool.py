@@ -325,6 +325,8 @@ def make_server(data_dir, output, host="127.0.0.1", port=0, seed=0):
     root = require_dir(data_dir, "the AID-multilabel folder with images_tr/<SceneClass>/*.jpg")
     image_paths = aid_multilabel.list_images(require_dir(root / "images_tr", "images_tr/<SceneClass>/*.jpg"))
     require(image_paths, root / "images_tr", "no JPEG images", "images_tr/<SceneClass>/*.jpg")
+    for path in image_paths.values():  # a truncated file would show as a broken image: named instead
+        aid_multilabel.check_jpeg(path)
     session = AnnotationSession(sorted(image_paths), output, seed)
     token = secrets.token_urlsafe(32)
     page = PAGE.replace("%(token)s", token).encode()
