@@ -10,15 +10,22 @@ categories when none fits. This tool serves that page on 127.0.0.1 (stdlib http.
   - keys 1-4 pick a candidate, U (or Backspace) undoes the last answer;
   - every answer rewrites the CSV atomically (temporary file + rename) in the layout of
     `single_positive_labels_manual.csv` that train_multilabel_model.py reads (image, 17 0/1 columns);
-  - a restart resumes after the last image in the file.
+  - a restart resumes after the last image in the file;
+  - as Jupyter does, the page carries a per-session token that every POST must send back, and requests
+    whose `Host` or `Origin` is not this server (127.0.0.1 / localhost at its port) are refused (403), so
+    another web page open in the same browser cannot post answers (CSRF) or read the images through a
+    rebound DNS name; a malformed request gets 400 and one line in the terminal.
 
     python annotation_tool.py --data_dir data/AID_multilabel          # then open the printed address
     python annotation_tool.py --demo                                  # generated AID-like images
 """
 
+import hmac
 import html
 import json
 import random
+import secrets
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,11 +36,15 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 from common import cli
-from common.errors import cli_entry, require, require_dir
+from common.errors import InputError, cli_entry, require, require_dir
 from common.spml import aid_multilabel
 
 CANDIDATES_PER_BATCH = 4
-PAGE = """<!doctype html>
+TOKEN_HEADER = "X-Annotation-Token"  # a custom header: a cross-origin page cannot send it without CORS
+MAX_BODY_BYTES = 64 * 1024  # an answer is a few dozen bytes
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+PAGE = (
+    """<!doctype html>
 <html><head><meta charset="utf-8"><title>Single-positive annotation</title>
 <style>
 body { font-family: sans-serif; margin: 24px; }
@@ -51,9 +62,12 @@ button { font-size: 16px; margin: 6px 6px 0 0; padding: 8px 14px; }
 <button id="undo">Undo last answer (U)</button>
 <p>Keys: 1-4 pick a candidate, N next batch, U undo.</p>
 <script>
+const TOKEN = "%(token)s";
 let state = null, batch = 0;
 async function call(path, body) {
-  const response = await fetch(path, body ? {method: "POST", body: JSON.stringify(body)} : {});
+  const post = {method: "POST", body: JSON.stringify(body),
+                headers: {"Content-Type": "application/json", "%(token_header)s": TOKEN}};
+  const response = await fetch(path, body ? post : {});
   state = await response.json(); batch = 0; render();
 }
 function render() {
@@ -90,7 +104,10 @@ document.addEventListener("keydown", (event) => {
 });
 call("/state");
 </script></body></html>
-""".replace("%(per)d", str(CANDIDATES_PER_BATCH)).replace("%%", "%")
+""".replace("%(per)d", str(CANDIDATES_PER_BATCH))
+    .replace("%(token_header)s", TOKEN_HEADER)
+    .replace("%%", "%")
+)
 
 
 def get_args_parser():
@@ -100,9 +117,14 @@ def get_args_parser():
         "--data_dir", default="data/AID_multilabel", help="AID-multilabel folder (images_tr/)."
     )
     parser.add_argument(
-        "--output", default="", help=f"Answers CSV (empty: <data_dir>/{aid_multilabel.MANUAL_CSV})."
+        "--out", default="", help=f"Answers CSV (empty: <data_dir>/{aid_multilabel.MANUAL_CSV})."
     )
-    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (local only by default).")
+    parser.renamed("--output", "--out")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to serve on (local only by default); requests must name it or 127.0.0.1/localhost.",
+    )
     parser.add_argument("--port", type=int, default=8765, help="Port (0 = any free port).")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the per-image order of the classes.")
     parser.add_argument("--results_dir", default="results", help="Where --demo writes its images and CSV.")
@@ -164,61 +186,156 @@ class AnnotationSession:
                 self._write()
 
 
-def make_handler(session: AnnotationSession, image_paths: dict):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # keep the terminal for the address and errors
-            pass
+class BadRequest(Exception):
+    """A request refused with `status` (400 malformed, 403 not from this page); `reason` is logged."""
 
-        def _send(self, body: bytes, content_type: str, status=HTTPStatus.OK):
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
+    def __init__(self, status: HTTPStatus, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
 
-        def _json(self, data, status=HTTPStatus.OK):
-            self._send(json.dumps(data).encode(), "application/json", status)
 
-        def do_GET(self):
-            path, _, query = self.path.partition("?")
-            if path == "/":
-                self._send(PAGE.encode(), "text/html; charset=utf-8")
-            elif path == "/state":
-                self._json(session.state())
-            elif path == "/image":
-                from urllib.parse import parse_qs
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """The `Host` values this server answers: loopback names (and the served address) at its port."""
+    names = {*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host}
+    return {f"{name}:{port}" for name in names} | ({*names} if port == 80 else set())
 
-                name = parse_qs(query).get("name", [""])[0]
-                if name not in image_paths:
-                    self._send(html.escape(name).encode(), "text/plain", HTTPStatus.NOT_FOUND)
-                    return
-                self._send(image_paths[name].read_bytes(), "image/jpeg")
-            else:
-                self._send(b"not found", "text/plain", HTTPStatus.NOT_FOUND)
 
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            if self.path == "/answer":
-                session.answer(str(body.get("image")), str(body.get("label")))
-            elif self.path == "/undo":
-                session.undo()
-            else:
-                self._send(b"not found", "text/plain", HTTPStatus.NOT_FOUND)
+class AnnotationHandler(BaseHTTPRequestHandler):
+    """One request to the page; the session, images, page, token and allowed hosts are the server's."""
+
+    timeout = 10  # a client that announces more body bytes than it sends is dropped, not waited for
+
+    def log_message(self, *args):  # keep the terminal for the address and refusals
+        pass
+
+    def log_refusal(self, status: HTTPStatus, reason: str):
+        request = (getattr(self, "requestline", "") or "-")[:200]
+        line = f"refused {int(status)} {request!r} from {self.client_address[0]}: {reason}"
+        print(line.encode("ascii", "backslashreplace").decode(), file=sys.stderr, flush=True)
+
+    def send_error(self, code, message=None, explain=None):
+        # Malformed request lines and headers (the standard library's own checks): one log line.
+        self.log_refusal(HTTPStatus(code), message or HTTPStatus(code).phrase)
+        if self.request_version == "HTTP/0.9":  # an unreadable request line: answer with a status line
+            self.request_version = "HTTP/1.0"
+        super().send_error(code, message, explain)
+
+    def _send(self, body: bytes, content_type: str, status=HTTPStatus.OK):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, data, status=HTTPStatus.OK):
+        self._send(json.dumps(data).encode(), "application/json", status)
+
+    def _check_origin(self):
+        # DNS rebinding: a foreign name resolved to 127.0.0.1 arrives with that name in Host.
+        if self.headers.get("Host", "") not in self.server.hosts:
+            raise BadRequest(HTTPStatus.FORBIDDEN, f"Host {self.headers.get('Host')!r} is not this server")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.removeprefix("http://") not in self.server.hosts:
+            raise BadRequest(HTTPStatus.FORBIDDEN, f"Origin {origin!r} is not this page")
+
+    def _refusing(self, handle):
+        try:
+            self._check_origin()
+            handle()
+        except BadRequest as refusal:
+            self.log_refusal(refusal.status, refusal.reason)
+            self._send(f"{refusal.reason}\n".encode(), "text/plain; charset=utf-8", refusal.status)
+            self.close_connection = True
+
+    def do_GET(self):
+        self._refusing(self._get)
+
+    def do_POST(self):
+        self._refusing(self._post)
+
+    def _get(self):
+        path, _, query = self.path.partition("?")
+        if path == "/":
+            self._send(self.server.page, "text/html; charset=utf-8")
+        elif path == "/state":
+            self._json(self.server.session.state())
+        elif path == "/image":
+            from urllib.parse import parse_qs
+
+            name = parse_qs(query).get("name", [""])[0]
+            if name not in self.server.image_paths:
+                self._send(html.escape(name).encode(), "text/plain", HTTPStatus.NOT_FOUND)
                 return
-            self._json(session.state())
+            try:
+                image = self.server.image_paths[name].read_bytes()
+            except OSError as error:
+                raise BadRequest(
+                    HTTPStatus.NOT_FOUND, f"{self.server.image_paths[name]}: {error.strerror}"
+                ) from None
+            self._send(image, "image/jpeg")
+        else:
+            self._send(b"not found", "text/plain", HTTPStatus.NOT_FOUND)
 
-    return Handler
+    def _body(self) -> dict:
+        sent = self.headers.get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(sent.encode("utf-8", "replace"), self.server.token.encode()):
+            raise BadRequest(HTTPStatus.FORBIDDEN, f"missing or wrong {TOKEN_HEADER}")
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"Content-Length {length!r}")
+        data = self.rfile.read(int(length))
+        if len(data) != int(length):
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"body of {len(data)} bytes, announced {length}")
+        try:
+            body = json.loads(data or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"body is not JSON ({error})") from None
+        if not isinstance(body, dict):
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "body is not a JSON object")
+        return body
+
+    def _post(self):
+        if self.path not in ("/answer", "/undo"):
+            self._send(b"not found", "text/plain", HTTPStatus.NOT_FOUND)
+            return
+        body = self._body()
+        if self.path == "/answer":
+            self.server.session.answer(str(body.get("image")), str(body.get("label")))
+        else:
+            self.server.session.undo()
+        self._json(self.server.session.state())
+
+
+class AnnotationServer(ThreadingHTTPServer):
+    """The threaded server; a connection that fails (a client gone mid-answer) is one log line."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        print(f"connection from {client_address[0]} failed: {error!r}", file=sys.stderr, flush=True)
 
 
 def make_server(data_dir, output, host="127.0.0.1", port=0, seed=0):
-    """The HTTP server of one annotation session (not started); `server.server_address` has the port."""
+    """The HTTP server of one annotation session (not started); `server.server_address` has the port and
+    `server.token` the session's token, which the page carries and every POST must send back."""
+    require(0 <= port <= 65535, "--port", f"{port} is not a port number", "0 (any free port) to 65535")
     root = require_dir(data_dir, "the AID-multilabel folder with images_tr/<SceneClass>/*.jpg")
     image_paths = aid_multilabel.list_images(require_dir(root / "images_tr", "images_tr/<SceneClass>/*.jpg"))
     require(image_paths, root / "images_tr", "no JPEG images", "images_tr/<SceneClass>/*.jpg")
+    for path in image_paths.values():  # a truncated file would show as a broken image: named instead
+        aid_multilabel.check_jpeg(path)
     session = AnnotationSession(sorted(image_paths), output, seed)
-    server = ThreadingHTTPServer((host, port), make_handler(session, image_paths))
-    server.session = session
+    token = secrets.token_urlsafe(32)
+    page = PAGE.replace("%(token)s", token).encode()
+    try:
+        server = AnnotationServer((host, port), AnnotationHandler)
+    except (OSError, OverflowError) as error:
+        raise InputError(f"{host}:{port}", f"cannot serve there ({error})", "a free local port") from None
+    server.hosts = allowed_hosts(host, server.server_address[1])
+    server.session, server.image_paths, server.page, server.token = session, image_paths, page, token
     return server
 
 
@@ -227,10 +344,8 @@ def main(args):
     if args.demo:
         demo_dir = cli.demo_data_dir(args, "annotation_tool")
         args.data_dir = str(aid_multilabel.write_demo(demo_dir / "aid", 24, seed=7, image_size=96))
-        args.output = args.output or str(
-            demo_dir / aid_multilabel.MANUAL_CSV.replace(".csv", "_annotated.csv")
-        )
-    output = Path(args.output or Path(args.data_dir) / aid_multilabel.MANUAL_CSV)
+        args.out = args.out or str(demo_dir / aid_multilabel.MANUAL_CSV.replace(".csv", "_annotated.csv"))
+    output = Path(args.out or Path(args.data_dir) / aid_multilabel.MANUAL_CSV)
     server = make_server(args.data_dir, output, args.host, args.port, args.seed)
     state = server.session.state()
     host, port = server.server_address[:2]

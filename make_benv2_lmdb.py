@@ -7,10 +7,11 @@ dict of the twelve bands at their stored sizes and dtype (values unchanged), `<p
 `{"Data": (120, 120) uint16}`. Sentinel-1 patches are not converted (the SPML experiments use S2 only).
 With --metadata the patches are those of metadata.parquet and --split_lmdbs writes one LMDB per split,
 `BigEarthNetV2_LMDB/{train,val,test}_BENv2.lmdb` (+ a copy of metadata.parquet): the layout
-train_multilabel_model.py --dataset benv2 reads. Written under a `.partial` name and renamed when complete.
+train_multilabel_model.py --dataset benv2 reads. Written under a `.partial` name and renamed when complete; a
+bad input found on the way removes the partial folder and ends in one line naming the file.
 
     python make_benv2_lmdb.py --s2_dir BigEarthNet-S2 --reference_maps_dir Reference_Maps \
-        --metadata metadata.parquet --split_lmdbs --output data/BigEarthNetV2
+        --metadata metadata.parquet --split_lmdbs --out data/BigEarthNetV2
     python make_benv2_lmdb.py --demo          # GeoTIFFs of 20 generated patches, converted (seconds)
 
 Ends with `wrote <n> patches (<m> reference maps) to <output>`.
@@ -37,7 +38,8 @@ def get_args_parser():
     )
     parser.add_argument("--metadata", default="", help="metadata.parquet: which patches, and their splits.")
     parser.add_argument("--split_lmdbs", action="store_true", help="One LMDB per split (needs --metadata).")
-    parser.add_argument("--output", default="data/BigEarthNetV2", help="Output folder.")
+    parser.add_argument("--out", default="data/BigEarthNetV2", help="Output dataset folder.")
+    parser.renamed("--output", "--out")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     parser.add_argument("--results_dir", default="results", help="Where --demo writes its files.")
     return parser
@@ -52,8 +54,14 @@ def patch_folders(s2_dir) -> dict[str, Path]:
 
 
 def read_band(path) -> np.ndarray:
+    from rasterio.errors import RasterioIOError
+
     with raster.open_geotiff(path, expected_bands=1) as dataset:
-        return dataset.read(1)
+        try:
+            return dataset.read(1)
+        except RasterioIOError as error:  # a truncated file opens, then fails on its pixels
+            problem = f"pixels cannot be read ({str(error).splitlines()[0][:120]})"
+            raise InputError(path, problem, "a complete single-band GeoTIFF") from None
 
 
 def patch_record(name: str, folder: Path) -> bytes:
@@ -124,17 +132,34 @@ def write_demo_tiffs(root: Path, num_patches: int, seed: int) -> Path:
     return root
 
 
+def write_outputs(args, partial: Path, names, splits, folders, reference_root) -> int:
+    """The LMDB(s) and metadata copy under `partial`; returns the number of reference maps written."""
+    if not args.split_lmdbs:
+        references = write_lmdb(partial / "lmdb", names, folders, reference_root)
+        if args.metadata:
+            shutil.copyfile(args.metadata, partial / "metadata.parquet")
+        return references
+    references = 0
+    for split, file_name in bigearthnet.SPLIT_LMDBS.items():
+        chosen = [name for name, part in zip(names, splits, strict=True) if part == split]
+        references += write_lmdb(partial / "BigEarthNetV2_LMDB" / file_name, chosen, folders, reference_root)
+    shutil.copyfile(args.metadata, partial / "BigEarthNetV2_LMDB" / "metadata.parquet")
+    return references
+
+
 @cli_entry
 def main(args):
     if args.demo:
         tiffs = write_demo_tiffs(cli.demo_data_dir(args, "make_benv2_lmdb"), 20, seed=3)
         args.s2_dir, args.reference_maps_dir = str(tiffs / "BigEarthNet-S2"), str(tiffs / "Reference_Maps")
         args.metadata, args.split_lmdbs = str(tiffs / "metadata.parquet"), True
-        args.output, args.overwrite = str(Path(args.results_dir) / "make_benv2_lmdb" / "demo"), True
+        args.out, args.overwrite = str(Path(args.results_dir) / "make_benv2_lmdb" / "demo"), True
     require(not args.split_lmdbs or args.metadata, "--split_lmdbs", "needs --metadata", "the splits' table")
-    output = Path(args.output)
+    output = Path(args.out)
     if output.exists() and not args.overwrite:
-        raise InputError(output, "exists", "--overwrite to replace it, or another --output")
+        raise InputError(output, "exists", "--overwrite to replace it, or another --out")
+    require(not output.exists() or output.is_dir(), output, "is a file", "a dataset folder for --out")
+    require(output.parent.is_dir() or not output.parent.exists(), output.parent, "not a folder", "a folder")
     folders = patch_folders(args.s2_dir)
     reference_root = (
         require_dir(args.reference_maps_dir, "Reference_Maps/") if args.reference_maps_dir else None
@@ -142,22 +167,22 @@ def main(args):
     if args.metadata:
         table, _ = bigearthnet.read_metadata(args.metadata, drop_snow_cloud=False)
         names, splits = list(table["patch_id"].astype(str)), table["split"].astype(str).to_numpy()
+        missing = [name for name in names if name not in folders]
+        require(not missing, args.metadata, f"patch {missing[:1]} has no folder", "a folder per patch_id")
     else:
         names, splits = sorted(folders), None
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    if args.split_lmdbs:
-        references = 0
-        for split, file_name in bigearthnet.SPLIT_LMDBS.items():
-            chosen = [name for name, part in zip(names, splits, strict=True) if part == split]
-            references += write_lmdb(
-                partial / "BigEarthNetV2_LMDB" / file_name, chosen, folders, reference_root
-            )
-        shutil.copyfile(args.metadata, partial / "BigEarthNetV2_LMDB" / "metadata.parquet")
-    else:
-        references = write_lmdb(partial / "lmdb", names, folders, reference_root)
-        if args.metadata:
-            shutil.copyfile(args.metadata, partial / "metadata.parquet")
+    try:
+        references = write_outputs(args, partial, names, splits, folders, reference_root)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise InputError(
+            partial, f"cannot be written ({error.strerror or error})", "a writable folder"
+        ) from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+        raise
     if output.exists():
         shutil.rmtree(output)
     partial.rename(output)

@@ -136,6 +136,6 @@ def test_labels_in_configilm_alphabetical_order_are_refused(tmp_path):
 def test_missing_band_file_is_one_line(tmp_path, capsys):
     tiffs = mk.write_demo_tiffs(tmp_path / "tiffs", 2, seed=0)
     next((tiffs / "BigEarthNet-S2").rglob("*_B05.tif")).unlink()
-    argv = ["--s2_dir", str(tiffs / "BigEarthNet-S2"), "--output", str(tmp_path / "out")]
+    argv = ["--s2_dir", str(tiffs / "BigEarthNet-S2"), "--out", str(tmp_path / "out")]
     assert_main_error(capsys, lambda: call_main(mk, argv), "_B05.tif: band file missing")
     assert not (tmp_path / "out").exists()

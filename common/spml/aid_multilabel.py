@@ -42,8 +42,14 @@ MANUAL_CSV = "single_positive_labels_manual.csv"
 def read_label_csv(path, class_names=CLASSES, one_positive: bool = False) -> tuple[list[str], np.ndarray]:
     """Read `image name, <class columns>` with 0/1 entries; return (names, uint8 matrix in class order)."""
     path = require_file(path, "a CSV with an image-name column and one 0/1 column per class")
-    with open(path, newline="", encoding="utf-8-sig") as file:
-        rows = list(csv.reader(file))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            rows = list(csv.reader(file))
+    except (UnicodeDecodeError, csv.Error) as error:
+        problem = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else f"not a CSV ({error})"
+        raise InputError(
+            path, problem, "a CSV with an image-name column and one 0/1 column per class"
+        ) from None
     require(len(rows) >= 2, path, "no data rows", "a header and one row per image")
     header = [h.strip() for h in rows[0]]
     missing = [c for c in class_names if c not in header[1:]]
@@ -89,6 +95,61 @@ def write_label_csv(path, names, matrix, class_names=CLASSES) -> None:
 def list_images(folder) -> dict[str, Path]:
     """`{stem: path}` of the JPEGs in `folder/<SceneClass>/`."""
     return {p.stem: p for p in sorted(Path(folder).glob("*/*")) if p.suffix.lower() in (".jpg", ".jpeg")}
+
+
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+# Markers without a length field (TEM, RST0-7) and the frame headers that carry the image size.
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
+_FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def check_jpeg(path) -> None:
+    """Raise InputError naming `path` unless it is a JPEG that TensorFlow's decoder can read to its end.
+
+    A cheap structural check run when the images are listed, so that a truncated or corrupt file ends
+    in one line naming it instead of a `DecodeJpeg` op error inside tf.data: the start-of-image marker,
+    the header segments up to the first scan (a frame header among them, each segment length inside the
+    file) and an end-of-image marker after the scan. Entropy-coded data stuffs every 0xFF byte, so
+    FF D9 there is the end-of-image marker; bytes after it are allowed (TensorFlow ignores them).
+    """
+    expected = "a complete JPEG image (copy it again, or remove it from the folder)"
+    with open(path, "rb") as file:
+        data_start = _jpeg_scan_start(file, path, expected)
+        file.seek(0, 2)
+        size = file.tell()
+        file.seek(max(data_start, size - 64))
+        tail = file.read().rstrip(b"\x00\r\n ")
+        if tail.endswith(JPEG_END):
+            return  # the usual file: ends with its end-of-image marker
+        file.seek(data_start)
+        require(JPEG_END in file.read(), path, "truncated JPEG (no end-of-image marker)", expected)
+
+
+def _jpeg_scan_start(file, path, expected) -> int:
+    """Walk the header segments from the start-of-image marker; return the offset after the first SOS."""
+    require(file.read(2) == JPEG_START, path, "not a JPEG file (no start-of-image marker)", expected)
+    has_frame = False
+    while True:
+        head = file.read(2)
+        while head[:1] == b"\xff" and head[1:] == b"\xff":  # fill bytes before a marker
+            head = head[1:] + file.read(1)
+        require(len(head) == 2 and head[0] == 0xFF, path, "truncated or corrupt JPEG header", expected)
+        marker = head[1]
+        if marker in _STANDALONE_MARKERS:
+            continue
+        length_bytes = file.read(2)
+        require(len(length_bytes) == 2, path, "truncated JPEG header", expected)
+        length = int.from_bytes(length_bytes, "big")
+        require(length >= 2, path, "corrupt JPEG header (segment length)", expected)
+        start = file.tell()
+        if file.seek(start + length - 2) != start + length - 2 or len(file.read(1)) != 1:
+            raise InputError(path, "truncated JPEG header", expected)
+        file.seek(start + length - 2)
+        has_frame = has_frame or marker in _FRAME_MARKERS
+        if marker == 0xDA:  # start of scan: the entropy-coded data follow
+            require(has_frame, path, "corrupt JPEG header (no frame header before the scan)", expected)
+            return file.tell()
+        require(marker != 0xD9, path, "JPEG ends before its image data", expected)
 
 
 def _lookup_rows(path, names, matrix, wanted, problem, expected) -> np.ndarray:
@@ -157,8 +218,7 @@ def load(data_dir, single_positive: str, seed: int, val_fraction: float) -> dict
     )
     for stem, image_path in [*train_images.items(), *test_images.items()]:
         require(stem in labelled, image_path, f"image has no row in {LABELS_CSV}", "a label row")
-        with open(image_path, "rb") as file:
-            require(file.read(2) == b"\xff\xd8", image_path, "not a JPEG file", "a JPEG image")
+        check_jpeg(image_path)
     train_names, test_names = sorted(train_images), sorted(test_images)
     train_full = np.stack([labelled[n] for n in train_names])
     train_observed = train_single_positives(root, train_names, train_full, single_positive, seed)
