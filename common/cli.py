@@ -191,6 +191,8 @@ def apply_yaml(args, parser: argparse.ArgumentParser, config_path, typed=frozens
         raise InputError(
             path, f"not valid YAML ({first_line})", "a mapping of flag names to values"
         ) from None
+    except UnicodeDecodeError:
+        raise InputError(path, "is not UTF-8 text", "a YAML mapping of flag names to values") from None
     data = data or {}
     require(isinstance(data, Mapping), path, "top level is not a mapping", "flag names mapped to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in _META_KEYS}

@@ -27,11 +27,6 @@ def config_copies(valid_file, folder):
     return [(kind, path) for kind, path in corrupted_copies(valid_file, folder) if kind != "random"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="common/cli.apply_yaml reads a -c file that is not UTF-8 without catching UnicodeDecodeError",
-)
 def test_a_config_file_of_random_bytes_is_one_line(tmp_path, capsys):
     path = dict(corrupted_copies(write_config(tmp_path), tmp_path / "config"))["random"]
     call = lambda: call_main(mk, ["--s2_dir", tmp_path, "-c", path])  # noqa: E731
