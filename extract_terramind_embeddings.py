@@ -82,6 +82,8 @@ RESUME_SETTINGS = (
     "normalisation",
     "save_mean",
 )
+# Input paths, recorded relative to the run folder: a results tree moved with its chips still resumes.
+INPUT_PATHS = ("data_root", "labels_csv")
 
 MODALITY = "untok_sen2l2a@224"
 EMBEDDING_PREFIX = f"encoder_embeddings.{MODALITY}."
@@ -678,9 +680,15 @@ def extract(encoder, reader, preprocessing, arrays, first, batch_size, progress)
     return row - first, time.monotonic() - start_time
 
 
+def run_folder(args):
+    """Where this extraction's run folder is (or will be)."""
+    name = args.run_name or f"terramind_v1_{args.variant}_{args.band_mapping}_{args.normalisation}"
+    return Path(args.results_dir) / SCRIPT_STEM / name
+
+
 def prepare_extraction(args, settings):
     """The run folder and the chips already done: all (finished run, --resume), some (interrupted), 0."""
-    name = args.run_name or f"terramind_v1_{args.variant}_{args.band_mapping}_{args.normalisation}"
+    name = run_folder(args).name
     marker = "extraction.json"
     run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, name, args.overwrite, args.resume, marker)
     if (run_dir / marker).is_file():
@@ -773,10 +781,11 @@ def main(args):
     require(image_size % PATCH_SIZE == 0, args.data_root, problem, "chips of a multiple of 16 px")
     reader = lucas_chips.ChipReader(paths)
     checkpoint = require_file(args.checkpoint, "a TerraMind checkpoint (.pt or .safetensors)")
-    settings = runs.settings_of(args, RESUME_SETTINGS) | {"chips": len(paths), "image_size": image_size}
-    settings["checkpoint_sha256"] = file_sha256(checkpoint)
-    # The checkpoint is checked before the run folder is made: a wrong file leaves nothing behind.
+    settings = runs.settings_of(args, RESUME_SETTINGS, run_folder(args), INPUT_PATHS)
+    settings |= {"chips": len(paths), "image_size": image_size, "checkpoint_sha256": file_sha256(checkpoint)}
+    # The checkpoint and every chip are read before the run folder is made: a bad file leaves nothing.
     tensors, loaded = read_encoder_tensors(checkpoint, args.variant)
+    reader.check_readable(np.arange(len(paths)), args.batch_size)
     run_dir, first = prepare_extraction(args, settings)
 
     # ---- model ----
