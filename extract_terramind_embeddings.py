@@ -762,15 +762,20 @@ def run_probe_demo(args, labels_csv, tokens_path):
 
 @cli_entry
 def main(args):
+    depth = VARIANTS[args.variant].depth
+    require(0 <= args.layer < depth, "--layer", f"{args.layer}", f"0..{depth - 1} for v1 {args.variant}")
+    require(1 <= args.batch_size <= 2**16, "--batch_size", f"{args.batch_size}", "an integer from 1 to 65536")
+    require(0 <= args.seed < 2**32, "--seed", f"{args.seed}", "0 .. 2^32 - 1")
+    require(0 < args.demo_scale <= 10, "--demo_scale", f"{args.demo_scale}", "in (0, 10]")
+    require(
+        1 <= args.demo_epochs <= 10**6, "--demo_epochs", f"{args.demo_epochs}", "an integer from 1 to 10^6"
+    )
     runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         prepare_demo(args)
     runs.print_args(args)
     require(args.data_root, "--data_root", "no chips given", "--data_root <chips folder>, or --demo")
     require(args.checkpoint, "--checkpoint", "no checkpoint given", "a local TerraMind_v1_<variant>.pt")
-    depth = VARIANTS[args.variant].depth
-    require(0 <= args.layer < depth, "--layer", f"{args.layer}", f"0..{depth - 1} for v1 {args.variant}")
-    require(args.batch_size >= 1, "--batch_size", f"{args.batch_size}", "an integer >= 1")
 
     # ---- data ----
     labels_csv = Path(args.labels_csv or Path(args.data_root) / lucas_chips.LABELS_CSV_NAME)

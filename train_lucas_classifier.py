@@ -543,7 +543,7 @@ def read_embeddings(path, labels_csv, count: int) -> np.ndarray:
     path = require_file(path, "a .npy array of embeddings")
     try:
         embeddings = np.load(path, allow_pickle=False)
-    except ValueError as error:
+    except (ValueError, EOFError, OSError) as error:
         raise InputError(path, f"cannot be read ({error})", "a numeric .npy array") from None
     require(
         embeddings.ndim in (2, 3, 4) and np.issubdtype(embeddings.dtype, np.number),
@@ -976,24 +976,41 @@ def report(run_dir, results, eval_splits):
 
 
 def check_arguments(args):
-    """Fractions and counts a user can get wrong, refused before anything is read or written."""
+    """Fractions, counts and sizes a user can get wrong, refused before anything is read or written."""
     val, test = args.val_fraction, args.test_fraction
     valid = 0 < val < 1 and 0 <= test < 1 and val + test < 1
     expected = "fractions in (0, 1) summing to below 1"
     require(valid, "--val_fraction/--test_fraction", f"{val}/{test}", expected)
-    positive = min(args.seeds, args.epochs, args.batch_size) >= 1
-    require(positive, "--seeds/--epochs/--batch_size", "must be positive", "integers >= 1")
+    counts = {
+        "--seeds": (args.seeds, 1000),
+        "--epochs": (args.epochs, 10**6),
+        "--batch_size": (args.batch_size, 2**20),
+    }
+    counts |= {"--image_size": (args.image_size or 1, 4096), "--mlp_dim": (args.mlp_dim or 1, 2**16)}
+    for flag, (value, largest) in counts.items():
+        require(1 <= value <= largest, flag, f"{value}", f"an integer from 1 to {largest}")
+    # NumPy and sklearn take seeds below 2^32; every seed of --seeds must be one.
+    seeds_valid = args.seed >= 0 and args.seed + args.seeds <= 2**32
+    require(seeds_valid, "--seed", f"{args.seed} (with --seeds {args.seeds})", "seeds in 0 .. 2^32 - 1")
+    require(0 <= args.split_seed < 2**32, "--split_seed", f"{args.split_seed}", "0 .. 2^32 - 1")
+    require(0 <= args.head_dropout < 1, "--head_dropout", f"{args.head_dropout}", "a rate in [0, 1)")
+    require(0 <= args.focal_gamma <= 100, "--focal_gamma", f"{args.focal_gamma}", "0 .. 100")
+    require(0 < args.learning_rate <= 10, "--learning_rate", f"{args.learning_rate}", "in (0, 10]")
+    # Decoupled decay scales every weight by (1 - lr wd) per step: at 1 or more it flips or zeroes them.
+    decay = args.learning_rate * args.weight_decay
+    require(0 <= decay < 1, "--weight_decay", f"{args.weight_decay}", "0 <= learning_rate x weight_decay < 1")
+    require(0 < args.demo_scale <= 10, "--demo_scale", f"{args.demo_scale}", "in (0, 10]")
 
 
 @cli_entry
 def main(args):
+    check_arguments(args)
     runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         args.data_root = str(
             demo_chips.write_demo_chips(cli.demo_data_dir(args, SCRIPT_STEM), args.demo_scale)
         )
     runs.print_args(args)
-    check_arguments(args)
     configs = GRID if args.grid else [(args.loss, args.decoder)]
     seeds = [args.seed + offset for offset in range(args.seeds)]
 
