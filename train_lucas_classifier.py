@@ -31,10 +31,13 @@ bytes (about 800 MB for 1,994 chips through ResNet50 at 224 px) on disk and in m
 
 The demo should print, as its last line (per-class tables and plots are in the run folder):
     summary (val, 5 seeds): wce/identity OA 0.636+-0.040 macc 0.588+-0.051 mF1 0.475+-0.051; wce/mlp
-    OA 0.730+-0.029 macc 0.764+-0.072 mF1 0.673+-0.083; focal/identity OA 0.614+-0.033 macc
-    0.342+-0.103 mF1 0.318+-0.112; focal/mlp OA 0.740+-0.027 macc 0.641+-0.043 mF1 0.634+-0.049
+    OA 0.734+-0.029 macc 0.765+-0.072 mF1 0.677+-0.084; focal/identity OA 0.614+-0.033 macc
+    0.342+-0.103 mF1 0.318+-0.112; focal/mlp OA 0.742+-0.035 macc 0.642+-0.049 mF1 0.635+-0.057
+(paired_val.md holds the wce - focal differences per decoder over seeds with their 95 % intervals.)
 The focal loss is the study's (TerraTorch's loss="focal": segmentation_models_pytorch
-FocalLoss(mode="multiclass", normalized=True)); `--focal_form lin` is Lin et al.'s softmax form.
+FocalLoss(mode="multiclass", normalized=True), summed over classes as smp 0.4.0 / 0.5.0 do, the
+versions terratorch 1.0.1 to 1.1.1 pin; `--focal_reduction mean` is smp 0.6.0's mean); `--focal_form
+lin` is Lin et al.'s softmax form.
 Study reference (val set, frozen TerraMind-base): weighted CE + identity macro acc 0.402, OA 0.451,
 macro F1 0.339; MLP decoder within 0.5 pt; focal loss macro acc 0.306-0.314, OA 0.536-0.541.
 """

@@ -439,3 +439,34 @@ def test_finetuning_from_chips_exports_a_model_on_raw_reflectance(tmp_path):
     model = keras.saving.load_model(run_dir / "focal_identity" / "seed0" / "model.keras")
     logits = model.predict(np.full((2, 16, 16, 6), 0.2, np.float32), verbose=0)
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
+
+
+def test_moved_results_tree_with_its_inputs_resumes_and_alone_is_refused(tmp_path, capsys):
+    """Input paths are recorded relative to the run folder: moving results and inputs together keeps
+    --resume working; moving the results tree alone is a changed setting."""
+    labels_csv, embeddings = imbalanced_embeddings(tmp_path / "old" / "data", counts=(30, 10, 10, 10))
+
+    def argv(root, results, epochs):
+        data = root / "data"
+        return [
+            *("--labels_csv", data / labels_csv.name, "--embeddings", data / embeddings.name),
+            *("--results_dir", results, "--epochs", epochs, "--batch_size", "32", "--resume"),
+        ]
+
+    run_main(argv(tmp_path / "old", tmp_path / "old" / "results", 1))
+    (tmp_path / "old").rename(tmp_path / "new")
+    run_main(argv(tmp_path / "new", tmp_path / "new" / "results", 2))
+    run_dir = tmp_path / "new" / "results" / STEM / "emb-embeddings_wce-identity"
+    assert json.loads((run_dir / "wce_identity" / "seed0" / "metrics.json").read_text())["epochs"] == 2
+    assert (
+        json.loads((run_dir / "config.json").read_text())["args"]["embeddings"]
+        == "../../../data/embeddings.npy"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "new" / "results").rename(tmp_path / "elsewhere" / "results")
+    assert_main_error(
+        capsys,
+        lambda: run_main(argv(tmp_path / "new", tmp_path / "elsewhere" / "results", 3)),
+        "embeddings",
+        "labels_csv",
+    )
