@@ -470,3 +470,41 @@ def test_moved_results_tree_with_its_inputs_resumes_and_alone_is_refused(tmp_pat
         "embeddings",
         "labels_csv",
     )
+
+
+def test_grid_pairs_wce_with_focal_per_decoder_over_seeds(tmp_path):
+    """Hand-made per-seed results: per-seed differences wce - focal, mean, t interval, wins, Wilcoxon
+    p from n = 5, and "sure" only where the interval excludes 0; the table is written per split."""
+
+    def result(oa, macc, f1):
+        return {"val": {"overall_accuracy": oa, "macro_accuracy": macc, "macro_f1": f1}}
+
+    focal = [0.50, 0.52, 0.48, 0.51, 0.49]
+    results = {
+        # wce/identity beats focal/identity on macro accuracy by 0.10 +- 0.01 on every seed.
+        "wce/identity": [
+            result(f, f + 0.1 + d, 0.4) for f, d in zip(focal, [0, 0.01, -0.01, 0.02, 0], strict=True)
+        ],
+        "focal/identity": [result(f, f, 0.4) for f in focal],
+        # wce/mlp and focal/mlp trade places: no sure difference.
+        "wce/mlp": [
+            result(f + d, f, 0.5) for f, d in zip(focal, [0.05, -0.05, 0.04, -0.04, 0.01], strict=True)
+        ],
+        "focal/mlp": [result(f, f, 0.5) for f in focal],
+    }
+    cells, rows = classifier.paired_comparisons(results, "val")
+    by_name = {(row["comparison"], row["metric"]): row for row in rows}
+    macro = by_name[("wce/identity vs focal/identity", "macro acc")]
+    assert macro["per_seed_differences"] == [0.1, 0.11, 0.09, 0.12, 0.1]
+    assert macro["mean_difference"] == "+0.104" and macro["wins"] == "5/5" and macro["sure"] == "yes"
+    assert macro["wilcoxon_p"] == "0.0625"
+    oa = by_name[("wce/mlp vs focal/mlp", "OA")]
+    assert oa["per_seed_differences"] == [0.05, -0.05, 0.04, -0.04, 0.01]
+    assert oa["wins"] == "3/5" and oa["sure"] == "no"
+    assert by_name[("wce/identity vs focal/identity", "OA")]["sure"] == "no"  # all ties
+    assert len(cells) == 6 and cells[0][-1].count(" ") == 4  # per-seed column
+    written = classifier.write_paired(tmp_path, results, "val")
+    assert written == rows and "| sure |" in (tmp_path / "paired_val.md").read_text()
+    # One seed pairs nothing: no table.
+    one_seed = {config: per_seed[:1] for config, per_seed in results.items()}
+    assert classifier.write_paired(tmp_path / "one", one_seed, "val") == []
