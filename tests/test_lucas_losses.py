@@ -47,7 +47,7 @@ def test_weighted_ce_uses_pytorch_weighted_mean():
     expected = np.sum(ALPHA[LABELS] * nll) / np.sum(ALPHA[LABELS])
 
     class Args:
-        focal_weighting, focal_gamma, focal_form = "alpha", 2.0, "lin"
+        focal_weighting, focal_gamma, focal_form, focal_reduction = "alpha", 2.0, "lin", "sum"
 
     loss = classifier.make_loss("wce", ALPHA, Args)
     np.testing.assert_allclose(float(loss(LABELS, LOGITS)), expected, rtol=1e-5)
