@@ -82,6 +82,8 @@ RESUME_SETTINGS = (
     "normalisation",
     "save_mean",
 )
+# Input paths, recorded relative to the run folder: a results tree moved with its chips still resumes.
+INPUT_PATHS = ("data_root", "labels_csv")
 
 MODALITY = "untok_sen2l2a@224"
 EMBEDDING_PREFIX = f"encoder_embeddings.{MODALITY}."
@@ -678,9 +680,15 @@ def extract(encoder, reader, preprocessing, arrays, first, batch_size, progress)
     return row - first, time.monotonic() - start_time
 
 
+def run_folder(args):
+    """Where this extraction's run folder is (or will be)."""
+    name = args.run_name or f"terramind_v1_{args.variant}_{args.band_mapping}_{args.normalisation}"
+    return Path(args.results_dir) / SCRIPT_STEM / name
+
+
 def prepare_extraction(args, settings):
     """The run folder and the chips already done: all (finished run, --resume), some (interrupted), 0."""
-    name = args.run_name or f"terramind_v1_{args.variant}_{args.band_mapping}_{args.normalisation}"
+    name = run_folder(args).name
     marker = "extraction.json"
     run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, name, args.overwrite, args.resume, marker)
     if (run_dir / marker).is_file():
@@ -754,15 +762,20 @@ def run_probe_demo(args, labels_csv, tokens_path):
 
 @cli_entry
 def main(args):
+    depth = VARIANTS[args.variant].depth
+    require(0 <= args.layer < depth, "--layer", f"{args.layer}", f"0..{depth - 1} for v1 {args.variant}")
+    require(1 <= args.batch_size <= 2**16, "--batch_size", f"{args.batch_size}", "an integer from 1 to 65536")
+    require(0 <= args.seed < 2**32, "--seed", f"{args.seed}", "0 .. 2^32 - 1")
+    require(0 < args.demo_scale <= 10, "--demo_scale", f"{args.demo_scale}", "in (0, 10]")
+    require(
+        1 <= args.demo_epochs <= 10**6, "--demo_epochs", f"{args.demo_epochs}", "an integer from 1 to 10^6"
+    )
     runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         prepare_demo(args)
     runs.print_args(args)
     require(args.data_root, "--data_root", "no chips given", "--data_root <chips folder>, or --demo")
     require(args.checkpoint, "--checkpoint", "no checkpoint given", "a local TerraMind_v1_<variant>.pt")
-    depth = VARIANTS[args.variant].depth
-    require(0 <= args.layer < depth, "--layer", f"{args.layer}", f"0..{depth - 1} for v1 {args.variant}")
-    require(args.batch_size >= 1, "--batch_size", f"{args.batch_size}", "an integer >= 1")
 
     # ---- data ----
     labels_csv = Path(args.labels_csv or Path(args.data_root) / lucas_chips.LABELS_CSV_NAME)
@@ -773,10 +786,11 @@ def main(args):
     require(image_size % PATCH_SIZE == 0, args.data_root, problem, "chips of a multiple of 16 px")
     reader = lucas_chips.ChipReader(paths)
     checkpoint = require_file(args.checkpoint, "a TerraMind checkpoint (.pt or .safetensors)")
-    settings = runs.settings_of(args, RESUME_SETTINGS) | {"chips": len(paths), "image_size": image_size}
-    settings["checkpoint_sha256"] = file_sha256(checkpoint)
-    # The checkpoint is checked before the run folder is made: a wrong file leaves nothing behind.
+    settings = runs.settings_of(args, RESUME_SETTINGS, run_folder(args), INPUT_PATHS)
+    settings |= {"chips": len(paths), "image_size": image_size, "checkpoint_sha256": file_sha256(checkpoint)}
+    # The checkpoint and every chip are read before the run folder is made: a bad file leaves nothing.
     tensors, loaded = read_encoder_tensors(checkpoint, args.variant)
+    reader.check_readable(np.arange(len(paths)), args.batch_size)
     run_dir, first = prepare_extraction(args, settings)
 
     # ---- model ----

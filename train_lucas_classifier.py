@@ -31,10 +31,13 @@ bytes (about 800 MB for 1,994 chips through ResNet50 at 224 px) on disk and in m
 
 The demo should print, as its last line (per-class tables and plots are in the run folder):
     summary (val, 5 seeds): wce/identity OA 0.636+-0.040 macc 0.588+-0.051 mF1 0.475+-0.051; wce/mlp
-    OA 0.730+-0.029 macc 0.764+-0.072 mF1 0.673+-0.083; focal/identity OA 0.614+-0.033 macc
-    0.342+-0.103 mF1 0.318+-0.112; focal/mlp OA 0.740+-0.027 macc 0.641+-0.043 mF1 0.634+-0.049
+    OA 0.734+-0.029 macc 0.765+-0.072 mF1 0.677+-0.084; focal/identity OA 0.614+-0.033 macc
+    0.342+-0.103 mF1 0.318+-0.112; focal/mlp OA 0.742+-0.035 macc 0.642+-0.049 mF1 0.635+-0.057
+(paired_val.md holds the wce - focal differences per decoder over seeds with their 95 % intervals.)
 The focal loss is the study's (TerraTorch's loss="focal": segmentation_models_pytorch
-FocalLoss(mode="multiclass", normalized=True)); `--focal_form lin` is Lin et al.'s softmax form.
+FocalLoss(mode="multiclass", normalized=True), summed over classes as smp 0.4.0 / 0.5.0 do, the
+versions terratorch 1.0.1 to 1.1.1 pin; `--focal_reduction mean` is smp 0.6.0's mean); `--focal_form
+lin` is Lin et al.'s softmax form.
 Study reference (val set, frozen TerraMind-base): weighted CE + identity macro acc 0.402, OA 0.451,
 macro F1 0.339; MLP decoder within 0.5 pt; focal loss macro acc 0.306-0.314, OA 0.536-0.541.
 """
@@ -54,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, checkpoints, cli, fused_bn, pipelines, plots, reports, runs
+from common import atomic, checkpoints, cli, fused_bn, optimizers, pipelines, plots, reports, runs
 from common.errors import InputError, cli_entry, require, require_file, require_finite
 from common.lucas import demo_chips, lucas_chips
 from common.metrics import ConfusionMatrix
@@ -66,6 +69,8 @@ HEADLINE_KEYS = ["overall_accuracy", "macro_accuracy", "macro_f1", "macro_precis
 BACKBONES = ["resnet50", "resnet101", "efficientnetv2b0", "mobilenetv3small", "convnexttiny", "simplecnn"]
 # Keras ResNets were trained on caffe-style BGR input: their first kernel's channels are B, G, R.
 BGR_BACKBONES = {"resnet50", "resnet101"}
+# Input files and folders, recorded relative to the run folder: a results tree moved with its inputs resumes.
+INPUT_PATHS = ("data_root", "labels_csv", "embeddings", "weights")
 # The arguments that change every configuration's numbers; a resumed run must keep them. Loss,
 # decoder, seeds and epochs only choose which <loss>_<decoder>/seed<k> results exist (or extend them).
 RESUME_SETTINGS = (
@@ -87,11 +92,13 @@ RESUME_SETTINGS = (
     "class_weights",
     "focal_gamma",
     "focal_form",
+    "focal_reduction",
     "focal_weighting",
     # training
     "batch_size",
     "learning_rate",
     "weight_decay",
+    "optimizer_convention",
     "monitor",
     "precision",
     "demo_scale",
@@ -176,6 +183,15 @@ def get_args_parser():
         "al.'s softmax focal loss.",
     )
     add(
+        "--focal_reduction",
+        default="sum",
+        choices=["sum", "mean"],
+        help="smp form only, how its per-class terms combine: sum over classes as in "
+        "segmentation_models_pytorch 0.4.0 and 0.5.0 (the study's: terratorch 1.0.1 to 1.1 pin smp<=0.4, "
+        "1.1.1 pins ==0.5.0); mean over classes as in segmentation_models_pytorch 0.6.0 (1/C of the sum, "
+        "same gradient direction).",
+    )
+    add(
         "--focal_weighting",
         default="alpha",
         choices=["alpha", "none"],
@@ -194,6 +210,8 @@ def get_args_parser():
     add("--batch_size", type=int, default=8, help="Global batch size (study: 8).")
     add("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (study: 1e-4).")
     add("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay (study: 0.05).")
+    # The study trains with PyTorch Lightning's torch.optim.AdamW (betas 0.9, 0.999, epsilon 1e-8).
+    optimizers.add_optimizer_convention_argument(train)
     monitors = ["val_macro_accuracy", "val_loss"]
     add(
         "--monitor",
@@ -404,13 +422,19 @@ class OneVsRestFocalLoss(keras.losses.Loss):
     TerraTorch's classification task builds it for loss="focal": for each class c a one-vs-rest
     sigmoid focal term f_ic l_ic with l_ic = BCE(z_ic, [y_i = c]) and f_ic = (1 - exp(-l_ic))^gamma;
     `normalized` (Ren et al., arXiv 1909.07829) divides it by max(sum_i f_ic, 1e-6) over the batch;
-    the mean over the batch is summed over classes. No class weights (alpha None). The gradient flows
-    through the normaliser as in PyTorch (test_one_vs_rest_focal_loss_equals_its_transcription).
+    the mean over the batch is summed over classes (`class_reduction="sum"`, smp 0.4.0 and 0.5.0, the
+    versions terratorch 1.0.1 to 1.1.1 install) or averaged over them ("mean", smp 0.6.0). No class
+    weights (alpha None). The gradient flows through the normaliser as in PyTorch
+    (test_one_vs_rest_focal_loss_equals_its_transcription).
     """
 
-    def __init__(self, gamma=2.0, normalized=True, name="one_vs_rest_focal_loss", **kwargs):
+    def __init__(
+        self, gamma=2.0, normalized=True, class_reduction="sum", name="one_vs_rest_focal_loss", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
-        self.gamma, self.normalized = float(gamma), bool(normalized)
+        if class_reduction not in ("sum", "mean"):
+            raise ValueError(f"class_reduction must be 'sum' or 'mean', got {class_reduction!r}")
+        self.gamma, self.normalized, self.class_reduction = float(gamma), bool(normalized), class_reduction
 
     def call(self, y_true, y_pred):
         logits = ops.cast(y_pred, "float32")
@@ -421,11 +445,15 @@ class OneVsRestFocalLoss(keras.losses.Loss):
         loss = focal_factor * bce
         if self.normalized:
             loss = loss / ops.maximum(ops.sum(focal_factor, axis=0, keepdims=True), 1e-6)
-        # Per sample, summed over classes: the base class's batch mean then equals sum_c mean_i.
+        # Per sample, summed (or averaged) over classes: the base class's batch mean then equals
+        # sum_c mean_i (or mean_c mean_i), smp's per-class batch means combined over classes.
+        if self.class_reduction == "mean":
+            return ops.mean(loss, axis=-1)
         return ops.sum(loss, axis=-1)
 
     def get_config(self):
-        return super().get_config() | {"gamma": self.gamma, "normalized": self.normalized}
+        config = super().get_config() | {"gamma": self.gamma, "normalized": self.normalized}
+        return config | {"class_reduction": self.class_reduction}
 
 
 def make_loss(loss_name, class_weights, args):
@@ -433,7 +461,9 @@ def make_loss(loss_name, class_weights, args):
     if loss_name == "wce":
         return SoftmaxFocalLoss(class_weights, gamma=0.0, weighted_mean=True, name="weighted_ce")
     if loss_name == "focal" and args.focal_form == "smp":
-        return OneVsRestFocalLoss(gamma=args.focal_gamma, normalized=True)
+        return OneVsRestFocalLoss(
+            gamma=args.focal_gamma, normalized=True, class_reduction=args.focal_reduction
+        )
     if loss_name == "focal":
         alpha = class_weights if args.focal_weighting == "alpha" else None
         return SoftmaxFocalLoss(alpha, gamma=args.focal_gamma, name="focal_loss")
@@ -516,7 +546,7 @@ def read_embeddings(path, labels_csv, count: int) -> np.ndarray:
     path = require_file(path, "a .npy array of embeddings")
     try:
         embeddings = np.load(path, allow_pickle=False)
-    except ValueError as error:
+    except (ValueError, EOFError, OSError) as error:
         raise InputError(path, f"cannot be read ({error})", "a numeric .npy array") from None
     require(
         embeddings.ndim in (2, 3, 4) and np.issubdtype(embeddings.dtype, np.number),
@@ -598,6 +628,11 @@ def prepare_inputs(args):
             inputs.band_mean, inputs.band_variance = pipelines.band_statistics(chips)
         means = zip(lucas_chips.BAND_NAMES, inputs.band_mean, strict=True)
         print("train band mean: " + ", ".join(f"{band} {mean:.4f}" for band, mean in means))
+        # Every other chip and the weights are read once now, so that a bad file ends the run before
+        # its folder is written.
+        inputs.reader.check_readable(np.concatenate([splits[name] for name in splits if name != "train"]))
+        if args.weights:
+            _backbone_with_weights(args.backbone, inputs.image_size, args.weights)
     return inputs
 
 
@@ -611,8 +646,10 @@ def prepare_run(args, inputs, configs, seeds):
     name = "_".join([source, "grid" if args.grid else f"{args.loss}-{args.decoder}"] + ["demo"] * args.demo)
     run_name = args.run_name or name
     run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, run_name, args.overwrite, args.resume)
-    # Finished configurations are kept on re-runs, so they must come from the same settings.
-    settings, what = runs.settings_of(args, RESUME_SETTINGS), "the results in this run folder"
+    # Finished configurations are kept on re-runs, so they must come from the same settings. Input
+    # paths count relative to the run folder, so a results tree moved with its inputs still resumes.
+    settings = runs.settings_of(args, RESUME_SETTINGS, run_dir, INPUT_PATHS)
+    what = "the results in this run folder"
     runs.check_same_settings(run_dir / "config.json", settings, args.overwrite, what, section="args")
     splits = {name: [inputs.point_ids[i] for i in split] for name, split in inputs.splits.items()}
     atomic.write_json(run_dir / "splits.json", splits)
@@ -628,7 +665,8 @@ def prepare_run(args, inputs, configs, seeds):
     derived |= {"configs": [f"{loss}/{decoder}" for loss, decoder in configs], "seeds": seeds}
     if inputs.reader is not None:
         derived |= {"band_mean": inputs.band_mean, "band_std": np.sqrt(inputs.band_variance)}
-    runs.write_config(run_dir, args, **derived)
+    derived["input_paths"] = "data_root, labels_csv, embeddings and weights are relative to the run folder"
+    runs.write_config(run_dir, argparse.Namespace(**(vars(args) | settings)), **derived)
     return run_dir
 
 
@@ -692,7 +730,11 @@ def train_and_evaluate(folder, build_model, data, loss, args, strategy, **compil
     ]
     with strategy.scope():
         model = build_model()
-        optimizer = keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay)
+        # torch.optim.AdamW's update (epsilon after the bias correction) unless --optimizer_convention keras.
+        convention, decay = args.optimizer_convention, args.weight_decay
+        optimizer = optimizers.make_optimizer(
+            "adamw", args.learning_rate, convention=convention, weight_decay=decay
+        )
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **compile_options)
         rows, best, start_epoch = [], None, 0
         if resumed is not None:
@@ -801,7 +843,36 @@ def train_configuration(args, inputs, tokens, loss_name, decoder, seed, run_dir,
     return result
 
 
-# ---- results: mean +- std over seeds, tables, plots ----
+# ---- results: mean +- std over seeds, paired comparisons, tables, plots ----
+
+# The study's comparison: weighted CE vs focal loss with each decoder, on the same seeds.
+PAIRED_CONFIGS = [("wce/identity", "focal/identity"), ("wce/mlp", "focal/mlp")]
+PAIRED_METRICS = {"overall_accuracy": "OA", "macro_accuracy": "macro acc", "macro_f1": "macro F1"}
+PAIRED_COLUMNS = ["comparison", "metric", "n", "mean_difference", "interval_95", "wins", "wilcoxon_p", "sure"]
+
+
+def paired_comparisons(results, split):
+    """wCE vs focal per decoder over seeds: markdown cells and CSV rows of `common.reports.paired_rows`.
+
+    Seed k of one configuration is paired with seed k of the other (same split, same features); the
+    difference is wce - focal, so a positive mean favours weighted CE. Each row carries the per-seed
+    differences, their mean with a 95 % t interval, the win count and a Wilcoxon p (n >= 5); "sure" is
+    "yes" only where the interval excludes 0, the only case where one loss may be called better.
+    """
+    pairs = [pair for pair in PAIRED_CONFIGS if all(config in results for config in pair)]
+    values = {
+        config: {name: [result[split][key] for result in per_seed] for key, name in PAIRED_METRICS.items()}
+        for config, per_seed in results.items()
+    }
+    cells = reports.paired_rows(values, pairs, list(PAIRED_METRICS.values()), digits=3)
+    compared = [(first, second, metric) for first, second in pairs for metric in PAIRED_METRICS.values()]
+    rows = []
+    for cell, (first, second, metric) in zip(cells, compared, strict=True):
+        differences = np.subtract(values[first][metric], values[second][metric])
+        cell.append(" ".join(f"{difference:+.3f}" for difference in differences))
+        row = dict(zip(PAIRED_COLUMNS, cell[: len(PAIRED_COLUMNS)], strict=True))
+        rows.append(row | {"per_seed_differences": [round(float(value), 4) for value in differences]})
+    return cells, rows
 
 
 def summarise(results, split):
@@ -868,45 +939,81 @@ def plot_results(run_dir, summary, split):
         plots.confusion_matrix(v["confusion_matrix_sum"], CLASS_NAMES, path, title, "counts", fontsize=7)
 
 
+def write_paired(run_dir, results, split):
+    """paired_<split>.md / .csv when two or more seeds pair up a grid's configurations; their rows."""
+    cells, rows = paired_comparisons(results, split)
+    if not cells or cells[0][2] < 2:
+        return []
+    header = [f"{reports.PAIRED_HEADER[0]} ({split}, wce - focal)", *reports.PAIRED_HEADER[1:]]
+    markdown = reports.markdown_table([*header, "per-seed differences"], cells)
+    reports.write_table(run_dir / f"paired_{split}", rows, list(rows[0]), markdown)
+    return rows
+
+
 def report(run_dir, results, eval_splits):
     """Tables and plots per evaluated split; metrics.json (marks the run finished); the summary line."""
     summaries = {split: summarise(results, split) for split in eval_splits}
+    paired = {}
     for split, summary in summaries.items():
         write_tables(run_dir, summary, split)
         plot_results(run_dir, summary, split)
+        paired[split] = write_paired(run_dir, results, split)
     headline = "test" if "test" in summaries else "val"
     line = summary_line(summaries[headline], headline)
     print((run_dir / f"summary_{headline}.md").read_text(), end="")
+    if paired[headline]:
+        print((run_dir / f"paired_{headline}.md").read_text(), end="")
+        print(
+            "note: seed k of wce is paired with seed k of focal; 'sure' = the 95 % interval of the mean "
+            "difference excludes 0, the only rows that say which loss is better"
+        )
     if headline == "val":
         print(
             "note: the validation set also selected the checkpoint, so these numbers are optimistic "
             "(as in the study); --test_fraction adds an untouched test set"
         )
-    metrics = {"headline_split": headline, "summary_line": line, "summary": summaries}
+    metrics = {"headline_split": headline, "summary_line": line, "summary": summaries, "paired": paired}
     atomic.write_json(run_dir / "metrics.json", metrics | {"class_names": CLASS_NAMES})
     print(line)
     return summaries
 
 
 def check_arguments(args):
-    """Fractions and counts a user can get wrong, refused before anything is read or written."""
+    """Fractions, counts and sizes a user can get wrong, refused before anything is read or written."""
     val, test = args.val_fraction, args.test_fraction
     valid = 0 < val < 1 and 0 <= test < 1 and val + test < 1
     expected = "fractions in (0, 1) summing to below 1"
     require(valid, "--val_fraction/--test_fraction", f"{val}/{test}", expected)
-    positive = min(args.seeds, args.epochs, args.batch_size) >= 1
-    require(positive, "--seeds/--epochs/--batch_size", "must be positive", "integers >= 1")
+    counts = {
+        "--seeds": (args.seeds, 1000),
+        "--epochs": (args.epochs, 10**6),
+        "--batch_size": (args.batch_size, 2**20),
+    }
+    counts |= {"--image_size": (args.image_size or 1, 4096), "--mlp_dim": (args.mlp_dim or 1, 2**16)}
+    for flag, (value, largest) in counts.items():
+        require(1 <= value <= largest, flag, f"{value}", f"an integer from 1 to {largest}")
+    # NumPy and sklearn take seeds below 2^32; every seed of --seeds must be one.
+    seeds_valid = args.seed >= 0 and args.seed + args.seeds <= 2**32
+    require(seeds_valid, "--seed", f"{args.seed} (with --seeds {args.seeds})", "seeds in 0 .. 2^32 - 1")
+    require(0 <= args.split_seed < 2**32, "--split_seed", f"{args.split_seed}", "0 .. 2^32 - 1")
+    require(0 <= args.head_dropout < 1, "--head_dropout", f"{args.head_dropout}", "a rate in [0, 1)")
+    require(0 <= args.focal_gamma <= 100, "--focal_gamma", f"{args.focal_gamma}", "0 .. 100")
+    require(0 < args.learning_rate <= 10, "--learning_rate", f"{args.learning_rate}", "in (0, 10]")
+    # Decoupled decay scales every weight by (1 - lr wd) per step: at 1 or more it flips or zeroes them.
+    decay = args.learning_rate * args.weight_decay
+    require(0 <= decay < 1, "--weight_decay", f"{args.weight_decay}", "0 <= learning_rate x weight_decay < 1")
+    require(0 < args.demo_scale <= 10, "--demo_scale", f"{args.demo_scale}", "in (0, 10]")
 
 
 @cli_entry
 def main(args):
+    check_arguments(args)
     runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         args.data_root = str(
             demo_chips.write_demo_chips(cli.demo_data_dir(args, SCRIPT_STEM), args.demo_scale)
         )
     runs.print_args(args)
-    check_arguments(args)
     configs = GRID if args.grid else [(args.loss, args.decoder)]
     seeds = [args.seed + offset for offset in range(args.seeds)]
 

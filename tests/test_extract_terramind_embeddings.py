@@ -178,7 +178,7 @@ def test_interrupted_extraction_resumes_to_the_same_tokens(
     run_dir = tmp_path / STEM / whole_dir.name
     assert json.loads((run_dir / "progress.json").read_text())["rows"] == 4
     capsys.readouterr()
-    assert_main_error(capsys, lambda: call_main(extractor, argv), "interrupted extraction", "--resume")
+    assert_main_error(capsys, lambda: call_main(extractor, argv), "interrupted run", "--resume")
     assert_main_error(capsys, lambda: call_main(extractor, argv + " --resume --layer 0"), "layer=1 (now 0)")
     call_main(extractor, argv + " --resume")
     assert "resuming after 4 chips" in capsys.readouterr().out

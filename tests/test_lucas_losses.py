@@ -47,7 +47,7 @@ def test_weighted_ce_uses_pytorch_weighted_mean():
     expected = np.sum(ALPHA[LABELS] * nll) / np.sum(ALPHA[LABELS])
 
     class Args:
-        focal_weighting, focal_gamma, focal_form = "alpha", 2.0, "lin"
+        focal_weighting, focal_gamma, focal_form, focal_reduction = "alpha", 2.0, "lin", "sum"
 
     loss = classifier.make_loss("wce", ALPHA, Args)
     np.testing.assert_allclose(float(loss(LABELS, LOGITS)), expected, rtol=1e-5)
@@ -60,17 +60,19 @@ def test_weighted_ce_uses_pytorch_weighted_mean():
     assert isinstance(smp, classifier.OneVsRestFocalLoss) and smp.normalized and smp.gamma == 2.0
 
 
-def smp_focal_transcription(logits, labels, normalized, gamma=2.0):
+def smp_focal_transcription(logits, labels, normalized, gamma=2.0, version="0.5.0"):
     """segmentation_models_pytorch FocalLoss("multiclass", normalized=...) written out in torch.
 
     For each class: focal_loss_with_logits(logits[:, c], labels == c, alpha=None, reduction="mean"),
     i.e. logpt = BCE-with-logits, pt = exp(-logpt), f = (1 - pt)^gamma, loss = f * logpt, divided by
-    clamp_min(sum f, 1e-6) when normalized, then averaged; the per-class losses are summed.
+    clamp_min(sum f, 1e-6) when normalized, then averaged. smp 0.4.0 and 0.5.0 add the per-class
+    losses up (`loss += self.focal_loss_fn(...)`); smp 0.6.0 stacks them and takes
+    `class_losses.mean()` (no class_weights given).
     """
     import torch
     import torch.nn.functional as F
 
-    total = 0
+    class_losses = []
     for c in range(logits.shape[1]):
         target = (labels == c).to(logits.dtype)
         logpt = F.binary_cross_entropy_with_logits(logits[:, c], target, reduction="none")
@@ -78,20 +80,27 @@ def smp_focal_transcription(logits, labels, normalized, gamma=2.0):
         loss = focal_term * logpt
         if normalized:
             loss = loss / focal_term.sum().clamp_min(1e-6)
-        total = total + loss.mean()
+        class_losses.append(loss.mean())
+    if version == "0.6.0":
+        return torch.stack(class_losses).mean()
+    total = 0
+    for class_loss in class_losses:
+        total = total + class_loss
     return total
 
 
 @pytest.mark.parametrize("normalized", [True, False])
-def test_one_vs_rest_focal_loss_equals_its_transcription(normalized):
-    """Value and gradient equal smp's formula on hand-made logits, with and without the normaliser."""
+@pytest.mark.parametrize(("class_reduction", "version"), [("sum", "0.5.0"), ("mean", "0.6.0")])
+def test_one_vs_rest_focal_loss_equals_its_transcription(normalized, class_reduction, version):
+    """Value and gradient equal smp's formula on hand-made logits, with and without the normaliser,
+    summed over classes as in smp 0.4.0 / 0.5.0 and averaged as in smp 0.6.0."""
     import tensorflow as tf
     import torch
 
     torch_logits = torch.tensor(LOGITS, dtype=torch.float64, requires_grad=True)
-    expected = smp_focal_transcription(torch_logits, torch.tensor(LABELS), normalized)
+    expected = smp_focal_transcription(torch_logits, torch.tensor(LABELS), normalized, version=version)
     expected.backward()
-    loss = classifier.OneVsRestFocalLoss(gamma=2.0, normalized=normalized)
+    loss = classifier.OneVsRestFocalLoss(gamma=2.0, normalized=normalized, class_reduction=class_reduction)
     tf_logits = tf.Variable(LOGITS)
     with tf.GradientTape() as tape:
         value = loss(LABELS, tf_logits)
@@ -105,9 +114,27 @@ def test_one_vs_rest_focal_loss_equals_its_transcription(normalized):
     bce = -(targets * np.log(probability) + (1 - targets) * np.log(1 - probability))
     factor = (1 - np.exp(-bce)) ** 2
     terms = factor * bce / (factor.sum(axis=0) if normalized else 1.0)
-    np.testing.assert_allclose(float(value), terms.mean(axis=0).sum(), rtol=1e-5)
-    # It is not Lin's softmax form.
-    assert abs(float(value) - float(classifier.SoftmaxFocalLoss(None, 2.0)(LABELS, LOGITS))) > 1e-2
+    per_class = terms.mean(axis=0)
+    by_hand = per_class.sum() if class_reduction == "sum" else per_class.mean()
+    np.testing.assert_allclose(float(value), by_hand, rtol=1e-5)
+    # It is not Lin's softmax form (the 0.6.0 mean happens to land within 0.005 of it on these logits).
+    assert (
+        class_reduction == "mean"
+        or abs(float(value) - float(classifier.SoftmaxFocalLoss(None, 2.0)(LABELS, LOGITS))) > 1e-2
+    )
+
+
+def test_focal_reduction_default_is_the_studys_smp_sum_and_mean_is_one_over_c():
+    """The default is smp <= 0.5.0's sum over classes (terratorch's pin); mean = sum / C."""
+    args = classifier.get_args_parser().parse_args([])
+    assert args.focal_form == "smp" and args.focal_reduction == "sum"
+    help_text = classifier.get_args_parser().format_help()
+    assert "0.5.0" in help_text and "0.6.0" in help_text
+    total = classifier.make_loss("focal", None, args)(LABELS, LOGITS)
+    args.focal_reduction = "mean"
+    mean = classifier.make_loss("focal", None, args)(LABELS, LOGITS)
+    np.testing.assert_allclose(float(mean) * LOGITS.shape[1], float(total), rtol=1e-6)
+    assert classifier.make_loss("focal", None, args).get_config()["class_reduction"] == "mean"
 
 
 def test_class_weights_balanced_and_sqrt():

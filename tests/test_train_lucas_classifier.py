@@ -439,3 +439,72 @@ def test_finetuning_from_chips_exports_a_model_on_raw_reflectance(tmp_path):
     model = keras.saving.load_model(run_dir / "focal_identity" / "seed0" / "model.keras")
     logits = model.predict(np.full((2, 16, 16, 6), 0.2, np.float32), verbose=0)
     assert logits.shape == (2, 10) and np.isfinite(logits).all()
+
+
+def test_moved_results_tree_with_its_inputs_resumes_and_alone_is_refused(tmp_path, capsys):
+    """Input paths are recorded relative to the run folder: moving results and inputs together keeps
+    --resume working; moving the results tree alone is a changed setting."""
+    labels_csv, embeddings = imbalanced_embeddings(tmp_path / "old" / "data", counts=(30, 10, 10, 10))
+
+    def argv(root, results, epochs):
+        data = root / "data"
+        return [
+            *("--labels_csv", data / labels_csv.name, "--embeddings", data / embeddings.name),
+            *("--results_dir", results, "--epochs", epochs, "--batch_size", "32", "--resume"),
+        ]
+
+    run_main(argv(tmp_path / "old", tmp_path / "old" / "results", 1))
+    (tmp_path / "old").rename(tmp_path / "new")
+    run_main(argv(tmp_path / "new", tmp_path / "new" / "results", 2))
+    run_dir = tmp_path / "new" / "results" / STEM / "emb-embeddings_wce-identity"
+    assert json.loads((run_dir / "wce_identity" / "seed0" / "metrics.json").read_text())["epochs"] == 2
+    assert (
+        json.loads((run_dir / "config.json").read_text())["args"]["embeddings"]
+        == "../../../data/embeddings.npy"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "new" / "results").rename(tmp_path / "elsewhere" / "results")
+    assert_main_error(
+        capsys,
+        lambda: run_main(argv(tmp_path / "new", tmp_path / "elsewhere" / "results", 3)),
+        "embeddings",
+        "labels_csv",
+    )
+
+
+def test_grid_pairs_wce_with_focal_per_decoder_over_seeds(tmp_path):
+    """Hand-made per-seed results: per-seed differences wce - focal, mean, t interval, wins, Wilcoxon
+    p from n = 5, and "sure" only where the interval excludes 0; the table is written per split."""
+
+    def result(oa, macc, f1):
+        return {"val": {"overall_accuracy": oa, "macro_accuracy": macc, "macro_f1": f1}}
+
+    focal = [0.50, 0.52, 0.48, 0.51, 0.49]
+    results = {
+        # wce/identity beats focal/identity on macro accuracy by 0.10 +- 0.01 on every seed.
+        "wce/identity": [
+            result(f, f + 0.1 + d, 0.4) for f, d in zip(focal, [0, 0.01, -0.01, 0.02, 0], strict=True)
+        ],
+        "focal/identity": [result(f, f, 0.4) for f in focal],
+        # wce/mlp and focal/mlp trade places: no sure difference.
+        "wce/mlp": [
+            result(f + d, f, 0.5) for f, d in zip(focal, [0.05, -0.05, 0.04, -0.04, 0.01], strict=True)
+        ],
+        "focal/mlp": [result(f, f, 0.5) for f in focal],
+    }
+    cells, rows = classifier.paired_comparisons(results, "val")
+    by_name = {(row["comparison"], row["metric"]): row for row in rows}
+    macro = by_name[("wce/identity vs focal/identity", "macro acc")]
+    assert macro["per_seed_differences"] == [0.1, 0.11, 0.09, 0.12, 0.1]
+    assert macro["mean_difference"] == "+0.104" and macro["wins"] == "5/5" and macro["sure"] == "yes"
+    assert macro["wilcoxon_p"] == "0.0625"
+    oa = by_name[("wce/mlp vs focal/mlp", "OA")]
+    assert oa["per_seed_differences"] == [0.05, -0.05, 0.04, -0.04, 0.01]
+    assert oa["wins"] == "3/5" and oa["sure"] == "no"
+    assert by_name[("wce/identity vs focal/identity", "OA")]["sure"] == "no"  # all ties
+    assert len(cells) == 6 and cells[0][-1].count(" ") == 4  # per-seed column
+    written = classifier.write_paired(tmp_path, results, "val")
+    assert written == rows and "| sure |" in (tmp_path / "paired_val.md").read_text()
+    # One seed pairs nothing: no table.
+    one_seed = {config: per_seed[:1] for config, per_seed in results.items()}
+    assert classifier.write_paired(tmp_path / "one", one_seed, "val") == []

@@ -152,6 +152,14 @@ class ChipReader:
         require_finite(chip, path, "chip values")
         return np.ascontiguousarray(np.transpose(chip, (1, 2, 0)), dtype=np.float32)
 
+    def check_readable(self, indices, batch_size=32) -> None:
+        """Read chips `indices` once (in parallel, results dropped): a bad one raises its InputError now."""
+        if len(indices) == 0:
+            return
+        with self.surface():
+            for _ in self.dataset(indices, None, batch_size).as_numpy_iterator():
+                pass
+
     def surface(self):
         """Context manager: a chip read failure inside tf.data comes back as the reader's InputError."""
         return self.errors.surface()
