@@ -122,7 +122,8 @@ def test_adapt_puts_the_support_half_first(tmp_path, monkeypatch):
 
 def concept_arm(tmp_path, **overrides):
     """A 40-patch arm whose concept columns are (urban, near_industrial), weighted 2 and 3."""
-    args = tiny_args(initial_budget=4, query_budget=5, concept_weights="urban=2,near_industrial=3", **overrides)
+    weights = "urban=2,near_industrial=3"
+    args = tiny_args(initial_budget=4, query_budget=5, concept_weights=weights, **overrides)
     images, labels, _ = datasets.synthetic_dataset(40, 8, 0.3, 1)
     test_ids, pool_ids, initial_ids = owl.split_pool_test(40, args.test_fraction, args.initial_budget, 0)
     active = np.zeros((40, 2), dtype=bool)

@@ -89,7 +89,8 @@ def test_batch_all_gradient_moves_only_the_violating_points():
     labels = batch(0, 0, 1, 2, 1)
     valid = batch(True, True, True, True, False, dtype=tf.bool)
     with tf.GradientTape() as tape:
-        loss = igarss_exp1.batch_all_triplet_loss(igarss_exp1.pairwise_distance(points), labels, valid, MARGIN)
+        distance = igarss_exp1.pairwise_distance(points)
+        loss = igarss_exp1.batch_all_triplet_loss(distance, labels, valid, MARGIN)
     gradient = tape.gradient(loss, points).numpy()[0, :, 0]
     # L = [(D01 - D02 + m) + (D10 - D12 + m)] / 2 with x0 < x1 < x2: D01 = x1 - x0, D02 = x2 - x0 and
     # D12 = x2 - x1, so L = (3 x1 - x0 - 2 x2 + 2m) / 2 and dL/dx = (-0.5, 1.5, -1), 0 for the others.
@@ -245,9 +246,11 @@ def test_random_selection_key_is_a_fixed_hash_of_model_step_and_sample():
 
 
 def test_random_selection_key_spreads_over_the_int32_range():
-    keys = igarss_exp1.random_selection_key(
-        np.array([1]), np.array([2]), np.arange(4000)[None]
-    ).numpy()[0].astype(np.int64)
+    keys = (
+        igarss_exp1.random_selection_key(np.array([1]), np.array([2]), np.arange(4000)[None])
+        .numpy()[0]
+        .astype(np.int64)
+    )
     assert len(set(keys.tolist())) == 4000
     assert keys.min() < -(2**30) and keys.max() > 2**30
     assert abs(keys.mean()) < 2**31 * 0.05
