@@ -73,8 +73,11 @@ def stacked(function, points, labels, valid, *extra):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_distance_batch_all_and_batch_hard_equal_brute_force(seed):
+@pytest.mark.parametrize("scale", [1.0, 0.02])
+def test_distance_batch_all_and_batch_hard_equal_brute_force(seed, scale):
+    """At scale 1 the points lie about 3 apart and few triplets bind; at 0.02 most do."""
     points, labels, valid = random_batches(seed)
+    points *= scale
     distance = igarss_exp1.pairwise_distance(tf.constant(points)).numpy()
     for model in range(len(points)):
         np.testing.assert_allclose(distance[model], brute_distance(points[model]), atol=2e-5)
