@@ -124,9 +124,17 @@ def search(catalogue, collection, args):
         raise refused(args) from None
     except (SearchException, TooManyResultsException, OSError) as error:
         url = catalogue.config.catalogue_url
-        raise InputError(
-            url, f"search of {collection} failed ({short(error)})", "a reachable catalogue"
-        ) from None
+        problem = f"search of {collection} failed ({short(error)})"
+        raise InputError(url, problem, what_to_check(error)) from None
+
+
+def what_to_check(error) -> str:
+    """The hint of a failed request: a rate limit says to wait, anything else names network and config."""
+    if "429" in str(error) or "Too Many Requests" in str(error):
+        return "to wait: the service answers 429 (rate-limiting); run again later (finished files are kept)"
+    return (
+        "a reachable catalogue: check the network and --catalogue_config; a re-run keeps the finished files"
+    )
 
 
 def refused(args) -> InputError:
@@ -179,13 +187,15 @@ def is_complete(path, expected_size, record, verify) -> bool:
     return size == int(record["size"]) and (not verify or sha256(path) == record["sha256"])
 
 
-def download(catalogue, product_file, target, args, counters):
+def download(catalogue, product, product_file, target, args, counters):
     """One file through the client into `<product>/.partial/`, size-checked, renamed into place;
-    retried with exponential back-off. Returns its SHA-256."""
+    retried with exponential back-off, over HTTP and S3 alike. Returns its SHA-256."""
+    from botocore.exceptions import BotoCoreError, ClientError
     from requests_auth.errors import GrantNotProvided, InvalidGrantRequest
     from terracatalogueclient.exceptions import ProductDownloadException
 
     partial = target.parent / ".partial"
+    where = f"{product.id}: {product_file.href}"
     for attempt in range(args.retries + 1):
         try:
             catalogue.download_file(product_file, str(partial))
@@ -199,19 +209,37 @@ def download(catalogue, product_file, target, args, counters):
         except (InvalidGrantRequest, GrantNotProvided):
             raise refused(args) from None
         except ProductDownloadException as error:
-            raise InputError(product_file.href, short(error), "an account allowed to download it") from None
-        except OSError as error:  # requests' connection and transfer errors are OSErrors too
-            if attempt == args.retries:
+            raise InputError(where, short(error), "an account allowed to download it") from None
+        except ClientError as error:
+            if s3_refused(error):
                 raise InputError(
-                    product_file.href,
-                    f"failed {attempt + 1} times (last: {short(error)})",
-                    "a reachable catalogue; a re-run keeps the finished files",
+                    where,
+                    f"refused by S3 ({short(error)})",
+                    "S3 credentials allowed to read it ($AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY or "
+                    "the [S3] section of --catalogue_config); a re-run keeps the finished files",
                 ) from None
-            wait = args.backoff_s * 2**attempt
-            counters["retried"] += 1
-            print(f"retry {attempt + 1}/{args.retries} of {target.name} in {wait:.1f} s: {short(error)}")
-            time.sleep(wait)
+            last = error
+        except (BotoCoreError, OSError) as error:  # requests' and botocore's transfer errors
+            last = error
+        if attempt == args.retries:
+            raise InputError(
+                where, f"failed {attempt + 1} times (last: {short(last)})", what_to_check(last)
+            ) from None
+        wait = args.backoff_s * 2**attempt
+        counters["retried"] += 1
+        print(f"retry {attempt + 1}/{args.retries} of {target.name} in {wait:.1f} s: {short(last)}")
+        time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def s3_refused(error) -> bool:
+    """An S3 answer that another try would not change: 4xx (a missing key, no permission), except
+    408 (timeout) and 429 (rate limit)."""
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    if code in ("SlowDown", "Throttling", "RequestTimeout"):
+        return False
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 # ---- main's steps ----
@@ -247,7 +275,7 @@ def fetch_all(catalogue, plan, args, out_dir):
             continue
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            digest = download(catalogue, product_file, target, args, counters)
+            digest = download(catalogue, product, product_file, target, args, counters)
             counters["fetched"] += 1
             counters["fetched_bytes"] += target.stat().st_size
             print(f"fetched {name}", flush=True)
@@ -271,7 +299,8 @@ def fetch_all(catalogue, plan, args, out_dir):
 # authorised file downloads (`HEAD`/`GET /files/...` with the bearer token; 401 without it). Products
 # are files on disk with a bounding box; each has one data file per path and a preview that a "data
 # files only" download must not fetch. `truncate_next(name)` makes the next download of that file stop
-# half-way (a dropped connection), and `downloads` counts the GETs per file name.
+# half-way (a dropped connection), `answer_status` (e.g. 429) answers every request with that status,
+# `s3_bucket` gives s3:// data hrefs, and `downloads` counts the GETs per file name.
 
 LOCAL_TOKEN = "local-access-token"
 
@@ -279,8 +308,10 @@ LOCAL_TOKEN = "local-access-token"
 class LocalCatalogue:
     """`products`: {collection: [{"id", "bbox" (w, s, e, n), "files": [paths]}]}; a context manager."""
 
-    def __init__(self, products, username="user", password="secret", page_size=2):
+    def __init__(self, products, username="user", password="secret", page_size=2, s3_bucket=""):
         self.products, self.username, self.password, self.page_size = products, username, password, page_size
+        self.s3_bucket = s3_bucket  # when set, data hrefs are s3://<bucket>/<product>/<file>
+        self.answer_status = 0  # when set (e.g. 429), every request gets this status and no body
         self.downloads, self.token_requests = Counter(), 0
         self._truncate, self._files = set(), {}
         for collection_products in products.values():
@@ -324,8 +355,9 @@ class LocalCatalogue:
         """One product as the catalogue's GeoJSON feature (data files, a preview, no acquisition data)."""
         west, south, east, north = product["bbox"]
         stem = product["id"].rsplit(":", 1)[-1]
+        base = f"s3://{self.s3_bucket}" if self.s3_bucket else f"{self.url}/files"
         data = [
-            {"href": f"{self.url}/files/{stem}/{Path(p).name}", "length": Path(p).stat().st_size}
+            {"href": f"{base}/{stem}/{Path(p).name}", "length": Path(p).stat().st_size}
             for p in product["files"]
         ]
         ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
@@ -390,7 +422,15 @@ class _CatalogueHandler(BaseHTTPRequestHandler):
         self.end_headers()
         return body
 
+    def _overridden(self) -> bool:
+        if not self.catalogue.answer_status:
+            return False
+        self.wfile.write(self._send(self.catalogue.answer_status, b"{}"))
+        return True
+
     def do_POST(self):
+        if self._overridden():
+            return
         fields = parse_qs(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
         catalogue = self.catalogue
         catalogue.token_requests += 1
@@ -413,6 +453,8 @@ class _CatalogueHandler(BaseHTTPRequestHandler):
         self._send(status, length=path.stat().st_size if path else 0)
 
     def do_GET(self):
+        if self._overridden():
+            return
         parsed = urlparse(self.path)
         if parsed.path == "/catalogue/products":
             body = json.dumps(self.catalogue.search(parse_qs(parsed.query))).encode()

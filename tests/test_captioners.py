@@ -246,6 +246,22 @@ def test_text_captioner_resume_equals_an_uninterrupted_run(demo, tmp_path):
     assert out.read_text() == full
 
 
+def test_vision_captioner_resume_equals_an_uninterrupted_sampling_run(demo, tmp_path):
+    out = tmp_path / "gemma_resume.csv"
+    argv = (
+        f"--model {demo['gemma']} --images {demo['images']} --out {out} "
+        "--batch_size 2 --num_captions 2 --max_new_tokens 4"
+    )
+    call_main(vision_captioner, argv)
+    full = out.read_text()
+    assert len(read_rows(out)) == 8
+    assert json.loads(captions.settings_path(out).read_text())["generation"]["do_sample"] is True
+    # Keep the header and the first batch only, as if the run had been killed after it.
+    out.write_text("".join(full.splitlines(keepends=True)[:1]) + _first_rows(full, 2))
+    call_main(vision_captioner, argv)
+    assert out.read_text() == full
+
+
 def _first_rows(text, count):
     rows = list(csv.reader(io.StringIO(text)))[1 : 1 + count]
     buffer = io.StringIO()
