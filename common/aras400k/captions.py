@@ -166,7 +166,14 @@ class CaptionLog:
             settings_path(self.path), settings, what="its captions", hint=hint
         )
         self.counts = Counter(row["filename"] for row in self._read_existing())
+        # The record is written with the first captions, so a run that fails before any leaves nothing.
+        self._recorded = settings_path(self.path).exists() and self.path.exists()
+
+    def record_settings(self) -> None:
+        """Write the settings record next to the CSV (before its first rows)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_json(settings_path(self.path), {**self.settings, "versions": runs.library_versions()})
+        self._recorded = True
 
     def _read_existing(self) -> list[dict]:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -195,7 +202,8 @@ class CaptionLog:
         """Append caption rows (the header first when the file is new) and sync them to disk."""
         new = not self.path.exists() or self.path.stat().st_size == 0
         lines = ([CAPTION_COLUMNS] if new else []) + [[row[key] for key in CAPTION_COLUMNS] for row in rows]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._recorded:
+            self.record_settings()
         with open(self.path, "a", encoding="utf-8", newline="") as file:
             file.write(_csv_text(lines))
             file.flush()
@@ -226,7 +234,8 @@ def caption_batches(
     a resumed run samples the same captions as an uninterrupted one (finished batches are a prefix).
 
     A batch that raises is reported with its file names and tried again up to `retries` times; its
-    files are left out of the CSV if it keeps failing, so a later run retries them. Returns the
+    files are left out of the CSV if it keeps failing, so a later run retries them. An `InputError`
+    (a refused key, a rate limit) stops at once; the finished batches stay in the CSV. Returns the
     number of captions written, the files that failed and the seconds spent.
     """
     start = time.perf_counter()
@@ -239,6 +248,8 @@ def caption_batches(
             try:
                 rows = make_captions(batch)
                 break
+            except InputError:  # a refusal another try would not change: stop, finished batches kept
+                raise
             except Exception as error:  # every failure is named; none stops the other batches
                 names = ", ".join(sorted({name for name, _ in batch}))
                 again = f"; trying again ({attempt + 1}/{retries})" if attempt < retries else "; giving up"
