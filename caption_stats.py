@@ -34,6 +34,7 @@ import csv
 import itertools
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,13 @@ def get_args_parser():
     add("--clip", default="", help="Local CLIP folder for CLIPScore (empty: CLIPScore is not computed).")
     add("--batch_size", type=int, default=64, help="Caption-image pairs per CLIP forward pass.")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Device of the CLIP model.")
-    add("--out_dir", default="results/caption_stats/run", help="Where the tables, metrics and plot go.")
-    add("--results_dir", default="results", help=argparse.SUPPRESS)
+    add("--results_dir", default="results", help="Root of the output tree.")
+    add(
+        "--run_name",
+        default="run",
+        help="The tables, metrics and plot go to <results_dir>/caption_stats/<run_name>.",
+    )
+    add("--out_dir", default="", help=argparse.SUPPRESS)  # the old name of the whole output folder
     add("--seed", type=int, default=0, help="Seeds the demo data and demo CLIP.")
     cli.add_demo_argument(parser, "(two hand-written caption CSVs, a tiny random CLIP; seconds).")
     return parser
@@ -363,6 +369,17 @@ def make_demo_clip(folder) -> Path:
     return Path(folder)
 
 
+def output_folder(args) -> Path:
+    """<results_dir>/caption_stats/<run_name>, or the folder of the old --out_dir flag (with a note)."""
+    if args.out_dir:
+        print(
+            "note: --out_dir is now --results_dir/--run_name; the old name goes in a later release",
+            file=sys.stderr,
+        )
+        return Path(args.out_dir)
+    return Path(args.results_dir) / "caption_stats" / args.run_name
+
+
 @cli_entry
 def main(args):
     if args.demo:
@@ -375,7 +392,7 @@ def main(args):
         paths = demo_captions(folder, images_dir, captions.read_percentages(percentages_csv), args.seed)
         args.captions = ",".join(map(str, paths))
         args.clip = str(make_demo_clip(folder / "clip"))
-        args.out_dir = str(Path(args.results_dir) / "caption_stats" / "demo")
+        args.run_name = "demo"
     runs.print_args(args)
     paths = [path for path in args.captions.split(",") if path]
     require(paths, "--captions", "is empty", "one or more caption CSVs, comma-separated")
@@ -392,7 +409,7 @@ def main(args):
 
     # ---- statistics ----
     table = [csv_stats(path, percentages, args, clip, device) for path in paths]
-    out_dir = Path(args.out_dir)
+    out_dir = output_folder(args)
     text = markdown(table)
     reports.write_table(out_dir / "stats", table, COLUMNS, text)
     atomic.write_json(

@@ -5,8 +5,8 @@ Models" (ARAS400k), arXiv 2603.09625. The first step of the dataset pipeline, as
 `dataset_downloader.py`: the products of the ESA WorldCover 2021 S2 RGBNIR composites
 (`urn:eop:VITO:ESA_WorldCover_S2RGBNIR_10m_2021_V2`) and maps (`urn:eop:VITO:ESA_WorldCover_10m_2021_V2`)
 whose footprint meets `--bbox` (default: the reference's Turkiye box), fetched with VITO's catalogue
-client `terracatalogueclient` into `<out_dir>/S2RGB_2021/<product>/` and
-`<out_dir>/worldcover_2021/<product>/`, the folders `dataset_creator.py` reads by default.
+client `terracatalogueclient` into `<out>/S2RGB_2021/<product>/` and
+`<out>/worldcover_2021/<product>/`, the folders `dataset_creator.py` reads by default.
 
 Unlike the reference it runs unattended (docs/aras400k.md, "dataset_downloader.py"): the password
 grant reads the account from the environment ($TERRASCOPE_USERNAME, $TERRASCOPE_PASSWORD; never argv
@@ -62,7 +62,7 @@ def get_args_parser():
     add = parser.add_argument
     add("--bbox", type=float, nargs=4, default=TURKIYE_BBOX, help="west south east north (EPSG:4326).")
     add("--collections", nargs="+", choices=tuple(COLLECTIONS), default=["s2", "map"], help="What to fetch.")
-    add("--out_dir", default=".", help="Root of S2RGB_2021/, worldcover_2021/ and download_manifest.csv.")
+    add("--out", default=".", help="Dataset folder: root of S2RGB_2021/, worldcover_2021/ and the manifest.")
     add(
         "--catalogue_config",
         default="",
@@ -79,6 +79,7 @@ def get_args_parser():
     add("--results_dir", default="results", help="With --demo: root of the demo's output tree.")
     add("--seed", type=int, default=0, help="With --demo: seed of the demo tiles.")
     parser.demo_defaults(backoff_s=0.1)
+    parser.renamed("--out_dir", "--out")
     return parser
 
 
@@ -492,7 +493,7 @@ def demo_catalogue(args):
             products[collection].append({"id": f"{collection}:{path.stem}", "bbox": bbox, "files": [path]})
     catalogue = LocalCatalogue(products, username="demo", password="demo-password")
     args.catalogue_config = str(catalogue.write_config(data / "catalogue.ini"))
-    args.out_dir = str(Path(args.results_dir) / "dataset_downloader" / "demo")
+    args.out = str(Path(args.results_dir) / "dataset_downloader" / "demo")
     return catalogue
 
 
@@ -503,7 +504,7 @@ def main(args):
     require(west < east and south < north, "--bbox", f"got {args.bbox}", "west < east and south < north")
     local = demo_catalogue(args) if args.demo else None
     runs.print_args(args)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out)
     with local or contextlib.nullcontext():
         if args.dry_run:
             credentials = None  # the search needs no account

@@ -49,7 +49,7 @@ def catalogue(tmp_path, monkeypatch):
 
 
 def argv(tmp_path, local, *extra):
-    return ["--catalogue_config", local.config, "--out_dir", tmp_path / "data", "--backoff_s", "0", *extra]
+    return ["--catalogue_config", local.config, "--out", tmp_path / "data", "--backoff_s", "0", *extra]
 
 
 def test_help():
@@ -208,7 +208,7 @@ def test_unreachable_or_rate_limiting_catalogue_is_one_line(tmp_path, catalogue,
         port = probe.getsockname()[1]
     config = tmp_path / "unreachable.ini"
     config.write_text(catalogue.config.read_text().replace(catalogue.url, f"http://127.0.0.1:{port}"))
-    unreachable = ["--catalogue_config", config, "--out_dir", tmp_path / "data"]
+    unreachable = ["--catalogue_config", config, "--out", tmp_path / "data"]
     line = assert_main_error(capsys, lambda: call_main(dd, unreachable), f"127.0.0.1:{port}")
     assert "check the network and --catalogue_config" in line
     assert not (tmp_path / "data").exists()
