@@ -797,6 +797,23 @@ def check_arguments(args):
     water = args.max_water_fraction
     require(0 <= water <= 1, "--max_water_fraction", f"got {water}", "a fraction in [0, 1]")
     require(args.workers >= 1, "--workers", f"got {args.workers}", "at least 1")
+    require(
+        0 < args.max_reflectance <= 1,
+        "--max_reflectance",
+        f"got {args.max_reflectance}",
+        "a reflectance in (0, 1]",
+    )
+    low, high = args.percentiles
+    require(
+        0 <= low < high <= 100,
+        "--percentiles",
+        f"got {low} {high}",
+        "two percentiles, 0 <= low < high <= 100",
+    )
+    require(
+        args.percentile_windows >= 1, "--percentile_windows", f"got {args.percentile_windows}", "at least 1"
+    )
+    require(1 <= args.cache_mb <= 1 << 20, "--cache_mb", f"got {args.cache_mb}", "1 to 1048576 MB")
     require(not (args.merge and args.shard), "--merge", "was given with --shard", "one of them")
     return parse_split(args.split)
 
@@ -843,6 +860,15 @@ def main(args):
     if shard:  # a shard's patches stay flat: --merge splits them as one run would
         tiles, failures = shard_tiles(tiles, failures, *shard)
         out = shard_dir(out, *shard)
+
+    small = [(tile, tiles[tile]) for tile, grid in tile_grids(args, tiles).items() if 0 in grid]
+    if small:
+        tile, info = small[0]
+        raise InputError(
+            tile,
+            f"is {info['height']} x {info['width']} pixels, smaller than --patch_size {args.patch_size}",
+            "a --patch_size that fits the tiles",
+        )
 
     # ---- split ----
     by_tile = ratios if args.split_level == "tile" and not shard else None

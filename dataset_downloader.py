@@ -93,7 +93,14 @@ def open_catalogue(args, credentials):
     from terracatalogueclient.config import CatalogueConfig
 
     if args.catalogue_config:
-        config = CatalogueConfig.from_file(str(require_file(args.catalogue_config, "a catalogue .ini")))
+        path = require_file(args.catalogue_config, "a catalogue .ini")
+        try:
+            config = CatalogueConfig.from_file(str(path))
+        except (configparser.Error, UnicodeDecodeError, KeyError, ValueError) as error:
+            problem = f"is not a usable catalogue configuration ({type(error).__name__}: {short(error)[:80]})"
+            raise InputError(
+                path, problem, "a terracatalogueclient .ini ([Catalogue], [Auth], ...)"
+            ) from None
     else:
         config = CatalogueConfig.get_default_config()
     catalogue = Catalogue(config)
@@ -169,10 +176,23 @@ def sha256(path) -> str:
 
 
 def read_manifest(path) -> dict:
+    """The manifest of an earlier run, {file: row}; an unreadable one is one error line."""
     if not path.exists():
         return {}
-    with open(path, newline="") as file:
-        return {row["file"]: row for row in csv.DictReader(file)}
+    expected = f"the manifest an earlier run wrote ({', '.join(MANIFEST_FIELDS)}), or remove it"
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(path, f"is not a readable CSV ({type(error).__name__})", expected) from None
+    require(fields == MANIFEST_FIELDS, path, "has another header", expected)
+    for line, row in enumerate(rows, start=2):
+        size = row.get("size") or ""
+        ok = all(row.get(key) for key in MANIFEST_FIELDS) and size.isdigit() and len(row["sha256"]) == 64
+        require(ok, path, f"line {line} is incomplete or malformed", expected)
+    return {row["file"]: row for row in rows}
 
 
 def is_complete(path, expected_size, record, verify) -> bool:
@@ -499,7 +519,8 @@ def demo_catalogue(args):
 
 @cli_entry
 def main(args):
-    require(args.retries >= 0 and args.backoff_s >= 0, "--retries/--backoff_s", "negative", "values >= 0")
+    require(0 <= args.retries <= 100, "--retries", f"is {args.retries}", "0 to 100")
+    require(0 <= args.backoff_s <= 3600, "--backoff_s", f"is {args.backoff_s}", "0 to 3600 seconds")
     west, south, east, north = args.bbox
     require(west < east and south < north, "--bbox", f"got {args.bbox}", "west < east and south < north")
     local = demo_catalogue(args) if args.demo else None

@@ -148,9 +148,16 @@ def load_state(out) -> dict:
     if not path.exists():
         return {"batches": []}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise InputError(path, "is not valid JSON", "the batch record an earlier run wrote") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        state = None
+    require(
+        isinstance(state, dict) and isinstance(state.get("batches"), list),
+        path,
+        "is not a readable batch record",
+        "the batch record an earlier run wrote, or --overwrite",
+    )
+    return state
 
 
 def submit(client, path: Path, ids, state, out) -> dict:
@@ -338,9 +345,13 @@ def main(args):
         captions.demo_paths(args, "gpt_captioner")
         args.dry_run = True
     runs.print_args(args)
+    captions.check_numbers(args)
     require(
         0 < args.max_requests_per_file <= 50000, "--max_requests_per_file", "is out of range", "1 to 50000"
     )
+    require(0 <= args.temperature <= 2, "--temperature", f"is {args.temperature}", "0 to 2 (the API's range)")
+    for flag, value in (("--poll_seconds", args.poll_seconds), ("--max_wait", args.max_wait)):
+        require(0 <= value <= 7 * 86400, flag, f"is {value}", "0 to 604800 seconds")
 
     # ---- requests still to make ----
     percentages = captions.read_percentages(args.percentages)

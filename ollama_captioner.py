@@ -34,7 +34,7 @@ from PIL import Image
 
 from common import atomic, cli, runs
 from common.aras400k import captions
-from common.errors import InputError, cli_entry
+from common.errors import InputError, cli_entry, require
 
 DEFAULT_MODELS = {"image": "moondream:latest", "percentages": "gemma3:4b-it-qat"}
 # The arguments a re-run must share with the caption CSV it continues (with the prompt, see main).
@@ -205,6 +205,8 @@ def main(args):
         args.dry_run = True
     args.model = args.model or DEFAULT_MODELS[args.mode]
     runs.print_args(args)
+    captions.check_numbers(args)
+    require(0 < args.timeout <= 86400, "--timeout", f"is {args.timeout}", "0 to 86400 seconds")
 
     # ---- inputs ----
     text_only = args.mode == "percentages"

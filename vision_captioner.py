@@ -182,6 +182,7 @@ def caption_batch(batch, args, processor, model):
 
 @cli_entry
 def main(args):
+    captions.check_numbers(args)
     captions.seed_torch(args.seed)
     if args.demo:
         folder = captions.demo_paths(args, "vision_captioner")
@@ -192,6 +193,7 @@ def main(args):
     names = captions.list_images(args.images)
     device, dtype = captions.torch_device_and_dtype(args.device, args.dtype)
     processor, model = load_model(args.model, device, dtype)
+    captions.require_context_room(model, args.max_new_tokens)
     # The reference leaves sampling to the checkpoint: record what that means for this one.
     generation = captions.generation_record(model, max_new_tokens=args.max_new_tokens)
     captions.require_distinct_captions(args.num_captions, generation)
