@@ -24,7 +24,7 @@ Commands:
         --clip ./clip-vit-base-patch32
     python caption_stats.py --demo
 
-Outputs in --out_dir: stats.csv and stats.md (one row per CSV), metrics.json, stats.png. The demo
+Outputs in <results_dir>/caption_stats/<run_name> (default results/caption_stats/run): stats.csv and stats.md (one row per CSV), metrics.json, stats.png. The demo
 scores two hand-written seeded caption CSVs of the demo patches with a tiny randomly initialised CLIP
 (its CLIPScores mean nothing) and prints the markdown table.
 """
