@@ -24,8 +24,9 @@ Commands:
         --clip ./clip-vit-base-patch32
     python caption_stats.py --demo
 
-Outputs in <results_dir>/caption_stats/<run_name> (default results/caption_stats/run): stats.csv and stats.md (one row per CSV), metrics.json, stats.png. The demo
-scores two hand-written seeded caption CSVs of the demo patches with a tiny randomly initialised CLIP
+Outputs in <results_dir>/caption_stats/<run_name> (default results/caption_stats/run): stats.csv and
+stats.md (one row per CSV), metrics.json, stats.png. The demo scores two hand-written seeded caption
+CSVs of the demo patches with a tiny randomly initialised CLIP
 (its CLIPScores mean nothing) and prints the markdown table.
 """
 

@@ -455,6 +455,8 @@ def check_state(out, settings, overwrite) -> bool:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     continuing = state_path.exists()
+    if continuing:  # what an atomic write killed mid-way left behind
+        runs.remove_stale_temporaries(out)
     runs.check_same_settings(
         state_path,
         settings,

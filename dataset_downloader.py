@@ -285,6 +285,8 @@ def fetch_all(catalogue, plan, args, out_dir):
     """Download what is not complete; the manifest is rewritten after every finished file."""
     manifest_path = out_dir / MANIFEST
     manifest = read_manifest(manifest_path)
+    if out_dir.is_dir() and not args.dry_run:  # what an atomic write killed mid-way left behind
+        runs.remove_stale_temporaries(out_dir)
     counters = {"fetched": 0, "fetched_bytes": 0, "complete": 0, "retried": 0}
     for collection, product, product_file, target in plan:
         name = target.relative_to(out_dir).as_posix()

@@ -356,7 +356,7 @@ def main(args):
     # ---- requests still to make ----
     percentages = captions.read_percentages(args.percentages)
     names = captions.files_to_caption(args.images, percentages, True, args.percentages)
-    settings = {**runs.settings_of(args, RESUME_SETTINGS), "prompt": "gpt_percentages"}
+    settings = {**captions.resume_settings(args, RESUME_SETTINGS), "prompt": "gpt_percentages"}
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     if args.overwrite:
         state_path(args.out).unlink(missing_ok=True)

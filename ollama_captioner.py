@@ -215,7 +215,7 @@ def main(args):
     images = args.images if not text_only or "images" in cli.typed_flags(args) else ""
     names = captions.files_to_caption(images, percentages, text_only, args.percentages)
     settings = {
-        **runs.settings_of(args, RESUME_SETTINGS),
+        **captions.resume_settings(args, RESUME_SETTINGS),
         "prompt": args.prompt if not text_only else "percentages",
     }
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)

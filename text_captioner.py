@@ -161,7 +161,7 @@ def main(args):
 
     # ---- caption ----
     settings = {
-        **runs.settings_of(args, RESUME_SETTINGS),
+        **captions.resume_settings(args, RESUME_SETTINGS),
         "prompt": "text_percentages",
         "dtype": str(dtype),
         "generation": generation,

@@ -201,7 +201,7 @@ def main(args):
 
     # ---- caption ----
     settings = {
-        **runs.settings_of(args, RESUME_SETTINGS),
+        **captions.resume_settings(args, RESUME_SETTINGS),
         "prompt": "base",
         "dtype": str(dtype),
         "generation": generation,

@@ -277,7 +277,7 @@ def main(args):
 
     # ---- caption ----
     settings = {
-        **runs.settings_of(args, RESUME_SETTINGS),
+        **captions.resume_settings(args, RESUME_SETTINGS),
         "prompt": "vision_language",
         "dtype": str(dtype),
         "generation": generation,

@@ -175,6 +175,8 @@ class CaptionLog:
         self.settings = runs.check_same_settings(
             settings_path(self.path), settings, what="its captions", hint=hint
         )
+        for stale in self.path.parent.glob(f".{self.path.name}*.tmp*"):  # killed atomic writes
+            stale.unlink()
         self.counts = Counter(row["filename"] for row in self._read_existing())
         # The record is written with the first captions, so a run that fails before any leaves nothing.
         self._recorded = settings_path(self.path).exists() and self.path.exists()
@@ -313,6 +315,13 @@ def caption_missing(log: CaptionLog, names, batch_size: int, make_captions, retr
     print(f"{len(jobs)} captions to make ({len(names) - images} images already done)")
     written, failed, seconds = caption_batches(jobs, batch_size, make_captions, log, retries, seed=seed)
     finish(log, written, failed, seconds, images)
+
+
+def resume_settings(args, keys) -> dict:
+    """`runs.settings_of` for a caption CSV: a local model folder is recorded relative to the CSV's
+    folder, so a moved results tree with its model still continues; a hub id stays as typed."""
+    local = [key for key in keys if key == "model" and Path(getattr(args, key)).is_dir()]
+    return runs.settings_of(args, keys, Path(args.out).parent, input_paths=local)
 
 
 # ---- the numbers every captioner checks before it writes anything ----
