@@ -94,6 +94,7 @@ def open_catalogue(args, credentials):
 
     if args.catalogue_config:
         path = require_file(args.catalogue_config, "a catalogue .ini")
+        require_own_endpoints(path)
         try:
             config = CatalogueConfig.from_file(str(path))
         except (configparser.Error, UnicodeDecodeError, KeyError, ValueError) as error:
@@ -107,6 +108,19 @@ def open_catalogue(args, credentials):
     if credentials:
         catalogue = catalogue.authenticate_non_interactive(*credentials)
     return catalogue
+
+
+def require_own_endpoints(path) -> None:
+    """The client fills what a file lacks from the real Terrascope service: a partial --catalogue_config
+    would silently reach it. Its catalogue URL and token endpoint must be in the file."""
+    parser = configparser.ConfigParser()
+    expected = "a terracatalogueclient .ini with [Catalogue] URL and [Auth] TokenEndpoint"
+    try:
+        parser.read_string(Path(path).read_text(encoding="utf-8"))
+    except (configparser.Error, UnicodeDecodeError) as error:
+        raise InputError(path, f"is not a readable .ini ({type(error).__name__})", expected) from None
+    present = parser.has_option("Catalogue", "URL") and parser.has_option("Auth", "TokenEndpoint")
+    require(present, path, "lacks the catalogue URL or the token endpoint", expected)
 
 
 def read_credentials(args):
