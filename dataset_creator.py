@@ -813,7 +813,10 @@ def check_arguments(args):
         "two percentiles, 0 <= low < high <= 100",
     )
     require(
-        args.percentile_windows >= 1, "--percentile_windows", f"got {args.percentile_windows}", "at least 1"
+        1 <= args.percentile_windows <= 4096,
+        "--percentile_windows",
+        f"got {args.percentile_windows}",
+        "1 to 4096 windows per tile",
     )
     require(1 <= args.cache_mb <= 1 << 20, "--cache_mb", f"got {args.cache_mb}", "1 to 1048576 MB")
     require(not (args.merge and args.shard), "--merge", "was given with --shard", "one of them")

@@ -152,6 +152,14 @@ def generate(host: str, body: dict, timeout: float) -> str:
     return text
 
 
+def dry_run_body(name, index, args, percentages) -> dict:
+    """A request body for --dry_run; an unreadable image is one error line naming it."""
+    try:
+        return request_body(name, index, args, percentages)[0]
+    except OSError as error:  # PIL's unreadable and truncated images
+        raise InputError(Path(args.images) / name, f"cannot be read ({error})", "a PNG image") from None
+
+
 def refused(host: str, error) -> InputError:
     """A server (or the proxy in front of it) that turned the request down, as one line."""
     kept = "finished captions are kept for the next run"
@@ -221,7 +229,7 @@ def main(args):
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     jobs = log.missing(names)
     if args.dry_run:
-        lines = [json.dumps(request_body(name, index, args, percentages)[0]) for name, index in jobs]
+        lines = [json.dumps(dry_run_body(name, index, args, percentages)) for name, index in jobs]
         path = Path(f"{args.out}.requests.jsonl")
         atomic.write_text(path, "".join(line + "\n" for line in lines))
         print(f"dry run: {len(lines)} requests -> {path}")
