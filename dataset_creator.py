@@ -467,6 +467,16 @@ def check_state(out, settings, overwrite) -> bool:
     return continuing
 
 
+def remove_empty_build(out) -> None:
+    """A new build whose first tile failed: remove its state record and empty folders (nothing to keep)."""
+    progress = out / ".progress"
+    if progress.is_dir() and not any(progress.glob("*.jsonl")):
+        (progress / "state.json").unlink(missing_ok=True)
+    for folder in sorted((p for p in [out, *out.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 # ---- placing patch files into split folders ----
 
 
@@ -896,7 +906,12 @@ def main(args):
         f"tiles: {len(tiles)} paired, {len(failures)} failed checks, {len(maps)} map tiles; patches per "
         f"tile {patches_per_tile}; output {out}" + (" (continuing an earlier build)" if continuing else "")
     )
-    process_tiles(args, jobs, tiles, failures)
+    try:
+        process_tiles(args, jobs, tiles, failures)
+    except InputError:
+        if not continuing:
+            remove_empty_build(out)
+        raise
 
     # ---- split, manifest, report, class percentages ----
     level = args.split_level if not shard else "tile"
