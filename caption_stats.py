@@ -42,7 +42,7 @@ import numpy as np
 
 from common import atomic, cli, plots, reports, runs
 from common.aras400k import captions
-from common.errors import cli_entry, require, require_file
+from common.errors import InputError, cli_entry, require, require_file
 
 # Words that name each class in a caption (whole words, any case).
 CLASS_TERMS = {
@@ -180,14 +180,13 @@ def load_clip(folder, device):
 def clip_scores(rows, images_dir, clip, batch_size: int, device) -> np.ndarray:
     """100 * max(cos(image, caption), 0) per row, CLIP's projected embeddings."""
     import torch
-    from PIL import Image
 
     model, tokenizer, image_processor = clip
     max_length = min(model.config.text_config.max_position_embeddings, 77)
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        images = [Image.open(Path(images_dir) / row["filename"]).convert("RGB") for row in batch]
+        images = [load_image(Path(images_dir) / row["filename"]) for row in batch]
         pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(device)
         text = tokenizer(
             [row["caption"] for row in batch],
@@ -204,6 +203,17 @@ def clip_scores(rows, images_dir, clip, batch_size: int, device) -> np.ndarray:
     return np.concatenate(scores)
 
 
+def load_image(path):
+    """An RGB image; a missing or unreadable one is one error line naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(require_file(path, "the image a caption CSV names")) as image:
+            return image.convert("RGB")
+    except OSError as error:  # PIL's unreadable and truncated images
+        raise InputError(path, f"cannot be read ({error})", "a PNG image") from None
+
+
 def _embedding(output):
     # transformers 5 returns a model output whose pooler_output is the projected embedding.
     return output if hasattr(output, "shape") else output.pooler_output
@@ -215,13 +225,25 @@ def _embedding(output):
 def read_captions(path) -> list[dict]:
     """Read a caption CSV (`CAPTION_COLUMNS`; extra columns kept) as a list of dicts."""
     path = require_file(path, "a caption CSV (filename, caption, model, prompt_id)")
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        lacking = [name for name in ("filename", "caption") if name not in (reader.fieldnames or [])]
-        require(
-            not lacking, path, f"lacks the column(s) {', '.join(lacking)}", ",".join(captions.CAPTION_COLUMNS)
-        )
-        return list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            lacking = [name for name in ("filename", "caption") if name not in (reader.fieldnames or [])]
+            require(
+                not lacking,
+                path,
+                f"lacks the column(s) {', '.join(lacking)}",
+                ",".join(captions.CAPTION_COLUMNS),
+            )
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(
+            path, f"is not a readable CSV ({type(error).__name__})", "a UTF-8 caption CSV"
+        ) from None
+    require(
+        all(isinstance(row.get("caption"), str) for row in rows), path, "has a cut-off row", "complete rows"
+    )
+    return rows
 
 
 def csv_stats(path, percentages, args, clip, device) -> dict:
@@ -395,6 +417,7 @@ def main(args):
         args.clip = str(make_demo_clip(folder / "clip"))
         args.run_name = "demo"
     runs.print_args(args)
+    require(args.batch_size >= 1, "--batch_size", f"is {args.batch_size}", "at least 1")
     paths = [path for path in args.captions.split(",") if path]
     require(paths, "--captions", "is empty", "one or more caption CSVs, comma-separated")
 
