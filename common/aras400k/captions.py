@@ -76,7 +76,7 @@ def _read_percentages(path) -> dict[str, dict[str, float]]:
                 require(
                     math.isfinite(value) and 0 <= value <= 100,
                     path,
-                    f"line {line} ({row['filename']!r}): {name} is {row[name]!r}",
+                    f"line {line} ({row['filename']}): {name} is {row[name]!r}",
                     "a percentage between 0 and 100",
                 )
                 shares[name] = value
