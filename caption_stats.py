@@ -24,8 +24,9 @@ Commands:
         --clip ./clip-vit-base-patch32
     python caption_stats.py --demo
 
-Outputs in --out_dir: stats.csv and stats.md (one row per CSV), metrics.json, stats.png. The demo
-scores two hand-written seeded caption CSVs of the demo patches with a tiny randomly initialised CLIP
+Outputs in <results_dir>/caption_stats/<run_name> (default results/caption_stats/run): stats.csv and
+stats.md (one row per CSV), metrics.json, stats.png. The demo scores two hand-written seeded caption
+CSVs of the demo patches with a tiny randomly initialised CLIP
 (its CLIPScores mean nothing) and prints the markdown table.
 """
 
@@ -34,13 +35,14 @@ import csv
 import itertools
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from common import atomic, cli, plots, reports, runs
 from common.aras400k import captions
-from common.errors import cli_entry, require, require_file
+from common.errors import InputError, cli_entry, require, require_file
 
 # Words that name each class in a caption (whole words, any case).
 CLASS_TERMS = {
@@ -92,8 +94,13 @@ def get_args_parser():
     add("--clip", default="", help="Local CLIP folder for CLIPScore (empty: CLIPScore is not computed).")
     add("--batch_size", type=int, default=64, help="Caption-image pairs per CLIP forward pass.")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Device of the CLIP model.")
-    add("--out_dir", default="results/caption_stats/run", help="Where the tables, metrics and plot go.")
-    add("--results_dir", default="results", help=argparse.SUPPRESS)
+    add("--results_dir", default="results", help="Root of the output tree.")
+    add(
+        "--run_name",
+        default="run",
+        help="The tables, metrics and plot go to <results_dir>/caption_stats/<run_name>.",
+    )
+    add("--out_dir", default="", help=argparse.SUPPRESS)  # the old name of the whole output folder
     add("--seed", type=int, default=0, help="Seeds the demo data and demo CLIP.")
     cli.add_demo_argument(parser, "(two hand-written caption CSVs, a tiny random CLIP; seconds).")
     return parser
@@ -173,14 +180,13 @@ def load_clip(folder, device):
 def clip_scores(rows, images_dir, clip, batch_size: int, device) -> np.ndarray:
     """100 * max(cos(image, caption), 0) per row, CLIP's projected embeddings."""
     import torch
-    from PIL import Image
 
     model, tokenizer, image_processor = clip
     max_length = min(model.config.text_config.max_position_embeddings, 77)
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        images = [Image.open(Path(images_dir) / row["filename"]).convert("RGB") for row in batch]
+        images = [load_image(Path(images_dir) / row["filename"]) for row in batch]
         pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(device)
         text = tokenizer(
             [row["caption"] for row in batch],
@@ -197,6 +203,17 @@ def clip_scores(rows, images_dir, clip, batch_size: int, device) -> np.ndarray:
     return np.concatenate(scores)
 
 
+def load_image(path):
+    """An RGB image; a missing or unreadable one is one error line naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(require_file(path, "the image a caption CSV names")) as image:
+            return image.convert("RGB")
+    except OSError as error:  # PIL's unreadable and truncated images
+        raise InputError(path, f"cannot be read ({error})", "a PNG image") from None
+
+
 def _embedding(output):
     # transformers 5 returns a model output whose pooler_output is the projected embedding.
     return output if hasattr(output, "shape") else output.pooler_output
@@ -208,13 +225,25 @@ def _embedding(output):
 def read_captions(path) -> list[dict]:
     """Read a caption CSV (`CAPTION_COLUMNS`; extra columns kept) as a list of dicts."""
     path = require_file(path, "a caption CSV (filename, caption, model, prompt_id)")
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        lacking = [name for name in ("filename", "caption") if name not in (reader.fieldnames or [])]
-        require(
-            not lacking, path, f"lacks the column(s) {', '.join(lacking)}", ",".join(captions.CAPTION_COLUMNS)
-        )
-        return list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            lacking = [name for name in ("filename", "caption") if name not in (reader.fieldnames or [])]
+            require(
+                not lacking,
+                path,
+                f"lacks the column(s) {', '.join(lacking)}",
+                ",".join(captions.CAPTION_COLUMNS),
+            )
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(
+            path, f"is not a readable CSV ({type(error).__name__})", "a UTF-8 caption CSV"
+        ) from None
+    require(
+        all(isinstance(row.get("caption"), str) for row in rows), path, "has a cut-off row", "complete rows"
+    )
+    return rows
 
 
 def csv_stats(path, percentages, args, clip, device) -> dict:
@@ -363,6 +392,17 @@ def make_demo_clip(folder) -> Path:
     return Path(folder)
 
 
+def output_folder(args) -> Path:
+    """<results_dir>/caption_stats/<run_name>, or the folder of the old --out_dir flag (with a note)."""
+    if args.out_dir:
+        print(
+            "note: --out_dir is now --results_dir/--run_name; the old name goes in a later release",
+            file=sys.stderr,
+        )
+        return Path(args.out_dir)
+    return Path(args.results_dir) / "caption_stats" / args.run_name
+
+
 @cli_entry
 def main(args):
     if args.demo:
@@ -375,8 +415,9 @@ def main(args):
         paths = demo_captions(folder, images_dir, captions.read_percentages(percentages_csv), args.seed)
         args.captions = ",".join(map(str, paths))
         args.clip = str(make_demo_clip(folder / "clip"))
-        args.out_dir = str(Path(args.results_dir) / "caption_stats" / "demo")
+        args.run_name = "demo"
     runs.print_args(args)
+    require(args.batch_size >= 1, "--batch_size", f"is {args.batch_size}", "at least 1")
     paths = [path for path in args.captions.split(",") if path]
     require(paths, "--captions", "is empty", "one or more caption CSVs, comma-separated")
 
@@ -392,7 +433,7 @@ def main(args):
 
     # ---- statistics ----
     table = [csv_stats(path, percentages, args, clip, device) for path in paths]
-    out_dir = Path(args.out_dir)
+    out_dir = output_folder(args)
     text = markdown(table)
     reports.write_table(out_dir / "stats", table, COLUMNS, text)
     atomic.write_json(

@@ -455,6 +455,8 @@ def check_state(out, settings, overwrite) -> bool:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     continuing = state_path.exists()
+    if continuing:  # what an atomic write killed mid-way left behind
+        runs.remove_stale_temporaries(out)
     runs.check_same_settings(
         state_path,
         settings,
@@ -463,6 +465,16 @@ def check_state(out, settings, overwrite) -> bool:
     )
     atomic.write_json(state_path, settings)
     return continuing
+
+
+def remove_empty_build(out) -> None:
+    """A new build whose first tile failed: remove its state record and empty folders (nothing to keep)."""
+    progress = out / ".progress"
+    if progress.is_dir() and not any(progress.glob("*.jsonl")):
+        (progress / "state.json").unlink(missing_ok=True)
+    for folder in sorted((p for p in [out, *out.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 # ---- placing patch files into split folders ----
@@ -797,6 +809,26 @@ def check_arguments(args):
     water = args.max_water_fraction
     require(0 <= water <= 1, "--max_water_fraction", f"got {water}", "a fraction in [0, 1]")
     require(args.workers >= 1, "--workers", f"got {args.workers}", "at least 1")
+    require(
+        0 < args.max_reflectance <= 1,
+        "--max_reflectance",
+        f"got {args.max_reflectance}",
+        "a reflectance in (0, 1]",
+    )
+    low, high = args.percentiles
+    require(
+        0 <= low < high <= 100,
+        "--percentiles",
+        f"got {low} {high}",
+        "two percentiles, 0 <= low < high <= 100",
+    )
+    require(
+        1 <= args.percentile_windows <= 4096,
+        "--percentile_windows",
+        f"got {args.percentile_windows}",
+        "1 to 4096 windows per tile",
+    )
+    require(1 <= args.cache_mb <= 1 << 20, "--cache_mb", f"got {args.cache_mb}", "1 to 1048576 MB")
     require(not (args.merge and args.shard), "--merge", "was given with --shard", "one of them")
     return parse_split(args.split)
 
@@ -844,6 +876,15 @@ def main(args):
         tiles, failures = shard_tiles(tiles, failures, *shard)
         out = shard_dir(out, *shard)
 
+    small = [(tile, tiles[tile]) for tile, grid in tile_grids(args, tiles).items() if 0 in grid]
+    if small:
+        tile, info = small[0]
+        raise InputError(
+            tile,
+            f"is {info['height']} x {info['width']} pixels, smaller than --patch_size {args.patch_size}",
+            "a --patch_size that fits the tiles",
+        )
+
     # ---- split ----
     by_tile = ratios if args.split_level == "tile" and not shard else None
     split_of = split_names(list(tiles), by_tile, args.seed)
@@ -865,7 +906,12 @@ def main(args):
         f"tiles: {len(tiles)} paired, {len(failures)} failed checks, {len(maps)} map tiles; patches per "
         f"tile {patches_per_tile}; output {out}" + (" (continuing an earlier build)" if continuing else "")
     )
-    process_tiles(args, jobs, tiles, failures)
+    try:
+        process_tiles(args, jobs, tiles, failures)
+    except InputError:
+        if not continuing:
+            remove_empty_build(out)
+        raise
 
     # ---- split, manifest, report, class percentages ----
     level = args.split_level if not shard else "tile"

@@ -5,8 +5,8 @@ Models" (ARAS400k), arXiv 2603.09625. The first step of the dataset pipeline, as
 `dataset_downloader.py`: the products of the ESA WorldCover 2021 S2 RGBNIR composites
 (`urn:eop:VITO:ESA_WorldCover_S2RGBNIR_10m_2021_V2`) and maps (`urn:eop:VITO:ESA_WorldCover_10m_2021_V2`)
 whose footprint meets `--bbox` (default: the reference's Turkiye box), fetched with VITO's catalogue
-client `terracatalogueclient` into `<out_dir>/S2RGB_2021/<product>/` and
-`<out_dir>/worldcover_2021/<product>/`, the folders `dataset_creator.py` reads by default.
+client `terracatalogueclient` into `<out>/S2RGB_2021/<product>/` and
+`<out>/worldcover_2021/<product>/`, the folders `dataset_creator.py` reads by default.
 
 Unlike the reference it runs unattended (docs/aras400k.md, "dataset_downloader.py"): the password
 grant reads the account from the environment ($TERRASCOPE_USERNAME, $TERRASCOPE_PASSWORD; never argv
@@ -62,7 +62,7 @@ def get_args_parser():
     add = parser.add_argument
     add("--bbox", type=float, nargs=4, default=TURKIYE_BBOX, help="west south east north (EPSG:4326).")
     add("--collections", nargs="+", choices=tuple(COLLECTIONS), default=["s2", "map"], help="What to fetch.")
-    add("--out_dir", default=".", help="Root of S2RGB_2021/, worldcover_2021/ and download_manifest.csv.")
+    add("--out", default=".", help="Dataset folder: root of S2RGB_2021/, worldcover_2021/ and the manifest.")
     add(
         "--catalogue_config",
         default="",
@@ -79,6 +79,7 @@ def get_args_parser():
     add("--results_dir", default="results", help="With --demo: root of the demo's output tree.")
     add("--seed", type=int, default=0, help="With --demo: seed of the demo tiles.")
     parser.demo_defaults(backoff_s=0.1)
+    parser.renamed("--out_dir", "--out")
     return parser
 
 
@@ -92,13 +93,34 @@ def open_catalogue(args, credentials):
     from terracatalogueclient.config import CatalogueConfig
 
     if args.catalogue_config:
-        config = CatalogueConfig.from_file(str(require_file(args.catalogue_config, "a catalogue .ini")))
+        path = require_file(args.catalogue_config, "a catalogue .ini")
+        require_own_endpoints(path)
+        try:
+            config = CatalogueConfig.from_file(str(path))
+        except (configparser.Error, UnicodeDecodeError, KeyError, ValueError) as error:
+            problem = f"is not a usable catalogue configuration ({type(error).__name__}: {short(error)[:80]})"
+            raise InputError(
+                path, problem, "a terracatalogueclient .ini ([Catalogue], [Auth], ...)"
+            ) from None
     else:
         config = CatalogueConfig.get_default_config()
     catalogue = Catalogue(config)
     if credentials:
         catalogue = catalogue.authenticate_non_interactive(*credentials)
     return catalogue
+
+
+def require_own_endpoints(path) -> None:
+    """The client fills what a file lacks from the real Terrascope service: a partial --catalogue_config
+    would silently reach it. Its catalogue URL and token endpoint must be in the file."""
+    parser = configparser.ConfigParser()
+    expected = "a terracatalogueclient .ini with [Catalogue] URL and [Auth] TokenEndpoint"
+    try:
+        parser.read_string(Path(path).read_text(encoding="utf-8"))
+    except (configparser.Error, UnicodeDecodeError) as error:
+        raise InputError(path, f"is not a readable .ini ({type(error).__name__})", expected) from None
+    present = parser.has_option("Catalogue", "URL") and parser.has_option("Auth", "TokenEndpoint")
+    require(present, path, "lacks the catalogue URL or the token endpoint", expected)
 
 
 def read_credentials(args):
@@ -124,9 +146,17 @@ def search(catalogue, collection, args):
         raise refused(args) from None
     except (SearchException, TooManyResultsException, OSError) as error:
         url = catalogue.config.catalogue_url
-        raise InputError(
-            url, f"search of {collection} failed ({short(error)})", "a reachable catalogue"
-        ) from None
+        problem = f"search of {collection} failed ({short(error)})"
+        raise InputError(url, problem, what_to_check(error)) from None
+
+
+def what_to_check(error) -> str:
+    """The hint of a failed request: a rate limit says to wait, anything else names network and config."""
+    if "429" in str(error) or "Too Many Requests" in str(error):
+        return "to wait: the service answers 429 (rate-limiting); run again later (finished files are kept)"
+    return (
+        "a reachable catalogue: check the network and --catalogue_config; a re-run keeps the finished files"
+    )
 
 
 def refused(args) -> InputError:
@@ -160,10 +190,23 @@ def sha256(path) -> str:
 
 
 def read_manifest(path) -> dict:
+    """The manifest of an earlier run, {file: row}; an unreadable one is one error line."""
     if not path.exists():
         return {}
-    with open(path, newline="") as file:
-        return {row["file"]: row for row in csv.DictReader(file)}
+    expected = f"the manifest an earlier run wrote ({', '.join(MANIFEST_FIELDS)}), or remove it"
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(path, f"is not a readable CSV ({type(error).__name__})", expected) from None
+    require(fields == MANIFEST_FIELDS, path, "has another header", expected)
+    for line, row in enumerate(rows, start=2):
+        size = row.get("size") or ""
+        ok = all(row.get(key) for key in MANIFEST_FIELDS) and size.isdigit() and len(row["sha256"]) == 64
+        require(ok, path, f"line {line} is incomplete or malformed", expected)
+    return {row["file"]: row for row in rows}
 
 
 def is_complete(path, expected_size, record, verify) -> bool:
@@ -179,13 +222,15 @@ def is_complete(path, expected_size, record, verify) -> bool:
     return size == int(record["size"]) and (not verify or sha256(path) == record["sha256"])
 
 
-def download(catalogue, product_file, target, args, counters):
+def download(catalogue, product, product_file, target, args, counters):
     """One file through the client into `<product>/.partial/`, size-checked, renamed into place;
-    retried with exponential back-off. Returns its SHA-256."""
+    retried with exponential back-off, over HTTP and S3 alike. Returns its SHA-256."""
+    from botocore.exceptions import BotoCoreError, ClientError
     from requests_auth.errors import GrantNotProvided, InvalidGrantRequest
     from terracatalogueclient.exceptions import ProductDownloadException
 
     partial = target.parent / ".partial"
+    where = f"{product.id}: {product_file.href}"
     for attempt in range(args.retries + 1):
         try:
             catalogue.download_file(product_file, str(partial))
@@ -199,19 +244,37 @@ def download(catalogue, product_file, target, args, counters):
         except (InvalidGrantRequest, GrantNotProvided):
             raise refused(args) from None
         except ProductDownloadException as error:
-            raise InputError(product_file.href, short(error), "an account allowed to download it") from None
-        except OSError as error:  # requests' connection and transfer errors are OSErrors too
-            if attempt == args.retries:
+            raise InputError(where, short(error), "an account allowed to download it") from None
+        except ClientError as error:
+            if s3_refused(error):
                 raise InputError(
-                    product_file.href,
-                    f"failed {attempt + 1} times (last: {short(error)})",
-                    "a reachable catalogue; a re-run keeps the finished files",
+                    where,
+                    f"refused by S3 ({short(error)})",
+                    "S3 credentials allowed to read it ($AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY or "
+                    "the [S3] section of --catalogue_config); a re-run keeps the finished files",
                 ) from None
-            wait = args.backoff_s * 2**attempt
-            counters["retried"] += 1
-            print(f"retry {attempt + 1}/{args.retries} of {target.name} in {wait:.1f} s: {short(error)}")
-            time.sleep(wait)
+            last = error
+        except (BotoCoreError, OSError) as error:  # requests' and botocore's transfer errors
+            last = error
+        if attempt == args.retries:
+            raise InputError(
+                where, f"failed {attempt + 1} times (last: {short(last)})", what_to_check(last)
+            ) from None
+        wait = args.backoff_s * 2**attempt
+        counters["retried"] += 1
+        print(f"retry {attempt + 1}/{args.retries} of {target.name} in {wait:.1f} s: {short(last)}")
+        time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def s3_refused(error) -> bool:
+    """An S3 answer that another try would not change: 4xx (a missing key, no permission), except
+    408 (timeout) and 429 (rate limit)."""
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    if code in ("SlowDown", "Throttling", "RequestTimeout"):
+        return False
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 # ---- main's steps ----
@@ -236,6 +299,8 @@ def fetch_all(catalogue, plan, args, out_dir):
     """Download what is not complete; the manifest is rewritten after every finished file."""
     manifest_path = out_dir / MANIFEST
     manifest = read_manifest(manifest_path)
+    if out_dir.is_dir() and not args.dry_run:  # what an atomic write killed mid-way left behind
+        runs.remove_stale_temporaries(out_dir)
     counters = {"fetched": 0, "fetched_bytes": 0, "complete": 0, "retried": 0}
     for collection, product, product_file, target in plan:
         name = target.relative_to(out_dir).as_posix()
@@ -247,7 +312,7 @@ def fetch_all(catalogue, plan, args, out_dir):
             continue
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            digest = download(catalogue, product_file, target, args, counters)
+            digest = download(catalogue, product, product_file, target, args, counters)
             counters["fetched"] += 1
             counters["fetched_bytes"] += target.stat().st_size
             print(f"fetched {name}", flush=True)
@@ -271,7 +336,8 @@ def fetch_all(catalogue, plan, args, out_dir):
 # authorised file downloads (`HEAD`/`GET /files/...` with the bearer token; 401 without it). Products
 # are files on disk with a bounding box; each has one data file per path and a preview that a "data
 # files only" download must not fetch. `truncate_next(name)` makes the next download of that file stop
-# half-way (a dropped connection), and `downloads` counts the GETs per file name.
+# half-way (a dropped connection), `answer_status` (e.g. 429) answers every request with that status,
+# `s3_bucket` gives s3:// data hrefs, and `downloads` counts the GETs per file name.
 
 LOCAL_TOKEN = "local-access-token"
 
@@ -279,8 +345,10 @@ LOCAL_TOKEN = "local-access-token"
 class LocalCatalogue:
     """`products`: {collection: [{"id", "bbox" (w, s, e, n), "files": [paths]}]}; a context manager."""
 
-    def __init__(self, products, username="user", password="secret", page_size=2):
+    def __init__(self, products, username="user", password="secret", page_size=2, s3_bucket=""):
         self.products, self.username, self.password, self.page_size = products, username, password, page_size
+        self.s3_bucket = s3_bucket  # when set, data hrefs are s3://<bucket>/<product>/<file>
+        self.answer_status = 0  # when set (e.g. 429), every request gets this status and no body
         self.downloads, self.token_requests = Counter(), 0
         self._truncate, self._files = set(), {}
         for collection_products in products.values():
@@ -324,8 +392,9 @@ class LocalCatalogue:
         """One product as the catalogue's GeoJSON feature (data files, a preview, no acquisition data)."""
         west, south, east, north = product["bbox"]
         stem = product["id"].rsplit(":", 1)[-1]
+        base = f"s3://{self.s3_bucket}" if self.s3_bucket else f"{self.url}/files"
         data = [
-            {"href": f"{self.url}/files/{stem}/{Path(p).name}", "length": Path(p).stat().st_size}
+            {"href": f"{base}/{stem}/{Path(p).name}", "length": Path(p).stat().st_size}
             for p in product["files"]
         ]
         ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
@@ -390,7 +459,15 @@ class _CatalogueHandler(BaseHTTPRequestHandler):
         self.end_headers()
         return body
 
+    def _overridden(self) -> bool:
+        if not self.catalogue.answer_status:
+            return False
+        self.wfile.write(self._send(self.catalogue.answer_status, b"{}"))
+        return True
+
     def do_POST(self):
+        if self._overridden():
+            return
         fields = parse_qs(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
         catalogue = self.catalogue
         catalogue.token_requests += 1
@@ -413,6 +490,8 @@ class _CatalogueHandler(BaseHTTPRequestHandler):
         self._send(status, length=path.stat().st_size if path else 0)
 
     def do_GET(self):
+        if self._overridden():
+            return
         parsed = urlparse(self.path)
         if parsed.path == "/catalogue/products":
             body = json.dumps(self.catalogue.search(parse_qs(parsed.query))).encode()
@@ -450,18 +529,19 @@ def demo_catalogue(args):
             products[collection].append({"id": f"{collection}:{path.stem}", "bbox": bbox, "files": [path]})
     catalogue = LocalCatalogue(products, username="demo", password="demo-password")
     args.catalogue_config = str(catalogue.write_config(data / "catalogue.ini"))
-    args.out_dir = str(Path(args.results_dir) / "dataset_downloader" / "demo")
+    args.out = str(Path(args.results_dir) / "dataset_downloader" / "demo")
     return catalogue
 
 
 @cli_entry
 def main(args):
-    require(args.retries >= 0 and args.backoff_s >= 0, "--retries/--backoff_s", "negative", "values >= 0")
+    require(0 <= args.retries <= 100, "--retries", f"is {args.retries}", "0 to 100")
+    require(0 <= args.backoff_s <= 3600, "--backoff_s", f"is {args.backoff_s}", "0 to 3600 seconds")
     west, south, east, north = args.bbox
     require(west < east and south < north, "--bbox", f"got {args.bbox}", "west < east and south < north")
     local = demo_catalogue(args) if args.demo else None
     runs.print_args(args)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out)
     with local or contextlib.nullcontext():
         if args.dry_run:
             credentials = None  # the search needs no account

@@ -29,6 +29,7 @@ prints `dry run: 8 requests in 1 file(s): results/gpt_captioner/demo/captions.cs
 `--base_url` (or OPENAI_BASE_URL) points the client at another server speaking the same API.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -147,9 +148,16 @@ def load_state(out) -> dict:
     if not path.exists():
         return {"batches": []}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise InputError(path, "is not valid JSON", "the batch record an earlier run wrote") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        state = None
+    require(
+        isinstance(state, dict) and isinstance(state.get("batches"), list),
+        path,
+        "is not a readable batch record",
+        "the batch record an earlier run wrote, or --overwrite",
+    )
+    return state
 
 
 def submit(client, path: Path, ids, state, out) -> dict:
@@ -254,6 +262,54 @@ def make_client(base_url: str):
     return OpenAI(base_url=base_url or None)
 
 
+@contextlib.contextmanager
+def remote_errors(base_url: str):
+    """The API's refusals, rate limits and silences as one line saying what to check (exit 2); the
+    captions appended and the batches recorded so far stay for the next run."""
+    import openai
+
+    server = base_url or os.environ.get("OPENAI_BASE_URL") or "the OpenAI API"
+    kept = "finished captions and submitted batches are kept for the next run"
+    try:
+        yield
+    except openai.AuthenticationError as error:
+        raise InputError(
+            "OPENAI_API_KEY",
+            f"was refused by {server} ({error.status_code}: {remote_message(error)})",
+            f"a valid key for that server (and --base_url for another one); {kept}",
+        ) from None
+    except openai.PermissionDeniedError as error:
+        raise InputError(
+            server,
+            f"denied the request (403: {remote_message(error)})",
+            f"a key allowed to use the Batch API and --model; {kept}",
+        ) from None
+    except openai.RateLimitError as error:
+        raise InputError(
+            server,
+            f"is rate-limiting this key (429: {remote_message(error)})",
+            f"to run the same command again later (or a higher quota); {kept}",
+        ) from None
+    except openai.APIConnectionError as error:
+        cause = error.__cause__ or error
+        raise InputError(
+            server,
+            f"does not answer ({type(cause).__name__}: {remote_message(cause)})",
+            f"a reachable server: check the network and --base_url / OPENAI_BASE_URL; {kept}",
+        ) from None
+    except openai.APIStatusError as error:
+        raise InputError(
+            server,
+            f"answered {error.status_code} ({remote_message(error)})",
+            f"a server speaking the OpenAI Batch API (check --base_url); {kept}",
+        ) from None
+
+
+def remote_message(error) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:160]
+
+
 def run_round(client, jobs, percentages, args, state, log) -> tuple[list[str], int, bool]:
     """Submit `jobs` plus what is in flight, wait, collect: returns failed files, captions written and
     whether batches are still running."""
@@ -289,14 +345,18 @@ def main(args):
         captions.demo_paths(args, "gpt_captioner")
         args.dry_run = True
     runs.print_args(args)
+    captions.check_numbers(args)
     require(
         0 < args.max_requests_per_file <= 50000, "--max_requests_per_file", "is out of range", "1 to 50000"
     )
+    require(0 <= args.temperature <= 2, "--temperature", f"is {args.temperature}", "0 to 2 (the API's range)")
+    for flag, value in (("--poll_seconds", args.poll_seconds), ("--max_wait", args.max_wait)):
+        require(0 <= value <= 7 * 86400, flag, f"is {value}", "0 to 604800 seconds")
 
     # ---- requests still to make ----
     percentages = captions.read_percentages(args.percentages)
     names = captions.files_to_caption(args.images, percentages, True, args.percentages)
-    settings = {**runs.settings_of(args, RESUME_SETTINGS), "prompt": "gpt_percentages"}
+    settings = {**captions.resume_settings(args, RESUME_SETTINGS), "prompt": "gpt_percentages"}
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     if args.overwrite:
         state_path(args.out).unlink(missing_ok=True)
@@ -312,14 +372,15 @@ def main(args):
     client = make_client(args.base_url)
     started, written = time.perf_counter(), 0
     images = len({name for name, _ in log.missing(names)})
-    for attempt in range(args.retries + 1):
-        print(f"{len(jobs)} requests to send" + (f" (retry {attempt}/{args.retries})" if attempt else ""))
-        failed, new, running = run_round(client, jobs, percentages, args, state, log)
-        written += new
-        jobs = pending_jobs(log, names, state)
-        if running or not failed:
-            break
-        print(f"{len(set(failed))} file(s) without captions: {', '.join(sorted(set(failed))[:10])}")
+    with remote_errors(args.base_url):
+        for attempt in range(args.retries + 1):
+            print(f"{len(jobs)} requests to send" + (f" (retry {attempt}/{args.retries})" if attempt else ""))
+            failed, new, running = run_round(client, jobs, percentages, args, state, log)
+            written += new
+            jobs = pending_jobs(log, names, state)
+            if running or not failed:
+                break
+            print(f"{len(set(failed))} file(s) without captions: {', '.join(sorted(set(failed))[:10])}")
     captions.finish(log, written, failed, time.perf_counter() - started, images)
 
 

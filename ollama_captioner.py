@@ -34,7 +34,7 @@ from PIL import Image
 
 from common import atomic, cli, runs
 from common.aras400k import captions
-from common.errors import InputError, cli_entry
+from common.errors import InputError, cli_entry, require
 
 DEFAULT_MODELS = {"image": "moondream:latest", "percentages": "gemma3:4b-it-qat"}
 # The arguments a re-run must share with the caption CSV it continues (with the prompt, see main).
@@ -127,15 +127,23 @@ def request_body(name, index, args, percentages) -> tuple[dict, str]:
 
 
 def generate(host: str, body: dict, timeout: float) -> str:
-    """POST the body to `<host>/api/generate` and return the stripped `response` text."""
+    """POST the body to `<host>/api/generate` and return the stripped `response` text.
+
+    A refusal (401/403) or a rate limit (429) stops the run with one line (`refused`); other failures
+    raise, so the batch is tried again."""
     request = urllib.request.Request(
         f"{host.rstrip('/')}/api/generate",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=timeout) as answer:
-        result = json.loads(answer.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            result = json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403, 429):
+            raise refused(host, error) from None
+        raise
     if "error" in result:
         raise RuntimeError(result["error"])
     text = result.get("response", "").strip()
@@ -144,14 +152,44 @@ def generate(host: str, body: dict, timeout: float) -> str:
     return text
 
 
+def dry_run_body(name, index, args, percentages) -> dict:
+    """A request body for --dry_run; an unreadable image is one error line naming it."""
+    try:
+        return request_body(name, index, args, percentages)[0]
+    except OSError as error:  # PIL's unreadable and truncated images
+        raise InputError(Path(args.images) / name, f"cannot be read ({error})", "a PNG image") from None
+
+
+def refused(host: str, error) -> InputError:
+    """A server (or the proxy in front of it) that turned the request down, as one line."""
+    kept = "finished captions are kept for the next run"
+    if error.code == 429:
+        return InputError(
+            host, f"is rate-limiting requests (429 {error.reason})", f"to run the same command later; {kept}"
+        )
+    return InputError(
+        host,
+        f"refused the request ({error.code} {error.reason})",
+        f"an Ollama server (or proxy) at --host that accepts this client; {kept}",
+    )
+
+
 def check_server(host: str, model: str) -> None:
-    """One readable line when no server answers or the model is not pulled."""
+    """One readable line when no server answers, it refuses us, or the model is not pulled."""
     try:
         with urllib.request.urlopen(f"{host.rstrip('/')}/api/tags", timeout=5) as answer:
             models = {entry.get("name") for entry in json.loads(answer.read()).get("models", [])}
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403, 429):
+            raise refused(host, error) from None
+        raise InputError(
+            host, f"answered {error.code} {error.reason} to /api/tags", "an Ollama server at --host"
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise InputError(
-            host, f"no Ollama server answers ({error})", "`ollama serve` running there"
+            host,
+            f"no Ollama server answers ({error})",
+            "`ollama serve` running there: check --host and the network",
         ) from None
     if model not in models and f"{model}:latest" not in models:
         raise InputError(
@@ -175,6 +213,8 @@ def main(args):
         args.dry_run = True
     args.model = args.model or DEFAULT_MODELS[args.mode]
     runs.print_args(args)
+    captions.check_numbers(args)
+    require(0 < args.timeout <= 86400, "--timeout", f"is {args.timeout}", "0 to 86400 seconds")
 
     # ---- inputs ----
     text_only = args.mode == "percentages"
@@ -183,13 +223,13 @@ def main(args):
     images = args.images if not text_only or "images" in cli.typed_flags(args) else ""
     names = captions.files_to_caption(images, percentages, text_only, args.percentages)
     settings = {
-        **runs.settings_of(args, RESUME_SETTINGS),
+        **captions.resume_settings(args, RESUME_SETTINGS),
         "prompt": args.prompt if not text_only else "percentages",
     }
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     jobs = log.missing(names)
     if args.dry_run:
-        lines = [json.dumps(request_body(name, index, args, percentages)[0]) for name, index in jobs]
+        lines = [json.dumps(dry_run_body(name, index, args, percentages)) for name, index in jobs]
         path = Path(f"{args.out}.requests.jsonl")
         atomic.write_text(path, "".join(line + "\n" for line in lines))
         print(f"dry run: {len(lines)} requests -> {path}")

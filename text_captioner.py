@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3
 
 from common import cli, runs
 from common.aras400k import captions
-from common.errors import cli_entry
+from common.errors import cli_entry, require
 
 MODEL_ID = "Qwen/Qwen3-4B-Instruct-2507"
 # The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
@@ -135,6 +135,9 @@ def caption_batch(batch, args, tokenizer, model, percentages):
 
 @cli_entry
 def main(args):
+    captions.check_numbers(args)
+    require(args.temperature > 0, "--temperature", f"is {args.temperature}", "a positive number")
+    require(0 < args.top_p <= 1, "--top_p", f"is {args.top_p}", "a probability mass in (0, 1]")
     captions.seed_torch(args.seed)
     if args.demo:
         folder = captions.demo_paths(args, "text_captioner")
@@ -146,6 +149,7 @@ def main(args):
     names = captions.files_to_caption(args.images, percentages, True, args.percentages)
     device, dtype = captions.torch_device_and_dtype(args.device, args.dtype)
     tokenizer, model = load_model(args.model, device, dtype)
+    captions.require_context_room(model, args.max_new_tokens)
     generation = captions.generation_record(
         model,
         do_sample=True,
@@ -157,7 +161,7 @@ def main(args):
 
     # ---- caption ----
     settings = {
-        **runs.settings_of(args, RESUME_SETTINGS),
+        **captions.resume_settings(args, RESUME_SETTINGS),
         "prompt": "text_percentages",
         "dtype": str(dtype),
         "generation": generation,

@@ -5,7 +5,8 @@ arXiv 2603.09625 (ARAS400k). Gemma-3 (`AutoProcessor` + `AutoModelForImageTextTo
 turn [text, image] with the base prompt ("Describe this remote sensing image in 1 or 2 concise
 sentences, focusing on land use and key geographical features.") and 100 new tokens. As in the
 reference, sampling is left to the checkpoint's GenerationConfig (gemma-3-4b-it samples with top_k
-64, top_p 0.95); the effective settings are printed and recorded next to the CSV. See
+64, top_p 0.95), re-seeded per batch from --seed so a resumed run samples what an uninterrupted one
+does; the effective settings are printed and recorded next to the CSV. See
 docs/aras400k.md, "Captions", for every difference from the reference script.
 
 Commands:
@@ -41,8 +42,8 @@ from common.errors import cli_entry, require
 
 MODEL_ID = "google/gemma-3-4b-it"
 # The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
-# effective generation settings, see main).
-RESUME_SETTINGS = ("model", "seed")
+# effective generation settings, see main): the seed and batch size fix what is sampled.
+RESUME_SETTINGS = ("model", "seed", "batch_size")
 GEMMA_SPECIAL_TOKENS = [
     "<pad>",
     "<eos>",
@@ -181,6 +182,7 @@ def caption_batch(batch, args, processor, model):
 
 @cli_entry
 def main(args):
+    captions.check_numbers(args)
     captions.seed_torch(args.seed)
     if args.demo:
         folder = captions.demo_paths(args, "vision_captioner")
@@ -191,6 +193,7 @@ def main(args):
     names = captions.list_images(args.images)
     device, dtype = captions.torch_device_and_dtype(args.device, args.dtype)
     processor, model = load_model(args.model, device, dtype)
+    captions.require_context_room(model, args.max_new_tokens)
     # The reference leaves sampling to the checkpoint: record what that means for this one.
     generation = captions.generation_record(model, max_new_tokens=args.max_new_tokens)
     captions.require_distinct_captions(args.num_captions, generation)
@@ -198,14 +201,14 @@ def main(args):
 
     # ---- caption ----
     settings = {
-        **runs.settings_of(args, RESUME_SETTINGS),
+        **captions.resume_settings(args, RESUME_SETTINGS),
         "prompt": "base",
         "dtype": str(dtype),
         "generation": generation,
     }
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     make_captions = lambda batch: caption_batch(batch, args, processor, model)  # noqa: E731
-    captions.caption_missing(log, names, args.batch_size, make_captions, args.retries)
+    captions.caption_missing(log, names, args.batch_size, make_captions, args.retries, seed=args.seed)
 
 
 if __name__ == "__main__":

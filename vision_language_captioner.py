@@ -252,6 +252,8 @@ def caption_batch(batch, args, tokenizer, image_processor, model, percentages, p
 
 @cli_entry
 def main(args):
+    captions.check_numbers(args)
+    require(args.workers >= 1, "--workers", f"is {args.workers}", "at least 1")
     captions.seed_torch(args.seed)
     if args.demo:
         folder = captions.demo_paths(args, "vision_language_captioner")
@@ -268,13 +270,14 @@ def main(args):
     device, dtype = captions.torch_device_and_dtype(args.device, args.dtype)
     started = time.perf_counter()
     tokenizer, image_processor, model = load_model(args.model, device, dtype, args.attn_implementation)
+    captions.require_context_room(model, args.max_new_tokens)
     generation = captions.generation_record(model, do_sample=False, max_new_tokens=args.max_new_tokens)
     captions.require_distinct_captions(args.num_captions, generation)
     print(f"loaded {args.model} on {device} ({dtype}) in {time.perf_counter() - started:.1f} s")
 
     # ---- caption ----
     settings = {
-        **runs.settings_of(args, RESUME_SETTINGS),
+        **captions.resume_settings(args, RESUME_SETTINGS),
         "prompt": "vision_language",
         "dtype": str(dtype),
         "generation": generation,
@@ -284,7 +287,7 @@ def main(args):
         make_captions = lambda batch: caption_batch(  # noqa: E731
             batch, args, tokenizer, image_processor, model, percentages, pool
         )
-        captions.caption_missing(log, names, args.batch_size, make_captions, args.retries)
+        captions.caption_missing(log, names, args.batch_size, make_captions, args.retries, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,22 @@ def test_text_captioner_resume_equals_an_uninterrupted_run(demo, tmp_path):
     assert out.read_text() == full
 
 
+def test_vision_captioner_resume_equals_an_uninterrupted_sampling_run(demo, tmp_path):
+    out = tmp_path / "gemma_resume.csv"
+    argv = (
+        f"--model {demo['gemma']} --images {demo['images']} --out {out} "
+        "--batch_size 2 --num_captions 2 --max_new_tokens 4"
+    )
+    call_main(vision_captioner, argv)
+    full = out.read_text()
+    assert len(read_rows(out)) == 8
+    assert json.loads(captions.settings_path(out).read_text())["generation"]["do_sample"] is True
+    # Keep the header and the first batch only, as if the run had been killed after it.
+    out.write_text("".join(full.splitlines(keepends=True)[:1]) + _first_rows(full, 2))
+    call_main(vision_captioner, argv)
+    assert out.read_text() == full
+
+
 def _first_rows(text, count):
     rows = list(csv.reader(io.StringIO(text)))[1 : 1 + count]
     buffer = io.StringIO()
@@ -423,3 +439,102 @@ def test_ollama_captioner_against_a_local_server(demo, tmp_path, capsys):
 def test_ollama_without_a_server_is_one_line(demo, tmp_path, capsys):
     argv = f"--images {demo['images']} --out {tmp_path / 'o.csv'} --host http://127.0.0.1:9"
     assert_main_error(capsys, lambda: call_main(ollama_captioner, argv), "no Ollama server answers")
+
+
+# ---- remote failures: one line saying what to check, exit 2, finished captions kept ----
+
+
+class StatusHandler(Handler):
+    """Answers every request with the server's `status` (an API error body), or closes without one."""
+
+    def answer(self):
+        status = self.server.state["status"]
+        self.server.state["requests"].append(self.path)
+        if status == "close":
+            self.close_connection = True
+            return
+        self.reply({"error": {"message": f"status {status}", "type": "x", "code": str(status)}}, status)
+
+    def do_GET(self):
+        self.answer()
+
+    def do_POST(self):
+        self.body()
+        self.answer()
+
+
+def unused_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("status", "fragments"),
+    [
+        (401, ("OPENAI_API_KEY: was refused by", "401", "a valid key")),
+        (429, ("is rate-limiting this key (429", "again later")),
+        ("close", ("does not answer", "check the network and --base_url")),
+        ("unreachable", ("does not answer", "ConnectError", "check the network and --base_url")),
+    ],
+)
+def test_gpt_captioner_remote_failures_are_one_line(demo, tmp_path, monkeypatch, capsys, status, fragments):
+    monkeypatch.setenv("OPENAI_API_KEY", "refused-key")
+    server = Server(StatusHandler)
+    server.state["status"] = status
+    url = f"http://127.0.0.1:{unused_port()}/v1" if status == "unreachable" else f"{server.url}/v1"
+    out = tmp_path / "gpt.csv"
+    argv = f"--percentages {demo['percentages']} --out {out} --base_url {url} --poll_seconds 0"
+    try:
+        line = assert_main_error(capsys, lambda: call_main(gpt_captioner, argv), url, *fragments)
+    finally:
+        server.close()
+    assert "refused-key" not in line and "finished captions and submitted batches are kept" in line
+    assert not out.exists() and not gpt_captioner.state_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    ("status", "fragments"),
+    [
+        (401, ("refused the request (401",)),
+        (429, ("rate-limiting", "(429")),
+        ("close", ("no Ollama server",)),
+    ],
+)
+def test_ollama_captioner_remote_failures_are_one_line(demo, tmp_path, capsys, status, fragments):
+    server = Server(StatusHandler)
+    server.state["status"] = status
+    out = tmp_path / "o.csv"
+    argv = f"--images {demo['images']} --out {out} --host {server.url}"
+    try:
+        assert_main_error(capsys, lambda: call_main(ollama_captioner, argv), server.url, *fragments)
+    finally:
+        server.close()
+    assert not out.exists() and not captions.settings_path(out).exists()
+
+
+def test_ollama_refusal_mid_run_stops_and_keeps_the_finished_captions(demo, tmp_path, capsys):
+    server = Server(OllamaHandler)
+    server.state["seen"].add("first")  # no "model is loading" answer first
+    out = tmp_path / "o.csv"
+    argv = f"--images {demo['images']} --out {out} --host {server.url} --batch_size 2"
+    original = OllamaHandler.do_POST
+
+    def refuse_after_two(handler):
+        if len(handler.server.state["requests"]) >= 2:
+            handler.body()
+            return handler.reply({"error": "unauthorized"}, status=401)
+        return original(handler)
+
+    try:
+        OllamaHandler.do_POST = refuse_after_two
+        assert_main_error(capsys, lambda: call_main(ollama_captioner, argv), "refused the request (401")
+        assert len(read_rows(out)) == 2 and len(server.state["requests"]) == 2
+        OllamaHandler.do_POST = original
+        call_main(ollama_captioner, argv)  # the next run makes the two captions still missing
+    finally:
+        OllamaHandler.do_POST = original
+        server.close()
+    assert len(read_rows(out)) == 4

@@ -3,6 +3,8 @@
 
 import csv
 import hashlib
+import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -47,7 +49,7 @@ def catalogue(tmp_path, monkeypatch):
 
 
 def argv(tmp_path, local, *extra):
-    return ["--catalogue_config", local.config, "--out_dir", tmp_path / "data", "--backoff_s", "0", *extra]
+    return ["--catalogue_config", local.config, "--out", tmp_path / "data", "--backoff_s", "0", *extra]
 
 
 def test_help():
@@ -127,3 +129,86 @@ def test_missing_or_refused_credentials_are_one_line_without_the_password(
     monkeypatch.setenv("TERRASCOPE_PASSWORD", "wrong-pw-123")
     line = assert_main_error(capsys, lambda: call_main(dd, argv(tmp_path, catalogue)), "refused")
     assert "wrong-pw-123" not in line and not list((tmp_path / "data").rglob("*.tif"))
+
+
+# ---- S3 hrefs and remote failures: retried, then one line naming what to check; finished files kept ----
+
+
+class FakeS3:
+    """boto3's S3 resource as the client uses it (`Bucket(name).download_file(key, path)`), serving the
+    local catalogue's files; `failures` lists the botocore errors the next downloads raise, in order."""
+
+    def __init__(self, local, failures):
+        self.local, self.failures, self.keys = local, list(failures), []
+
+    def Bucket(self, name):
+        assert name == self.local.s3_bucket
+        return self
+
+    def download_file(self, key, path):
+        self.keys.append(key)
+        if self.failures:
+            raise self.failures.pop(0)
+        shutil.copyfile(self.local._files[key], path)
+
+
+def s3_client(monkeypatch, local, failures):
+    from terracatalogueclient import Catalogue
+
+    fake = FakeS3(local, failures)
+    monkeypatch.setattr(Catalogue, "_init_s3_client", lambda self: setattr(self, "s3", fake))
+    return fake
+
+
+def client_error(status, code):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def test_s3_failures_are_retried_then_one_line_naming_product_and_href(
+    tmp_path, catalogue, capsys, monkeypatch
+):
+    from botocore.exceptions import EndpointConnectionError
+
+    catalogue.s3_bucket = "worldcover"
+    unreachable = EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    fake = s3_client(monkeypatch, catalogue, [unreachable, client_error(503, "SlowDown")])
+    result = call_main(dd, argv(tmp_path, catalogue))
+    assert result["fetched"] == 4 and result["retried"] == 2 and len(fake.keys) == 6
+    assert "retry 2/5 of ESA_WorldCover_10m_2021_v200_N36E027_S2RGBNIR.tif" in capsys.readouterr().out
+
+    # Every try fails: one line naming the product and the href, exit 2; finished files and manifest kept.
+    (tmp_path / "data" / "S2RGB_2021").rename(tmp_path / "gone")
+    s3_client(monkeypatch, catalogue, [unreachable] * 3)
+    line = assert_main_error(
+        capsys, lambda: call_main(dd, argv(tmp_path, catalogue, "--retries", "2")), "failed 3 times"
+    )
+    assert "s3://worldcover/ESA_WorldCover_10m_2021_v200_N36E027_S2RGBNIR/" in line
+    assert dd.COLLECTIONS["s2"][0] + ":ESA_WorldCover_10m_2021_v200_N36E027_S2RGBNIR" in line
+    assert "check the network" in line
+    assert len(list((tmp_path / "data" / "worldcover_2021").rglob("*.tif"))) == 2
+    assert (tmp_path / "data" / "download_manifest.csv").exists()
+
+    # A refusal (403) is not retried.
+    fake = s3_client(monkeypatch, catalogue, [client_error(403, "AccessDenied")])
+    line = assert_main_error(capsys, lambda: call_main(dd, argv(tmp_path, catalogue)), "refused by S3")
+    assert "AWS_ACCESS_KEY_ID" in line and len(fake.keys) == 1
+
+
+def test_unreachable_or_rate_limiting_catalogue_is_one_line(tmp_path, catalogue, capsys, monkeypatch):
+    from urllib3.util.retry import Retry
+
+    monkeypatch.setattr(Retry, "get_backoff_time", lambda self: 0)  # the client's own back-off, not waited
+    catalogue.answer_status = 429
+    line = assert_main_error(capsys, lambda: call_main(dd, argv(tmp_path, catalogue, "--dry_run")), "429")
+    assert "rate-limiting" in line
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "unreachable.ini"
+    config.write_text(catalogue.config.read_text().replace(catalogue.url, f"http://127.0.0.1:{port}"))
+    unreachable = ["--catalogue_config", config, "--out", tmp_path / "data"]
+    line = assert_main_error(capsys, lambda: call_main(dd, unreachable), f"127.0.0.1:{port}")
+    assert "check the network and --catalogue_config" in line
+    assert not (tmp_path / "data").exists()

@@ -12,6 +12,7 @@ CSV and a re-run with other settings is refused. `caption_stats.py` reads the sa
 import argparse
 import csv
 import io
+import json
 import math
 import os
 import random
@@ -47,6 +48,14 @@ def read_percentages(path) -> dict[str, dict[str, float]]:
     [0, 100]. Values are read as floats, as pandas reads the reference's float columns.
     """
     path = require_file(path, "a class-percentage CSV (filename + the 7 ARAS400k classes in percent)")
+    try:
+        return _read_percentages(path)
+    except (UnicodeDecodeError, csv.Error) as error:
+        problem = f"is not a readable CSV ({type(error).__name__}: {str(error)[:80]})"
+        raise InputError(path, problem, "a UTF-8 class-percentage CSV") from None
+
+
+def _read_percentages(path) -> dict[str, dict[str, float]]:
     with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
         missing = [name for name in percentages.COLUMNS if name not in (reader.fieldnames or [])]
@@ -162,17 +171,31 @@ class CaptionLog:
         )
         if self.path.exists() and not settings_path(self.path).exists():
             raise InputError(self.path, "exists but has no settings record next to it", hint)
+        _require_readable_json(settings_path(self.path), "the settings record an earlier run wrote")
         self.settings = runs.check_same_settings(
             settings_path(self.path), settings, what="its captions", hint=hint
         )
+        for stale in self.path.parent.glob(f".{self.path.name}*.tmp*"):  # killed atomic writes
+            stale.unlink()
         self.counts = Counter(row["filename"] for row in self._read_existing())
+        # The record is written with the first captions, so a run that fails before any leaves nothing.
+        self._recorded = settings_path(self.path).exists() and self.path.exists()
+
+    def record_settings(self) -> None:
+        """Write the settings record next to the CSV (before its first rows)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_json(settings_path(self.path), {**self.settings, "versions": runs.library_versions()})
+        self._recorded = True
 
     def _read_existing(self) -> list[dict]:
         if not self.path.exists() or self.path.stat().st_size == 0:
             return []
-        text = self.path.read_text(encoding="utf-8")
-        rows = list(csv.reader(io.StringIO(text)))
+        try:
+            text = self.path.read_text(encoding="utf-8")
+            rows = list(csv.reader(io.StringIO(text)))
+        except (UnicodeDecodeError, csv.Error) as error:
+            problem = f"is not a readable caption CSV ({type(error).__name__})"
+            raise InputError(self.path, problem, "the CSV an earlier run wrote, or --overwrite") from None
         require(
             rows and rows[0] == CAPTION_COLUMNS, self.path, "has another header", ",".join(CAPTION_COLUMNS)
         )
@@ -195,12 +218,25 @@ class CaptionLog:
         """Append caption rows (the header first when the file is new) and sync them to disk."""
         new = not self.path.exists() or self.path.stat().st_size == 0
         lines = ([CAPTION_COLUMNS] if new else []) + [[row[key] for key in CAPTION_COLUMNS] for row in rows]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._recorded:
+            self.record_settings()
         with open(self.path, "a", encoding="utf-8", newline="") as file:
             file.write(_csv_text(lines))
             file.flush()
             os.fsync(file.fileno())
         self.counts.update(row["filename"] for row in rows)
+
+
+def _require_readable_json(path, expected: str) -> None:
+    """An existing JSON record that cannot be read (not UTF-8, not JSON, not an object) as one line."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    require(isinstance(record, dict), path, "is not a readable JSON record", f"{expected}, or --overwrite")
 
 
 def _csv_text(rows) -> str:
@@ -226,7 +262,8 @@ def caption_batches(
     a resumed run samples the same captions as an uninterrupted one (finished batches are a prefix).
 
     A batch that raises is reported with its file names and tried again up to `retries` times; its
-    files are left out of the CSV if it keeps failing, so a later run retries them. Returns the
+    files are left out of the CSV if it keeps failing, so a later run retries them. An `InputError`
+    (a refused key, a rate limit) stops at once; the finished batches stay in the CSV. Returns the
     number of captions written, the files that failed and the seconds spent.
     """
     start = time.perf_counter()
@@ -235,10 +272,12 @@ def caption_batches(
     for number, batch in enumerate(batches, start=1):
         for attempt in range(retries + 1):
             if seed is not None:
-                seed_torch(seed + zlib.crc32(f"{batch[0][0]}#{batch[0][1]}".encode()))
+                seed_torch((seed + zlib.crc32(f"{batch[0][0]}#{batch[0][1]}".encode())) % 2**32)
             try:
                 rows = make_captions(batch)
                 break
+            except InputError:  # a refusal another try would not change: stop, finished batches kept
+                raise
             except Exception as error:  # every failure is named; none stops the other batches
                 names = ", ".join(sorted({name for name, _ in batch}))
                 again = f"; trying again ({attempt + 1}/{retries})" if attempt < retries else "; giving up"
@@ -276,6 +315,47 @@ def caption_missing(log: CaptionLog, names, batch_size: int, make_captions, retr
     print(f"{len(jobs)} captions to make ({len(names) - images} images already done)")
     written, failed, seconds = caption_batches(jobs, batch_size, make_captions, log, retries, seed=seed)
     finish(log, written, failed, seconds, images)
+
+
+def resume_settings(args, keys) -> dict:
+    """`runs.settings_of` for a caption CSV: a local model folder is recorded relative to the CSV's
+    folder, so a moved results tree with its model still continues; a hub id stays as typed."""
+    local = [key for key in keys if key == "model" and Path(getattr(args, key)).is_dir()]
+    return runs.settings_of(args, keys, Path(args.out).parent, input_paths=local)
+
+
+# ---- the numbers every captioner checks before it writes anything ----
+
+MAX_CAPTIONS_PER_IMAGE = 1000
+MAX_RETRIES = 100
+
+
+def check_numbers(args) -> None:
+    """The shared numeric flags in range (`--batch_size`, `--max_new_tokens` where the script has them)."""
+    require(
+        1 <= args.num_captions <= MAX_CAPTIONS_PER_IMAGE,
+        "--num_captions",
+        f"is {args.num_captions}",
+        f"1 to {MAX_CAPTIONS_PER_IMAGE}",
+    )
+    require(0 <= args.retries <= MAX_RETRIES, "--retries", f"is {args.retries}", f"0 to {MAX_RETRIES}")
+    require(0 <= args.seed < 2**32, "--seed", f"is {args.seed}", "0 to 2**32 - 1")
+    if hasattr(args, "batch_size"):
+        require(args.batch_size >= 1, "--batch_size", f"is {args.batch_size}", "at least 1")
+    if hasattr(args, "max_new_tokens"):
+        require(args.max_new_tokens >= 1, "--max_new_tokens", f"is {args.max_new_tokens}", "at least 1")
+
+
+def require_context_room(model, max_new_tokens: int) -> None:
+    """--max_new_tokens within the model's context (a larger value could never be generated)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    room = getattr(config, "max_position_embeddings", None)
+    require(
+        room is None or max_new_tokens < room,
+        "--max_new_tokens",
+        f"is {max_new_tokens}, beyond the model's context of {room} tokens",
+        f"fewer than {room}",
+    )
 
 
 # ---- PyTorch captioners: seeding, device, generation records, demo tokenizers ----
