@@ -88,8 +88,23 @@ def pooled_feature_extractor(args):
     """The encoder's last stage, average-pooled (the reference's feature); returns (model, input size)."""
     if args.model:
         path = require_file(args.model, "a best_model.keras file")
-        model = keras.models.load_model(path, compile=False)
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as error:
+            # A corrupt archive raises many kinds of errors (zipfile, h5py, json, Keras's own).
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
+            raise InputError(
+                path,
+                f"cannot be read as a Keras model ({reason})",
+                "a best_model.keras file written by segmentation_train.py",
+            ) from None
         image_size = model.input_shape[1]
+        require(
+            isinstance(image_size, int) and any(layer.name == "top_activation" for layer in model.layers),
+            path,
+            "holds no EfficientNet encoder",
+            "a best_model.keras file written by segmentation_train.py",
+        )
     else:
         source = f" with weights {args.weights}" if args.weights else " (random initialisation)"
         print(f"note: no --model given: analysing an untrained {args.encoder} encoder{source}")
@@ -211,6 +226,15 @@ def main(args):
 
     if args.demo and not args.image_dirs:
         args.image_dirs = make_demo_folders(args)
+    for flag, value in (("--samples", args.samples), ("--batch_size", args.batch_size)):
+        require(value >= 1, flag, f"is {value}", "a positive number")
+    require(
+        args.image_size % 32 == 0 and 32 <= args.image_size <= 8192,
+        "--image_size",
+        f"is {args.image_size}",
+        "a multiple of 32 from 32 to 8192",
+    )
+    require(0 <= args.seed < 2**32, "--seed", f"is {args.seed}", "0 to 2**32 - 1")
     require(len(args.image_dirs) >= 2, "--image_dirs", f"got {len(args.image_dirs)} folder(s)", "two or more")
     folders = [require_dir(folder, "a folder of images") for folder in args.image_dirs]
     if args.demo and not args.labels:
