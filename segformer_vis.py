@@ -247,18 +247,25 @@ def main(args):
     samples = choose_samples(folders, labels, args.samples, args.seed)
     extractor, image_size = pooled_feature_extractor(args)
     run_name = args.run_name or ("demo" if args.demo else "_vs_".join(labels).replace("/", "-")[:80])
-    run_dir = runs.prepare_run_dir(
-        args.results_dir, "segformer_vis", run_name, args.overwrite, finished_marker="silhouette.json"
+    runs_folder = Path(args.results_dir) / "segformer_vis" / run_name
+    require(
+        args.overwrite or not (runs_folder / "silhouette.json").exists(),
+        runs_folder,
+        "a finished run with this name exists",
+        "--overwrite to replace it, or another --run_name",
     )
-    runs.write_config(run_dir, args, image_size=image_size, samples=len(samples))
 
-    # ---- features ----
+    # ---- features (every image read before the run folder is made: a bad one leaves nothing) ----
     features = []
     for start in range(0, len(samples), args.batch_size):
         batch = np.stack([read_rgb(path, image_size) for path, _ in samples[start : start + args.batch_size]])
         features.append(np.asarray(extractor.predict_on_batch(batch), dtype=np.float64))
     features = StandardScaler().fit_transform(np.concatenate(features))
     folder_of = np.array([labels.index(label) for _, label in samples])
+    run_dir = runs.prepare_run_dir(
+        args.results_dir, "segformer_vis", run_name, args.overwrite, finished_marker="silhouette.json"
+    )
+    runs.write_config(run_dir, args, image_size=image_size, samples=len(samples))
 
     # ---- embed and score ----
     embeddings = embed(features, args.embeddings, args.seed)
