@@ -23,7 +23,7 @@ Outputs in `results/generative_trainer_unet_spade_gan/<run_name>/`: config.json,
 discriminator are plain Keras models whose custom layers are registered, so
 `gan.generator.save("generator.keras")` reloads with `keras.saving.load_model`. The demo with
 `--generate` prints (the losses depend on the CPU's floating-point order)
-    gan: 20 epochs, 220 steps | last epoch loss_D 1.7792 loss_G_adv 0.2717 loss_G_vgg off | 176 masks
+    gan: 20 epochs, 220 steps | last epoch loss_D 1.7220 loss_G_adv 0.3791 loss_G_vgg off | 176 masks
 """
 
 import time
