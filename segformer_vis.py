@@ -100,7 +100,7 @@ def pooled_feature_extractor(args):
             ) from None
         image_size = model.input_shape[1]
         require(
-            isinstance(image_size, int) and any(layer.name == "top_activation" for layer in model.layers),
+            isinstance(image_size, int) and any(layer.name == "stem_activation" for layer in model.layers),
             path,
             "holds no EfficientNet encoder",
             "a best_model.keras file written by segmentation_train.py",
