@@ -23,7 +23,7 @@ Outputs in `results/generative_trainer_unet_spade_gan/<run_name>/`: config.json,
 discriminator are plain Keras models whose custom layers are registered, so
 `gan.generator.save("generator.keras")` reloads with `keras.saving.load_model`. The demo with
 `--generate` prints (the losses depend on the CPU's floating-point order)
-    gan: 20 epochs, 220 steps | last epoch loss_D 1.7792 loss_G_adv 0.2717 loss_G_vgg off | 176 masks
+    gan: 20 epochs, 220 steps | last epoch loss_D 1.7220 loss_G_adv 0.3791 loss_G_vgg off | 176 masks
 """
 
 import time
@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, checkpoints, cli, plots, runs
+from common import atomic, checkpoints, cli, optimizers, plots, runs
 from common.aras400k import classes, efficientnet, patches
 from common.errors import InputError, cli_entry, require, require_dir, require_file
 
@@ -53,8 +53,11 @@ RESUME_SETTINGS = (
     "beta_2",
     "vgg_weights",
     "vgg_weight",
+    "optimizer_convention",
     "seed",
 )
+# Larger values are typing mistakes, refused before anything is written.
+MAX_EPOCHS, MAX_IMAGE_SIZE = 10_000, 8192
 
 
 def get_args_parser():
@@ -73,6 +76,8 @@ def get_args_parser():
     add("--learning_rate", type=float, default=2e-4, help="Adam learning rate of G and D.")
     add("--beta_1", type=float, default=0.5, help="Adam beta_1 of G and D.")
     add("--beta_2", type=float, default=0.999, help="Adam beta_2 of G and D.")
+    add("--epsilon", type=float, default=1e-8, help="Adam epsilon of G and D (torch.optim.Adam's default).")
+    optimizers.add_optimizer_convention_argument(parser)
     add("--vgg_weights", default="", help="Local Keras VGG19 notop .h5 (none: perceptual term off).")
     add("--vgg_weight", type=float, default=10.0, help="Weight of the VGG19 relu3_3 L1 term.")
     add("--log_every", type=int, default=100, help="Print the losses every this many steps.")
@@ -320,10 +325,16 @@ class SpadeGAN:
             self.generator = build_generator(args.image_size, args.width_divisor)
             self.discriminator = build_discriminator(args.image_size, args.width_divisor)
             self.vgg = build_vgg_features(args.image_size, args.vgg_weights)
-            adam = {"learning_rate": args.learning_rate, "beta_1": args.beta_1, "beta_2": args.beta_2}
-            # torch.optim.Adam's eps is 1e-8 (Keras defaults to 1e-7).
-            self.opt_g = keras.optimizers.Adam(epsilon=1e-8, name="adam_g", **adam)
-            self.opt_d = keras.optimizers.Adam(epsilon=1e-8, name="adam_d", **adam)
+            # The reference's torch.optim.Adam: epsilon 1e-8 added after the bias correction (the
+            # torch convention, common/optimizers.py); --optimizer_convention keras gives Keras's rule.
+            adam = {
+                "beta_1": args.beta_1,
+                "beta_2": args.beta_2,
+                "epsilon": args.epsilon,
+                "convention": args.optimizer_convention,
+            }
+            self.opt_g = optimizers.make_optimizer("adam", args.learning_rate, **adam)
+            self.opt_d = optimizers.make_optimizer("adam", args.learning_rate, **adam)
             self.opt_g.build(self.generator.trainable_variables)
             self.opt_d.build(self.discriminator.trainable_variables)
         # One trace for every batch size (the last batch of an epoch is smaller, as in the reference);
@@ -344,6 +355,14 @@ class SpadeGAN:
             lambda masks: self.generator(masks, training=False), input_signature=signature[1:]
         )
 
+    def discriminator_loss(self, real, masks, fake):
+        """D's hinge loss on (mask, real) and (mask, fake), the fake detached (the reference's
+        `fake.detach()`): D's update never reaches the generator's weights."""
+        discriminator = self.discriminator
+        pred_real = discriminator(ops.concatenate([masks, real], -1), training=True)
+        pred_fake = discriminator(ops.concatenate([masks, ops.stop_gradient(fake)], -1), training=True)
+        return discriminator_hinge_loss(pred_real, pred_fake)
+
     def replica_step(self, real, masks):
         """One batch: update D on (real, G(mask) detached), then G on D's verdict + 10 x VGG L1."""
         replicas = self.strategy.num_replicas_in_sync
@@ -353,9 +372,7 @@ class SpadeGAN:
             fake = generator(masks, training=True)
         # tape_g is paused here: the D update is not part of G's graph.
         with tf.GradientTape() as tape_d:
-            pred_real = discriminator(ops.concatenate([masks, real], -1), training=True)
-            pred_fake = discriminator(ops.concatenate([masks, ops.stop_gradient(fake)], -1), training=True)
-            loss_d = discriminator_hinge_loss(pred_real, pred_fake)
+            loss_d = self.discriminator_loss(real, masks, fake)
             # Gradients are summed over replicas, so each replica's mean is divided by their number.
             scaled_loss_d = loss_d / replicas
         grads = tape_d.gradient(scaled_loss_d, discriminator.trainable_variables)
@@ -576,23 +593,43 @@ def plot_samples(gan, pairs, image_size, path, count=4):
     plots.save(figure, path)
 
 
-@cli_entry
-def main(args):
-    if args.demo and not args.data_root:
-        args.data_root = str(write_demo_dataset(args))
-    require(args.data_root, "--data_root", "is missing", "the dataset root, or --demo")
+def check_arguments(args):
+    """Every argument a user can get wrong, checked before anything is written."""
     require(
-        args.image_size % 16 == 0 and args.image_size >= 32,
+        args.image_size % 16 == 0 and 32 <= args.image_size <= MAX_IMAGE_SIZE,
         "--image_size",
         f"is {args.image_size}",
-        "a multiple of 16, at least 32",
+        f"a multiple of 16 from 32 to {MAX_IMAGE_SIZE}",
     )
     require(
-        1024 % args.width_divisor == 0 and args.width_divisor <= 64,
+        0 < args.width_divisor <= 64 and 1024 % args.width_divisor == 0,
         "--width_divisor",
         f"is {args.width_divisor}",
         "a power of 2 up to 64",
     )
+    require(1 <= args.epochs <= MAX_EPOCHS, "--epochs", f"is {args.epochs}", f"1 to {MAX_EPOCHS}")
+    require(args.batch_size >= 1, "--batch_size", f"is {args.batch_size}", "a positive number of patches")
+    require(args.log_every >= 1, "--log_every", f"is {args.log_every}", "a positive number of steps")
+    require(args.learning_rate > 0, "--learning_rate", f"is {args.learning_rate}", "a positive number")
+    for flag, value in (("--beta_1", args.beta_1), ("--beta_2", args.beta_2)):
+        require(0 <= value < 1, flag, f"is {value}", "a number in [0, 1)")
+    require(args.epsilon > 0, "--epsilon", f"is {args.epsilon}", "a positive number")
+    require(0 <= args.seed < 2**32, "--seed", f"is {args.seed}", "0 to 2**32 - 1")
+    require(args.vgg_weight >= 0, "--vgg_weight", f"is {args.vgg_weight}", "zero or a positive weight")
+    require(
+        not Path(args.results_dir).exists() or Path(args.results_dir).is_dir(),
+        args.results_dir,
+        "is not a folder",
+        "a folder for the results (--results_dir)",
+    )
+
+
+@cli_entry
+def main(args):
+    check_arguments(args)
+    if args.demo and not args.data_root:
+        args.data_root = str(write_demo_dataset(args))
+    require(args.data_root, "--data_root", "is missing", "the dataset root, or --demo")
     runs.print_args(args)
     run_name = args.run_name or ("demo" if args.demo else f"spade_{args.image_size}px_seed{args.seed}")
 
@@ -601,12 +638,13 @@ def main(args):
         require_dir(args.data_root, "the dataset root folder"), "train", args.image_size
     )
     patches.check_masks(pairs, "error", threads=4)
-    run_dir, resuming = open_run(args, run_name, len(pairs))
 
     # ---- model ----
     runs.seed_everything(args.seed, args.deterministic)
     strategy = runs.make_strategy(args.strategy)
+    # Built before the run folder is made, so that a bad --vgg_weights file leaves nothing behind.
     gan = SpadeGAN(args, strategy)
+    run_dir, resuming = open_run(args, run_name, len(pairs))
     state = {"epochs_done": 0, "history": []}
     if resuming:
         state, arrays = checkpoints.load(run_dir)

@@ -88,8 +88,23 @@ def pooled_feature_extractor(args):
     """The encoder's last stage, average-pooled (the reference's feature); returns (model, input size)."""
     if args.model:
         path = require_file(args.model, "a best_model.keras file")
-        model = keras.models.load_model(path, compile=False)
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as error:
+            # A corrupt archive raises many kinds of errors (zipfile, h5py, json, Keras's own).
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
+            raise InputError(
+                path,
+                f"cannot be read as a Keras model ({reason})",
+                "a best_model.keras file written by segmentation_train.py",
+            ) from None
         image_size = model.input_shape[1]
+        require(
+            isinstance(image_size, int) and any(layer.name == "stem_activation" for layer in model.layers),
+            path,
+            "holds no EfficientNet encoder",
+            "a best_model.keras file written by segmentation_train.py",
+        )
     else:
         source = f" with weights {args.weights}" if args.weights else " (random initialisation)"
         print(f"note: no --model given: analysing an untrained {args.encoder} encoder{source}")
@@ -211,6 +226,15 @@ def main(args):
 
     if args.demo and not args.image_dirs:
         args.image_dirs = make_demo_folders(args)
+    for flag, value in (("--samples", args.samples), ("--batch_size", args.batch_size)):
+        require(value >= 1, flag, f"is {value}", "a positive number")
+    require(
+        args.image_size % 32 == 0 and 32 <= args.image_size <= 8192,
+        "--image_size",
+        f"is {args.image_size}",
+        "a multiple of 32 from 32 to 8192",
+    )
+    require(0 <= args.seed < 2**32, "--seed", f"is {args.seed}", "0 to 2**32 - 1")
     require(len(args.image_dirs) >= 2, "--image_dirs", f"got {len(args.image_dirs)} folder(s)", "two or more")
     folders = [require_dir(folder, "a folder of images") for folder in args.image_dirs]
     if args.demo and not args.labels:
@@ -223,18 +247,25 @@ def main(args):
     samples = choose_samples(folders, labels, args.samples, args.seed)
     extractor, image_size = pooled_feature_extractor(args)
     run_name = args.run_name or ("demo" if args.demo else "_vs_".join(labels).replace("/", "-")[:80])
-    run_dir = runs.prepare_run_dir(
-        args.results_dir, "segformer_vis", run_name, args.overwrite, finished_marker="silhouette.json"
+    runs_folder = Path(args.results_dir) / "segformer_vis" / run_name
+    require(
+        args.overwrite or not (runs_folder / "silhouette.json").exists(),
+        runs_folder,
+        "a finished run with this name exists",
+        "--overwrite to replace it, or another --run_name",
     )
-    runs.write_config(run_dir, args, image_size=image_size, samples=len(samples))
 
-    # ---- features ----
+    # ---- features (every image read before the run folder is made: a bad one leaves nothing) ----
     features = []
     for start in range(0, len(samples), args.batch_size):
         batch = np.stack([read_rgb(path, image_size) for path, _ in samples[start : start + args.batch_size]])
         features.append(np.asarray(extractor.predict_on_batch(batch), dtype=np.float64))
     features = StandardScaler().fit_transform(np.concatenate(features))
     folder_of = np.array([labels.index(label) for _, label in samples])
+    run_dir = runs.prepare_run_dir(
+        args.results_dir, "segformer_vis", run_name, args.overwrite, finished_marker="silhouette.json"
+    )
+    runs.write_config(run_dir, args, image_size=image_size, samples=len(samples))
 
     # ---- embed and score ----
     embeddings = embed(features, args.embeddings, args.seed)

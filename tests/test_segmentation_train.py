@@ -157,7 +157,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # In-process, so TensorFlow starts once for the three runs.
     call_main(st, TINY.format(tmp_path, "whole") + " --epochs 3")
     call_main(st, TINY.format(tmp_path, "parts") + " --epochs 1")
+    # A kill during an atomic write leaves its hidden temporary; --resume removes it.
+    (tmp_path / "segmentation_train" / "parts" / ".log.csv.12345.tmp.csv").write_text("epoch\n")
     call_main(st, TINY.format(tmp_path, "parts") + " --epochs 3 --resume")
+    assert no_temporary_files(tmp_path / "segmentation_train" / "parts")
     whole, parts = (read_csv(tmp_path / "segmentation_train" / run / "log.csv") for run in ("whole", "parts"))
     columns = ["epoch", "loss", "val_loss", "val_macro_f1", "val_macro_iou", "learning_rate"]
     assert [[row[c] for c in columns] for row in parts] == [[row[c] for c in columns] for row in whole]

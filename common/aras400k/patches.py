@@ -24,15 +24,24 @@ SPLITS = ("train", "val", "test")
 
 
 def png_size(path) -> tuple[int, int]:
-    """(width, height) from a PNG header, without decoding the image."""
+    """(width, height) from a PNG header, without decoding the image.
+
+    A file without the closing IEND chunk (a truncated copy, a download that stopped) is an
+    InputError here, before training, rather than a decode error inside tf.data that names no file.
+    """
     with open(path, "rb") as file:
         header = file.read(24)
+        file.seek(0, 2)
+        length = file.tell()
+        file.seek(max(0, length - 12))
+        tail = file.read(12)
     require(
         len(header) == 24 and header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR",
         path,
         "is not a PNG file",
         "a PNG image",
     )
+    require(tail[4:8] == b"IEND", path, "is truncated (no IEND chunk at its end)", "a complete PNG image")
     return struct.unpack(">II", header[16:24])
 
 
