@@ -52,7 +52,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import atomic, checkpoints, cli, fused_bn, pipelines, plots, runs
+from common import atomic, checkpoints, cli, fused_bn, optimizers, pipelines, plots, runs
 from common.errors import InputError, cli_entry, require, require_file
 from common.spml import aid_multilabel, batches, bigearthnet, evaluation
 
@@ -78,6 +78,8 @@ RESUME_SETTINGS = (
     "image_size",
     "augment",
     "optimizer",
+    "optimizer_convention",
+    "adam_epsilon",
     "learning_rate",
     "weight_decay",
     "batch_size",
@@ -173,6 +175,13 @@ FLAGS = {
         ("--image_size", 0, "Input size; 0 = the dataset's paper size: 224 AID, 120 BigEarthNet."),
         ("--augment", True, "Random flips and 90-degree rotations."),
         ("--optimizer", "adam", "Optimizer.", ("adam", "adamw")),
+        (
+            "--optimizer_convention",
+            "torch",
+            "Adam/AdamW update: torch (epsilon after the bias correction, as the reference) or keras.",
+            optimizers.CONVENTIONS,
+        ),
+        ("--adam_epsilon", 1e-8, "Adam/AdamW epsilon (torch's default 1e-8; Keras's is 1e-7)."),
         ("--learning_rate", 1e-4, "Learning rate."),
         ("--weight_decay", 1e-4, "Weight decay (adamw only)."),
         ("--batch_size", 64, "Global batch size."),
@@ -684,10 +693,15 @@ def model_builder(args, num_classes, band_mean, band_variance):
 
 
 def make_optimizer(settings, learning_rate):
-    """Adam, or AdamW with `settings.weight_decay`."""
+    """Adam, or AdamW with `settings.weight_decay`, stepping as torch.optim does by default (the reference
+    trains in PyTorch) with `settings.adam_epsilon` (torch's 1e-8; common.optimizers explains the two
+    conventions)."""
+    kwargs = {"epsilon": settings.adam_epsilon}
     if settings.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=settings.weight_decay)
-    return keras.optimizers.Adam(learning_rate=learning_rate)
+        kwargs["weight_decay"] = settings.weight_decay
+    return optimizers.make_optimizer(
+        settings.optimizer, learning_rate, convention=settings.optimizer_convention, **kwargs
+    )
 
 
 # ---- the compiled training step of every method ----
