@@ -70,7 +70,7 @@ def test_role_estimates_match_the_torch_reference_with_torchs_adam(optimizer, cl
     observed = np.zeros_like(full)
     observed[np.arange(16), full.argmax(1)] = 1
     settings = parse(
-        f"--method role --backbone mlp --expected_num_positives 2 --learning_rate 1e-3 --batch_size 8 "
+        "--method role --backbone mlp --expected_num_positives 2 --learning_rate 1e-3 --batch_size 8 "
         + optimizer
     )
     tf.keras.utils.set_random_seed(0)
