@@ -86,3 +86,110 @@ def test_role_estimates_match_the_torch_reference_with_torchs_adam(optimizer, cl
     gap = np.abs(ours - 1 / (1 + np.exp(-reference))).max()
     print(optimizer, gap)
     assert (gap < 1e-4) == close, gap
+
+
+# ---- step 3: the trigger on a pause followed by a second rise ----
+
+# Teacher A's agreement on the image bench (seed 0): a pause at epochs 6-8, then a second rise.
+PAUSE_CURVE = [0.136, 0.291, 0.554, 0.641, 0.680, 0.696, 0.679, 0.664, 0.698, 0.709, 0.743, 0.772]
+PAUSE_CURVE += [0.778, 0.781, 0.783, 0.785, 0.787]
+
+
+def trigger_epochs(rule, curve):
+    """(epoch it fires at, epoch it returns) when fed the curve one epoch at a time, or None."""
+    for checked in range(1, len(curve) + 1):
+        detected = rule(curve[:checked])[0]
+        if detected is not None:
+            return checked, detected
+    return None
+
+
+def test_the_default_trigger_waits_out_a_pause_and_lands_after_it():
+    fired_at, detected = trigger_epochs(tm.detect_early_learning_end, PAUSE_CURVE)
+    assert fired_at >= 9 and detected >= 9
+    # Without the pause guard the fit reads the pause as saturation: epoch 5, checked at epoch 7.
+    assert trigger_epochs(lambda c: tm.detect_early_learning_end(c, dip=1.0), PAUSE_CURVE) == (7, 5)
+
+
+def test_the_aio2_trigger_needs_its_buffer_after_the_slope_minimum():
+    fired_at, detected = trigger_epochs(tm.detect_early_learning_end_aio2, PAUSE_CURVE)
+    # The 3-5 epoch windows' slopes are smallest in the pause (ending at epoch 8); more than 4 epochs
+    # must follow before the detection counts; the trigger is (dep + mid) // 2 of the fit up to dep.
+    assert fired_at == 14 and detected == 5
+    assert trigger_epochs(tm.detect_early_learning_end_aio2, [0.1, 0.5, 0.7, 0.8, 0.85, 0.87, 0.88]) is None
+
+
+# ---- steps 2, 4 and 5: the teachers' EMA, Gradient Calibration's targets, mixup's pairing ----
+
+
+def tiny_model():
+    import keras
+
+    vector = keras.Input((3,))
+    return keras.Model(vector, keras.layers.Dense(2)(vector))
+
+
+def test_each_teacher_moves_toward_the_student_by_one_minus_its_decay():
+    student = tiny_model()
+    teachers = tm.MeanTeachers(tiny_model, student, 0.9, 0.8, ramp="constant")
+    start = [w.copy() for w in student.get_weights()]
+    student.set_weights([w + 1.0 for w in start])  # the student moved by 1 after the copy
+    teachers.update_a(tf.constant(10_000, tf.int64))
+    teachers.update_b(50)
+    for name, decay in (("teacher_a", 0.9), ("teacher_b", 0.8)):
+        for teacher_weight, old in zip(teachers.models[name].get_weights(), start, strict=True):
+            np.testing.assert_allclose(teacher_weight, old + (1 - decay), rtol=1e-6, atol=1e-6)
+
+
+def test_the_ramp_applies_until_the_teachers_are_copied_at_the_trigger():
+    student = tiny_model()
+    teachers = tm.MeanTeachers(tiny_model, student, 0.999, 0.99)
+    assert teachers.decay(0.999, 0) == pytest.approx(0.1) and teachers.decay(0.99, 5) == pytest.approx(6 / 15)
+    student.set_weights([w + 2.0 for w in student.get_weights()])
+    teachers.copy_student()  # --teacher_init at_trigger
+    for teacher in teachers.models.values():
+        for teacher_weight, student_weight in zip(teacher.get_weights(), student.get_weights(), strict=True):
+            np.testing.assert_array_equal(teacher_weight, student_weight)
+    assert teachers.decay(0.999, 0) == 0.999 and teachers.decay(0.99, 5) == 0.99  # the decays as set
+
+
+def test_gc_targets_keep_observed_positives_and_use_the_pseudo_label_elsewhere():
+    logits = np.array([[0.3, -0.2, 1.0]], np.float32)
+    observed = np.array([[0.0, 1.0, 0.0]], np.float32)
+    pseudo = np.array([[0.8, 0.1, 0.3]], np.float32)
+    loss = tm.loss_gradient_calibration(logits, observed, pseudo).numpy()
+    expected = tf.nn.sigmoid_cross_entropy_with_logits(np.array([[0.8, 1.0, 0.3]], np.float32), logits)
+    np.testing.assert_allclose(loss, expected.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(tm.gc_targets(pseudo, "hard").numpy(), [[1.0, 0.0, 0.0]])
+    sharp = tm.gc_targets(pseudo, "sharpen").numpy()
+    np.testing.assert_allclose(sharp, pseudo**2 / (pseudo**2 + (1 - pseudo) ** 2), rtol=1e-6)
+
+
+def test_mixup_pairs_each_image_with_the_labels_of_the_image_it_was_mixed_with():
+    batch, classes = 6, 4
+    images = np.eye(batch, dtype=np.float32)  # row i is e_i: the mixed input reveals lam and the partner
+    fixed_logits = tf.constant(np.linspace(-2, 2, batch * classes).reshape(batch, classes), tf.float32)
+    seen = {}
+
+    def student(inputs, training):
+        seen["mixed"] = inputs.numpy()
+        return fixed_logits
+
+    observed = np.zeros((batch, classes), np.float32)
+    observed[np.arange(batch), np.arange(batch) % classes] = 1
+    pseudo = np.random.default_rng(0).random((batch, classes)).astype(np.float32)
+    args = parse("--mixup_alpha 0.4")
+    seed = tf.constant([3, 7], tf.int64)
+    loss = tm.mixup_gradient_calibration(student, images, observed, pseudo, args, seed).numpy()
+    mixed = seen["mixed"]
+    off_diagonal = mixed - np.diag(np.diag(mixed))
+    moved = off_diagonal.max(axis=1) > 1e-6
+    assert moved.any()  # a permutation that moves rows
+    lam = float(np.diag(mixed)[moved][0])
+    partner = np.where(moved, off_diagonal.argmax(axis=1), np.arange(batch))
+
+    def calibrated(rows):
+        return tm.loss_gradient_calibration(fixed_logits, observed[rows], pseudo[rows]).numpy()
+
+    expected = lam * calibrated(np.arange(batch)) + (1 - lam) * calibrated(partner)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)

@@ -70,16 +70,18 @@ def load(path, single_positive: str = "random", seed: int = 0) -> dict:
     return {"class_names": names, "reader": "features", **{name: part(name) for name in SPLITS}}
 
 
-def memorisation_task(path, seed: int = 0, num_classes: int = 20, dim: int = 64, counts=(600, 300, 1200)):
+def memorisation_task(
+    path, seed: int = 0, num_classes: int = 20, dim: int = 64, counts=(600, 300, 1200), signal: float = 0.6
+):
     """A seeded features set where assume-negative training first learns the classes, then memorises.
 
-    Each class has a direction in feature space; an image's vector is the sum of its classes' directions
-    plus noise strong enough that a 2-layer head can fit the training set's single positives (and its
-    assumed negatives, the false negatives included) only by memorising individual rows. Labels are drawn
-    with about 3 positives per image. Writes `path` (`.npz`) and returns it.
+    Each class has a direction in feature space (N(0, signal^2) entries); an image's vector is the sum of
+    its classes' directions plus unit Gaussian noise, strong enough that a 2-layer head fits the training
+    set's assumed negatives (the false negatives included) only by memorising rows. About 3 positives
+    per image. Writes `path` (`.npz`) and returns it.
     """
     rng = np.random.default_rng(seed)
-    directions = rng.normal(size=(num_classes, dim)) / np.sqrt(dim) * 2.0
+    directions = rng.normal(size=(num_classes, dim)) * signal
     total = sum(counts)
     labels = (rng.random((total, num_classes)) < 3.0 / num_classes).astype(np.uint8)
     empty = labels.sum(axis=1) == 0
