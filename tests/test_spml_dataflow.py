@@ -193,3 +193,88 @@ def test_mixup_pairs_each_image_with_the_labels_of_the_image_it_was_mixed_with()
 
     expected = lam * calibrated(np.arange(batch)) + (1 - lam) * calibrated(partner)
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- the baselines: which entries each loss and label-state update touches ----
+
+LOGITS = np.array([[2.0, -1.0, 0.5, -3.0], [0.0, 1.5, -0.5, 4.0]], np.float32)
+OBSERVED = np.array([[1, 0, 0, 0], [0, 0, 0, 1]], np.float32)
+
+
+def softplus(z):
+    return np.log1p(np.exp(z))
+
+
+def test_an_sees_target_one_on_observed_and_zero_on_every_unobserved_entry():
+    loss = tm.loss_an(LOGITS, OBSERVED)[0].numpy()
+    expected = np.where(OBSERVED == 1, softplus(-LOGITS), softplus(LOGITS))
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_epr_and_em_leave_unobserved_entries_out_of_the_bce_term():
+    epr = tm.loss_epr(LOGITS, OBSERVED, 2.0)[0].numpy()
+    assert (epr[OBSERVED == 0] == 0).all() and (epr[OBSERVED == 1] > 0).all()
+    em = tm.loss_em(LOGITS, OBSERVED, 0.1)[0].numpy()
+    p = 1 / (1 + np.exp(-LOGITS.astype(np.float64)))
+    entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+    np.testing.assert_allclose(em[OBSERVED == 0], -0.1 * entropy[OBSERVED == 0], rtol=1e-4)
+
+
+def test_apl_soft_targets_act_only_on_pseudo_labelled_entries():
+    stored = OBSERVED.copy()
+    stored[0, 2] = -0.25  # a soft negative with target 0.25
+    with_apl = tm.loss_em_apl(LOGITS, stored, 0.1, 0.4)[0].numpy()
+    without = tm.loss_em(LOGITS, stored, 0.1)[0].numpy()
+    difference = with_apl - without
+    bce = 0.25 * softplus(-LOGITS[0, 2]) + 0.75 * softplus(LOGITS[0, 2])
+    assert difference[0, 2] == pytest.approx(0.4 * bce, rel=1e-5)
+    difference[0, 2] = 0
+    assert np.abs(difference).max() == 0
+
+
+def test_apl_pseudo_labels_the_lowest_unobserved_predictions_and_keeps_positives():
+    observed = np.array([[1, 0], [0, 0], [0, 1], [0, 0]], np.float32)
+    predictions = np.array([[0.01, 0.9], [0.5, 0.2], [0.02, 0.99], [0.3, 0.1]])
+    stored = tm.apl_negative_pseudo_labels(observed, predictions, [2, 1])
+    # Class 0: unobserved rows 1, 2, 3; the two lowest are rows 2 (0.02) and 3 (0.3). Class 1: row 3 (0.1).
+    expected = np.array([[1, 0], [0, 0], [-0.02, 1], [-0.3, -0.1]], np.float32)
+    np.testing.assert_allclose(stored, expected, rtol=1e-6)
+
+
+def test_large_loss_touches_only_the_largest_unobserved_losses():
+    # Unobserved AN losses are softplus(logit): the two largest are row 1 col 1 (1.5) and row 0 col 2 (0.5).
+    rate = 2 / 8
+    for mode in ("ll_r", "ll_ct"):
+        loss, selected = tm.loss_large_loss(LOGITS, OBSERVED, 1.0 - rate, mode)
+        loss, selected = loss.numpy(), selected.numpy()
+        assert sorted(zip(*np.nonzero(selected), strict=True)) == [(0, 2), (1, 1)]
+        an = tm.loss_an(LOGITS, OBSERVED)[0].numpy()
+        replaced = np.zeros_like(an) if mode == "ll_r" else softplus(-LOGITS)  # rejected / corrected to 1
+        np.testing.assert_allclose(loss[selected], replaced[selected], rtol=1e-6)
+        np.testing.assert_allclose(loss[~selected], an[~selected], rtol=1e-6)
+
+
+def test_ll_cp_makes_the_corrected_entries_observed_positives_of_their_own_rows():
+    args = parse("--method ll_cp --backbone mlp")
+    observed = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    state = tm.BaselineState("ll_cp", args, observed, observed)
+    selected = tf.constant([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    state.after_step(selected, tf.constant([2, 0]))  # the batch held rows 2 and 0, in that order
+    np.testing.assert_array_equal(state.observed_matrix.numpy(), [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    state.after_step(tf.constant([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), tf.constant([2, 0]))
+    np.testing.assert_array_equal(state.observed_matrix.numpy(), [[1, 0, 1], [0, 1, 0], [0, 1, 1]])
+
+
+def test_role_moves_each_side_toward_the_other_and_observed_positives_up():
+    logits = tf.Variable([[0.0, 2.0, -2.0]])
+    estimates = tf.Variable([[0.0, -2.0, 2.0]])
+    observed = np.array([[1, 0, 0]], np.float32)
+    with tf.GradientTape() as tape:
+        matrix, _ = tm.loss_role(logits, observed, estimates, 1.0)
+        loss = tf.reduce_sum(matrix)
+    grad_logits, grad_estimates = (g.numpy()[0] for g in tape.gradient(loss, [logits, estimates]))
+    # Gradient descent raises the observed positive on both sides, and pulls each unobserved entry toward
+    # the other model's belief: the classifier's high logit 2 down toward the estimator's low one.
+    assert grad_logits[0] < 0 and grad_estimates[0] < 0
+    assert grad_logits[1] > 0 and grad_logits[2] < 0
+    assert grad_estimates[1] < 0 and grad_estimates[2] > 0
