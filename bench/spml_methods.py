@@ -9,7 +9,9 @@ micro F1 at 0.5 of the reported model (best validation epoch on the kept traject
 final pseudo labels (mean of both teachers) on the unobserved training entries against the hidden full
 labels: precision and recall at 0.5, and the mean pseudo label on hidden positives and on true negatives.
 Variants (with --methods) isolate AdaGC's pieces: adagc_no_mixup, adagc_late_gc (Gradient Calibration
-from the fixed epoch epochs - 3) and adagc_constant_decays (teacher_ramp constant).
+from the fixed epoch epochs - 3), adagc_at_trigger (teachers copied from the student at the rollback, then
+the constant decays), adagc_aio2 (AIO2's trigger rule), an_observed and adagc_observed (best epoch
+selected on the observed labels).
 
     python -m bench.spml_methods              # 60 runs: 13.4 minutes on 2 cores shared with other jobs
     python -m bench.spml_methods --epochs 8 --methods an adagc adagc_no_mixup adagc_late_gc
@@ -56,7 +58,6 @@ def variants(epochs):
     return {
         "adagc_no_mixup": ["--method", "adagc", "--mixup_alpha", "0"],
         "adagc_late_gc": ["--method", "adagc", "--gc_start_epoch", str(max(1, epochs - 3))],
-        "adagc_constant_decays": ["--method", "adagc", "--teacher_ramp", "constant"],
         "adagc_at_trigger": [
             "--method",
             "adagc",
