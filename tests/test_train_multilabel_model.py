@@ -72,7 +72,14 @@ def test_demo_adagc_mirrored_writes_every_file_and_test_only_reproduces_it(tmp_p
     assert len(log) == 5 and ",gc," in log[-1]
     # The decays that acted: the mean-teacher ramp at the epoch's last iteration (A) and at its end (B).
     header, last = log[0].split(","), dict(zip(log[0].split(","), log[-1].split(","), strict=True))
-    assert header[-3:] == ["teacher_a_decay", "teacher_b_decay", "seconds"]
+    assert header[-5:] == [
+        "teacher_a_decay",
+        "teacher_b_decay",
+        "pseudo_precision",
+        "pseudo_recall",
+        "seconds",
+    ]
+    assert 0 <= float(last["pseudo_precision"]) <= 1 and 0 <= float(last["pseudo_recall"]) <= 1
     steps = 4 * -(-json.loads((run_dir / "config.json").read_text())["derived"]["num_train"] // 16)
     assert float(last["teacher_a_decay"]) == pytest.approx(min(0.99, steps / (steps + 9)))
     assert float(last["teacher_b_decay"]) == pytest.approx(5 / 14)
