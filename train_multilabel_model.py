@@ -29,10 +29,12 @@ The dataset readers, the (images, row index) batches and the metrics are in comm
 Runtime: `--demo` (small CNN, 48 px, 480 generated images, 10 epochs) about 30 s on an idle 2-core CPU
 (137 s at load average 10); a paper run (ResNet-50, 224 px, 30 epochs, batch 64) wants a GPU
 (`--strategy mirrored` for all local GPUs, `--strategy multiworker` for several machines). The demo's
-trigger fires at epoch 6 (checked at epoch 8, rolled back) and it ends with (one CPU run; the figures
+trigger fires at epoch 5 (checked at epoch 7, rolled back) and it ends with (one CPU run; the figures
 depend on the CPU):
-    test mAP 0.7020 | micro AP 0.5724 | macro F1 0.2847 | micro F1 0.4690 | method adagc | trigger epoch 6
-    | epoch 10 (gc) | last epoch mAP 0.7020        (on one line; --method an: test mAP 0.7381)
+    test mAP 0.6869 | micro AP 0.5505 | macro F1 0.2305 | micro F1 0.4126 | method adagc | trigger epoch 5
+    | epoch 10 (gc) | last epoch mAP 0.6869        (on one line; --method an: test mAP 0.7444)
+
+    python train_multilabel_model.py --dataset features --features X.npz --backbone linear --method an
 
 Outputs in results/train_multilabel_model/<config name>/ (demo_<method> for the demo): config.json,
 log.csv, best_model.keras, metrics.json, per_class.csv, training_dynamics.png and checkpoints/ (per-epoch
@@ -52,9 +54,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import atomic, checkpoints, cli, fused_bn, pipelines, plots, runs
+from common import atomic, checkpoints, cli, fused_bn, optimizers, pipelines, plots, runs
 from common.errors import InputError, cli_entry, require, require_file
-from common.spml import aid_multilabel, batches, bigearthnet, evaluation
+from common.spml import aid_multilabel, batches, bigearthnet, evaluation, features
 
 SCRIPT_STEM = "train_multilabel_model"
 BASELINES = ("full", "an", "an_ls", "wan", "epr", "role", "em", "em_apl", "ll_r", "ll_ct", "ll_cp")
@@ -64,6 +66,7 @@ METHODS = (*BASELINES, "adagc")
 # new flag is listed here or among those). --test_only is always false here: it returns before training.
 RESUME_SETTINGS = (
     "dataset",
+    "features",
     "data_dir",
     "single_positive",
     "lmdb_path",
@@ -78,6 +81,8 @@ RESUME_SETTINGS = (
     "image_size",
     "augment",
     "optimizer",
+    "optimizer_convention",
+    "adam_epsilon",
     "learning_rate",
     "weight_decay",
     "batch_size",
@@ -92,10 +97,14 @@ RESUME_SETTINGS = (
     "delta_rel",
     "teacher_a_decay",
     "teacher_b_decay",
+    "teacher_init",
     "teacher_ramp",
+    "gc_target",
+    "trigger",
     "trigger_ratio",
     "trigger_min_epochs",
     "trigger_patience",
+    "trigger_dip",
     "rollback_window",
     "gc_start_epoch",
     "gc_mode",
@@ -106,9 +115,11 @@ RESUME_SETTINGS = (
     "test_only",
 )
 SPML_MODES = ("random", "dominant", "manual")
+DATASETS = ("aid", "benv2", "features")
 SELECTION_LABELS = ("full", "observed")
 GC_MODES = ("target", "scale")
-BACKBONES = ("resnet50", "small_cnn", "mlp")
+GC_TARGETS = ("soft", "hard", "sharpen")
+BACKBONES = ("resnet50", "small_cnn", "mlp", "linear")
 # The training record's entries that metrics.json repeats.
 SUMMARY_KEYS = (
     "best_epoch",
@@ -127,6 +138,8 @@ LOG_COLUMNS = (
     "val_mAP",
     "teacher_a_decay",
     "teacher_b_decay",
+    "pseudo_precision",
+    "pseudo_recall",
     "seconds",
 )
 # The last epoch's test metrics that metrics.json keeps next to the reported model's.
@@ -137,7 +150,8 @@ LAST_EPOCH_KEYS = ("mAP", "micro_AP", "macro_F1", "micro_F1")
 # Rows: flag, default, help[, choices].
 FLAGS = {
     "data": (
-        ("--dataset", "aid", "Dataset layout to read.", ("aid", "benv2")),
+        ("--dataset", "aid", "Dataset layout to read (features: a .npz of vectors).", DATASETS),
+        ("--features", "", "--dataset features: .npz with features, labels, split[, observed, class_names]."),
         (
             "--data_dir",
             "data/AID_multilabel",
@@ -166,13 +180,20 @@ FLAGS = {
         (
             "--backbone",
             "resnet50",
-            "resnet50 (the paper's), small_cnn (CPU demos), mlp (vectors).",
+            "resnet50 (the paper's), small_cnn (CPU demos), mlp or linear (feature vectors).",
             BACKBONES,
         ),
         ("--weights", "", "Local Keras weights file for the backbone (empty: random initialisation)."),
         ("--image_size", 0, "Input size; 0 = the dataset's paper size: 224 AID, 120 BigEarthNet."),
         ("--augment", True, "Random flips and 90-degree rotations."),
         ("--optimizer", "adam", "Optimizer.", ("adam", "adamw")),
+        (
+            "--optimizer_convention",
+            "torch",
+            "Adam/AdamW update: torch (epsilon after the bias correction, as the reference) or keras.",
+            optimizers.CONVENTIONS,
+        ),
+        ("--adam_epsilon", 1e-8, "Adam/AdamW epsilon (torch's default 1e-8; Keras's is 1e-7)."),
         ("--learning_rate", 1e-4, "Learning rate."),
         ("--weight_decay", 1e-4, "Weight decay (adamw only)."),
         ("--batch_size", 64, "Global batch size."),
@@ -201,16 +222,40 @@ FLAGS = {
         ("--teacher_a_decay", 0.999, "Step 2: EMA decay of teacher A, updated every iteration."),
         ("--teacher_b_decay", 0.99, "Step 2: EMA decay of teacher B, updated every epoch."),
         (
+            "--teacher_init",
+            "start",
+            "Step 2: teachers start as the initial student (start) or as the student at the rollback "
+            "target, then follow it with the constant decays (at_trigger).",
+            ("start", "at_trigger"),
+        ),
+        (
             "--teacher_ramp",
             "mean_teacher",
             "Step 2: decay min(decay, (1+t)/(10+t)) (mean_teacher) or the decay as set (constant).",
             ("mean_teacher", "constant"),
         ),
+        (
+            "--trigger",
+            "fit",
+            "Step 3: AIO2's rule (slopes over windows 3-5 and a buffer: survives a pause) or one curve fit.",
+            ("aio2", "fit"),
+        ),
         ("--trigger_ratio", 0.9, "Step 3: trigger once the fitted slope fell by this share of its peak."),
         ("--trigger_min_epochs", 3, "Step 3: epochs of agreement needed before the curve is fitted."),
+        ("--trigger_dip", 0.01, "Step 3: a fall of the agreement this far below its maximum is a pause."),
         ("--trigger_patience", 2, "Step 3: later epochs that must confirm a detected end of early learning."),
-        ("--rollback_window", 3, "Step 3: per-epoch warm-up checkpoints kept for the rollback."),
+        (
+            "--rollback_window",
+            10,
+            "Step 3: per-epoch warm-up checkpoints kept for the rollback (AIO2 detects epochs late).",
+        ),
         ("--gc_start_epoch", 0, "Start Gradient Calibration after this epoch (0 = adaptive trigger)."),
+        (
+            "--gc_target",
+            "soft",
+            "Step 4: pseudo label as it is (soft), thresholded at 0.5 (hard), or sharpened (T = 0.5).",
+            GC_TARGETS,
+        ),
         ("--gc_mode", "target", "Step 4: pseudo label as target, or AN gradient x (1 - pseudo).", GC_MODES),
         ("--mixup_alpha", 0.2, "Step 5: Beta(alpha, alpha) mixup during Gradient Calibration (0 = off)."),
     ),
@@ -536,13 +581,29 @@ def _first_flattened(slopes, ratio, offset, limit, positive_peak=False):
     return int(flattened[0]) if flattened.size else None
 
 
-def detect_early_learning_end(agreement, ratio=0.9, min_epochs=3, patience=2):
+def regained_after_dip(values, dip=0.01):
+    """The last epoch (1-based) at which the curve regained its running maximum after falling more than
+    `dip` below it, or 0 when it never fell that far (a pause followed by a second rise)."""
+    values, regained, low = np.asarray(values, dtype=np.float64), 0, False
+    running = np.maximum.accumulate(values)
+    for index in range(1, values.size):
+        if values[index] < running[index - 1] - dip:
+            low = True
+        elif low and values[index] >= running[index - 1]:
+            regained, low = index + 1, False
+    return regained
+
+
+def detect_early_learning_end(agreement, ratio=0.9, min_epochs=3, patience=2, dip=0.01):
     """Step 3 (reconstructed after AIO2 / ADELE): (epoch, how, params) where the agreement flattened, or None.
 
     The per-epoch agreement y_1..y_T is fitted with f(x) = a (1 - exp(-b x^c)); early learning is over at
     the first epoch t whose slope f'(t) has fallen by `ratio` from the largest slope up to t. When the fit
     fails or does not describe the curve, the same test runs on the observed per-epoch gains. A detected
-    epoch counts only once `patience` further epochs have been observed after it.
+    epoch counts only once `patience` further epochs have been observed after it. A fall of more than
+    `dip` below the running maximum is a pause, not saturation: while the curve is below its maximum no
+    epoch is detected, and once it rose again the end of early learning is at the earliest where it regained
+    its maximum (no earlier than the start of the second rise).
     """
     from scipy.optimize import curve_fit
 
@@ -551,6 +612,9 @@ def detect_early_learning_end(agreement, ratio=0.9, min_epochs=3, patience=2):
         return None, "waiting", None
     epochs = np.arange(1, values.size + 1, dtype=np.float64)
     limit = values.size - patience
+    if values[-1] < values.max() - dip:
+        return None, "paused", None
+    regained = regained_after_dip(values, dip)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -560,9 +624,64 @@ def detect_early_learning_end(agreement, ratio=0.9, min_epochs=3, patience=2):
         if not np.all(np.isfinite(params)) or residual > 0.05:
             raise RuntimeError("poor fit")
         detected = _first_flattened(saturating_slope(epochs, *params), ratio, 1, limit)
-        return detected, "curve_fit", [float(p) for p in params]
+        how, params = "curve_fit", [float(p) for p in params]
     except (RuntimeError, ValueError):
-        return _first_flattened(np.diff(values), ratio, 2, limit, positive_peak=True), "slope", None
+        detected = _first_flattened(np.diff(values), ratio, 2, limit, positive_peak=True)
+        how, params = "slope", None
+    if detected is not None and regained:
+        detected = max(detected, regained) if max(detected, regained) <= limit else None
+    return detected, how, params
+
+
+def _window_slope(values):
+    """Least-squares slope of `values` against 1, 2, ..., floored at 0 (AIO2 bounds its line fit at 0)."""
+    return max(float(np.polyfit(np.arange(len(values), dtype=np.float64), values, 1)[0]), 0.0)
+
+
+def detect_early_learning_end_aio2(agreement, windows=(3, 4, 5)):
+    """Step 3 with AIO2's trigger rule (Liu et al., zhu-xlab/AIO2, `early_learning_detection.py`).
+
+    For each window size w the slope of a line fitted to the last w epochs is recorded every epoch. Once
+    the slope rises again above its minimum so far, the window's end of the transition is the epoch where
+    that minimum window ended, accepted only when more than mean(windows) epochs have followed it (the
+    buffer that lets a pause followed by a second rise pass). When every window size has an accepted
+    epoch, dep is their mean; the curve a (1 - exp(-b x^c)) is fitted to epochs 1..dep, `mid` counts the
+    epochs whose fitted slope exceeds the fit's mean slope, and the trigger is (dep + mid) // 2.
+    Returns (epoch, "aio2", params) or (None, "waiting", None).
+    """
+    from scipy.optimize import curve_fit
+
+    values = np.asarray(agreement, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        return None, "waiting", None
+    detected = np.zeros(len(windows))
+    for count in range(1, values.size + 1):
+        for position, width in enumerate(windows):
+            if count < width:
+                continue
+            slopes = [_window_slope(values[end - width : end]) for end in range(width, count + 1)]
+            minimum_end = int(np.argmin(slopes)) + width
+            if min(slopes) < slopes[-1] and count - minimum_end > np.mean(windows):
+                detected[position] = minimum_end
+    if not (detected > 0).all():
+        return None, "waiting", None
+    end_of_transition = int(np.mean(detected))
+    epochs = np.arange(1, end_of_transition + 1, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bounds = ([0.0, 0.0, 0.0], [1.0, np.inf, 1.0])
+        params, _ = curve_fit(
+            saturating_curve,
+            epochs,
+            values[:end_of_transition],
+            p0=(1, 0.5, 0.5),
+            method="trf",
+            bounds=bounds,
+        )
+    fitted = saturating_curve(epochs, *params)
+    threshold = (fitted[-1] - fitted[0]) / max(epochs[-1] - epochs[0], 1.0)
+    middle = int(np.sum(saturating_slope(epochs, *params) > threshold))
+    return max((end_of_transition + middle) // 2, 1), "aio2", [float(p) for p in params]
 
 
 def loss_gradient_calibration(logits, observed, pseudo_labels, mode="target"):
@@ -579,8 +698,19 @@ def loss_gradient_calibration(logits, observed, pseudo_labels, mode="target"):
     return positive * neg_log_sigmoid(logits) + negative
 
 
+def gc_targets(pseudo_labels, kind="soft"):
+    """Step 4's unobserved targets: the teachers' mean (soft), 1 where it is >= 0.5 (hard), or sharpened
+    with temperature 0.5: p^2 / (p^2 + (1 - p)^2)."""
+    if kind == "hard":
+        return tf.cast(pseudo_labels >= 0.5, pseudo_labels.dtype)
+    if kind == "sharpen":
+        return tf.square(pseudo_labels) / (tf.square(pseudo_labels) + tf.square(1.0 - pseudo_labels))
+    return pseudo_labels
+
+
 def mixup_gradient_calibration(student, images, observed, pseudo_labels, args, seed):
     """Steps 4-5: the calibrated loss with one Beta(alpha, alpha) mixup draw per batch (stateless `seed`)."""
+    pseudo_labels = gc_targets(pseudo_labels, args.gc_target)
     calibrated = functools.partial(loss_gradient_calibration, mode=args.gc_mode)
     if args.mixup_alpha <= 0:
         return calibrated(student(images, training=True), observed, pseudo_labels)
@@ -604,8 +734,16 @@ class MeanTeachers:
     def __init__(self, build_model, student, decay_a, decay_b, ramp="mean_teacher"):
         self.student, self.decay_a, self.decay_b, self.ramp = student, decay_a, decay_b, ramp
         self.models = {"teacher_a": build_model(), "teacher_b": build_model()}
+        # 1 while the ramp applies; `copy_student` (--teacher_init at_trigger) sets it to 0: decays as set.
+        self.ramping = tf.Variable(1.0 if ramp == "mean_teacher" else 0.0, trainable=False, name="ramping")
+        self.copy_student()
+        self.ramping.assign(1.0 if ramp == "mean_teacher" else 0.0)
+
+    def copy_student(self):
+        """Both teachers become the student; from then on they follow it with the constant decays."""
         for teacher in self.models.values():
-            teacher.set_weights(student.get_weights())
+            teacher.set_weights(self.student.get_weights())
+        self.ramping.assign(0.0)
 
     def probabilities_a(self, images):
         return tf.sigmoid(self.models["teacher_a"](images, training=False))
@@ -616,17 +754,18 @@ class MeanTeachers:
         return tf.stop_gradient(0.5 * (probabilities_a + probabilities_b))
 
     def _follow(self, teacher, decay):
+        """teacher <- decay * teacher + (1 - decay) * student: a step of (1 - decay) toward the student."""
         for teacher_weight, student_weight in zip(teacher.weights, self.student.weights, strict=True):
             teacher_weight.assign(decay * teacher_weight + (1.0 - decay) * student_weight)
 
     def decay(self, decay, t):
         """The decay applied at iteration (A) or epoch (B) t; also what log.csv reports per epoch."""
-        return decay if self.ramp == "constant" else min(decay, (1.0 + t) / (10.0 + t))
+        return min(decay, (1.0 + t) / (10.0 + t)) if float(self.ramping.numpy()) else decay
 
     def update_a(self, step):  # after every iteration, inside the compiled step
         step = tf.cast(step, tf.float32)
         ramped = tf.minimum(self.decay_a, (1.0 + step) / (10.0 + step))
-        self._follow(self.models["teacher_a"], self.decay_a if self.ramp == "constant" else ramped)
+        self._follow(self.models["teacher_a"], tf.where(self.ramping > 0, ramped, self.decay_a))
 
     def update_b(self, epoch):  # after every epoch
         self._follow(self.models["teacher_b"], self.decay(self.decay_b, epoch))
@@ -658,9 +797,12 @@ def build_classifier(backbone, input_shape, num_classes, band_mean=None, band_va
         base = resnet(include_top=False, weights=None, input_shape=input_shape, pooling="avg")
     elif backbone == "small_cnn":
         base = small_cnn(input_shape)
-    else:
+    elif backbone == "mlp":
         vector = keras.Input(input_shape)
         base = keras.Model(vector, layers.Dense(64, activation="relu")(vector), name="mlp")
+    else:
+        vector = keras.Input(input_shape)
+        base = keras.Model(vector, vector, name="linear")  # a linear probe: Dense logits on the features
     if weights:
         weights_path = require_file(weights, "a Keras weights file for the backbone")
         try:
@@ -677,17 +819,23 @@ def build_classifier(backbone, input_shape, num_classes, band_mean=None, band_va
 
 def model_builder(args, num_classes, band_mean, band_variance):
     """The classifier of the run as a function of no arguments: the student and AdaGC's teachers alike."""
-    shape = (args.image_size, args.image_size, len(band_mean))
+    vectors = args.dataset == "features"
+    shape = (len(band_mean),) if vectors else (args.image_size, args.image_size, len(band_mean))
     return functools.partial(
         build_classifier, args.backbone, shape, num_classes, band_mean, band_variance, args.weights
     )
 
 
 def make_optimizer(settings, learning_rate):
-    """Adam, or AdamW with `settings.weight_decay`."""
+    """Adam, or AdamW with `settings.weight_decay`, stepping as torch.optim does by default (the reference
+    trains in PyTorch) with `settings.adam_epsilon` (torch's 1e-8; common.optimizers explains the two
+    conventions)."""
+    kwargs = {"epsilon": settings.adam_epsilon}
     if settings.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=settings.weight_decay)
-    return keras.optimizers.Adam(learning_rate=learning_rate)
+        kwargs["weight_decay"] = settings.weight_decay
+    return optimizers.make_optimizer(
+        settings.optimizer, learning_rate, convention=settings.optimizer_convention, **kwargs
+    )
 
 
 # ---- the compiled training step of every method ----
@@ -790,12 +938,13 @@ class SpmlTrainer:
                 input_signature=list(distributed.element_spec),
                 autograph=False,
             )
-        losses, agreed, pairs = [], 0.0, 0.0
+        losses, self.epoch_sums = [], {}
         for images, indices in distributed:
             loss, sums = self._steps[phase](images, indices)
             losses.append(float(loss))
-            agreed += float(sums.get("agreed", 0.0))
-            pairs += float(sums.get("agreement_pairs", 0.0))
+            for key, value in sums.items():
+                self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + float(value)
+        agreed, pairs = self.epoch_sums.get("agreed", 0.0), self.epoch_sums.get("agreement_pairs", 0.0)
         return float(np.mean(losses)), (agreed / pairs if pairs else float("nan"))
 
     def end_epoch(self, epoch: int) -> None:
@@ -815,15 +964,20 @@ class AdaGCTrainer(SpmlTrainer):
 
     def checkpoint_groups(self):
         teachers = [(name, teacher.variables) for name, teacher in self.teachers.models.items()]
-        return super().checkpoint_groups() + teachers
+        return super().checkpoint_groups() + teachers + [("teacher_ramp", [self.teachers.ramping])]
 
     def batch_loss(self, images, indices, observed, phase, extra):
         teacher_a = self.teachers.probabilities_a(images)
         extra["agreed"], extra["agreement_pairs"] = ranking_agreement(teacher_a, observed)
+        pseudo_labels = self.teachers.pseudo_labels(images, teacher_a)
+        # Pseudo-label precision and recall at 0.5 on the unobserved entries, against the hidden labels.
+        hidden = tf.gather(self.baseline.full_matrix, indices) * tf.cast(tf.equal(observed, 0), tf.float32)
+        predicted = tf.cast(pseudo_labels >= 0.5, tf.float32) * tf.cast(tf.equal(observed, 0), tf.float32)
+        extra["pseudo_true"] = tf.reduce_sum(predicted * hidden)
+        extra["pseudo_predicted"], extra["pseudo_hidden"] = tf.reduce_sum(predicted), tf.reduce_sum(hidden)
         if phase == "warmup":
             logits = self.student(images, training=True)
             return self.baseline.loss(logits, observed, indices, "an")[:2]
-        pseudo_labels = self.teachers.pseudo_labels(images, teacher_a)
         seed = tf.stack([tf.cast(self.settings.seed, tf.int64), self.step_counter])
         student, settings = self.student, self.settings
         return mixup_gradient_calibration(student, images, observed, pseudo_labels, settings, seed), 0.0
@@ -906,7 +1060,9 @@ def early_learning_trigger(args, agreement, epoch):
     """Step 3 with a fixed --gc_start_epoch or the adaptive detection: (epoch or None, how, fit params)."""
     if args.gc_start_epoch > 0:
         return (epoch if epoch >= args.gc_start_epoch else None), "fixed", None
-    settings = args.trigger_ratio, args.trigger_min_epochs, args.trigger_patience
+    if args.trigger == "aio2":
+        return detect_early_learning_end_aio2(agreement)
+    settings = args.trigger_ratio, args.trigger_min_epochs, args.trigger_patience, args.trigger_dip
     return detect_early_learning_end(agreement, *settings)
 
 
@@ -950,6 +1106,9 @@ def train_one_epoch(args, trainer, data, train_batches, val_dataset, state, epoc
     row = dict(zip(LOG_COLUMNS[:5], (epoch, state["phase"], train_loss, agreement, val_map), strict=True))
     if args.method == "adagc":
         row["teacher_a_decay"], row["teacher_b_decay"] = trainer.effective_decays(epoch)
+        sums = trainer.epoch_sums
+        row["pseudo_precision"] = sums["pseudo_true"] / max(sums["pseudo_predicted"], 1.0)
+        row["pseudo_recall"] = sums["pseudo_true"] / max(sums["pseudo_hidden"], 1.0)
         decays = f"decays A {row['teacher_a_decay']:.4f} B {row['teacher_b_decay']:.4f} "
     row["seconds"] = round(time.perf_counter() - started, 2)
     line = f"epoch {epoch:3d} [{state['phase']}] loss {train_loss:.4f} agreement {agreement:.4f} {decays}"
@@ -984,10 +1143,15 @@ def fit(args, trainer, data, run_dir, train_batches, val_dataset):
             detected, how, params = early_learning_trigger(args, state["agreement"], epoch)
             if detected is not None:
                 target = roll_back(trainer, checkpoint_dir, detected, epoch)
-                message = f"early learning ended at epoch {detected} (fit: {how}, checked at epoch {epoch}); "
+                fitted = "" if params is None else " a b c " + " ".join(f"{p:.4g}" for p in params)
+                message = (
+                    f"early learning ended at epoch {detected} ({how}{fitted}, checked at epoch {epoch}); "
+                )
                 print(message + f"Gradient Calibration starts after epoch {target}", flush=True)
                 state.update(phase="gc", trigger_epoch=target, trigger_detected_at=epoch, trigger_how=how)
                 state["fit_params"], epoch = params, target
+                if args.teacher_init == "at_trigger":
+                    trainer.teachers.copy_student()
                 select_on_kept_trajectory(state, run_dir, target)
         state["epoch"] = epoch
         # The warm-up keeps its last rollback_window + 1 epochs for the trigger's rollback.
@@ -1037,7 +1201,16 @@ def resolve_derived(args, demo_owner: str = SCRIPT_STEM):
     require(needed, "--expected_num_positives", "not set", "the mean positives per image (EPR and ROLE)")
     positive = args.epochs >= 1 and args.batch_size >= 1
     require(positive, "--epochs/--batch_size", "must be positive", "integers >= 1")
+    vectors = args.dataset == "features"
+    require(not vectors or args.features, "--features", "not set", "a .npz of features (--dataset features)")
+    fits = vectors == (args.backbone in ("mlp", "linear"))
+    require(
+        fits, "--backbone", f"{args.backbone} with --dataset {args.dataset}", "mlp/linear for features only"
+    )
     require(0 <= args.val_fraction < 1, "--val_fraction", f"{args.val_fraction}", "a share in [0, 1)")
+    silent_an = args.method == "adagc" and args.teacher_ramp == "constant" and args.teacher_init == "start"
+    why = "teachers that start random with decays 0.999 / 0.99 barely move, so AdaGC never triggers (= AN)"
+    require(not silent_an, "--teacher_ramp constant", why, "--teacher_init at_trigger, or the ramp")
     apl_ok = args.method != "em_apl" or 0 <= args.warmup_epoch < args.epochs
     require(apl_ok, "--warmup_epoch", f"{args.warmup_epoch} with --epochs {args.epochs}", "0 <= it < epochs")
     if not args.run_name:
@@ -1049,6 +1222,8 @@ def resolve_derived(args, demo_owner: str = SCRIPT_STEM):
 
 def load_data(args):
     """The dataset's three splits (the demo writes its generated copy first)."""
+    if args.dataset == "features":
+        return features.load(args.features, args.single_positive, args.seed)
     reader = aid_multilabel if args.dataset == "aid" else bigearthnet
     if args.demo:
         reader.write_demo(args.data_dir, args.demo_images, seed=12345)
@@ -1069,6 +1244,8 @@ def load_data(args):
 
 def make_loader(data, image_size, reader_errors):
     """Sources -> float32 images: per image (AID JPEGs) or per batch (the LMDB reader, marked `.batched`)."""
+    if data["reader"] == "features":
+        return lambda source: source
     if data["reader"] == "aid":
         return lambda source: aid_multilabel.decode_image(source, image_size)
     return bigearthnet.batch_reader(data["lmdb_path"], data["bands"], image_size, reader_errors.wrap)
@@ -1120,7 +1297,8 @@ def main(args):
     if args.method == "em_apl":
         in_order = batches.make_dataset(train["sources"], loader, args.batch_size)
     trainer = make_trainer(args, build, train, in_order)
-    train_batches = batches.TrainBatches(train["sources"], loader, args.batch_size, args.seed, args.augment)
+    augment = args.augment and args.dataset != "features"  # flips and rotations are for images
+    train_batches = batches.TrainBatches(train["sources"], loader, args.batch_size, args.seed, augment)
     val_dataset = None
     if len(val["sources"]):
         val_dataset = batches.make_dataset(val["sources"], loader, args.batch_size)

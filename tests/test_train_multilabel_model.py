@@ -39,7 +39,8 @@ def main_error(capsys, argv, *fragments):
 
 def test_resume_settings_are_every_flag_but_where_the_run_lives_and_how_far_it_goes():
     flags = set(vars(parse(tm, [])))
-    resumable = {"config", "demo", "epochs", "overwrite", "resume", "results_dir", "run_name", "strategy"}
+    resumable = {"config", "demo", "epochs", "overwrite", "print_config", "resume", "results_dir", "run_name"}
+    resumable.add("strategy")
     assert len(set(tm.RESUME_SETTINGS)) == len(tm.RESUME_SETTINGS)
     assert set(tm.RESUME_SETTINGS) == flags - resumable
 
@@ -71,7 +72,14 @@ def test_demo_adagc_mirrored_writes_every_file_and_test_only_reproduces_it(tmp_p
     assert len(log) == 5 and ",gc," in log[-1]
     # The decays that acted: the mean-teacher ramp at the epoch's last iteration (A) and at its end (B).
     header, last = log[0].split(","), dict(zip(log[0].split(","), log[-1].split(","), strict=True))
-    assert header[-3:] == ["teacher_a_decay", "teacher_b_decay", "seconds"]
+    assert header[-5:] == [
+        "teacher_a_decay",
+        "teacher_b_decay",
+        "pseudo_precision",
+        "pseudo_recall",
+        "seconds",
+    ]
+    assert 0 <= float(last["pseudo_precision"]) <= 1 and 0 <= float(last["pseudo_recall"]) <= 1
     steps = 4 * -(-json.loads((run_dir / "config.json").read_text())["derived"]["num_train"] // 16)
     assert float(last["teacher_a_decay"]) == pytest.approx(min(0.99, steps / (steps + 9)))
     assert float(last["teacher_b_decay"]) == pytest.approx(5 / 14)
