@@ -903,7 +903,6 @@ def write_report(summary, zero_validation_loss, args, results_dir):
 @cli_entry
 def main(args):
     check_arguments(args)
-    runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp1")
     runs.print_args(args)
@@ -913,6 +912,7 @@ def main(args):
     data = awir.load_awir(
         args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size, args.batch_size
     )
+    runs.seed_everything(args.seed, args.deterministic)  # after reading: bad inputs stop sooner
     print_data(data, args.batch_size)
     task_scores = fold_task_scores(data, args.seed)
     check_training_settings(results_dir, "exp1_config.json", args, RESUME_SETTINGS)

@@ -131,7 +131,6 @@ def check_arguments(args) -> None:
 @cli_entry
 def main(args):
     check_arguments(args)
-    runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp1")
     runs.print_args(args)
@@ -141,6 +140,7 @@ def main(args):
     data = awir.load_awir(
         args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size, args.batch_size
     )
+    runs.seed_everything(args.seed, args.deterministic)  # after reading: bad inputs stop sooner
     task_scores = igarss_exp1.fold_task_scores(data, args.seed)
     igarss_exp1.check_training_settings(results_dir, "exp1_sweep_config.json", args, RESUME_SETTINGS)
     grid = [(top, extra) for top in args.top_percents for extra in args.random_percents]

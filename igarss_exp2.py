@@ -503,6 +503,23 @@ def units_to_train(args, sources, results_dir):
     return units
 
 
+def check_exp1_heads(args, sources) -> None:
+    """Every exp1 head an unfinished unit reads exists: checked before the folds file or anything else
+    is written (the heads' contents are checked when they are loaded, also before any output)."""
+    for name in args.embeddings:
+        for source in sources:
+            for fold in args.folds:
+                finished = metrics_path(args.results_dir, name, source["method"], fold).with_suffix(".json")
+                if source["exp1_tag"] is None or (finished.exists() and not args.overwrite):
+                    continue
+                path = awir.exp1_head_path(
+                    args.results_dir, name, source["exp1_tag"], fold, source["exp1_subdir"]
+                )
+                if not path.is_file():
+                    expected = f"the head of `{source['command']}`; run it first"
+                    raise InputError(path, "exp1 projection head not found", expected)
+
+
 def record_heads(job, result, data, args, pending, keras_models, costs):
     """Export a finished stack's heads, evaluate them on the test set and on their fold's validation
     split, and write each completed unit's metrics."""
@@ -752,21 +769,22 @@ def check_arguments(args) -> None:
 @cli_entry
 def main(args):
     check_arguments(args)
-    runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp2")
     runs.print_args(args)
+    sources = sources_for(args, exp1_command("igarss_exp1.py", args))
+    check_exp1_heads(args, sources)
 
     # ---- data ----
     data = awir.load_awir(
         args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size, args.batch_size
     )
+    runs.seed_everything(args.seed, args.deterministic)  # after reading: bad inputs stop sooner
     print(
         f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {args.folds}, "
         f"steps per epoch {int(np.ceil(max(len(t) for t, _ in data['folds']) / args.batch_size))}, "
         f"task heads {3 * len(args.embeddings) * len(args.methods) * len(args.folds)}"
     )
-    sources = sources_for(args, exp1_command("igarss_exp1.py", args))
 
     # ---- train ----
     run_task_heads(data, sources, args, RESUME_SETTINGS, calibration_epochs=args.calibration_epochs)

@@ -197,18 +197,19 @@ def check_arguments(args) -> None:
 @cli_entry
 def main(args):
     check_arguments(args)
-    runs.seed_everything(args.seed, args.deterministic)
     command = igarss_exp2.exp1_command("igarss_exp1_sweep.py", args)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp2_sweep")
     grid = sweep_grid(args, command)
     runs.print_args(args)
+    sources = sweep_sources(grid, command)
+    igarss_exp2.check_exp1_heads(args, sources)
 
     # ---- data ----
     data = awir.load_awir(
         args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size, args.batch_size
     )
-    sources = sweep_sources(grid, command)
+    runs.seed_everything(args.seed, args.deterministic)  # after reading: bad inputs stop sooner
     print(
         f"samples {len(data['class_label'])}, test {len(data['test'])}, grid {len(grid)} points, "
         f"task heads {3 * len(args.embeddings) * len(sources) * len(args.folds)}"

@@ -1274,7 +1274,6 @@ def prepare_run(args, data, n_test, arms, weights):
 @cli_entry
 def main(args):
     weights = check_arguments(args)
-    runs.seed_everything(args.seed, args.deterministic)
     runs.print_args(args)
     strategies = list(STRATEGIES) if args.query_strategy == "all" else [args.query_strategy]
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -1284,6 +1283,7 @@ def main(args):
     data = load_data(args, list(weights))
     n_test = describe_data(args, data)
     run_dir = prepare_run(args, data, n_test, arms, weights)
+    runs.seed_everything(args.seed, args.deterministic)  # after reading, which draws no random numbers
     print(f"run: {run_dir} ({len(arms)} run(s): {', '.join(strategies)} x seeds {seeds})")
 
     # ---- model ----
