@@ -1180,6 +1180,11 @@ def check_arguments(args):
     threshold = args.near_industrial_threshold
     require(math.isfinite(threshold), "--near_industrial_threshold", f"is {threshold}", "a finite distance")
     require_writable_folder(args.results_dir)
+    if args.demo:
+        # The demo writes its data first: a budget larger than its pool is refused before that.
+        pool = args.n_samples - round(args.test_fraction * args.n_samples)
+        budget = f"at least --initial_budget ({args.initial_budget}) patches"
+        require(pool >= args.initial_budget, "--n_samples", f"gives a pool of {pool} patches", budget)
     one_arm = args.query_strategy != "all" and args.seeds == 1
     require(
         one_arm or args.oracle == "simulated",

@@ -36,7 +36,8 @@ EXP1_FLAGS = (
     "seed",
     "calibration_epochs",
 )
-EXP1_SWEEP_FLAGS = tuple(f for f in EXP1_FLAGS if f != "calibration_epochs") + ("top_percents", "random_percents")
+SWEEP_GRID_FLAGS = ("top_percents", "random_percents")
+EXP1_SWEEP_FLAGS = (*(f for f in EXP1_FLAGS if f != "calibration_epochs"), *SWEEP_GRID_FLAGS)
 EXP2_FLAGS = (
     "batch_size",
     "test_size",
@@ -92,11 +93,8 @@ def common_argv(data, embeddings, results):
 
 
 def exp1_argv(data, embeddings, results):
-    return [*common_argv(data, embeddings, results), "--methods", "dtl", "--epochs", "1"] + [
-        "--calibration_epochs",
-        "0",
-        "--views",
-    ]
+    quick = ["--methods", "dtl", "--epochs", "1", "--calibration_epochs", "0", "--views"]
+    return [*common_argv(data, embeddings, results), *quick]
 
 
 def exp1_sweep_argv(data, embeddings, results):
@@ -144,7 +142,9 @@ def test_numeric_flags_end_in_a_run_or_one_line(script, tiny_awir, tmp_path, cap
             results = tmp_path / f"{flag}_{value}"
             argv = with_flag(make_argv(data, embeddings, results), flag, value)
             case = f"{script} --{flag} {value}"
-            codes[case] = assert_fuzz_outcome(capsys, lambda argv=argv: call_main(module, argv), results, case)
+            codes[case] = assert_fuzz_outcome(
+                capsys, lambda argv=argv: call_main(module, argv), results, case
+            )
     # The slips the bad-input report named are refused (exit 2), never run.
     for flag in ("epochs", "batch_size", "test_size", "workers", "learning_rate"):
         if flag in flags:
