@@ -19,7 +19,7 @@ from common.owl_gps import datasets
 
 BAD_NUMBERS = (0, -1, HUGE)
 # Flags whose legal values change the loop's queries or updates (run with the simulated oracle).
-LOOP_FLAGS = ("alpha", "meta_lr", "inner_lr", "query_budget", "test_fraction")
+LOOP_FLAGS = ("alpha", "query_budget")
 NUMERIC_FLAGS = (*owl.FLAG_RANGES, "learning_rate", "reflectance_scale", "near_industrial_threshold")
 
 
