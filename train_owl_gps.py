@@ -205,7 +205,7 @@ def add_active_learning_arguments(group):
         "--seeds",
         type=int,
         default=1,
-        help="Repeat every strategy with seeds seed..seed+seeds-1 (mean +- std bands).",
+        help="Repeat every strategy with seeds seed..seed+seeds-1 (mean +- sample std bands).",
     )
     group.add_argument("--n_rounds", type=int, default=10, help="Active-learning rounds.")
     group.add_argument("--initial_budget", type=int, default=20, help="Random initial labels.")
