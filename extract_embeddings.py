@@ -64,6 +64,7 @@ from transformers import (
 
 from common import atomic, cli, runs
 from common.errors import InputError, cli_entry, require, require_file
+from common.tgmatl import awir
 
 # Per model: the transformers class that computes the embedding, the hub id of the checkpoint the
 # paper used, the model_type values a matching config.json may carry, and the embedding width of
@@ -82,6 +83,9 @@ FOUNDATION_MODELS = {
 # resolved data file and model folder, the image count, the pixel mapping, the model), so that rows
 # embedded from another file, model or setting are never mixed into one output.
 RESUME_SETTINGS = ("input", "batch_size")
+# Upper bounds of the numeric flags (a slip is refused rather than run).
+MAX_BATCH = 1 << 16
+MAX_SEED = 2**32 - 1
 
 
 def get_args_parser():
@@ -554,13 +558,15 @@ def run_extraction(args, model_name, model_path, device):
     )
 
     checkpoint_dir = output.parent / f".{output.stem}.partial"
+    # Input paths relative to the checkpoint folder: embeddings moved together with their inputs resume.
+    local_model = Path(model_path).is_dir()
     settings = {
-        "data": str(Path(args.data).resolve()),
+        "data": runs.input_path_record(args.data, checkpoint_dir),
         **runs.settings_of(args, RESUME_SETTINGS),
         "num_images": shape[0],
         "pixel_mapping": mapping,
         "model": model_name,
-        "model_path": str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path,
+        "model_path": runs.input_path_record(model_path, checkpoint_dir) if local_model else model_path,
     }
     finished_chunks = load_checkpoint(checkpoint_dir, settings, args.resume, args.overwrite)
     resumed_rows = sum(len(chunk) for chunk in finished_chunks)
@@ -670,8 +676,21 @@ def make_demo_models(folder):
     return paths
 
 
+def check_arguments(args) -> None:
+    """Every numeric flag in range and the output folders writable, before anything is written."""
+    for flag, high in (("batch_size", MAX_BATCH), ("checkpoint_every", None), ("demo_samples", 100_000)):
+        value = getattr(args, flag)
+        bound = f"a positive integer up to {high}" if high else "a positive integer"
+        require(value >= 1 and (high is None or value <= high), f"--{flag}", f"is {value}", bound)
+    require(0 <= args.seed <= MAX_SEED, "--seed", f"is {args.seed}", f"an integer in [0, {MAX_SEED}]")
+    awir.require_writable_dir(args.embeddings_dir, "--embeddings_dir")
+    if args.demo:
+        awir.require_writable_dir(args.results_dir)
+
+
 @cli_entry
 def main(args):
+    check_arguments(args)
     seed_torch(args.seed)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -679,10 +698,6 @@ def main(args):
     refresh_demo_embeddings = args.demo and "embeddings_dir" not in cli.typed_flags(args)
     if refresh_demo_embeddings:
         args.embeddings_dir = str(demo_dir / "embeddings")
-    require(args.batch_size >= 1, "--batch_size", f"is {args.batch_size}", "a positive integer")
-    require(
-        args.checkpoint_every >= 1, "--checkpoint_every", f"is {args.checkpoint_every}", "a positive integer"
-    )
     runs.print_args(args)
     device = resolve_device(args.device)
 

@@ -856,15 +856,29 @@ def write_views(data, args, results_dir):
     return rows
 
 
+def zero_loss_note(model_selection) -> str:
+    """What a validation loss of 0 means for the kept weights under `--model_selection`."""
+    if model_selection == "last":
+        # The last epoch's weights are kept whatever the loss; the note only says it is 0 there.
+        return "validation loss 0 at the last epoch, whose weights --model_selection last keeps"
+    # Selection on the validation loss: when it is exactly 0 (e.g. TG-MATL keeps one sample per class
+    # of a 9-sample split, so no triplet exists), the first epoch that reaches 0 is kept.
+    return "validation loss 0, selection kept the first such epoch"
+
+
+def check_arguments(args) -> None:
+    """Every flag in range and --results_dir writable, before anything is read or written."""
+    awir.check_protocol_arguments(args)
+    awir.require_range(args, "margin", 0)
+    for flag in ("box_weight", "top_percent", "random_percent"):
+        awir.require_range(args, flag, 0, 1)
+
+
 def write_report(summary, zero_validation_loss, args, results_dir):
     """knn_summary.json and the summary lines: per method, mean test 5-NN accuracy and best val loss."""
     for head_group, folds in sorted(zero_validation_loss.items()):
-        # The reference's model selection uses the training loss on the validation split; when it is
-        # exactly 0 (e.g. TG-MATL keeps one sample per class of a 9-sample split, so no triplet
-        # exists), the first epoch that reaches 0 is kept.
         print(
-            f"  note: {head_group}: validation loss 0, selection kept the first such epoch, folds "
-            f"{', '.join(sorted(folds))}"
+            f"  note: {head_group}: {zero_loss_note(args.model_selection)}, folds {', '.join(sorted(folds))}"
         )
     report = {
         method: {
@@ -888,14 +902,17 @@ def write_report(summary, zero_validation_loss, args, results_dir):
 
 @cli_entry
 def main(args):
-    runs.seed_everything(args.seed, args.deterministic)
+    check_arguments(args)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp1")
     runs.print_args(args)
     results_dir = Path(args.results_dir)
 
     # ---- data ----
-    data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size)
+    data = awir.load_awir(
+        args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size, args.batch_size
+    )
+    runs.seed_everything(args.seed, args.deterministic)  # after reading: bad inputs stop sooner
     print_data(data, args.batch_size)
     task_scores = fold_task_scores(data, args.seed)
     check_training_settings(results_dir, "exp1_config.json", args, RESUME_SETTINGS)

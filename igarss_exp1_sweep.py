@@ -31,7 +31,7 @@ import numpy as np
 
 import igarss_exp1
 from common import atomic, cli, runs
-from common.errors import cli_entry
+from common.errors import cli_entry, require
 from common.tgmatl import awir, stacked_training
 
 PAPER_TOP_PERCENTS = [0.40, 0.50, 0.60, 0.70]
@@ -120,16 +120,27 @@ def record_stack(job, result, data, timings, timings_path, accuracy):
     print(f"  {job['label']}: {len(result['heads'])} heads in {result['seconds']:.1f}s")
 
 
+def check_arguments(args) -> None:
+    """igarss_exp1.py's checks and every grid value a share in [0, 1], before anything is written."""
+    igarss_exp1.check_arguments(args)
+    for flag in ("top_percents", "random_percents"):
+        bad = [value for value in getattr(args, flag) if not 0 <= value <= 1]
+        require(not bad, f"--{flag}", f"has {bad}", "shares in [0, 1]")
+
+
 @cli_entry
 def main(args):
-    runs.seed_everything(args.seed, args.deterministic)
+    check_arguments(args)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp1")
     runs.print_args(args)
     results_dir = Path(args.results_dir)
 
     # ---- data ----
-    data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size)
+    data = awir.load_awir(
+        args.data, args.embeddings_dir, args.embeddings, results_dir, args.test_size, args.batch_size
+    )
+    runs.seed_everything(args.seed, args.deterministic)  # after reading: bad inputs stop sooner
     task_scores = igarss_exp1.fold_task_scores(data, args.seed)
     igarss_exp1.check_training_settings(results_dir, "exp1_sweep_config.json", args, RESUME_SETTINGS)
     grid = [(top, extra) for top in args.top_percents for extra in args.random_percents]

@@ -503,6 +503,23 @@ def units_to_train(args, sources, results_dir):
     return units
 
 
+def check_exp1_heads(args, sources) -> None:
+    """Every exp1 head an unfinished unit reads exists: checked before the folds file or anything else
+    is written (the heads' contents are checked when they are loaded, also before any output)."""
+    for name in args.embeddings:
+        for source in sources:
+            for fold in args.folds:
+                finished = metrics_path(args.results_dir, name, source["method"], fold).with_suffix(".json")
+                if source["exp1_tag"] is None or (finished.exists() and not args.overwrite):
+                    continue
+                path = awir.exp1_head_path(
+                    args.results_dir, name, source["exp1_tag"], fold, source["exp1_subdir"]
+                )
+                if not path.is_file():
+                    expected = f"the head of `{source['command']}`; run it first"
+                    raise InputError(path, "exp1 projection head not found", expected)
+
+
 def record_heads(job, result, data, args, pending, keras_models, costs):
     """Export a finished stack's heads, evaluate them on the test set and on their fold's validation
     split, and write each completed unit's metrics."""
@@ -599,29 +616,103 @@ def read_metrics(results_dir, embedding, method, folds):
 # ---- the paper's table ----
 
 
-def summarise(results_dir, embedding_names, methods, folds):
-    """Mean and population std over folds per embedding x method: the rows of summary.csv / summary.md."""
+def per_fold_metrics(results_dir, embedding_names, methods, folds) -> dict:
+    """{(embedding, method): {fold: metrics}} of every finished fold (methods without one left out)."""
+    per_fold = {}
+    for name in embedding_names:
+        for method in methods:
+            rows = read_metrics(results_dir, name, method, folds)
+            if rows:
+                per_fold[(name, method)] = {int(row["fold"]): row for row in rows}
+    return per_fold
+
+
+def summarise(results_dir, embedding_names, methods, folds, per_fold=None):
+    """Mean and sample std (ddof=1) over folds per embedding x method: the rows of summary.csv / .md."""
+    per_fold = per_fold or per_fold_metrics(results_dir, embedding_names, methods, folds)
     rows = []
     for name in embedding_names:
         for method in methods:
-            per_fold = read_metrics(results_dir, name, method, folds)
-            if not per_fold:
+            if (name, method) not in per_fold:
                 continue
-            row = {"embedding": name, "method": method, "folds": len(per_fold)}
+            finished = [per_fold[(name, method)][fold] for fold in sorted(per_fold[(name, method)])]
+            row = {"embedding": name, "method": method, "folds": len(finished)}
             for metric in METRICS + VAL_METRICS + TIME_METRICS:
-                values = [fold_metrics[metric] for fold_metrics in per_fold]
-                row[f"{metric}_mean"], row[f"{metric}_std"] = reports.mean_std(values, ddof=0)
+                values = [fold_metrics[metric] for fold_metrics in finished]
+                row[f"{metric}_mean"], row[f"{metric}_std"] = reports.mean_std(values)
             rows.append(row)
     return rows
 
 
-def write_summary(rows, directory, prefix="summary"):
-    """summary.csv (numbers), summary.md (readable table, best per embedding in bold), summary.png."""
+# ---- how sure each ranking is: paired differences over the folds both methods finished ----
+
+
+def paper_comparisons(methods, top_percent, random_percent) -> list[tuple[str, str, tuple]]:
+    """The pairs the paper ranks, TG-MATL vs MATL, TG-MATL vs DTL and MATL vs DTL, on every metric
+    (as (first, second, metrics); pairs with a method not in `methods` are left out)."""
+    tg_matl = awir.method_tag("tg_matl", top_percent, random_percent)
+    pairs = ((tg_matl, "matl"), (tg_matl, "dtl"), ("matl", "dtl"))
+    return [(a, b, METRICS) for a, b in pairs if a in methods and b in methods]
+
+
+def paired_values(per_fold, embedding, methods, metrics) -> dict:
+    """{method: {metric: [value per fold]}} on the folds every one of `methods` finished, in fold order."""
+    folds = sorted(set.intersection(*(set(per_fold[(embedding, m)]) for m in methods)))
+    return {m: {k: [per_fold[(embedding, m)][f][k] for f in folds] for k in metrics} for m in methods}
+
+
+def paired_table(per_fold, embedding_names, comparisons) -> list[list]:
+    """Rows [embedding, *reports.PAIRED_HEADER cells] of each (first, second, metrics) comparison."""
+    table = []
+    for name in embedding_names:
+        for first, second, metrics in comparisons:
+            if (name, first) not in per_fold or (name, second) not in per_fold:
+                continue
+            values = paired_values(per_fold, name, (first, second), metrics)
+            if not values[first][metrics[0]]:
+                continue
+            cells = reports.paired_rows(values, [(first, second)], metrics, LOWER_IS_BETTER)
+            table += [[name, *row] for row in cells]
+    return table
+
+
+def sure_best_marks(rows, per_fold, metrics=METRICS) -> set[tuple[int, str]]:
+    """{(row index, metric)} of the best mean of its embedding whose paired 95 % interval against every
+    other method of that embedding excludes 0 in its favour (a best mean within the noise is not marked)."""
+    marks = set()
+    for index, metric in reports.best_marks(rows, "embedding", metrics, LOWER_IS_BETTER):
+        row = rows[index]
+        others = [r["method"] for r in rows if r["embedding"] == row["embedding"] and r is not row]
+        sure = bool(others)
+        for other in others:
+            values = paired_values(per_fold, row["embedding"], (row["method"], other), [metric])
+            first, second = values[row["method"]][metric], values[other][metric]
+            if metric in LOWER_IS_BETTER:
+                first, second = second, first
+            result = reports.paired_difference(first, second)
+            sure = sure and result["sure"] and result["mean_diff"] > 0
+        if sure:
+            marks.add((index, metric))
+    return marks
+
+
+PAIRED_NOTE = (
+    "Paired over the folds both methods finished: per-fold difference first - second (second - first\n"
+    "for the MSE metrics, so positive always favours the first), its mean with a 95 % Student-t\n"
+    "interval, the folds the first method wins, and the two-sided Wilcoxon signed-rank p (n/a below 5\n"
+    'folds). "sure" is yes only when the interval excludes 0.\n\n'
+)
+
+
+def write_summary(rows, directory, per_fold, comparisons, prefix="summary", comparisons_note=""):
+    """summary.csv (numbers), summary.md (means, and the paired comparisons of `comparisons`: (first,
+    second, metrics)), summary_paired.csv (the same cells) and summary.png. A mean is bold only when
+    its paired interval against every other method of its embedding excludes 0."""
     directory = Path(directory)
     grid = [key for key in ("top_percent", "random_percent") if rows and key in rows[0]]
     columns = ["embedding", "method", *grid, "folds"]
     columns += [f"{m}_{s}" for m in METRICS + VAL_METRICS + TIME_METRICS for s in ("mean", "std")]
-    marks = reports.best_marks(rows, "embedding", METRICS, LOWER_IS_BETTER)
+    marks = sure_best_marks(rows, per_fold)
     table = []
     for index, row in enumerate(rows):
         cells = [reports.format_mean_std(row[f"{metric}_mean"], row[f"{metric}_std"]) for metric in METRICS]
@@ -630,15 +721,25 @@ def write_summary(rows, directory, prefix="summary"):
             for cell, metric in zip(cells, METRICS, strict=True)
         ]
         table.append([row["embedding"], row["method"], row["folds"], *cells])
+    paired = paired_table(per_fold, sorted({row["embedding"] for row in rows}, key=str), comparisons)
+    header = ["embedding", *reports.PAIRED_HEADER]
     markdown = (
         "# TG-MATL experiment 2: task heads on the fixed test set\n\n"
-        "Mean +- std over folds (population std, ddof=0). Best per embedding in **bold** (highest acc /\n"
-        "precision / recall / f1 / R^2, lowest MSE).\n\n"
+        "Mean +- sample std (ddof=1) over folds. **Bold**: the best mean of its embedding (highest acc /\n"
+        "precision / recall / f1 / R^2, lowest MSE) only where its paired 95 % interval against every\n"
+        "other method of that embedding excludes 0.\n\n"
         + reports.markdown_table(["embedding", "method", "folds", *METRICS], table)
+        + "\n## Paired comparisons\n\n"
+        + PAIRED_NOTE
+        + comparisons_note
+        + (reports.markdown_table(header, paired) if paired else "No pair of compared methods finished.\n")
     )
     reports.write_table(directory / prefix, rows, columns, markdown)
+    paired_rows = [dict(zip(header, cells, strict=True)) for cells in paired]
+    atomic.write_csv(directory / f"{prefix}_paired.csv", paired_rows, header)
     metrics = ("acc", "precision", "recall", "r2_feat", "r2_loc")
     plots.metric_bars(rows, directory / f"{prefix}.png", "embedding", "method", metrics)
+    return paired
 
 
 def report_methods(rows, methods, args):
@@ -655,30 +756,45 @@ def report_methods(rows, methods, args):
     return report
 
 
+def check_arguments(args) -> None:
+    """Every flag in range and --results_dir writable, before anything is read or written."""
+    awir.check_protocol_arguments(args)
+    args.folds = awir.checked_folds(args.folds)
+    awir.require_range(args, "margin", 0)
+    for flag in ("top_percent", "random_percent"):
+        if hasattr(args, flag):
+            awir.require_range(args, flag, 0, 1)
+
+
 @cli_entry
 def main(args):
-    runs.seed_everything(args.seed, args.deterministic)
+    check_arguments(args)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp2")
-    args.folds = awir.checked_folds(args.folds)
     runs.print_args(args)
+    sources = sources_for(args, exp1_command("igarss_exp1.py", args))
+    check_exp1_heads(args, sources)
 
     # ---- data ----
-    data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)
+    data = awir.load_awir(
+        args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size, args.batch_size
+    )
+    runs.seed_everything(args.seed, args.deterministic)  # after reading: bad inputs stop sooner
     print(
         f"samples {len(data['class_label'])}, test {len(data['test'])}, folds {args.folds}, "
         f"steps per epoch {int(np.ceil(max(len(t) for t, _ in data['folds']) / args.batch_size))}, "
         f"task heads {3 * len(args.embeddings) * len(args.methods) * len(args.folds)}"
     )
-    sources = sources_for(args, exp1_command("igarss_exp1.py", args))
 
     # ---- train ----
     run_task_heads(data, sources, args, RESUME_SETTINGS, calibration_epochs=args.calibration_epochs)
 
     # ---- evaluate ----
     methods = [source["method"] for source in sources]
-    rows = summarise(args.results_dir, args.embeddings, methods, args.folds)
-    write_summary(rows, Path(args.results_dir) / "exp2_results")
+    per_fold = per_fold_metrics(args.results_dir, args.embeddings, methods, args.folds)
+    rows = summarise(args.results_dir, args.embeddings, methods, args.folds, per_fold)
+    comparisons = paper_comparisons(methods, args.top_percent, args.random_percent)
+    write_summary(rows, Path(args.results_dir) / "exp2_results", per_fold, comparisons)
     return report_methods(rows, methods, args)
 
 

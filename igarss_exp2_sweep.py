@@ -37,12 +37,18 @@ import numpy as np
 
 import igarss_exp2
 from common import atomic, cli, plots, runs
-from common.errors import InputError, cli_entry
+from common.errors import InputError, cli_entry, require
 from common.tgmatl import awir
 
 TOP_PERCENTS = (0.40, 0.50, 0.60, 0.70)
 RANDOM_PERCENTS = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 HEATMAP_METRICS = ("acc", "precision", "recall", "f1", "r2_feat", "r2_loc", "mse_feat", "mse_loc")
+# The sweep's validation-best grid point of each metric is compared with these igarss_exp2.py methods.
+BASELINES = ("matl", "dtl")
+SWEEP_PAIRED_NOTE = (
+    "Per metric, the grid point with the best validation mean (sweep_best.json) against the MATL and\n"
+    "DTL task heads that igarss_exp2.py wrote into the same results tree (run it first to get them).\n\n"
+)
 # The settings a resume must match: those of igarss_exp2.py, whose task heads this script trains.
 RESUME_SETTINGS = igarss_exp2.RESUME_SETTINGS
 
@@ -179,19 +185,31 @@ def best_grid_points(rows, sources, args):
     return report
 
 
+def check_arguments(args) -> None:
+    """Every flag in range and --results_dir writable, before anything is read or written."""
+    awir.check_protocol_arguments(args)
+    args.folds = awir.checked_folds(args.folds)
+    for flag in ("top_percents", "random_percents"):
+        bad = [value for value in getattr(args, flag) if not 0 <= value <= 1]
+        require(not bad, f"--{flag}", f"has {bad}", "shares in [0, 1]")
+
+
 @cli_entry
 def main(args):
-    runs.seed_everything(args.seed, args.deterministic)
+    check_arguments(args)
     command = igarss_exp2.exp1_command("igarss_exp1_sweep.py", args)
     if args.demo:
         args.data, args.embeddings_dir = awir.demo_inputs(args, "igarss_exp2_sweep")
     grid = sweep_grid(args, command)
-    args.folds = awir.checked_folds(args.folds)
     runs.print_args(args)
+    sources = sweep_sources(grid, command)
+    igarss_exp2.check_exp1_heads(args, sources)
 
     # ---- data ----
-    data = awir.load_awir(args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size)
-    sources = sweep_sources(grid, command)
+    data = awir.load_awir(
+        args.data, args.embeddings_dir, args.embeddings, args.results_dir, args.test_size, args.batch_size
+    )
+    runs.seed_everything(args.seed, args.deterministic)  # after reading: bad inputs stop sooner
     print(
         f"samples {len(data['class_label'])}, test {len(data['test'])}, grid {len(grid)} points, "
         f"task heads {3 * len(args.embeddings) * len(sources) * len(args.folds)}"
@@ -202,16 +220,21 @@ def main(args):
 
     # ---- evaluate ----
     directory = Path(args.results_dir) / "exp2_results"
-    rows = igarss_exp2.summarise(
-        args.results_dir, args.embeddings, [s["method"] for s in sources], args.folds
+    methods = [s["method"] for s in sources]
+    per_fold = igarss_exp2.per_fold_metrics(
+        args.results_dir, args.embeddings, [*methods, *BASELINES], args.folds
     )
+    rows = igarss_exp2.summarise(args.results_dir, args.embeddings, methods, args.folds, per_fold)
     by_method = {s["method"]: s for s in sources}
     for row in rows:
         row["top_percent"] = by_method[row["method"]]["top_percent"]
         row["random_percent"] = by_method[row["method"]]["random_percent"]
-    igarss_exp2.write_summary(rows, directory, prefix="sweep_summary")
     plot_heatmaps(rows, sources, args.embeddings, directory)
     report = best_grid_points(rows, sources, args)
+    comparisons = [(report[m]["method"], base, (m,)) for m in igarss_exp2.METRICS for base in BASELINES]
+    igarss_exp2.write_summary(
+        rows, directory, per_fold, comparisons, prefix="sweep_summary", comparisons_note=SWEEP_PAIRED_NOTE
+    )
     atomic.write_json(directory / "sweep_best.json", report)
     return report
 

@@ -49,6 +49,7 @@ runs, strategy_comparison.csv, auc_curve.png and metrics.json.
 
 import csv
 import math
+import os
 import shlex
 import sys
 import time
@@ -63,8 +64,30 @@ from common.errors import InputError, cli_entry, require, require_file
 from common.owl_gps import datasets, patches
 
 SCRIPT_STEM = "train_owl_gps"
+# The discovery rate, what the method is for: positives among the patches labelled before a round's
+# training (new_*: the previous round's query; round 1: the random initial labels), the same over every
+# strategy query so far (queried_*: the initial labels left out), and the positive share of the
+# unlabelled pool before any label, the rate a random query expects.
+DISCOVERY_FIELDS = (
+    "new_labels",
+    "new_positives",
+    "discovery_rate",
+    "queried",
+    "queried_positives",
+    "cumulative_discovery_rate",
+    "pool_positive_rate",
+)
 STRATEGIES = ("concept", "uncertainty", "relevance", "random")
-ROUND_FIELDS = ("round", "n_labeled", "alpha", "test_auc", "train_loss", "meta_query_loss", "seconds")
+ROUND_FIELDS = (
+    "round",
+    "n_labeled",
+    "alpha",
+    "test_auc",
+    "train_loss",
+    "meta_query_loss",
+    "seconds",
+    *DISCOVERY_FIELDS,
+)
 LABEL_FIELDS = ("id", "row", "col", "label", "round", "score", "strategy")
 QUEUE_FIELDS = ("id", "row", "col", "score", "label")
 # Arguments that define a run; a --resume with any of them changed would silently mix two experiments.
@@ -101,6 +124,8 @@ RESUME_SETTINGS = (
     "ensemble_eval",
     "reptile_support",
 )
+# The input files and folders among RESUME_SETTINGS (recorded relative to the run folder).
+INPUT_PATHS = ("data_dir", "geotiff")
 KEEP_CHECKPOINTS = 3
 # One printed row of the round table: strategy, seed, then the round's figures.
 ROUND_LINE = (
@@ -180,7 +205,7 @@ def add_active_learning_arguments(group):
         "--seeds",
         type=int,
         default=1,
-        help="Repeat every strategy with seeds seed..seed+seeds-1 (mean +- std bands).",
+        help="Repeat every strategy with seeds seed..seed+seeds-1 (mean +- sample std bands).",
     )
     group.add_argument("--n_rounds", type=int, default=10, help="Active-learning rounds.")
     group.add_argument("--initial_budget", type=int, default=20, help="Random initial labels.")
@@ -277,6 +302,21 @@ def add_training_arguments(group):
 
 
 # ---- the tutorial's pieces ----
+
+
+def discovery_counts(label_rows, round_number) -> dict:
+    """The DISCOVERY_FIELDS (but the pool rate) of round `round_number` from the label store's rows
+    (dicts with `round`, the query round that labelled a patch, and `label`)."""
+    new = [row["label"] for row in label_rows if row["round"] == round_number - 1]
+    queried = [row["label"] for row in label_rows if 1 <= row["round"] <= round_number - 1]
+    return {
+        "new_labels": len(new),
+        "new_positives": int(sum(new)),
+        "discovery_rate": float(np.mean(new)) if new else float("nan"),
+        "queried": len(queried),
+        "queried_positives": int(sum(queried)),
+        "cumulative_discovery_rate": float(np.mean(queried)) if queried else float("nan"),
+    }
 
 
 def split_pool_test(n_samples, test_fraction, initial_budget, seed):
@@ -847,8 +887,16 @@ class ActiveLearningRun:
             "train_loss": train_loss,
             "meta_query_loss": float("nan"),  # filled in by the Reptile step that follows the next query
             "seconds": time.perf_counter() - started,
+            **discovery_counts(self.store.rows, round_number),
+            "pool_positive_rate": self.pool_positive_rate(),
         }
         self.rows.append(row)
+
+    def pool_positive_rate(self):
+        """The positive share of the pool before any label (NaN when no labels are known)."""
+        if self.data["labels"] is None:
+            return float("nan")
+        return float(np.mean(self.data["labels"][self.pool_ids]))
 
     def round_alpha(self, round_number):
         """The alpha of the query after round `round_number`: fixed by the strategy or scheduled."""
@@ -903,35 +951,81 @@ def write_round_table(path, rows, fields):
 
 
 def summarise_curves(all_rows):
-    """{strategy: [{round, n_labeled, auc_mean, auc_std, n_seeds}]} over seeds (NaN AUCs skipped)."""
+    """{strategy: [{round, n_labeled, auc_mean, auc_std, discovery rates' mean and std, n_seeds}]} over
+    seeds (NaNs skipped; std is the sample std, ddof=1)."""
     curves = {}
     for strategy in dict.fromkeys(row["strategy"] for row in all_rows):
         rows = [row for row in all_rows if row["strategy"] == strategy]
         curves[strategy] = []
         for round_number in sorted({row["round"] for row in rows}):
             same = [row for row in rows if row["round"] == round_number]
-            aucs = np.array([row["test_auc"] for row in same], dtype=np.float64)
-            mean, std = reports.mean_std(aucs[np.isfinite(aucs)])
             point = {"strategy": strategy, "round": round_number, "n_labeled": same[0]["n_labeled"]}
-            curves[strategy].append({**point, "auc_mean": mean, "auc_std": std, "n_seeds": len(same)})
+            for name, field in (
+                ("auc", "test_auc"),
+                ("discovery", "discovery_rate"),
+                ("cumulative_discovery", "cumulative_discovery_rate"),
+                ("pool_positive", "pool_positive_rate"),
+            ):
+                values = np.array([row[field] for row in same], dtype=np.float64)
+                point[f"{name}_mean"], point[f"{name}_std"] = reports.mean_std(values[np.isfinite(values)])
+            curves[strategy].append({**point, "n_seeds": len(same)})
     return curves
 
 
-def save_auc_plot(curves, path, title):
-    """AUC vs labelled count per strategy; mean +- std over seeds as a shaded band."""
+def save_curve_plot(curves, path, title, name, ylabel, reference=None):
+    """`<name>_mean` vs labelled count per strategy; mean +- sample std over seeds as a shaded band."""
     figure, axis = plots.pyplot().subplots(figsize=(6, 4))
     for strategy, rows in curves.items():
         counts = np.array([row["n_labeled"] for row in rows])
-        mean = np.array([row["auc_mean"] for row in rows])
-        std = np.array([row["auc_std"] for row in rows])
+        mean = np.array([row[f"{name}_mean"] for row in rows])
+        std = np.array([row[f"{name}_std"] for row in rows])
         axis.plot(counts, mean, marker="o", label=f"{strategy} (n={rows[0]['n_seeds']})")
         axis.fill_between(counts, mean - std, mean + std, alpha=0.2)
-    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    axis.set(xlabel="labelled patches", ylabel="test ROC-AUC")
+    if reference is not None and np.isfinite(reference[0]):
+        axis.axhline(reference[0], color="grey", linestyle=":", linewidth=1, label=reference[1])
+    axis.set(xlabel="labelled patches", ylabel=ylabel)
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     plots.save(figure, path)
+
+
+def save_auc_plot(curves, path, title):
+    """AUC vs labelled count per strategy; mean +- sample std over seeds as a shaded band."""
+    save_curve_plot(curves, path, title, "auc", "test ROC-AUC", (0.5, "chance"))
+
+
+def save_discovery_plot(curves, path, title, base_rate):
+    """Cumulative discovery rate (positives among the queried patches) vs labelled count, base rate dotted."""
+    ylabel = "positives among queried patches"
+    save_curve_plot(curves, path, title, "cumulative_discovery", ylabel, (base_rate, "pool positive rate"))
+
+
+def final_discovery(all_rows):
+    """{strategy: [cumulative discovery rate of each seed's last round]}, in seed order."""
+    final = {}
+    for strategy in dict.fromkeys(row["strategy"] for row in all_rows):
+        rows = [row for row in all_rows if row["strategy"] == strategy]
+        last = max(row["round"] for row in rows)
+        by_seed = sorted(
+            (row["seed"], row["cumulative_discovery_rate"]) for row in rows if row["round"] == last
+        )
+        final[strategy] = [rate for _, rate in by_seed]
+    return final
+
+
+def discovery_comparison(all_rows) -> str:
+    """Markdown: each strategy vs random, paired over seeds, on the final cumulative discovery rate
+    (empty without random, with one seed or without labels)."""
+    final = final_discovery(all_rows)
+    others = [s for s in final if s != "random"]
+    usable = "random" in final and len(final["random"]) >= 2 and np.isfinite(final["random"]).all()
+    if not usable or not others:
+        return ""
+    metric = "cumulative discovery rate"
+    values = {strategy: {metric: rates} for strategy, rates in final.items()}
+    rows = reports.paired_rows(values, [(s, "random") for s in others], [metric])
+    return reports.markdown_table(reports.PAIRED_HEADER, rows)
 
 
 def write_results(args, run_dir, all_rows, seeds):
@@ -952,6 +1046,12 @@ def write_results(args, run_dir, all_rows, seeds):
     setting = f"{args.uncertainty} uncertainty, alpha {args.alpha} ({args.alpha_schedule})"
     save_auc_plot(curves, run_dir / "auc_curve.png", f"OWL-GPS: {setting}, {len(seeds)} seed(s)")
     final = {strategy: rows[-1] for strategy, rows in curves.items()}
+    base_rate = float(np.nanmean([row["pool_positive_rate"] for row in all_rows] or [np.nan]))
+    title = f"OWL-GPS discovery: {setting}, {len(seeds)} seed(s)"
+    save_discovery_plot(curves, run_dir / "discovery_curve.png", title, base_rate)
+    comparison = discovery_comparison(all_rows)
+    if comparison:
+        atomic.write_text(run_dir / "discovery_vs_random.md", DISCOVERY_NOTE + comparison)
     finite = {s: [r["auc_mean"] for r in rows if np.isfinite(r["auc_mean"])] for s, rows in curves.items()}
     ensemble_mean = args.ensemble_eval and args.uncertainty == "ensemble"
     metrics = {
@@ -964,9 +1064,41 @@ def write_results(args, run_dir, all_rows, seeds):
         "final_test_auc": {s: row["auc_mean"] for s, row in final.items()},
         "final_test_auc_std": {s: row["auc_std"] for s, row in final.items()},
         "mean_test_auc_over_rounds": {s: reports.mean_std(values)[0] for s, values in finite.items()},
+        "std": "sample std over seeds (ddof=1)",
+        "cumulative_discovery_rate": {s: row["cumulative_discovery_mean"] for s, row in final.items()},
+        "cumulative_discovery_rate_std": {s: row["cumulative_discovery_std"] for s, row in final.items()},
+        "pool_positive_rate": base_rate,
+        "discovery_vs_random": comparison,
     }
     atomic.write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+DISCOVERY_NOTE = (
+    "Final cumulative discovery rate (positives among the patches each strategy queried, the random\n"
+    "initial labels left out), each strategy vs random paired over seeds: mean difference, 95 % t\n"
+    "interval, seeds won, Wilcoxon signed-rank p (n/a below 5 seeds); sure = the interval excludes 0.\n\n"
+)
+
+
+def discovery_lines(metrics) -> list[str]:
+    """The lines printed before the final one: discovery rate per strategy against the base rate."""
+    several = len(metrics["seeds"]) > 1
+    rates = metrics["cumulative_discovery_rate"]
+    if not np.isfinite(list(rates.values())).any():
+        return []
+    spread = {
+        s: f" +- {std:.3f}" if several else "" for s, std in metrics["cumulative_discovery_rate_std"].items()
+    }
+    parts = ", ".join(f"{s} {rate:.3f}{spread[s]}" for s, rate in rates.items())
+    lines = [
+        f"discovery: positives among queried patches {parts}; pool positive rate "
+        f"{metrics['pool_positive_rate']:.3f}"
+        + (f" (mean +- sample std over {len(metrics['seeds'])} seeds)" if several else "")
+    ]
+    if metrics["discovery_vs_random"]:
+        lines += ["discovery vs random, paired over seeds:", metrics["discovery_vs_random"].rstrip()]
+    return lines
 
 
 def summary_line(metrics):
@@ -977,18 +1109,82 @@ def summary_line(metrics):
     if not np.isfinite(list(metrics["final_test_auc"].values())).any():
         aucs = "unknown (no test labels)"
     counts = f"n_labeled={metrics['n_labeled']} rounds={metrics['n_rounds']}"
-    return f"final: test_auc {aucs} {counts} uncertainty={metrics['uncertainty']}"
+    spread_note = f" (mean +- sample std over {len(metrics['seeds'])} seeds)" if several else ""
+    return f"final: test_auc {aucs} {counts} uncertainty={metrics['uncertainty']}{spread_note}"
 
 
 # ---- main's steps ----
 
 
+# Ranges of the numeric flags, (low, high) inclusive (None: unbounded). The upper bounds lie far above
+# any sensible setting (the tutorial: 10 rounds, 5 epochs, batch 16) and refuse a typing slip that
+# would run for ever or fill the memory.
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 1 << 20
+FLAG_RANGES = {
+    "n_rounds": (1, 10_000),
+    "initial_budget": (1, None),  # at most the pool, checked once the data is read
+    "query_budget": (1, None),  # a query takes at most the unlabelled pool
+    "seeds": (1, 1000),
+    "epochs": (1, 100_000),
+    "mc_passes": (1, 10_000),
+    "ensemble_size": (1, 100),
+    "score_batch_size": (1, MAX_BATCH),
+    "batch_size": (1, MAX_BATCH),
+    "inner_batch_size": (1, MAX_BATCH),
+    "inner_steps": (1, 100_000),
+    "alpha": (0.0, 1.0),
+    "meta_lr": (0.0, 1.0),
+    "inner_lr": (0.0, 10.0),
+    "test_fraction": (0.0, 0.99),
+    "signal": (0.0, 1000.0),
+    "n_samples": (2, 1_000_000),
+    "image_size": (4, 1024),
+    "patch_size": (4, 4096),
+    "seed": (0, MAX_SEED),
+    "data_seed": (0, MAX_SEED),
+}
+
+
+def require_in_range(args, flag, low, high, low_open=False) -> None:
+    """`args.<flag>` is a finite number in [low, high] ((low, high] with `low_open`; None: no bound)."""
+    value = getattr(args, flag)
+    inside = math.isfinite(value) and (value > low if low_open else value >= low)
+    inside = inside and (high is None or value <= high)
+    bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+    require(inside, f"--{flag}", f"is {value}", f"a value in {bounds}")
+
+
+def require_writable_folder(path, flag="--results_dir") -> None:
+    """`path` is a folder (or can be made one) this user can write; nothing is created."""
+    path = Path(path)
+    require(not path.exists() or path.is_dir(), path, f"{flag} is a file", "a folder for the outputs")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    require(existing.is_dir(), existing, f"{flag} lies under a file", "a folder for the outputs")
+    probe = existing / f".write_probe_{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        raise InputError(existing, f"{flag} is not writable", "a folder this user can write") from None
+
+
 def check_arguments(args):
-    """Reject impossible settings; returns the concept weights."""
-    counts = ("n_rounds", "initial_budget", "query_budget", "seeds", "epochs", "mc_passes", "ensemble_size")
-    for name in counts:
-        require(getattr(args, name) >= 1, f"--{name}", f"is {getattr(args, name)}", "at least 1")
-    require(0.0 <= args.alpha <= 1.0, "--alpha", f"is {args.alpha}", "a value in [0, 1]")
+    """Reject impossible settings before anything is read or written; returns the concept weights."""
+    for flag, (low, high) in FLAG_RANGES.items():
+        require_in_range(args, flag, low, high)
+    require_in_range(args, "learning_rate", 0.0, 10.0, low_open=True)
+    require_in_range(args, "reflectance_scale", 0.0, None, low_open=True)
+    threshold = args.near_industrial_threshold
+    require(math.isfinite(threshold), "--near_industrial_threshold", f"is {threshold}", "a finite distance")
+    require_writable_folder(args.results_dir)
+    if args.demo:
+        # The demo writes its data first: a budget larger than its pool is refused before that.
+        pool = args.n_samples - round(args.test_fraction * args.n_samples)
+        budget = f"at least --initial_budget ({args.initial_budget}) patches"
+        require(pool >= args.initial_budget, "--n_samples", f"gives a pool of {pool} patches", budget)
     one_arm = args.query_strategy != "all" and args.seeds == 1
     require(
         one_arm or args.oracle == "simulated",
@@ -1063,24 +1259,27 @@ def prepare_run(args, data, n_test, arms, weights):
     unfinished = args.resume or args.overwrite or not config_path.exists()
     expected = "--resume to continue it, --overwrite to replace it, or another --run_name"
     require(unfinished, run_dir, "an unfinished run with this name exists", expected)
+    # Input paths are compared relative to the run folder, so a results tree moved with its inputs resumes.
+    settings = runs.settings_of(args, RESUME_SETTINGS, run_dir, input_paths=INPUT_PATHS)
+    settings_path = run_dir / "resume_settings.json"
     if args.resume:
         runs.check_same_settings(
-            config_path,
-            runs.settings_of(args, RESUME_SETTINGS),
+            settings_path if settings_path.exists() else config_path,
+            settings if settings_path.exists() else runs.settings_of(args, RESUME_SETTINGS),
             what="the run being resumed",
-            section="args",
+            section=None if settings_path.exists() else "args",
             hint="the settings of the run being resumed",
         )
     sizes = {"n_samples": data["source"].count, "n_test": n_test, "image_size": data["source"].height}
     runs.write_config(run_dir, args, **sizes, arms=arms, concept_weights=weights)
+    atomic.write_json(settings_path, settings)
     return run_dir
 
 
 @cli_entry
 def main(args):
-    runs.seed_everything(args.seed, args.deterministic)
-    runs.print_args(args)
     weights = check_arguments(args)
+    runs.print_args(args)
     strategies = list(STRATEGIES) if args.query_strategy == "all" else [args.query_strategy]
     seeds = list(range(args.seed, args.seed + args.seeds))
     arms = [(strategy, seed) for strategy in strategies for seed in seeds]
@@ -1089,6 +1288,7 @@ def main(args):
     data = load_data(args, list(weights))
     n_test = describe_data(args, data)
     run_dir = prepare_run(args, data, n_test, arms, weights)
+    runs.seed_everything(args.seed, args.deterministic)  # after reading, which draws no random numbers
     print(f"run: {run_dir} ({len(arms)} run(s): {', '.join(strategies)} x seeds {seeds})")
 
     # ---- model ----
@@ -1111,6 +1311,8 @@ def main(args):
 
     # ---- evaluate ----
     metrics = write_results(args, run_dir, all_rows, seeds)
+    for line in discovery_lines(metrics):
+        print(line)
     print(summary_line(metrics))
     return metrics
 

@@ -82,3 +82,10 @@ def test_folds_file_of_other_data_is_refused(tmp_path):
     changed[0] = (changed[0] + 1) % 3
     with pytest.raises(InputError, match="was made for other data"):
         awir.load_or_make_folds(tmp_path / "results", 0.7, changed, box_label, cluster)
+
+
+def test_boxes_are_clipped_at_0_from_below_too():
+    """The differences table: a box reaching past the left edge keeps the width it has inside the image
+    (xmin -5, xmax 30: width 30 here, 35 in the reference, which clips at 300 from above only)."""
+    _, width, height = awir.box_width_height(np.array([[-5, 30, 290, 310]]))
+    assert width[0] == 30 and height[0] == 10

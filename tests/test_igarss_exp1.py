@@ -381,3 +381,10 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     )
     # The whole of stderr is the one line: TensorFlow's start-up lines are kept out too.
     assert_process_error(completed, "nowhere.npz: file not found")
+
+
+def test_zero_validation_loss_note_follows_the_model_selection():
+    """With --model_selection last the last epoch is kept, so the note never says "the first such epoch"."""
+    assert "first such epoch" not in igarss_exp1.zero_loss_note("last")
+    assert "last epoch" in igarss_exp1.zero_loss_note("last")
+    assert "first such epoch" in igarss_exp1.zero_loss_note("reference")

@@ -409,3 +409,57 @@ def test_feature_targets_are_renormalised_on_the_training_fold_and_clipped():
     np.testing.assert_allclose(targets[0, :2], [0, 0])
     np.testing.assert_allclose(targets[1, :2], [1, 1])
     np.testing.assert_allclose(targets[2, :2], [1, 1])  # beyond the training maximum: clipped
+
+
+# ---- the paired comparisons of summary.md, on a hand-made table ----
+
+
+def hand_made_folds():
+    """8 folds of three methods: TG-MATL beats MATL by 0.05 acc on every fold (sure), by +-0.01 on
+    R² feat alternately (a tie within the noise), and DTL is the best on mse_loc in every fold."""
+    per_fold = {}
+    for offset, method in ((0.0, "dtl"), (0.10, "matl"), (0.15, "tg_matl_30_10")):
+        folds = {}
+        for fold in range(1, 9):
+            metrics = dict.fromkeys(
+                igarss_exp2.METRICS + igarss_exp2.VAL_METRICS + igarss_exp2.TIME_METRICS, 0.5
+            )
+            metrics["acc"] = 0.6 + offset + 0.01 * fold
+            metrics["r2_feat"] = 0.3 + (0.01 if (fold + len(method)) % 2 else -0.01)
+            metrics["mse_loc"] = 0.2 + (0.0 if method == "dtl" else 0.05) + 0.001 * fold
+            folds[fold] = dict(metrics, fold=fold)
+        per_fold[("clip", method)] = folds
+    return per_fold
+
+
+def test_paired_table_and_bold_only_where_the_interval_excludes_zero(tmp_path):
+    per_fold = hand_made_folds()
+    methods = ["dtl", "matl", "tg_matl_30_10"]
+    rows = igarss_exp2.summarise(tmp_path, ["clip"], methods, range(1, 9), per_fold)
+    # Sample std (ddof=1) over the 8 folds: acc rises by 0.01 per fold.
+    assert rows[0]["acc_std"] == pytest.approx(np.std([0.01 * f for f in range(1, 9)], ddof=1))
+    comparisons = igarss_exp2.paper_comparisons(methods, 0.3, 0.1)
+    assert [(a, b) for a, b, _ in comparisons] == [
+        ("tg_matl_30_10", "matl"),
+        ("tg_matl_30_10", "dtl"),
+        ("matl", "dtl"),
+    ]
+    table = igarss_exp2.paired_table(per_fold, ["clip"], comparisons)
+    cells = {(row[1], row[2]): row for row in table}
+    acc = cells[("tg_matl_30_10 vs matl", "acc")]
+    assert acc[3:] == [8, "+0.0500", "[+0.0500, +0.0500]", "8/8", "0.00781", "yes"]
+    assert cells[("tg_matl_30_10 vs matl", "r2_feat")][-1] == "no"
+    # mse_loc is lower-is-better: DTL's lower error counts as a loss of MATL (negative difference).
+    assert (
+        cells[("matl vs dtl", "mse_loc")][4] == "-0.0500" and cells[("matl vs dtl", "mse_loc")][-1] == "yes"
+    )
+    marks = igarss_exp2.sure_best_marks(rows, per_fold)
+    index = {row["method"]: i for i, row in enumerate(rows)}
+    assert (index["tg_matl_30_10"], "acc") in marks and (index["dtl"], "mse_loc") in marks
+    assert not any(metric == "r2_feat" for _, metric in marks)  # a best mean within the noise is not bold
+    igarss_exp2.write_summary(rows, tmp_path, per_fold, comparisons)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "sample std (ddof=1)" in markdown and "## Paired comparisons" in markdown
+    assert "| clip | tg_matl_30_10 vs matl | acc | 8 | +0.0500 |" in markdown
+    assert markdown.count("**") == 2 * len(marks) + 2  # the two of the header's "**Bold**"
+    assert (tmp_path / "summary_paired.csv").read_text().count("\n") == len(table) + 1

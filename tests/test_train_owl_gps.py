@@ -140,6 +140,12 @@ def test_strategy_all_with_seeds_plots_four_strategies(tmp_path):
     assert (run_dir / "auc_curve.png").stat().st_size > 1000
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["final_test_auc"]) == set(owl.STRATEGIES)
+    # The discovery rate per strategy, its plot and each strategy vs random paired over the 2 seeds.
+    assert set(metrics["cumulative_discovery_rate"]) == set(owl.STRATEGIES)
+    assert (run_dir / "discovery_curve.png").stat().st_size > 1000
+    paired = (run_dir / "discovery_vs_random.md").read_text()
+    assert all(f"| {s} vs random | cumulative discovery rate | 2 |" in paired for s in owl.STRATEGIES[:3])
+    assert metrics["discovery_vs_random"] in paired
 
 
 def test_resume_after_round_k_matches_uninterrupted(tmp_path, monkeypatch):
@@ -410,3 +416,49 @@ def test_csv_oracle_starts_from_an_unlabelled_pool(data_dir, tmp_path, capsys):
     assert np.isnan(metrics["final_test_auc"]["concept"]) and metrics["n_labeled"] == 8
     assert "final: test_auc unknown (no test labels)" in capsys.readouterr().out
     assert len(read_csv(run_dir / "labels.csv")) == 8
+
+
+def test_discovery_counts_equal_the_labels_of_the_queried_patches(demo):
+    """rounds.csv's discovery columns recount labels.csv: per round and cumulative, initial labels apart."""
+    _, results, run_dir = demo
+    rounds = read_csv(run_dir / "rounds.csv")
+    labels = read_csv(run_dir / "labels.csv")
+    all_labels = np.load(results / "demo_data" / "train_owl_gps" / "labels.npy")
+    for row in rounds:
+        query_round = int(row["round"]) - 1
+        new = [int(r["label"]) for r in labels if int(r["round"]) == query_round]
+        queried = [int(r["label"]) for r in labels if 1 <= int(r["round"]) <= query_round]
+        assert [int(row["new_labels"]), int(row["new_positives"])] == [len(new), sum(new)]
+        assert [int(row["queried"]), int(row["queried_positives"])] == [len(queried), sum(queried)]
+        assert float(row["discovery_rate"]) == pytest.approx(sum(new) / len(new))
+        if queried:
+            assert float(row["cumulative_discovery_rate"]) == pytest.approx(sum(queried) / len(queried))
+        else:
+            assert row["cumulative_discovery_rate"] == "nan"
+    # Each label in the store is the patch's true label (the simulated oracle).
+    assert all(int(r["label"]) == all_labels[int(r["id"])] for r in labels)
+    assert rounds[0]["new_labels"] == "20" and rounds[-1]["queried"] == "90"
+    pool_rate = float(rounds[0]["pool_positive_rate"])
+    assert 0 < pool_rate < 1 and {r["pool_positive_rate"] for r in rounds} == {
+        rounds[0]["pool_positive_rate"]
+    }
+
+
+def test_discovery_counts_by_round():
+    rows = [
+        {"round": 0, "label": 1},
+        {"round": 0, "label": 0},
+        {"round": 1, "label": 1},
+        {"round": 2, "label": 0},
+    ]
+    assert owl.discovery_counts(rows, 1) == {
+        "new_labels": 2,
+        "new_positives": 1,
+        "discovery_rate": 0.5,
+        "queried": 0,
+        "queried_positives": 0,
+        "cumulative_discovery_rate": pytest.approx(float("nan"), nan_ok=True),
+    }
+    counts = owl.discovery_counts(rows, 3)
+    assert (counts["new_positives"], counts["queried"], counts["queried_positives"]) == (0, 2, 1)
+    assert counts["cumulative_discovery_rate"] == 0.5

@@ -41,7 +41,16 @@ def load_npy_dataset(data_dir, concept_names: Sequence[str], threshold: float) -
     labels = None
     if labels_path.exists():
         labels_path = require_file(labels_path, "labels.npy with one 0/1 label per patch")
-        labels = np.load(labels_path, allow_pickle=False)
+        try:
+            labels = np.load(labels_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(
+                labels_path, f"cannot be read as .npy ({message})", "labels.npy (N,) 0/1"
+            ) from None
+        require(
+            isinstance(labels, np.ndarray), labels_path, "is not a single .npy array", "labels.npy (N,) 0/1"
+        )
         require(
             labels.shape == (source.count,),
             labels_path,

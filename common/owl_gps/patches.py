@@ -102,6 +102,9 @@ def open_images_npy(path, in_memory_bytes: int = 1 << 29) -> ArrayPatches | NpyP
         f"has dtype {dtype}",
         "a numeric C-order array",
     )
+    size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = path.stat().st_size
+    require(actual == size, path, f"has {actual} bytes, its header promises {size}", "a complete .npy file")
     source = NpyPatches(path, shape, dtype, offset)
     chunk = max(1, (64 << 20) // (source.row_items * dtype.itemsize))
     with open(path, "rb") as file:

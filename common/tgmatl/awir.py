@@ -11,7 +11,10 @@ writes and another reads, and the seeded synthetic AWIR-like data of `--demo`.
 
 import hashlib
 import json
+import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +48,101 @@ EPS = 1e-12
 
 # ---- loading and validation ----
 
+# What reading a damaged archive raises: an empty file (EOFError), a cut zip (BadZipFile), a cut or
+# corrupt member (zlib.error, EOFError, ValueError), a file that is not one (OSError, ValueError).
+UNREADABLE_ARCHIVE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
+NPZ_EXPECTED = "a NumPy .npz archive with numeric arrays 'class_label' (N,) and 'box_label' (N,4)"
+# Upper bounds of the numeric flags: far above the paper's values (5000 epochs, batch 32), low enough
+# that a typing slip is refused instead of running for ever.
+MAX_EPOCHS = 1_000_000
+MAX_WORKERS = 256
+MAX_SEED = 2**32 - 1
+
+
+def first_line(error) -> str:
+    """An exception's message on one line (for the one-line error)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def require_writable_dir(path, flag: str = "--results_dir") -> Path:
+    """`path` is a folder that exists or can be made, and can be written: checked before any output.
+
+    Nothing is created: the nearest existing folder on the way must be writable.
+    """
+    path = Path(path)
+    require(not path.exists() or path.is_dir(), path, f"{flag} is a file", "a folder for the outputs")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    require(existing.is_dir(), existing, f"{flag} lies under a file", "a folder for the outputs")
+    require(
+        os.access(existing, os.W_OK | os.X_OK) and (existing == path or _creatable(existing)),
+        existing,
+        f"{flag} is not writable",
+        "a folder this user can write",
+    )
+    return path
+
+
+def _creatable(folder: Path) -> bool:
+    # os.access says yes for root and on some network file systems; a probe file is the real test.
+    probe = folder / f".write_probe_{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def require_range(args, flag: str, low, high=None, low_open: bool = False) -> None:
+    """`args.<flag>` is finite and in [low, high] ((low, high] with `low_open`)."""
+    value = getattr(args, flag)
+    above = value > low if low_open else value >= low
+    inside = math.isfinite(value) and above and (high is None or value <= high)
+    bracket = "(" if low_open else "["
+    expected = (
+        f"a value in {bracket}{low}, {high}]"
+        if high is not None
+        else f"a value {'>' if low_open else '>='} {low}"
+    )
+    require(inside, f"--{flag}", f"is {value}", expected)
+
+
+def check_protocol_arguments(args) -> None:
+    """The flags of add_protocol_arguments (and --calibration_epochs where present) are in range and
+    --results_dir can be written: checked before anything is read or written, so a slip ends in one line."""
+    require_range(args, "epochs", 1, MAX_EPOCHS)
+    require_range(args, "batch_size", 1)
+    inside = math.isfinite(args.test_size) and 0 < args.test_size < 1
+    require(inside, "--test_size", f"is {args.test_size}", "a fraction in (0, 1)")
+    require_range(args, "learning_rate", 0, 10, low_open=True)
+    require_range(args, "workers", 1, MAX_WORKERS)
+    require_range(args, "seed", 0, MAX_SEED)
+    if hasattr(args, "calibration_epochs"):
+        require_range(args, "calibration_epochs", 0, MAX_EPOCHS)
+    require_writable_dir(args.results_dir)
+
+
+def check_batch_size(batch_size, num_samples, data_path) -> None:
+    """A batch holds at most every sample (a bigger one would only pad every step with empty rows)."""
+    require(
+        batch_size <= num_samples,
+        "--batch_size",
+        f"is {batch_size} but {data_path} has {num_samples} samples",
+        f"a batch size of at most {num_samples}",
+    )
+
 
 def load_labels(data_path):
     """Read and validate `class_label` and `box_label` only (images stay on disk: npz is lazy per key)."""
     data_path = require_file(data_path, "the TG-MATL data.npz (class_label, box_label)")
     try:
         archive = np.load(data_path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise InputError(data_path, f"cannot be read as .npz ({error})", "a NumPy .npz archive") from None
+    except UNREADABLE_ARCHIVE as error:
+        raise InputError(data_path, f"cannot be read as .npz ({first_line(error)})", NPZ_EXPECTED) from None
+    require(isinstance(archive, np.lib.npyio.NpzFile), data_path, "is a single .npy array", NPZ_EXPECTED)
     with archive:
         for key in ("class_label", "box_label"):
             require(
@@ -65,7 +155,11 @@ def load_labels(data_path):
             class_label = archive["class_label"]
             box_label = archive["box_label"]
         except ValueError as error:
-            raise InputError(data_path, f"holds object arrays ({error})", "numeric arrays") from None
+            raise InputError(
+                data_path, f"holds unreadable arrays ({first_line(error)})", NPZ_EXPECTED
+            ) from None
+        except UNREADABLE_ARCHIVE as error:
+            raise InputError(data_path, f"is damaged ({first_line(error)})", NPZ_EXPECTED) from None
     where = f"{data_path}[class_label]"
     require(class_label.ndim == 1, where, f"has shape {class_label.shape}", "shape (N,)")
     require(
@@ -206,8 +300,11 @@ def load_embedding(embeddings_dir, name, num_samples):
     )
     try:
         embedding = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as error:
-        raise InputError(path, f"cannot be read as .npy ({error})", "a numeric (N, D) .npy array") from None
+    except UNREADABLE_ARCHIVE as error:
+        raise InputError(
+            path, f"cannot be read as .npy ({first_line(error)})", "a numeric (N, D) .npy array"
+        ) from None
+    require(isinstance(embedding, np.ndarray), path, "is an .npz archive", "a numeric (N, D) .npy array")
     require(embedding.ndim == 2, path, f"has shape {embedding.shape}", "shape (N, D)")
     require(
         np.issubdtype(embedding.dtype, np.floating) or np.issubdtype(embedding.dtype, np.integer),
@@ -388,9 +485,15 @@ def load_or_make_folds(results_dir, test_size, class_label, box_label, box_clust
     return test, folds
 
 
-def load_awir(data_path, embeddings_dir, embedding_names, results_dir, test_size):
-    """Everything an igarss script needs: labels, box targets, clusters, folds and the embeddings."""
+def load_awir(data_path, embeddings_dir, embedding_names, results_dir, test_size, batch_size=None):
+    """Everything an igarss script needs: labels, box targets, clusters, folds and the embeddings.
+
+    Every input is read and checked (and `batch_size` against the number of samples) before the
+    folds file, the first output, is written.
+    """
     class_label, box_label = load_labels(data_path)
+    if batch_size is not None:
+        check_batch_size(batch_size, len(class_label), data_path)
     embeddings = {name: load_embedding(embeddings_dir, name, len(class_label)) for name in embedding_names}
     box_cluster = box_cluster_labels(box_label)
     test, folds = load_or_make_folds(results_dir, test_size, class_label, box_label, box_cluster)
