@@ -1201,6 +1201,7 @@ def resolve_derived(args, demo_owner: str = SCRIPT_STEM):
     require(needed, "--expected_num_positives", "not set", "the mean positives per image (EPR and ROLE)")
     positive = args.epochs >= 1 and args.batch_size >= 1
     require(positive, "--epochs/--batch_size", "must be positive", "integers >= 1")
+    require(0 <= args.seed < 2**32, "--seed", f"{args.seed} is out of range", "an integer in [0, 2**32)")
     vectors = args.dataset == "features"
     require(not vectors or args.features, "--features", "not set", "a .npz of features (--dataset features)")
     fits = vectors == (args.backbone in ("mlp", "linear"))

@@ -176,16 +176,7 @@ def test_test_multilabel_model_fuzzed_files(trained_run, tmp_path, capsys):
         assert_fuzz_outcome(capsys, call, results, f"-c {kind}")
 
 
-SEED_UNCHECKED = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="the trainer's resolve_derived does not check --seed against NumPy's range [0, 2**32)",
-)
-
-
-@pytest.mark.parametrize(
-    "flag", ["--batch_size", "--image_size", pytest.param("--seed", marks=SEED_UNCHECKED)]
-)
+@pytest.mark.parametrize("flag", ["--batch_size", "--image_size", "--seed"])
 def test_test_multilabel_model_fuzzed_numbers(trained_run, capsys, flag):
     import test_multilabel_model as tmm
 
@@ -195,22 +186,11 @@ def test_test_multilabel_model_fuzzed_numbers(trained_run, capsys, flag):
         assert_fuzz_outcome(capsys, call, results, f"{flag} {value}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-    reason="common/spml/evaluation.saved_settings reads the run's config.json with json.loads unguarded",
-)
 def test_test_multilabel_model_fuzzed_run_config(trained_run, tmp_path, capsys):
     _, run_dir, _ = trained_run
     fuzz_run_file(capsys, tmp_path, trained_run, "config.json", run_dir / "config.json")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="common/spml/evaluation.evaluate_run loads best_model.keras with keras.models.load_model "
-    "unguarded (Keras says 'File not found' for a corrupt file that exists)",
-)
 def test_test_multilabel_model_fuzzed_best_model(trained_run, tmp_path, capsys):
     _, run_dir, _ = trained_run
     fuzz_run_file(capsys, tmp_path, trained_run, "best_model.keras", run_dir / "best_model.keras")

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import atomic, pipelines
-from common.errors import require_file
+from common.errors import InputError, require_file
 from common.spml import batches
 
 # The settings that decide which images a run reads and how: taken from config.json, never from the caller.
@@ -150,7 +150,21 @@ def summary_line(metrics: dict) -> str:
 def saved_settings(run_dir) -> dict:
     """The `args` of a run's config.json (an InputError names the folder when it is not a finished run)."""
     config_path = require_file(Path(run_dir) / "config.json", "a finished run folder (train it first)")
-    return json.loads(config_path.read_text())["args"]
+    try:
+        return json.loads(config_path.read_text())["args"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(config_path, "is not a run record", "the config.json a training run wrote") from None
+
+
+def load_saved_model(model_path):
+    """The run's Keras model; a file that Keras cannot read ends in one line naming it."""
+    import keras
+
+    try:
+        return keras.models.load_model(model_path)
+    except Exception as error:  # Keras raises ValueError, OSError or zipfile errors for a damaged file
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise InputError(model_path, f"cannot be read as a Keras model ({reason})", "a .keras file") from None
 
 
 def evaluate_run(args, run_dir, load_data, make_loader, prefix: str = "test_only_") -> dict:
@@ -166,8 +180,6 @@ def evaluate_run(args, run_dir, load_data, make_loader, prefix: str = "test_only
     Returns:
         The test metrics, with `matches_saved_metrics` when the run has a metrics.json.
     """
-    import keras
-
     run_dir = Path(run_dir)
     saved = saved_settings(run_dir)
     model_path = require_file(run_dir / "best_model.keras", "the run's best_model.keras")
@@ -176,7 +188,7 @@ def evaluate_run(args, run_dir, load_data, make_loader, prefix: str = "test_only
     loader = make_loader(data, args.image_size, reader_errors)
     with reader_errors.surface():
         test_dataset = batches.make_dataset(data["test"]["sources"], loader, args.batch_size)
-        model = keras.models.load_model(model_path)
+        model = load_saved_model(model_path)
         metrics = evaluate_and_write(run_dir, model, test_dataset, data, prefix)
     if (run_dir / "metrics.json").exists():
         saved_metrics = json.loads((run_dir / "metrics.json").read_text())
