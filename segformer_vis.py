@@ -91,8 +91,14 @@ def pooled_feature_extractor(args):
         try:
             model = keras.models.load_model(path, compile=False)
         except Exception as error:
-            # A corrupt archive raises many kinds of errors (zipfile, h5py, json, Keras's own).
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
+            # A corrupt archive raises many kinds of errors (zipfile, h5py, json, Keras's own); Keras
+            # reports a damaged .keras file that exists as "File not found", so that text is not shown.
+            text = str(error).splitlines()[0][:100] if str(error) else ""
+            reason = (
+                "damaged or incomplete file"
+                if "not found" in text.lower()
+                else f"{type(error).__name__}: {text}"
+            )
             raise InputError(
                 path,
                 f"cannot be read as a Keras model ({reason})",

@@ -164,6 +164,8 @@ def load_saved_model(model_path):
         return keras.models.load_model(model_path)
     except Exception as error:  # Keras raises ValueError, OSError or zipfile errors for a damaged file
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        # Keras reports a damaged .keras file that exists as "File not found": do not repeat that.
+        reason = "damaged or incomplete file" if "not found" in reason.lower() else reason
         raise InputError(model_path, f"cannot be read as a Keras model ({reason})", "a .keras file") from None
 
 
