@@ -1,6 +1,6 @@
 """Run every script's `--demo` in order: one line per demo as it ends, then a table of summary lines.
 
-    python -m common.demos                 # all 23 demos, about 12 minutes on a 2-core laptop
+    python -m common.demos                 # all 23 demos
     python -m common.demos --only igarss_exp1 train_owl_gps
 
 Each demo runs as its own process from the repository root, as `python <script> --demo` would, and
