@@ -14,6 +14,7 @@ from conftest import assert_main_error, call_main, no_temporary_files, run_scrip
 
 import segmentation_train as st
 from common.aras400k import classes, patches
+from common.errors import InputError
 
 SCRIPT = "segmentation_train.py"
 DOCUMENTED_FILES = [
@@ -243,7 +244,7 @@ def test_unknown_colour_ignore_counts_pixels(tmp_path):
     pairs = [(tmp_path / "images" / "x.png", tmp_path / "masks" / "x.png")]
     counts = patches.check_masks(pairs, "ignore", threads=1)
     assert counts[6] == 61 and counts[classes.NUM_CLASSES] == 3
-    with pytest.raises(st.InputError, match=r"3 pixels of colour \(9, 9, 9\)"):
+    with pytest.raises(InputError, match=r"3 pixels of colour \(9, 9, 9\)"):
         patches.check_masks(pairs, "error", threads=1)
 
 
