@@ -238,10 +238,8 @@ def test_help():
 
 def test_demo_writes_every_documented_file_and_heads_reload(tmp_path, capsys):
     results = tmp_path / "results"
-    completed = run_script(
-        "igarss_exp1.py", "--demo", "--epochs", "2", "--workers", "1", "--results_dir", str(results),
-        "--calibration_epochs", "1", "--views", "umap",
-    )  # fmt: skip
+    argv = f"--demo --epochs 2 --workers 1 --results_dir {results} --calibration_epochs 1 --views umap"
+    completed = run_script("igarss_exp1.py", *argv.split())
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "summary: tg_matl_30_10" in completed.stdout
     assert "ms per head-epoch" in completed.stdout and "silhouette clip dtl: class" in completed.stdout
