@@ -10,6 +10,7 @@ from sklearn.metrics import accuracy_score, jaccard_score, precision_recall_fsco
 import segmentation_train as st
 from common import metrics
 from common.aras400k import classes, efficientnet
+from common.errors import InputError
 
 
 def softmax(logits):
@@ -218,11 +219,11 @@ def test_mixed_precision_keeps_float32_logits():
 
 
 def test_bad_image_size_and_weights_file(tmp_path):
-    with pytest.raises(st.InputError, match="multiple of 32"):
+    with pytest.raises(InputError, match="multiple of 32"):
         st.build_segformer("efficientnetb0", 48)
     bad = tmp_path / "weights.h5"
     bad.write_bytes(b"not an h5 file")
-    with pytest.raises(st.InputError, match="cannot be loaded into efficientnetb0"):
+    with pytest.raises(InputError, match="cannot be loaded into efficientnetb0"):
         efficientnet.build_encoder("efficientnetb0", 32, weights=bad)
 
 
@@ -260,5 +261,5 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_seeds(tmp_path):
     state.update(epochs_done=2)
     st.save_checkpoint(restored, tmp_path, state)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["checkpoint_epoch002.npz"]
-    with pytest.raises(st.InputError, match="has shape"):
+    with pytest.raises(InputError, match="has shape"):
         st.load_checkpoint(small_compiled_model(width=5), tmp_path)
