@@ -68,6 +68,21 @@ def test_dice_loss_of_an_all_ignored_batch_is_zero():
     assert float(seg.MulticlassDiceLoss()(labels, logits)) == 0.0
 
 
+def test_dice_loss_of_a_single_valid_pixel_counts_its_class_and_its_cross_entropy():
+    # One valid pixel (class 2), the rest ignored: class 2 occurs once, so its Dice term counts, and the
+    # cross-entropy is that one pixel's, divided by one valid pixel.
+    labels = np.full((1, 2, 2), IGNORE)
+    labels[0, 1, 0] = 2
+    logits = np.random.default_rng(2).normal(size=(1, 2, 2, classes.NUM_CLASSES)).astype(np.float32)
+    pixel_logits = logits[0, 1, 0].astype(np.float64)
+    cross_entropy = float(np.log(np.exp(pixel_logits).sum()) - pixel_logits[2])
+    dice = dice_by_hand(np.array([2]), logits[0, 1, 0][None])
+    assert dice > 0.01
+    assert float(seg.MulticlassDiceLoss()(labels, logits)) == pytest.approx(dice, abs=1e-5)
+    with_ce = float(seg.MulticlassDiceLoss(cross_entropy=True)(labels, logits))
+    assert with_ce == pytest.approx(dice + cross_entropy, abs=1e-5)
+
+
 # ---- SPADE GAN: D then G, D's update sees the detached fake ----
 
 

@@ -31,6 +31,14 @@ def test_weighted_ce_weighs_each_sample_by_its_true_class():
     assert abs(value - (predicted_weight * ce).sum() / predicted_weight.sum()) > 1e-2
 
 
+def test_weighted_ce_normalises_by_the_weight_sum_also_when_it_is_below_one():
+    """Small class weights (a batch sum of 0.11): the divisor is that sum, not a floor of 1."""
+    weights = WEIGHTS / 100.0
+    value = float(classifier.SoftmaxFocalLoss(weights, gamma=0.0, weighted_mean=True)(LABELS, LOGITS))
+    ce = -log_softmax(LOGITS.astype(np.float64))[np.arange(5), LABELS]
+    np.testing.assert_allclose(value, (weights[LABELS] * ce).sum() / weights[LABELS].sum(), rtol=1e-5)
+
+
 def test_lin_focal_averages_over_samples_with_alpha_of_the_true_class():
     """Lin's form: mean over the batch of alpha_{y_i} (1 - p_{y_i})^gamma CE_i (no weight normaliser)."""
     value = float(classifier.SoftmaxFocalLoss(WEIGHTS, gamma=2.0)(LABELS, LOGITS))

@@ -6,6 +6,8 @@ chosen so that a swapped weight, a labelled or test patch, or a normalisation ov
 changes the ranking or the scores; MC-dropout against a model whose dropout is switched off.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -93,6 +95,16 @@ def test_reptile_query_loss_is_the_adapted_copy_on_the_query_half():
     assert query_loss == pytest.approx(expected, rel=1e-5)
     support = learner.adapted_probabilities(images[:6]).numpy()
     assert query_loss != pytest.approx(-np.log(support[np.arange(6), labels[:6]]).mean(), rel=1e-3)
+
+
+def test_reptile_query_loss_clips_a_zero_probability_at_1e_12():
+    # An adapted copy that gives every query patch's true class probability 0: the loss stays finite.
+    learner = reptile_learner()
+    images, labels = labelled_batch(12, 4)
+    wrong = np.eye(2, dtype=np.float32)[1 - labels[6:]]
+    learner.adapted_probabilities = lambda batch: SimpleNamespace(numpy=lambda: wrong)
+    query_loss = learner.reptile(images, labels, np.random.default_rng(1))
+    assert query_loss == pytest.approx(-np.log(1e-12), rel=1e-6)
 
 
 def test_adapt_puts_the_support_half_first(tmp_path, monkeypatch):

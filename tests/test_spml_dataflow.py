@@ -206,15 +206,18 @@ def softplus(z):
 
 
 def test_an_sees_target_one_on_observed_and_zero_on_every_unobserved_entry():
-    loss = tm.loss_an(LOGITS, OBSERVED)[0].numpy()
+    loss, regulariser = tm.loss_an(LOGITS, OBSERVED)
     expected = np.where(OBSERVED == 1, softplus(-LOGITS), softplus(LOGITS))
-    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-6)
+    assert float(regulariser) == 0.0  # no batch-level term: it would be added to every batch's loss
 
 
 def test_epr_and_em_leave_unobserved_entries_out_of_the_bce_term():
     epr = tm.loss_epr(LOGITS, OBSERVED, 2.0)[0].numpy()
     assert (epr[OBSERVED == 0] == 0).all() and (epr[OBSERVED == 1] > 0).all()
-    em = tm.loss_em(LOGITS, OBSERVED, 0.1)[0].numpy()
+    em, regulariser = tm.loss_em(LOGITS, OBSERVED, 0.1)
+    em = em.numpy()
+    assert float(regulariser) == 0.0  # EM has no batch-level term (EPR's prior is one)
     p = 1 / (1 + np.exp(-LOGITS.astype(np.float64)))
     entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
     np.testing.assert_allclose(em[OBSERVED == 0], -0.1 * entropy[OBSERVED == 0], rtol=1e-4)

@@ -97,6 +97,16 @@ def test_batch_all_gradient_moves_only_the_violating_points():
     np.testing.assert_allclose(gradient, [-0.5, 1.5, -1.0, 0.0, 0.0], atol=1e-5)
 
 
+def test_batch_all_counts_a_triplet_only_when_its_loss_exceeds_the_threshold():
+    # A hand-made distance matrix with margin 0: (0, 1, 2) has l = 0.5 - 0 and (1, 0, 2) has l exactly
+    # 1e-16 - 0, the threshold itself, which is not a violation: L = 0.5 / 1, not (0.5 + 1e-16) / 2.
+    tiny = np.float32(igarss_exp1.TINY)
+    distance = tf.constant([[[0.0, 0.5, 0.0], [tiny, 0.0, 0.0], [0.0, 0.0, 0.0]]], tf.float32)
+    valid = batch(True, True, True, dtype=tf.bool)
+    loss = igarss_exp1.batch_all_triplet_loss(distance, batch(0, 0, 1), valid, 0.0)
+    assert float(loss[0]) == pytest.approx(0.5, abs=1e-6)
+
+
 # ---- batch-hard (DTL-Hard) ----
 
 
@@ -132,6 +142,13 @@ def test_batch_hard_anchor_without_positive_and_coinciding_negative():
     # anchor class-1 at 0: d+ 0.04, d- 0 -> 0.14; at 0.04: d+ 0.04, d- 0.04 -> 0.1.
     loss = batch_hard(on_a_line(0.0, 0.0, 0.04), batch(0, 1, 1), batch(True, True, True, dtype=tf.bool))
     assert loss == pytest.approx((0.1 + 0.14 + 0.1) / 3, abs=1e-5)
+
+
+def test_batch_hard_of_a_single_valid_anchor_is_divided_by_one():
+    # One valid sample and two padded ones: no positive (d+ 0), no negative (d- falls back to the row
+    # maximum, 0): the one anchor contributes the margin, and the mean is over that one anchor.
+    loss = batch_hard(on_a_line(0.0, 0.02, 0.05), batch(0, 0, 1), batch(True, False, False, dtype=tf.bool))
+    assert loss == pytest.approx(MARGIN, abs=1e-6)
 
 
 def test_batch_hard_of_a_fully_padded_model_is_zero():
