@@ -538,3 +538,60 @@ def test_ollama_refusal_mid_run_stops_and_keeps_the_finished_captions(demo, tmp_
         OllamaHandler.do_POST = original
         server.close()
     assert len(read_rows(out)) == 4
+
+
+# ---- --shard K/N and --merge: one job split over processes ----
+
+SHARDED = {
+    # 4 images x 2 captions in batches of 3: image 2's captions fall into shards 1 and 2.
+    "text": (text_captioner, "--model {qwen} --percentages {percentages} --batch_size 3 --num_captions 2"),
+    "vision": (vision_captioner, "--model {gemma} --images {images} --batch_size 1"),
+    "vision_language": (
+        vision_language_captioner,
+        "--model {qwen_vl} --images {images} --percentages {percentages} --batch_size 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_three_shards_and_merge_equal_one_run(demo, tmp_path, capsys, name):
+    script, argv = SHARDED[name]
+    argv = argv.format(**demo) + " --max_new_tokens 3"
+    call_main(script, f"{argv} --out {tmp_path / 'one.csv'}")
+    merged = tmp_path / "merged.csv"
+    for index in (1, 2, 3):
+        call_main(script, f"{argv} --out {merged} --shard {index}/3")
+    assert (tmp_path / "merged.csv.shards" / "2_of_3.csv").is_file()
+    call_main(script, f"{argv} --out {merged} --shard 2/3")  # a finished part resumes to nothing
+    assert "0 captions to make" in capsys.readouterr().out
+    call_main(script, f"{argv} --out {merged} --merge")
+    assert merged.read_text() == (tmp_path / "one.csv").read_text()
+    one, joined = (
+        json.loads(captions.settings_path(tmp_path / name).read_text()) for name in ("one.csv", "merged.csv")
+    )
+    assert one == joined
+    call_main(script, f"{argv} --out {merged}")  # one process continues the merged CSV as its own
+    assert "0 captions to make (4 images already done)" in capsys.readouterr().out
+
+
+def test_merge_names_the_missing_or_unfinished_shard(demo, tmp_path, capsys):
+    argv = SHARDED["text"][1].format(**demo) + f" --max_new_tokens 3 --out {tmp_path / 'text.csv'}"
+    for index in (1, 3):
+        call_main(text_captioner, f"{argv} --shard {index}/3")
+    merge = lambda: call_main(text_captioner, f"{argv} --merge")  # noqa: E731
+    assert_main_error(capsys, merge, "2_of_3.csv: is missing or unfinished", "all 3 shards finished")
+    call_main(text_captioner, f"{argv} --shard 2/3")
+    part = tmp_path / "text.csv.shards" / "1_of_3.csv"
+    part.write_text("".join(part.read_text().splitlines(keepends=True)[:2]))  # killed after one caption
+    assert_main_error(capsys, merge, "1_of_3.csv: holds 1 of its 3 captions", "a finished shard")
+    assert not (tmp_path / "text.csv").exists()
+
+
+@pytest.mark.parametrize("value", ["0/3", "4/3", "x", "1/0"])
+def test_bad_shard_values_are_one_line(demo, tmp_path, capsys, value):
+    argv = f"--model {demo['qwen']} --percentages {demo['percentages']} --out {tmp_path / 'x.csv'}"
+    call = lambda: call_main(text_captioner, f"{argv} --shard {value}")  # noqa: E731
+    assert_main_error(capsys, call, "--shard", f"got '{value}'", "K/N with 1 <= K <= N")
+    call = lambda: call_main(text_captioner, f"{argv} --shard 1/2 --merge")  # noqa: E731
+    assert_main_error(capsys, call, "--merge: was given with --shard")
+    assert not list(tmp_path.iterdir())
