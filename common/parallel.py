@@ -90,10 +90,18 @@ def shard_batches(total: int, batch_size: int, shard: tuple[int, int]) -> list[r
     """The item ranges shard K of N takes: every N-th batch of a one-process run, from the K-th.
 
     The batches are those of one process over `total` items (`batch_size` each, the last one
-    shorter), so every batch keeps its items and a shard's batches end where the run's do.
+    shorter), so every batch keeps its items and a shard's batches end where the run's do. A shard
+    left without a batch (N above the number of batches) is one error line.
     """
     index, count = shard
     starts = range(0, total, batch_size)[index - 1 :: count]
+    batches = len(range(0, total, batch_size))
+    require(
+        starts,
+        "--shard",
+        f"{index}/{count} leaves shard {index} no work ({total} items, {batches} batches of {batch_size})",
+        f"at most {batches} shards",
+    )
     return [range(start, min(start + batch_size, total)) for start in starts]
 
 
