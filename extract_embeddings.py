@@ -595,7 +595,7 @@ def run_extraction(args, model_name, model_path, device):
     }
     rows = len(parallel.shard_rows(shape[0], args.batch_size, shard)) if shard else shape[0]
     if shard:
-        settings["shard"] = args.shard
+        settings["shard"] = f"{shard[0]}/{shard[1]}"
         print(f"shard {args.shard}: {rows} of the {shape[0]} images -> {output}")
     finished_chunks = load_checkpoint(checkpoint_dir, settings, args.resume, args.overwrite)
     resumed_rows = sum(len(chunk) for chunk in finished_chunks)

@@ -751,6 +751,7 @@ def merge_shards(args):
     records = [json.loads((part / marker).read_text()) for part in parts]
     settings = {key: value for key, value in records[0]["settings"].items() if key != "shard"}
     batch_size = dict(records[0]["settings"].get("shard") or {}).get("batch_size")
+    shape = (settings["chips"], *records[0]["shape"][1:])
     for index, (part, record) in enumerate(zip(parts, records, strict=True), start=1):
         require(
             record["settings"]
@@ -759,21 +760,19 @@ def merge_shards(args):
             "was made with other settings than shard 1",
             "parts of one command line that differs only in --shard",
         )
+        rows = len(parallel.shard_rows(shape[0], batch_size, (index, len(parts))))
+        for output in ("tokens", "mean")[: 1 + settings["save_mean"]]:
+            found = np.load(part / f"{output}.npy", mmap_mode="r").shape
+            expected = (rows, *shape[1:]) if output == "tokens" else (rows, shape[2])
+            require(found == expected, part / f"{output}.npy", f"has shape {found}", f"{expected}")
     name = run_folder(args).name
     run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, name, args.overwrite, args.resume, marker)
-    shape = (settings["chips"], *records[0]["shape"][1:])
     arrays = open_outputs(run_dir, shape, settings["save_mean"], fresh=True)
     for index, part in enumerate(parts, start=1):
-        batches = parallel.shard_batches(shape[0], batch_size, (index, len(parts)))
         for output, array in arrays.items():
-            part_rows = np.load(part / f"{output}.npy", mmap_mode="r")
-            expected = (sum(map(len, batches)), *array.shape[1:])
-            problem = f"has shape {part_rows.shape}"
-            require(
-                part_rows.shape == expected, part / f"{output}.npy", problem, f"{expected}, a finished shard"
-            )
-            start = 0
-            for batch in batches:  # batch by batch: memory stays bounded by one batch
+            part_rows, start = np.load(part / f"{output}.npy", mmap_mode="r"), 0
+            for batch in parallel.shard_batches(shape[0], batch_size, (index, len(parts))):
+                # Batch by batch from the part's memory map: memory stays bounded by one batch.
                 array[batch.start : batch.stop] = part_rows[start : start + len(batch)]
                 start += len(batch)
             array.flush()
