@@ -271,6 +271,7 @@ def add_shard_arguments(parser: argparse.ArgumentParser, what: str = "items") ->
     parser.add_argument(
         "--shard",
         default="",
+        metavar="K/N",
         help=f"K/N: run only shard K of N (every N-th batch of {what}, from the K-th) into "
         "<output>.shards/K_of_N, resumable like a whole run; empty: everything in one process.",
     )
