@@ -377,10 +377,11 @@ def merge_parts(args, names: Sequence[str]) -> Path:
         _require_readable_json(settings_path(part), "the settings record of a --shard run")
         record = json.loads(settings_path(part).read_text(encoding="utf-8"))
         dealt = _dealt(args, (index, len(parts)))
+        recorded = record.pop("shard", None)
         require(
-            record.pop("shard", None) == dealt,
+            recorded == dealt,
             settings_path(part),
-            f"records the shard {record.get('shard')}",
+            f"records the shard {recorded}",
             f"{dealt} (the --batch_size and --num_captions of the shards)",
         )
         record.pop("versions", None)
