@@ -422,18 +422,6 @@ def check_tile_level(tile_count, ratios, level) -> None:
     )
 
 
-def parse_shard(text):
-    """--shard K/N -> (K, N) with 1 <= K <= N; '' -> None."""
-    if not text:
-        return None
-    try:
-        index, count = (int(v) for v in text.split("/"))
-    except ValueError:
-        index = count = 0
-    require(1 <= index <= count, "--shard", f"got {text!r}", "K/N with 1 <= K <= N, e.g. 2/8")
-    return index, count
-
-
 def shard_dir(out, index, count) -> Path:
     return Path(out) / "shards" / f"{index}_of_{count}"
 
@@ -860,7 +848,7 @@ def main(args):
         args.s2_dir, args.map_dir = demo_data.write_demo_tiles(
             cli.demo_data_dir(args, "dataset_creator"), args.demo_size, args.seed
         )
-    ratios, shard = check_arguments(args), parse_shard(args.shard)
+    ratios, shard = check_arguments(args), parallel.parse_shard(args.shard)
     runs.print_args(args)
     if args.merge:
         report = merge_shards(out, args.overwrite, args.keep_going, started)

@@ -34,6 +34,8 @@ demo: clip (240, 512), dinov2 (240, 768), mae (240, 768) -> results/demo_data/ex
 """
 
 import argparse
+import itertools
+import json
 import os
 import shutil
 import sys
@@ -62,7 +64,7 @@ from transformers import (
     ViTMAEModel,
 )
 
-from common import atomic, cli, runs
+from common import atomic, cli, parallel, runs
 from common.errors import InputError, cli_entry, require, require_file
 from common.tgmatl import awir
 
@@ -159,6 +161,7 @@ def get_args_parser():
         action="store_true",
         help="Replace existing embeddings (or partial ones) instead of stopping.",
     )
+    cli.add_shard_arguments(parser, "images")
     parser.add_argument("--results_dir", default="results", help="Root of the output tree (used by --demo).")
     parser.add_argument(
         "--demo",
@@ -425,7 +428,7 @@ def extract(model_name, model, processor, args, num_images, pixel_scaling, devic
     folder, chunks = checkpoint["folder"], list(checkpoint["chunks"])
     first_pending = sum(len(chunk) for chunk in chunks)
     pending = []
-    batches = iter_npz_batches(args.data, args.input, args.batch_size, first=first_pending)
+    batches = image_batches(args, first_pending)
     with tqdm(
         total=num_images, initial=first_pending, desc=f"{model_name} embeddings", unit="img", file=sys.stderr
     ) as progress:
@@ -445,6 +448,21 @@ def extract(model_name, model, processor, args, num_images, pixel_scaling, devic
                 save_row_chunk(folder, first_pending, chunks[-1])
                 first_pending, pending = end, []
     return np.concatenate(chunks + pending).astype(np.float32, copy=False)
+
+
+def image_batches(args, first: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, images) batches of data.npz[--input] from row `first` on; with `--shard K/N` only the
+    shard's batches (`common.parallel.shard_batches`), `start` counting the shard's own rows."""
+    shard = parallel.parse_shard(args.shard)
+    if shard is None:
+        yield from iter_npz_batches(args.data, args.input, args.batch_size, first=first)
+        return
+    row = 0
+    batches = iter_npz_batches(args.data, args.input, args.batch_size)
+    for _, images in itertools.islice(batches, shard[0] - 1, None, shard[1]):
+        if row >= first:
+            yield row, images
+        row += len(images)
 
 
 # ---- checkpoints: the rows embedded so far, saved in chunks ----
@@ -537,8 +555,13 @@ def write_embeddings(output, embeddings, args, derived):
 
 
 def run_extraction(args, model_name, model_path, device):
-    """Validate, load, extract and write awir_<model>_emb.npy (+ .json record) for one model."""
-    output = embeddings_file(args.embeddings_dir, model_name)
+    """Validate, load, extract and write awir_<model>_emb.npy (+ .json record) for one model; with
+    `--shard K/N` the part `awir_<model>_emb.npy.shards/K_of_N.npy` (+ .json) of the shard's rows."""
+    if args.merge:
+        return merge_embeddings(args, model_name)
+    shard = parallel.parse_shard(args.shard)
+    final = embeddings_file(args.embeddings_dir, model_name)
+    output = parallel.shard_path(final, shard, ".npy") if shard else final
     if output.exists() and not args.overwrite:
         require(
             args.resume,
@@ -558,20 +581,26 @@ def run_extraction(args, model_name, model_path, device):
     )
 
     checkpoint_dir = output.parent / f".{output.stem}.partial"
-    # Input paths relative to the checkpoint folder: embeddings moved together with their inputs resume.
+    # Input paths relative to the checkpoint folder: embeddings moved together with their inputs resume
+    # (a shard's relative to the one of a whole run, so that its parts record what that run would).
+    relative_to = final.parent / f".{final.stem}.partial"
     local_model = Path(model_path).is_dir()
     settings = {
-        "data": runs.input_path_record(args.data, checkpoint_dir),
+        "data": runs.input_path_record(args.data, relative_to),
         **runs.settings_of(args, RESUME_SETTINGS),
         "num_images": shape[0],
         "pixel_mapping": mapping,
         "model": model_name,
-        "model_path": runs.input_path_record(model_path, checkpoint_dir) if local_model else model_path,
+        "model_path": runs.input_path_record(model_path, relative_to) if local_model else model_path,
     }
+    rows = len(parallel.shard_rows(shape[0], args.batch_size, shard)) if shard else shape[0]
+    if shard:
+        settings["shard"] = f"{shard[0]}/{shard[1]}"
+        print(f"shard {args.shard}: {rows} of the {shape[0]} images -> {output}")
     finished_chunks = load_checkpoint(checkpoint_dir, settings, args.resume, args.overwrite)
     resumed_rows = sum(len(chunk) for chunk in finished_chunks)
     if resumed_rows:
-        print(f"resume: {resumed_rows} of {shape[0]} images embedded before the interruption")
+        print(f"resume: {resumed_rows} of {rows} images embedded before the interruption")
     checkpoint = {
         "folder": checkpoint_dir,
         "batches": max(1, -(-args.checkpoint_every // args.batch_size)),
@@ -579,7 +608,7 @@ def run_extraction(args, model_name, model_path, device):
         "settings": settings,
     }
     started = time.perf_counter()
-    embeddings = extract(model_name, model, processor, args, shape[0], (offset, scale), device, checkpoint)
+    embeddings = extract(model_name, model, processor, args, rows, (offset, scale), device, checkpoint)
     seconds = time.perf_counter() - started
     # A non-finite embedding means a broken checkpoint; the TG-MATL scripts would reject the file.
     require(
@@ -592,11 +621,53 @@ def run_extraction(args, model_name, model_path, device):
     write_embeddings(output, embeddings, args, derived)
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
-    images_per_second = (shape[0] - resumed_rows) / max(seconds, 1e-9)
+    images_per_second = (rows - resumed_rows) / max(seconds, 1e-9)
     print(
         f"{model_name}: {output} {embeddings.shape} float32 in {seconds:.1f} s "
         f"({images_per_second:.1f} images/s)"
     )
+    return output, embeddings.shape
+
+
+# Fields of a part's record that are its own, not the settings every part shares.
+PART_FIELDS = ("shard", "device", "seconds", "resumed_rows", "shape", "dtype")
+
+
+def merge_embeddings(args, model_name):
+    """--merge: the finished `--shard K/N` parts of awir_<model>_emb.npy, each row put back where the
+    one-process run has it, written (+ .json record) as that run writes them."""
+    output = embeddings_file(args.embeddings_dir, model_name)
+    require(
+        args.overwrite or not output.exists(),
+        output,
+        "embeddings exist already",
+        "--overwrite to replace them",
+    )
+    parts = parallel.shard_parts(output, ".npy", lambda part: part.with_suffix(".json").is_file())
+    records = [json.loads(part.with_suffix(".json").read_text())["derived"] for part in parts]
+    settings = {key: value for key, value in records[0].items() if key not in PART_FIELDS}
+    embeddings = None
+    for index, (part, record) in enumerate(zip(parts, records, strict=True), start=1):
+        require(
+            record.get("shard") == f"{index}/{len(parts)}"
+            and {key: value for key, value in record.items() if key not in PART_FIELDS} == settings,
+            part.with_suffix(".json"),
+            "was made with other settings than shard 1",
+            "parts of one command line that differs only in --shard",
+        )
+        rows = parallel.shard_rows(settings["num_images"], settings["batch_size"], (index, len(parts)))
+        if embeddings is None:
+            embeddings = np.empty((settings["num_images"], record["shape"][1]), np.float32)
+        part_rows = np.load(part, allow_pickle=False)
+        expected = (len(rows), embeddings.shape[1])
+        require(
+            part_rows.shape == expected, part, f"has shape {part_rows.shape}", f"{expected}, a finished shard"
+        )
+        embeddings[rows] = part_rows
+    seconds = sum(record["seconds"] for record in records)  # the parts' time, not the wall time
+    derived = {**settings, "device": records[0]["device"], "seconds": round(seconds, 3), "resumed_rows": 0}
+    write_embeddings(output, embeddings, args, derived | {"merged_shards": len(parts)})
+    print(f"{model_name}: {output} {embeddings.shape} float32 merged from {len(parts)} shards")
     return output, embeddings.shape
 
 
@@ -683,6 +754,7 @@ def check_arguments(args) -> None:
         bound = f"a positive integer up to {high}" if high else "a positive integer"
         require(value >= 1 and (high is None or value <= high), f"--{flag}", f"is {value}", bound)
     require(0 <= args.seed <= MAX_SEED, "--seed", f"is {args.seed}", f"an integer in [0, {MAX_SEED}]")
+    parallel.shard_of(args)
     awir.require_writable_dir(args.embeddings_dir, "--embeddings_dir")
     if args.demo:
         awir.require_writable_dir(args.results_dir)

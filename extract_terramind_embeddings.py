@@ -60,7 +60,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from common import atomic, cli, pipelines, runs
+from common import atomic, cli, parallel, pipelines, runs
 from common.errors import InputError, cli_entry, require, require_file
 from common.lucas import demo_chips, lucas_chips
 
@@ -128,6 +128,7 @@ def get_args_parser():
     )
     add("--save_mean", action="store_true", help="Also write the mean over tokens, (N, D), as mean.npy.")
     add("--batch_size", type=int, default=8, help="Chips per forward pass (memory, not results).")
+    cli.add_shard_arguments(parser, "chips")
     demo = parser.add_argument_group("demo")
     cli.add_demo_argument(demo, "with a random TerraMind-shaped checkpoint, then the probe grid.")
     demo.add_argument("--demo_scale", type=float, default=0.12, help="Demo chips per class = study x this.")
@@ -656,8 +657,9 @@ def open_outputs(run_dir, shape, save_mean, fresh):
     return arrays
 
 
-def extract(encoder, reader, preprocessing, arrays, first, batch_size, progress):
-    """Stream tokens of chips `first..N-1` into the memory maps; `progress(rows)` after each flush.
+def extract(encoder, reader, preprocessing, arrays, first, batch_size, progress, chips_in_order):
+    """Stream tokens of `chips_in_order[first:]` (indices into the reader's chips) into the memory maps
+    from row `first` on; `progress(rows)` after each flush.
 
     A flush plus progress record at most SAVE_EVERY_SECONDS apart: an interrupted run loses at most
     that much work, and every row the record counts is on disk. Returns (chips, seconds) of this call.
@@ -665,7 +667,7 @@ def extract(encoder, reader, preprocessing, arrays, first, batch_size, progress)
     count = arrays["tokens"].shape[0]
     start_time, last_save, row = time.monotonic(), time.monotonic(), first
     with reader.surface():
-        for chips in reader.dataset(np.arange(first, count), None, batch_size).as_numpy_iterator():
+        for chips in reader.dataset(chips_in_order[first:], None, batch_size).as_numpy_iterator():
             tokens = embed_batch(encoder, chips, preprocessing, batch_size)
             arrays["tokens"][row : row + len(tokens)] = tokens
             if "mean" in arrays:
@@ -689,6 +691,8 @@ def run_folder(args):
 def prepare_extraction(args, settings):
     """The run folder and the chips already done: all (finished run, --resume), some (interrupted), 0."""
     name = run_folder(args).name
+    if args.shard:  # shard K of N: its own run folder <run_name>.shards/K_of_N
+        name = parallel.shard_path(name, parallel.parse_shard(args.shard))
     marker = "extraction.json"
     run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, name, args.overwrite, args.resume, marker)
     if (run_dir / marker).is_file():
@@ -714,9 +718,10 @@ def prepare_extraction(args, settings):
     return run_dir, rows
 
 
-def write_outputs(run_dir, encoder, reader, preprocessing, first, args, record):
-    """Extract (or continue), rename the finished `.partial.npy` files, write extraction.json last."""
-    shape = record["shape"]
+def write_outputs(run_dir, encoder, reader, preprocessing, first, args, record, chips_in_order):
+    """Extract (or continue) the tokens of `chips_in_order` (all chips, or a shard's), rename the
+    finished `.partial.npy` files, write extraction.json last."""
+    shape = record["shape"] = (len(chips_in_order), *record["shape"][1:])
     arrays = open_outputs(run_dir, shape, args.save_mean, fresh=first == 0)
 
     def progress(rows):
@@ -724,7 +729,9 @@ def write_outputs(run_dir, encoder, reader, preprocessing, first, args, record):
 
     if first == 0:
         progress(0)
-    chips_done, seconds = extract(encoder, reader, preprocessing, arrays, first, args.batch_size, progress)
+    chips_done, seconds = extract(
+        encoder, reader, preprocessing, arrays, first, args.batch_size, progress, chips_in_order
+    )
     del arrays  # closes the memory maps before their files are renamed
     for name in ("tokens", "mean")[: 1 + args.save_mean]:
         os.replace(run_dir / f"{name}.partial.npy", run_dir / f"{name}.npy")
@@ -734,6 +741,51 @@ def write_outputs(run_dir, encoder, reader, preprocessing, first, args, record):
     (run_dir / "progress.json").unlink()
     where = run_dir / "tokens.npy"
     print(f"tokens {shape} -> {where}; {chips_done} chips in {seconds:.1f} s ({speed:.2f} chips/s)")
+
+
+def merge_shards(args):
+    """--merge: the tokens (and means) of the finished `--shard K/N` run folders, each row put back where
+    one process writes it, into the run folder that process writes (extraction.json last)."""
+    marker = "extraction.json"
+    parts = parallel.shard_parts(run_folder(args), "", lambda part: (part / marker).is_file())
+    records = [json.loads((part / marker).read_text()) for part in parts]
+    settings = {key: value for key, value in records[0]["settings"].items() if key != "shard"}
+    batch_size = dict(records[0]["settings"].get("shard") or {}).get("batch_size")
+    shape = (settings["chips"], *records[0]["shape"][1:])
+    for index, (part, record) in enumerate(zip(parts, records, strict=True), start=1):
+        require(
+            record["settings"]
+            == settings | {"shard": {"part": f"{index}/{len(parts)}", "batch_size": batch_size}},
+            part / marker,
+            "was made with other settings than shard 1",
+            "parts of one command line that differs only in --shard",
+        )
+        rows = len(parallel.shard_rows(shape[0], batch_size, (index, len(parts))))
+        for output in ("tokens", "mean")[: 1 + settings["save_mean"]]:
+            found = np.load(part / f"{output}.npy", mmap_mode="r").shape
+            expected = (rows, *shape[1:]) if output == "tokens" else (rows, shape[2])
+            require(found == expected, part / f"{output}.npy", f"has shape {found}", f"{expected}")
+    name = run_folder(args).name
+    run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, name, args.overwrite, args.resume, marker)
+    arrays = open_outputs(run_dir, shape, settings["save_mean"], fresh=True)
+    for index, part in enumerate(parts, start=1):
+        for output, array in arrays.items():
+            part_rows, start = np.load(part / f"{output}.npy", mmap_mode="r"), 0
+            for batch in parallel.shard_batches(shape[0], batch_size, (index, len(parts))):
+                # Batch by batch from the part's memory map: memory stays bounded by one batch.
+                array[batch.start : batch.stop] = part_rows[start : start + len(batch)]
+                start += len(batch)
+            array.flush()
+    del arrays  # closes the memory maps before their files are renamed
+    for output in ("tokens", "mean")[: 1 + settings["save_mean"]]:
+        os.replace(run_dir / f"{output}.partial.npy", run_dir / f"{output}.npy")
+    chips_done, seconds = (sum(record[key] for record in records) for key in ("chips_extracted", "seconds"))
+    record = records[0] | runs.run_record(args) | {"settings": settings, "shape": shape, "shards": len(parts)}
+    speed = chips_done / max(seconds, 1e-9)  # the parts' chips over the parts' seconds
+    record |= {"chips_extracted": chips_done, "seconds": seconds, "chips_per_second": speed}
+    atomic.write_json(run_dir / marker, record)
+    print(f"tokens {shape} -> {run_dir / 'tokens.npy'}; merged from {len(parts)} shards")
+    return run_dir
 
 
 # ---- demo ----
@@ -770,6 +822,7 @@ def main(args):
     require(
         1 <= args.demo_epochs <= 10**6, "--demo_epochs", f"{args.demo_epochs}", "an integer from 1 to 10^6"
     )
+    shard = parallel.shard_of(args)
     runs.seed_everything(args.seed, args.deterministic)
     if args.demo:
         prepare_demo(args)
@@ -779,6 +832,11 @@ def main(args):
 
     # ---- data ----
     labels_csv = Path(args.labels_csv or Path(args.data_root) / lucas_chips.LABELS_CSV_NAME)
+    if args.merge:  # the finished --shard parts joined into the run folder one process writes
+        run_dir = merge_shards(args)
+        if args.demo:
+            run_probe_demo(args, labels_csv, run_dir / "tokens.npy")
+        return run_dir
     point_ids, labels = lucas_chips.read_labels(labels_csv)
     paths, sizes = lucas_chips.locate_chips(args.data_root, labels_csv, point_ids, labels)
     image_size = lucas_chips.chip_size(sizes, None, args.data_root)
@@ -788,19 +846,23 @@ def main(args):
     checkpoint = require_file(args.checkpoint, "a TerraMind checkpoint (.pt or .safetensors)")
     settings = runs.settings_of(args, RESUME_SETTINGS, run_folder(args), INPUT_PATHS)
     settings |= {"chips": len(paths), "image_size": image_size, "checkpoint_sha256": file_sha256(checkpoint)}
+    chips_in_order = np.arange(len(paths))
+    if shard:  # every N-th batch from the K-th; the batch size deals the chips, so it is recorded
+        chips_in_order = np.array(parallel.shard_rows(len(paths), args.batch_size, shard))
+        settings["shard"] = {"part": f"{shard[0]}/{shard[1]}", "batch_size": args.batch_size}
     # The checkpoint and every chip are read before the run folder is made: a bad file leaves nothing.
     tensors, loaded = read_encoder_tensors(checkpoint, args.variant)
     reader.check_readable(np.arange(len(paths)), args.batch_size)
     run_dir, first = prepare_extraction(args, settings)
 
     # ---- model ----
-    if first < len(paths):
+    if first < len(chips_in_order):
         encoder, preprocessing, record = prepare_encoder(args, tensors, loaded, reader, image_size)
         record |= {"settings": settings, "labels_csv_order": str(labels_csv)}
 
         # ---- extract ----
-        write_outputs(run_dir, encoder, reader, preprocessing, first, args, record)
-    if args.demo:
+        write_outputs(run_dir, encoder, reader, preprocessing, first, args, record, chips_in_order)
+    if args.demo and not shard:
         run_probe_demo(args, labels_csv, run_dir / "tokens.npy")
     return run_dir
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from common import cli, runs
+from common import cli, parallel, runs
 from common.aras400k import captions
 from common.errors import cli_entry, require
 
@@ -57,6 +57,7 @@ def get_args_parser():
         batch_size=1,
     )
     captions.add_torch_arguments(parser)
+    cli.add_shard_arguments(parser, "(image, caption number) jobs")
     add = parser.add_argument
     add("--max_new_tokens", type=int, default=100, help="New tokens per caption.")
     add("--temperature", type=float, default=0.7, help="Sampling temperature (the reference's value).")
@@ -136,6 +137,7 @@ def caption_batch(batch, args, tokenizer, model, percentages):
 @cli_entry
 def main(args):
     captions.check_numbers(args)
+    shard = parallel.shard_of(args)
     require(args.temperature > 0, "--temperature", f"is {args.temperature}", "a positive number")
     require(0 < args.top_p <= 1, "--top_p", f"is {args.top_p}", "a probability mass in (0, 1]")
     captions.seed_torch(args.seed)
@@ -147,6 +149,8 @@ def main(args):
     # ---- inputs and model ----
     percentages = captions.read_percentages(args.percentages)
     names = captions.files_to_caption(args.images, percentages, True, args.percentages)
+    if args.merge:  # the finished --shard parts, joined as one process writes them
+        return captions.merge_parts(args, names)
     device, dtype = captions.torch_device_and_dtype(args.device, args.dtype)
     tokenizer, model = load_model(args.model, device, dtype)
     captions.require_context_room(model, args.max_new_tokens)
@@ -166,9 +170,11 @@ def main(args):
         "dtype": str(dtype),
         "generation": generation,
     }
-    log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
+    log = captions.shard_log(args, settings, shard)
     make_captions = lambda batch: caption_batch(batch, args, tokenizer, model, percentages)  # noqa: E731
-    captions.caption_missing(log, names, args.batch_size, make_captions, args.retries, seed=args.seed)
+    captions.caption_missing(
+        log, names, args.batch_size, make_captions, args.retries, seed=args.seed, shard=shard
+    )
 
 
 if __name__ == "__main__":

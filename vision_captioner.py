@@ -36,7 +36,7 @@ from transformers import (
     Gemma3Processor,
 )
 
-from common import cli, runs
+from common import cli, parallel, runs
 from common.aras400k import captions
 from common.errors import cli_entry, require
 
@@ -76,6 +76,7 @@ def get_args_parser():
         batch_size=10,
     )
     captions.add_torch_arguments(parser)
+    cli.add_shard_arguments(parser, "(image, caption number) jobs")
     parser.add_argument("--max_new_tokens", type=int, default=100, help="New tokens per caption.")
     parser.demo_defaults(batch_size=4, max_new_tokens=32)
     return parser
@@ -183,6 +184,7 @@ def caption_batch(batch, args, processor, model):
 @cli_entry
 def main(args):
     captions.check_numbers(args)
+    shard = parallel.shard_of(args)
     captions.seed_torch(args.seed)
     if args.demo:
         folder = captions.demo_paths(args, "vision_captioner")
@@ -191,6 +193,8 @@ def main(args):
 
     # ---- inputs and model ----
     names = captions.list_images(args.images)
+    if args.merge:  # the finished --shard parts, joined as one process writes them
+        return captions.merge_parts(args, names)
     device, dtype = captions.torch_device_and_dtype(args.device, args.dtype)
     processor, model = load_model(args.model, device, dtype)
     captions.require_context_room(model, args.max_new_tokens)
@@ -206,9 +210,11 @@ def main(args):
         "dtype": str(dtype),
         "generation": generation,
     }
-    log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
+    log = captions.shard_log(args, settings, shard)
     make_captions = lambda batch: caption_batch(batch, args, processor, model)  # noqa: E731
-    captions.caption_missing(log, names, args.batch_size, make_captions, args.retries, seed=args.seed)
+    captions.caption_missing(
+        log, names, args.batch_size, make_captions, args.retries, seed=args.seed, shard=shard
+    )
 
 
 if __name__ == "__main__":

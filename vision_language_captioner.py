@@ -40,7 +40,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from common import cli, runs
+from common import cli, parallel, runs
 from common.aras400k import captions
 from common.errors import cli_entry, require
 
@@ -81,6 +81,7 @@ def get_args_parser():
         batch_size=32,
     )
     captions.add_torch_arguments(parser)
+    cli.add_shard_arguments(parser, "(image, caption number) jobs")
     add = parser.add_argument
     add("--max_new_tokens", type=int, default=100, help="New tokens per caption (greedy decoding).")
     add("--workers", type=int, default=16, help="Threads that read the images of a batch.")
@@ -253,6 +254,7 @@ def caption_batch(batch, args, tokenizer, image_processor, model, percentages, p
 @cli_entry
 def main(args):
     captions.check_numbers(args)
+    shard = parallel.shard_of(args)
     require(args.workers >= 1, "--workers", f"is {args.workers}", "at least 1")
     captions.seed_torch(args.seed)
     if args.demo:
@@ -265,6 +267,8 @@ def main(args):
     names = captions.list_images(args.images)
     without_row = sum(name not in percentages for name in names)
     print(f"{len(names)} images, {without_row} without a percentage row (they get the base prompt)")
+    if args.merge:  # the finished --shard parts, joined as one process writes them
+        return captions.merge_parts(args, names)
 
     # ---- model ----
     device, dtype = captions.torch_device_and_dtype(args.device, args.dtype)
@@ -282,12 +286,14 @@ def main(args):
         "dtype": str(dtype),
         "generation": generation,
     }
-    log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
+    log = captions.shard_log(args, settings, shard)
     with ThreadPoolExecutor(max(1, args.workers)) as pool:
         make_captions = lambda batch: caption_batch(  # noqa: E731
             batch, args, tokenizer, image_processor, model, percentages, pool
         )
-        captions.caption_missing(log, names, args.batch_size, make_captions, args.retries, seed=args.seed)
+        captions.caption_missing(
+            log, names, args.batch_size, make_captions, args.retries, seed=args.seed, shard=shard
+        )
 
 
 if __name__ == "__main__":

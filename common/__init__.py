@@ -9,7 +9,7 @@ checkpoints       resumable state: arrays keyed by variable path, state.json wri
 pipelines         tf.data helpers: (seed, epoch) orders, reader errors as InputErrors, band statistics
 plots             Agg backend, atomic save, confusion matrices, curves, grouped bars
 reports           mean +- std over folds or seeds, CSV and markdown tables
-parallel          one spawn-process job runner behind every --workers
+parallel          one spawn-process job runner behind every --workers; the --shard K/N layout and --merge
 startup           imported before TensorFlow: keeps its C++ start-up lines out of the output
 raster            GeoTIFF reading and writing in windows (rasterio)
 metrics           streaming confusion matrix and the metrics derived from it

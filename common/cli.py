@@ -266,6 +266,23 @@ def add_workers_argument(parser: argparse.ArgumentParser, default: int = 1, what
     )
 
 
+def add_shard_arguments(parser: argparse.ArgumentParser, what: str = "items") -> None:
+    """--shard K/N and --merge: one job split over N processes, then their parts joined (common.parallel)."""
+    parser.add_argument(
+        "--shard",
+        default="",
+        metavar="K/N",
+        help=f"K/N: run only shard K of N (every N-th batch of {what}, from the K-th) into "
+        "<output>.shards/K_of_N, resumable like a whole run; empty: everything in one process.",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="Check that every --shard K/N part is finished and join them into the output one process "
+        "writes (the same flags otherwise, without --shard).",
+    )
+
+
 def demo_data_dir(args, script_stem: str) -> Path:
     """Where `--demo` writes its synthetic input: <results_dir>/demo_data/<script>."""
     return Path(args.results_dir) / "demo_data" / script_stem

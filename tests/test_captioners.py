@@ -1,6 +1,7 @@
 """The ARAS400k captioners: reference prompts, resumable CSV, the Qwen3-VL inputs, one generate per
 family with tiny models, the OpenAI Batch flow and Ollama against local HTTP servers."""
 
+import argparse
 import base64
 import csv
 import email.parser
@@ -538,3 +539,69 @@ def test_ollama_refusal_mid_run_stops_and_keeps_the_finished_captions(demo, tmp_
         OllamaHandler.do_POST = original
         server.close()
     assert len(read_rows(out)) == 4
+
+
+# ---- --shard K/N and --merge: one job split over processes ----
+
+SHARDED = {
+    # 4 images x 2 captions in batches of 3: image 2's captions fall into shards 1 and 2.
+    "text": (text_captioner, "--model {qwen} --percentages {percentages} --batch_size 3 --num_captions 2"),
+    "vision": (vision_captioner, "--model {gemma} --images {images} --batch_size 1"),
+    "vision_language": (
+        vision_language_captioner,
+        "--model {qwen_vl} --images {images} --percentages {percentages} --batch_size 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_three_shards_and_merge_equal_one_run(demo, tmp_path, capsys, name):
+    script, argv = SHARDED[name]
+    argv = argv.format(**demo) + " --max_new_tokens 3"
+    call_main(script, f"{argv} --out {tmp_path / 'one.csv'}")
+    merged = tmp_path / "merged.csv"
+    for index in (1, 3):
+        call_main(script, f"{argv} --out {merged} --shard {index}/3")
+    merge = lambda: call_main(script, f"{argv} --out {merged} --merge")  # noqa: E731
+    assert_main_error(capsys, merge, "2_of_3.csv: is missing or unfinished", "all 3 shards finished")
+    assert not merged.exists()
+    call_main(script, f"{argv} --out {merged} --shard 2/3")
+    call_main(script, f"{argv} --out {merged} --shard 2/3")  # a finished part resumes to nothing
+    assert "0 captions to make" in capsys.readouterr().out
+    merge()
+    assert merged.read_text() == (tmp_path / "one.csv").read_text()
+    records = (
+        json.loads(captions.settings_path(tmp_path / csv).read_text()) for csv in ("one.csv", "merged.csv")
+    )
+    assert next(records) == next(records)
+    call_main(script, f"{argv} --out {merged}")  # one process continues the merged CSV as its own
+    assert "0 captions to make (4 images already done)" in capsys.readouterr().out
+
+
+def test_merge_refuses_an_unfinished_part(tmp_path):
+    """A part killed after its first caption: the merge names it and writes nothing (no model needed)."""
+    out, names = tmp_path / "text.csv", ["a.png", "b.png"]
+    args = argparse.Namespace(out=str(out), overwrite=False, batch_size=1, num_captions=2)
+    for index in (1, 2):
+        part = tmp_path / "text.csv.shards" / f"{index}_of_2.csv"
+        log = captions.CaptionLog(part, {"model": "m", "shard": captions._dealt(args, (index, 2))}, 2)
+        jobs = captions.caption_jobs(names, 2, 1, (index, 2))[: 1 if index == 1 else None]
+        log.append([{"filename": name, "caption": "c", "model": "m", "prompt_id": "p"} for name, _ in jobs])
+    with pytest.raises(
+        InputError, match=r"1_of_2\.csv: holds 1 of its 2 captions; expected a finished shard"
+    ):
+        captions.merge_parts(args, names)
+    assert not out.exists()
+    args.batch_size = 2
+    with pytest.raises(InputError, match=r"records the shard .*batch_size': 1"):
+        captions.merge_parts(args, names)
+
+
+@pytest.mark.parametrize("value", ["0/3", "4/3", "x", "1/0"])
+def test_bad_shard_values_are_one_line(demo, tmp_path, capsys, value):
+    argv = f"--model {demo['qwen']} --percentages {demo['percentages']} --out {tmp_path / 'x.csv'}"
+    call = lambda: call_main(text_captioner, f"{argv} --shard {value}")  # noqa: E731
+    assert_main_error(capsys, call, "--shard", f"got '{value}'", "K/N with 1 <= K <= N")
+    call = lambda: call_main(text_captioner, f"{argv} --shard 1/2 --merge")  # noqa: E731
+    assert_main_error(capsys, call, "--merge: was given with --shard")
+    assert not list(tmp_path.iterdir())

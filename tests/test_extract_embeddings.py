@@ -609,3 +609,50 @@ def test_interrupted_run_resumes_to_the_same_bits(models, small_data, tmp_path, 
         np.load(out / "awir_mae_emb.npy"), np.load(tmp_path / "uninterrupted" / "awir_mae_emb.npy")
     )
     assert sorted(path.name for path in out.iterdir()) == ["awir_mae_emb.json", "awir_mae_emb.npy"]
+
+
+# ---- --shard K/N and --merge: one extraction split over processes ----
+
+
+def test_three_shards_and_merge_equal_one_run(models, small_data, tmp_path, capsys):
+    arguments = [
+        "--data",
+        small_data,
+        "--model",
+        "dinov2",
+        "--model_path",
+        models["dinov2"],
+        "--batch_size",
+        2,
+    ]
+    run_main(*arguments, "--embeddings_dir", tmp_path / "one")
+    out = tmp_path / "sharded"
+    for index in (1, 3):  # 7 images in 4 batches of 2: shard 1 takes batches 1 and 4
+        run_main(*arguments, "--embeddings_dir", out, "--shard", f"{index}/3", "--checkpoint_every", 2)
+    assert np.load(out / "awir_dinov2_emb.npy.shards" / "1_of_3.npy").shape == (3, 768)
+    capsys.readouterr()
+    assert_clean_failure(
+        capsys,
+        "2_of_3.npy: is missing or unfinished; expected all 3 shards finished before --merge",
+        tmp_path / "nothing",
+        lambda: run_main(*arguments, "--embeddings_dir", out, "--merge"),
+    )
+    assert not (out / "awir_dinov2_emb.npy").exists()
+    run_main(*arguments, "--embeddings_dir", out, "--shard", "2/3")
+    run_main(*arguments, "--embeddings_dir", out, "--shard", "2/3", "--resume")
+    assert "is complete; nothing to resume" in capsys.readouterr().out
+    run_main(*arguments, "--embeddings_dir", out, "--merge")
+    one, merged = (folder / "awir_dinov2_emb.npy" for folder in (tmp_path / "one", out))
+    assert merged.read_bytes() == one.read_bytes()
+    records = [json.loads(path.with_suffix(".json").read_text())["derived"] for path in (one, merged)]
+    assert records[1]["data"] == records[0]["data"] and records[1]["merged_shards"] == 3
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [("0/3", "got '0/3'"), ("4/3", "got '4/3'"), ("x", "got 'x'"), ("5/5", "at most 4 shards")],
+)
+def test_bad_shard_values_are_one_line(models, small_data, tmp_path, capsys, value, fragment):
+    arguments = ["--data", small_data, "--model", "clip", "--model_path", models["clip"], "--batch_size", 2]
+    call = lambda: run_main(*arguments, "--embeddings_dir", tmp_path / "out", "--shard", value)  # noqa: E731
+    assert_clean_failure(capsys, fragment, tmp_path / "out", call)

@@ -244,3 +244,40 @@ def test_demo_extracts_then_starts_the_probe_grid_on_the_tokens(tmp_path, monkey
     count = len(lucas_chips.read_labels(probe.labels_csv)[0])
     tokens = train_lucas_classifier.read_embeddings(probe.embeddings, probe.labels_csv, count)
     assert tokens.shape == (count, 4, 192)
+
+
+# ---- --shard K/N and --merge: one extraction split over processes ----
+
+
+def test_three_shards_and_merge_equal_one_run(chips, tiny_checkpoint, tmp_path, capsys):
+    # 10 chips in 4 batches of 3: shard 1 takes batches 1 and 4 (chips 0-2 and 9).
+    argv = f"--data_root {chips} --checkpoint {tiny_checkpoint} --variant tiny --layer 0 --save_mean"
+    argv += f" --batch_size 3 --results_dir {tmp_path}"
+    whole_dir = call_main(extractor, f"{argv} --run_name whole")
+    for index in (1, 3):
+        call_main(extractor, f"{argv} --run_name sharded --shard {index}/3")
+    assert np.load(tmp_path / STEM / "sharded.shards" / "1_of_3" / "tokens.npy").shape == (4, 4, 192)
+    capsys.readouterr()
+    merge = lambda: call_main(extractor, f"{argv} --run_name sharded --merge")  # noqa: E731
+    assert_main_error(
+        capsys, merge, "2_of_3: is missing or unfinished", "all 3 shards finished before --merge"
+    )
+    assert not (tmp_path / STEM / "sharded").exists()
+    call_main(extractor, f"{argv} --run_name sharded --shard 2/3")
+    call_main(extractor, f"{argv} --run_name sharded --shard 2/3 --resume")
+    assert "finished earlier with the same settings" in capsys.readouterr().out
+    run_dir = merge()
+    assert run_dir == tmp_path / STEM / "sharded"
+    for name in ("tokens.npy", "mean.npy"):
+        assert (run_dir / name).read_bytes() == (whole_dir / name).read_bytes()
+    records = [json.loads((folder / "extraction.json").read_text()) for folder in (whole_dir, run_dir)]
+    assert records[1]["settings"] == records[0]["settings"] and records[1]["shards"] == 3
+    assert {path.name for path in run_dir.iterdir()} == {"tokens.npy", "mean.npy", "extraction.json"}
+
+
+@pytest.mark.parametrize("value", ["0/3", "4/3", "x"])
+def test_bad_shard_values_are_one_line(chips, tiny_checkpoint, tmp_path, capsys, value):
+    argv = f"--data_root {chips} --checkpoint {tiny_checkpoint} --variant tiny --results_dir {tmp_path}"
+    call = lambda: call_main(extractor, f"{argv} --shard {value}")  # noqa: E731
+    assert_main_error(capsys, call, f"--shard: got '{value}'", "K/N with 1 <= K <= N")
+    assert not list(tmp_path.iterdir())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic, runs
+from common import atomic, parallel, runs
 from common.aras400k import classes, demo_data, percentages
 from common.errors import InputError, require, require_dir, require_file
 
@@ -210,9 +210,16 @@ class CaptionLog:
         require(not broken, self.path, f"line {broken[:1]} has another number of fields", "4 fields per line")
         return [dict(zip(CAPTION_COLUMNS, row, strict=True)) for row in rows[1:]]
 
-    def missing(self, filenames: Sequence[str]) -> list[tuple[str, int]]:
-        """`(filename, caption number)` of every caption still to make, file by file."""
-        return [(name, index) for name in filenames for index in range(self.counts[name], self.num_captions)]
+    def missing(self, filenames: Sequence[str], batch_size: int = 1, shard=None) -> list[tuple[str, int]]:
+        """`(filename, caption number)` of every caption still to make, file by file (of a shard's
+        batches only, `caption_jobs`); the rows a file has in the CSV are its first jobs."""
+        done, jobs = Counter(), []
+        for name, index in caption_jobs(filenames, self.num_captions, batch_size, shard):
+            if done[name] < self.counts[name]:
+                done[name] += 1
+            else:
+                jobs.append((name, index))
+        return jobs
 
     def append(self, rows: Sequence[Mapping]) -> None:
         """Append caption rows (the header first when the file is new) and sync them to disk."""
@@ -225,6 +232,15 @@ class CaptionLog:
             file.flush()
             os.fsync(file.fileno())
         self.counts.update(row["filename"] for row in rows)
+
+
+def caption_jobs(filenames: Sequence[str], num_captions: int, batch_size: int, shard=None) -> list:
+    """`(filename, caption number)` of every caption, file by file; with `shard` (K, N) only the batches
+    of `batch_size` jobs that shard K of N makes (`common.parallel.shard_batches`)."""
+    jobs = [(name, index) for name in filenames for index in range(num_captions)]
+    if shard is None:
+        return jobs
+    return [jobs[row] for row in parallel.shard_rows(len(jobs), batch_size, shard)]
 
 
 def _require_readable_json(path, expected: str) -> None:
@@ -308,13 +324,88 @@ def finish(log: CaptionLog, written: int, failed: Sequence[str], seconds: float,
         )
 
 
-def caption_missing(log: CaptionLog, names, batch_size: int, make_captions, retries: int, seed=None) -> None:
-    """The captions `log` still lacks for `names`, made batch by batch (`caption_batches`), then `finish`."""
-    jobs = log.missing(names)
+def caption_missing(
+    log: CaptionLog, names, batch_size: int, make_captions, retries: int, seed=None, shard=None
+) -> None:
+    """The captions `log` still lacks for `names` (of `shard` only), made batch by batch
+    (`caption_batches`), then `finish`."""
+    jobs = log.missing(names, batch_size, shard)
     images = len({name for name, _ in jobs})
+    if shard is not None:
+        names = sorted({name for name, _ in caption_jobs(names, log.num_captions, batch_size, shard)})
+        print(f"shard {shard[0]}/{shard[1]}: {len(names)} images -> {log.path}")
     print(f"{len(jobs)} captions to make ({len(names) - images} images already done)")
     written, failed, seconds = caption_batches(jobs, batch_size, make_captions, log, retries, seed=seed)
     finish(log, written, failed, seconds, images)
+
+
+def shard_log(args, settings: Mapping, shard) -> CaptionLog:
+    """The caption CSV of this run: `--out`, or with `--shard K/N` its part `<out>.shards/K_of_N.csv`.
+
+    A part records the shard and what deals the jobs (batch size, captions per image) with its
+    settings, so a resumed shard and `merge_parts` find the same batches.
+    """
+    if shard is None:
+        return CaptionLog(args.out, settings, args.num_captions, args.overwrite)
+    part = parallel.shard_path(args.out, shard, Path(args.out).suffix)
+    return CaptionLog(part, {**settings, "shard": _dealt(args, shard)}, args.num_captions, args.overwrite)
+
+
+def _dealt(args, shard) -> dict:
+    # What deals a part's jobs: recorded with its settings, checked on resume and by merge_parts.
+    return {
+        "part": f"{shard[0]}/{shard[1]}",
+        "batch_size": args.batch_size,
+        "num_captions": args.num_captions,
+    }
+
+
+def merge_parts(args, names: Sequence[str]) -> Path:
+    """`--merge`: the finished `--shard K/N` parts of `--out` joined into the CSV one process writes.
+
+    Every part must hold the captions of exactly its batches (`caption_jobs`); the rows are put
+    back in the one-process order, and the settings record of the parts (less the shard) is written
+    next to `--out`, so a later run continues the merged CSV like its own.
+    """
+    out = Path(args.out)
+    require(
+        args.overwrite or not out.exists(), out, "exists already", "--overwrite to replace it by the merge"
+    )
+    parts = parallel.shard_parts(out, out.suffix, lambda part: settings_path(part).is_file())
+    rows_of, common = {}, None
+    for index, part in enumerate(parts, start=1):
+        _require_readable_json(settings_path(part), "the settings record of a --shard run")
+        record = json.loads(settings_path(part).read_text(encoding="utf-8"))
+        dealt = _dealt(args, (index, len(parts)))
+        recorded = record.pop("shard", None)
+        require(
+            recorded == dealt,
+            settings_path(part),
+            f"records the shard {recorded}",
+            f"{dealt} (the --batch_size and --num_captions of the shards)",
+        )
+        record.pop("versions", None)
+        require(
+            common in (None, record), part, "was made with other settings than shard 1", "one command line"
+        )
+        common = record
+        jobs = caption_jobs(names, args.num_captions, args.batch_size, (index, len(parts)))
+        rows = CaptionLog(part, common | {"shard": dealt}, args.num_captions)._read_existing()
+        have, want = Counter(row["filename"] for row in rows), Counter(name for name, _ in jobs)
+        require(have == want, part, f"holds {len(rows)} of its {len(jobs)} captions", "a finished shard")
+        for row in rows:
+            rows_of.setdefault((index, row["filename"]), []).append(row)
+    dealt_to = {
+        job: index
+        for index in range(1, len(parts) + 1)
+        for job in caption_jobs(names, args.num_captions, args.batch_size, (index, len(parts)))
+    }
+    merged = [rows_of[(dealt_to[job], job[0])].pop(0) for job in caption_jobs(names, args.num_captions, 1)]
+    lines = [CAPTION_COLUMNS] + [[row[key] for key in CAPTION_COLUMNS] for row in merged]
+    atomic.write_json(settings_path(out), {**common, "versions": runs.library_versions()})
+    atomic.write_text(out, _csv_text(lines))
+    print(f"merged {len(parts)} shards: {len(merged)} captions of {len(names)} images -> {out}")
+    return out
 
 
 def resume_settings(args, keys) -> dict:
