@@ -71,15 +71,23 @@ class Sample:
     steal: float
 
 
+_last_stat = [stat_times()]
+
+
+def load_and_steal():
+    """(1-minute load average, share of CPU time stolen since the previous call)."""
+    (steal_before, total_before), (steal, total) = _last_stat[0], stat_times()
+    _last_stat[0] = (steal, total)
+    return os.getloadavg()[0], (steal - steal_before) / max(total - total_before, 1)
+
+
 def timed(function):
     """Run `function()` once and return its `Sample`."""
-    steal_before, total_before = stat_times()
+    load_and_steal()
     cpu_before, started = cpu_seconds(), time.perf_counter()
     function()
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
-    steal_after, total_after = stat_times()
-    steal = (steal_after - steal_before) / max(total_after - total_before, 1)
-    return Sample(wall, cpu, os.getloadavg()[0], steal)
+    return Sample(wall, cpu, *load_and_steal())
 
 
 def alternate(contenders, rounds, warmup=1):
@@ -232,13 +240,15 @@ def report(rows, reference="ours", basis="auto", notes=()):
 
 
 def add_arguments(parser, rounds=3):
-    """--threads (comma-separated counts, default 1 and all cores) and --rounds, plus the child's flag."""
+    """--threads (comma-separated counts, default 1 and all cores) and --rounds (unless `rounds` is
+    None: the bench has its own), plus the child's flag."""
     parser.add_argument(
         "--threads",
         default=f"1,{cores()}" if cores() > 1 else "1",
         help="Comma-separated thread counts; each runs in a child process, both sides on that many threads.",
     )
-    parser.add_argument("--rounds", type=int, default=rounds, help="Alternating timed rounds (medians).")
+    if rounds is not None:
+        parser.add_argument("--rounds", type=int, default=rounds, help="Alternating timed rounds (medians).")
     parser.add_argument("--rows_json", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -251,8 +261,11 @@ def set_threads(threads):
     """TensorFlow's intra- and inter-op pools (before it starts) and torch's pool to `threads`."""
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already started in this process (a test calling several benches)
+        print(f"note: TensorFlow had started; its thread pools keep their size, not {threads}")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
 
@@ -302,6 +315,36 @@ def child_rows(module, threads):
     return [Row(**dict(row, samples=[Sample(**s) for s in row["samples"]])) for row in rows]
 
 
+# ---- FLOPs of a TensorFlow graph ----
+
+
+def graph_flops(function, *specs):
+    """Float operations of one call of `function` (a tf.function) traced at `specs` (TF's profiler)."""
+    import tensorflow as tf
+
+    graph = function.get_concrete_function(*specs).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
+
+
+def model_flops(model, input_shape, training):
+    """FLOPs per example of `model`: forward only, or forward and all gradients (`training`)."""
+    import tensorflow as tf
+
+    @tf.function
+    def forward(x):
+        return model(x, training=False)
+
+    @tf.function
+    def train(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    return graph_flops(train if training else forward, tf.TensorSpec((1, *input_shape), tf.float32))
+
+
 # ---- fraction of peak ----
 
 
@@ -329,3 +372,17 @@ def peak_line(row, flops_per_item, matmul):
         f"{row.unit.rstrip('s')}, {achieved:.1f} GFLOP/s per core-second, "
         f"{100 * achieved / matmul[1]:.0f} % of a float32 matmul's {matmul[1]:.1f} GFLOP/s per core-second"
     )
+
+
+def print_fraction_of_peak(rows, flops, reference="ours"):
+    """Measure the matmul here and print, for each `reference` row whose task is in `flops` ({task:
+    FLOPs per unit}), its FLOPs and achieved GFLOP/s per core-second next to the matmul's."""
+    matmul = matmul_gflops()
+    threads = rows[0].threads if rows else 1
+    print(
+        f"float32 2048 x 2048 matmul, {threads} threads: {matmul[0]:.1f} GFLOP/s wall, "
+        f"{matmul[1]:.1f} per core-second"
+    )
+    for row in rows:
+        if row.name == reference and row.task in flops:
+            print(peak_line(row, flops[row.task], matmul))
