@@ -169,7 +169,8 @@ def main(args):
         subprocess.run(
             [
                 sys.executable,
-                str(Path(__file__).resolve()),
+                "-m",
+                "bench.dataset_creator_speed",
                 "--generate",
                 str(folder),
                 "--size",
@@ -180,6 +181,7 @@ def main(args):
                 str(args.seed),
             ],
             check=True,
+            cwd=ROOT,
         )
         s2_path = folder / "S2RGB_2021" / "ESA_WorldCover_10m_2021_v200_N36E027_S2RGBNIR.tif"
         map_path = folder / "worldcover_2021" / "ESA_WorldCover_10m_2021_v200_N36E027_Map.tif"
@@ -194,7 +196,8 @@ def main(args):
         patches = (args.size // 256) ** 2
         floor_command = [
             sys.executable,
-            str(Path(__file__).resolve()),
+            "-m",
+            "bench.dataset_creator_speed",
             "--floor",
             str(s2_path),
             str(map_path),
