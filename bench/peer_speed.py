@@ -221,11 +221,11 @@ def spml_comparison(options, threads):
             ]
         return torch.cat(outputs).numpy()
 
-    for name, peer in peers.items():  # the first calls compile; time them apart from the rounds
+    for name, peer in peers.items():  # first passes (compilation where compiled), apart from the rounds
         started = time.perf_counter()
         torch_train(*peer)
         torch_eval(*peer)
-        print(f"  {name}: first train + eval pass {time.perf_counter() - started:.1f} s (compilation)")
+        print(f"  {name}: first train + eval pass {time.perf_counter() - started:.1f} s")
     epoch = iter(range(1, 10**6))
     train = {"ours": lambda: trainer.train_epoch(train_data, "warmup", next(epoch))}
     train.update({name: (lambda peer=peer: torch_train(*peer)) for name, peer in peers.items()})
