@@ -11,7 +11,7 @@ from tests.conftest import call_main
 
 # (bench module, tiny arguments): each runs in a few seconds on 2 cores.
 TINY = {
-    "peer_speed": "--threads 1 --rounds 1 --spml_steps 1 --spml_batch 1 --image_size 32 --lucas_chips 16 "
+    "peer_speed": "--threads 1 --rounds 1 --spml_steps 1 --spml_batch 2 --image_size 64 --lucas_chips 16 "
     "--lucas_dim 16",
     "spade_gan_speed": "--threads 1 --rounds 1 --sizes demo --demo_batch 1",
     "segmentation_speed": "--threads 1 --rounds 1 --image_size 32 --images 2 --batch_size 1 --steps 1 "
