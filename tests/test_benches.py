@@ -14,7 +14,7 @@ TINY = {
     "peer_speed": "--threads 1 --rounds 1 --spml_steps 1 --spml_batch 2 --image_size 64 --lucas_chips 16 "
     "--lucas_dim 16",
     "spade_gan_speed": "--threads 1 --rounds 1 --sizes demo --demo_batch 1",
-    "segmentation_speed": "--threads 1 --rounds 1 --image_size 32 --images 2 --batch_size 1 --steps 1 "
+    "segmentation_speed": "--threads 1 --rounds 1 --image_size 64 --images 2 --batch_size 1 --steps 1 "
     "--metric_batches 1",
     "terramind_extraction_speed": "--threads 1 --rounds 1 --variant tiny --image_size 32 --batch_size 1",
     "multilabel_input_speed": "--threads 1 --rounds 1 --aid_images 4 --ben_patches 8 --batch_size 4",
