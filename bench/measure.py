@@ -280,7 +280,8 @@ def run(options, measure, module, reference="ours", basis="auto", notes=()):
     if len(counts) == 1:
         set_threads(counts[0])
         rows = measure(options, counts[0])
-        if options.rows_json:
+        if options.rows_json:  # a child: its own table first (kept if the parent is stopped), then the rows
+            report(rows, reference, basis, notes)
             print(ROWS_PREFIX + json.dumps([asdict(row) for row in rows]), flush=True)
             return rows
     else:
@@ -292,7 +293,8 @@ def run(options, measure, module, reference="ours", basis="auto", notes=()):
 
 
 def child_rows(module, threads):
-    """Run the bench with `--threads <threads>` in a child process, echo its output, return its rows."""
+    """Run the bench with `--threads <threads>` in a child process, echo its output (its own table and
+    ratio line included), return its rows."""
     argv, skip = [], False
     for argument in sys.argv[1:]:
         if skip:
