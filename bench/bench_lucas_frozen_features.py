@@ -2,15 +2,16 @@
 
 Both train the same identity head with weighted CE on the same demo chips for the same epochs; the
 baseline streams chips through the frozen backbone each epoch, ours extracts the backbone tokens once
-and trains the head on them (train_lucas_classifier.py's frozen path). Prints seconds for each and,
-on the last line, the speed-up baseline / ours.
+and trains the head on them (train_lucas_classifier.py's frozen path). Each round is a whole run
+(model built, trained `--epochs` epochs) of each side, alternating, measured by `bench.measure`
+(wall and CPU time, load; 1 thread and all cores). The last line is the speed-up baseline / ours.
 
     python -m bench.bench_lucas_frozen_features --backbone resnet50 --epochs 10
+    python -m bench.bench_lucas_frozen_features --epochs 1 --demo_scale 0.02 --threads 1 --rounds 1
 """
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 import train_lucas_classifier as classifier
+from bench import measure
 from common import pipelines, runs
 from common.lucas import demo_chips, lucas_chips
 
@@ -31,11 +33,11 @@ def get_args_parser():
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--demo_scale", type=float, default=0.12)
+    measure.add_arguments(parser, rounds=1)
     return parser
 
 
-def main():
-    options = get_args_parser().parse_args()
+def measure_rows(options, threads):
     runs.seed_everything(0)
     root = demo_chips.write_demo_chips(Path(tempfile.mkdtemp()) / "chips", options.demo_scale)
     point_ids, labels = lucas_chips.read_labels(root / lucas_chips.LABELS_CSV_NAME)
@@ -67,37 +69,40 @@ def main():
         )
         return model
 
-    # Baseline: chips -> frozen backbone -> head, every epoch.
-    start = time.perf_counter()
-    extractor = classifier.build_feature_extractor(args, inputs)
-    head = classifier.build_head(extractor.output.shape[1:], num_classes, "identity", None, 0.1)
-    model = compiled(keras.Model(extractor.input, head(extractor.output)))
-    train = reader.dataset(splits["train"], image_size, options.batch_size, labels, shuffle_seed=0)
-    val = reader.dataset(splits["val"], image_size, options.batch_size, labels)
-    model.fit(train, validation_data=val, epochs=options.epochs, shuffle=False, verbose=0)
-    baseline = time.perf_counter() - start
+    def baseline():
+        """Chips -> frozen backbone -> head, every epoch."""
+        extractor = classifier.build_feature_extractor(args, inputs)
+        head = classifier.build_head(extractor.output.shape[1:], num_classes, "identity", None, 0.1)
+        model = compiled(keras.Model(extractor.input, head(extractor.output)))
+        train = reader.dataset(splits["train"], image_size, options.batch_size, labels, shuffle_seed=0)
+        val = reader.dataset(splits["val"], image_size, options.batch_size, labels)
+        model.fit(train, validation_data=val, epochs=options.epochs, shuffle=False, verbose=0)
 
-    # Ours: chips -> frozen backbone once; head on the cached tokens.
-    start = time.perf_counter()
-    extractor = classifier.build_feature_extractor(args, inputs)
-    tokens = extractor.predict(reader.dataset(np.arange(len(labels)), image_size, 32), verbose=0)
-    head = compiled(classifier.build_head(tokens.shape[1:], num_classes, "identity", None, 0.1), 16)
+    def ours():
+        """Chips -> frozen backbone once; the head on the cached tokens."""
+        extractor = classifier.build_feature_extractor(args, inputs)
+        tokens = extractor.predict(reader.dataset(np.arange(len(labels)), image_size, 32), verbose=0)
+        head = compiled(classifier.build_head(tokens.shape[1:], num_classes, "identity", None, 0.1), 16)
 
-    def cached(indices, shuffle):
-        data = tf.data.Dataset.from_tensor_slices((tokens[indices], labels[indices]))
-        return (data.shuffle(len(indices), seed=0) if shuffle else data).batch(options.batch_size)
+        def cached(indices, shuffle):
+            data = tf.data.Dataset.from_tensor_slices((tokens[indices], labels[indices]))
+            return (data.shuffle(len(indices), seed=0) if shuffle else data).batch(options.batch_size)
 
-    head.fit(
-        cached(splits["train"], True),
-        validation_data=cached(splits["val"], False),
-        epochs=options.epochs,
-        shuffle=False,
-        verbose=0,
-    )
-    ours = time.perf_counter() - start
-    print(f"baseline (backbone every epoch): {baseline:.1f} s; ours (features cached once): {ours:.1f} s")
-    print(f"speed-up baseline / ours: {baseline / ours:.2f}")
+        head.fit(
+            cached(splits["train"], True),
+            validation_data=cached(splits["val"], False),
+            epochs=options.epochs,
+            shuffle=False,
+            verbose=0,
+        )
+
+    samples = measure.alternate({"ours": ours, "baseline": baseline}, options.rounds, warmup=0)
+    return measure.rows_for("LUCAS frozen probe", samples, options.epochs, threads, "epochs")
+
+
+def main(options):
+    return measure.run(options, measure_rows, "bench.bench_lucas_frozen_features")
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -18,8 +18,12 @@ both sides encode the same number of PNGs. The folder is deleted afterwards.
     python -m bench.dataset_creator_speed --compress none   # uncompressed tiles
     python -m bench.dataset_creator_speed --size 2048       # quick check
 
-The last line is `ours/floor: <ratio>`, on CPU seconds (the machine may be shared; on an idle one
-the wall-clock ratio, printed beside it, is the same for these single-threaded runs).
+Then `ours/floor: <ratio>` on CPU seconds (the machine may be shared; on an idle one the wall-clock
+ratio, printed beside it, is the same for these single-threaded runs), and last `bench.measure`'s
+table of every run (wall and CPU time, load, steal) and its ratio line, floor / ours (> 1: ours is
+faster; below 1 it says what share of the floor's speed ours reaches).
+
+    python -m bench.dataset_creator_speed --size 512 --repeats 1   # seconds, for the tests
 """
 
 import argparse
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import measure
 from common.aras400k import demo_data
 
 ROOT = Path(__file__).resolve().parent.parent  # the children run at the repository root
@@ -164,7 +169,8 @@ def main(args):
         subprocess.run(
             [
                 sys.executable,
-                str(Path(__file__).resolve()),
+                "-m",
+                "bench.dataset_creator_speed",
                 "--generate",
                 str(folder),
                 "--size",
@@ -175,6 +181,7 @@ def main(args):
                 str(args.seed),
             ],
             check=True,
+            cwd=ROOT,
         )
         s2_path = folder / "S2RGB_2021" / "ESA_WorldCover_10m_2021_v200_N36E027_S2RGBNIR.tif"
         map_path = folder / "worldcover_2021" / "ESA_WorldCover_10m_2021_v200_N36E027_Map.tif"
@@ -189,7 +196,8 @@ def main(args):
         patches = (args.size // 256) ** 2
         floor_command = [
             sys.executable,
-            str(Path(__file__).resolve()),
+            "-m",
+            "bench.dataset_creator_speed",
             "--floor",
             str(s2_path),
             str(map_path),
@@ -200,6 +208,7 @@ def main(args):
             dict.fromkeys(sides, float("inf")),
             dict.fromkeys(sides, 0.0),
         )
+        rows = {side: measure.Row("tile to patches", side, 1, patches, "patches") for side in sides}
         for repeat in range(args.repeats):
             out = folder / f"out{repeat}"
             commands = {
@@ -233,6 +242,7 @@ def main(args):
                     f"load average {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
+                rows[side].samples.append(measure.Sample(seconds, user + system, *measure.load_and_steal()))
                 fastest[side] = min(fastest[side], seconds)
                 least_cpu[side] = min(least_cpu[side], user + system)
                 peak[side] = max(peak[side], peak_mb)
@@ -249,6 +259,7 @@ def main(args):
             f"ours/floor: {least_cpu['ours'] / least_cpu['floor']:.3f} (CPU seconds; wall-clock ratio "
             f"{fastest['ours'] / fastest['floor']:.3f})"
         )
+        measure.report(list(rows.values()))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -10,17 +10,17 @@ records, in alternating rounds (medians):
     reader thread per core up to 4), and the LMDB pipeline with a single reader thread, whose ratio to
     the default shows how the reader scales with the cores.
 
+Measured by `bench.measure` (wall and CPU time, load; 1 thread and all cores, each in a child
+process). The last line is the ratios ours (tf.data) / peer (> 1: ours is faster); its values depend
+on the CPU, its cores and its load.
+
     python -m bench.multilabel_input_speed                 # about a minute on a laptop CPU
     python -m bench.multilabel_input_speed --aid_images 600 --ben_patches 3000
-
-The last line is `LMDB tf.data / plain loop: <x>x` (its value depends on the CPU, its cores and its load).
 """
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
@@ -28,6 +28,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import train_multilabel_model as tm
+from bench import measure
 from common import pipelines
 from common.spml import aid_multilabel, band_records, batches, bigearthnet
 
@@ -41,24 +42,9 @@ def get_args_parser():
     parser.add_argument("--image_size", type=int, default=224, help="AID model input size.")
     parser.add_argument("--bands", default="B04,B03,B02,B08,B05,B11", help="Bands read from the LMDB.")
     parser.add_argument("--batch_size", type=int, default=64, help="tf.data batch size.")
-    parser.add_argument("--rounds", type=int, default=3, help="Alternating timed rounds (medians kept).")
+    measure.add_arguments(parser, rounds=3)
     parser.add_argument("--workdir", default=None, help="Folder for the generated data (default: temporary).")
     return parser
-
-
-def alternating_rates(functions, count, rounds):
-    """Images/s of each function: one warm-up pass each, then `rounds` alternating passes; medians."""
-    for function in functions.values():
-        function()  # warm the file cache and any lazy initialisation (tf.data tracing)
-    seconds = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, function in functions.items():
-            started = time.perf_counter()
-            function()
-            seconds[name].append(time.perf_counter() - started)
-    return {
-        name: (count / statistics.median(times), statistics.median(times)) for name, times in seconds.items()
-    }
 
 
 def plain_aid(paths, image_size):
@@ -83,7 +69,7 @@ def drain(dataset):
         pass
 
 
-def main(args):
+def measure_rows(args, threads):
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="multilabel_bench_"))
     print(f"data in {workdir} | {os.cpu_count()} CPU cores")
     aid_root = aid_multilabel.write_demo(workdir / "aid", args.aid_images, seed=0, image_size=600)
@@ -102,30 +88,25 @@ def main(args):
     ben_pipeline = batches.make_dataset(patch_ids, ben_loader, args.batch_size)
     ben_one_thread = batches.make_dataset(patch_ids, ben_loader, args.batch_size, reader_threads=1)
 
-    aid = alternating_rates(
-        {
-            "AID plain loop": lambda: plain_aid(aid_paths, args.image_size),
-            "AID tf.data": lambda: drain(aid_pipeline),
-        },
-        len(aid_paths),
+    aid = measure.alternate(
+        {"ours": lambda: drain(aid_pipeline), "plain loop": lambda: plain_aid(aid_paths, args.image_size)},
         args.rounds,
     )
-    ben = alternating_rates(
+    ben = measure.alternate(
         {
-            "LMDB plain loop": lambda: plain_lmdb(lmdb_path, patch_ids, bands, 120),
-            "LMDB tf.data": lambda: drain(ben_pipeline),
-            "LMDB 1 thread": lambda: drain(ben_one_thread),
+            "ours": lambda: drain(ben_pipeline),
+            "plain loop": lambda: plain_lmdb(lmdb_path, patch_ids, bands, 120),
+            "ours 1 reader thread": lambda: drain(ben_one_thread),
         },
-        len(patch_ids),
         args.rounds,
     )
-    for name, (rate, seconds) in {**aid, **ben}.items():
-        print(f"{name:16s} {rate:9.1f} images/s  ({seconds:.2f} s per pass, median of {args.rounds})")
-    threads = min(4, os.cpu_count() or 1)
-    scaling = ben["LMDB tf.data"][0] / ben["LMDB 1 thread"][0]
-    print(f"LMDB tf.data, {threads} reader threads / 1 reader thread: {scaling:.2f}x")
-    print(f"AID tf.data / plain loop: {aid['AID tf.data'][0] / aid['AID plain loop'][0]:.2f}x")
-    print(f"LMDB tf.data / plain loop: {ben['LMDB tf.data'][0] / ben['LMDB plain loop'][0]:.2f}x")
+    return measure.rows_for("AID input", aid, len(aid_paths), threads) + measure.rows_for(
+        "LMDB input", ben, len(patch_ids), threads
+    )
+
+
+def main(args):
+    return measure.run(args, measure_rows, "bench.multilabel_input_speed")
 
 
 if __name__ == "__main__":

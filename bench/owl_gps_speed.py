@@ -9,13 +9,15 @@
    it is compared with a baseline that loads the pool into memory (as the tutorial does), runs T
    full forward passes and keeps the pool x T probabilities.
 
-Each measurement runs in its own process so peak memory is not shared between them. Run from the
-repository root:
+Each measurement runs in its own process so peak memory is not shared between them; each records
+its wall and CPU time and the load (`bench.measure`; the round rows time the whole run, its first,
+tracing round included). Run from the repository root:
 
     python -m bench.owl_gps_speed                     # both parts (writes a 1.6 GB temporary file)
     python -m bench.owl_gps_speed --pool_size 20000   # quicker part 2
+    python -m bench.owl_gps_speed --rounds 1 --pool_size 256 --baseline_pool_size 128 --mc_passes 2
 
-The last line is the round-time ratio baseline / ours (higher is better).
+The last line is the ratios ours / baseline (> 1: ours is faster).
 """
 
 import argparse
@@ -31,6 +33,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import train_owl_gps as owl
+from bench import measure
 from common.owl_gps import datasets, patches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +65,14 @@ def round_ours(rounds):
         data = datasets.load_npy_dataset(folder, ["urban", "near_industrial"], 0.3)
         learner = owl.Learner(args, 32)
         arm = owl.ActiveLearningRun(args, data, learner, Path(folder) / "run", "concept", 0)
-        rows = arm.run()
-    seconds = [row["seconds"] for row in rows[1:]]  # round 1 includes tracing
-    return {"seconds_per_round": float(np.mean(seconds)), "final_auc": rows[-1]["test_auc"]}
+        found = {}
+        sample = measure.timed(lambda: found.update(rows=arm.run()))
+    seconds = [row["seconds"] for row in found["rows"][1:]]  # round 1 includes tracing
+    return {
+        "seconds_per_round": float(np.mean(seconds)),
+        "final_auc": found["rows"][-1]["test_auc"],
+        "sample": vars(sample),
+    }
 
 
 def round_eager(rounds):
@@ -84,6 +92,8 @@ def round_eager(rounds):
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(0)
     times = []
+    cpu_started = measure.cpu_seconds()
+    measure.load_and_steal()  # the steal share is taken from here
     for _ in range(rounds + 1):
         started = time.perf_counter()
         ids = np.array(labelled)
@@ -123,7 +133,8 @@ def round_eager(rounds):
         )
         model.set_weights(owl.reptile_update(model.get_weights(), adapted.get_weights(), 0.1))
         times.append(time.perf_counter() - started)
-    return {"seconds_per_round": float(np.mean(times[1:])), "final_auc": float(auc)}
+    sample = measure.Sample(sum(times), measure.cpu_seconds() - cpu_started, *measure.load_and_steal())
+    return {"seconds_per_round": float(np.mean(times[1:])), "final_auc": float(auc), "sample": vars(sample)}
 
 
 def write_pool(path, pool_size, image_size=32, chunk=4096):
@@ -144,10 +155,14 @@ def pool_ours(path, passes, limit):
     learner.initialise(0)
     learner.reseed_dropout(0, 1, 2)
     learner.pool_uncertainty(source, np.arange(8))  # trace the compiled steps outside the timing
-    started = time.perf_counter()
-    scores = learner.pool_uncertainty(source, np.arange(min(limit, source.count)))
+    found = {}
+    sample = measure.timed(
+        lambda: found.update(scores=learner.pool_uncertainty(source, np.arange(min(limit, source.count))))
+    )
+    scores = found["scores"]
     return {
-        "seconds": time.perf_counter() - started,
+        "seconds": sample.wall,
+        "sample": vars(sample),
         "reader": type(source).__name__,
         "mean_score": float(scores.mean()),
     }
@@ -171,15 +186,19 @@ def pool_in_memory(path, passes, limit):
     model = learner.members[0]
     step = tf.function(lambda x: tf.nn.softmax(model(x, training=True)), reduce_retracing=True)
     step(images[:8])
-    started = time.perf_counter()
-    probabilities = np.stack(
-        [
-            np.concatenate([step(images[s : s + 1024]).numpy() for s in range(0, len(images), 1024)])
-            for _ in range(passes)
-        ]
-    )
-    scores = owl.entropy(probabilities.mean(0))
-    return {"seconds": time.perf_counter() - started, "mean_score": float(scores.mean())}
+    found = {}
+
+    def score():
+        probabilities = np.stack(
+            [
+                np.concatenate([step(images[s : s + 1024]).numpy() for s in range(0, len(images), 1024)])
+                for _ in range(passes)
+            ]
+        )
+        found["scores"] = owl.entropy(probabilities.mean(0))
+
+    sample = measure.timed(score)
+    return {"seconds": sample.wall, "sample": vars(sample), "mean_score": float(found["scores"].mean())}
 
 
 def child(arguments):
@@ -203,16 +222,18 @@ def get_args_parser():
         default=20_000,
         help="Patches for the in-memory baseline and the same-size comparison (0 skips it).",
     )
+    measure.add_arguments(parser, rounds=None)
+    parser.set_defaults(threads="1")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def main():
-    args = get_args_parser().parse_args()
-
+def main(args):
+    threads = int(args.threads)
     if args.phase:
+        measure.set_threads(threads)
         phases = {
             "round_ours": lambda: round_ours(args.rounds),
             "round_eager": lambda: round_eager(args.rounds),
@@ -224,7 +245,14 @@ def main():
         print(json.dumps(result))
         return
 
-    common = ["--rounds", str(args.rounds), "--mc_passes", str(args.mc_passes)]
+    common = [
+        "--rounds",
+        str(args.rounds),
+        "--mc_passes",
+        str(args.mc_passes),
+        "--threads",
+        str(args.threads),
+    ]
     ours, eager = child(["--phase", "round_ours", *common]), child(["--phase", "round_eager", *common])
     print("tutorial data, seconds per round (train 5 epochs + test AUC + pool scoring + Reptile):")
     for name, result in (("ours (compiled steps)     ", ours), ("baseline (eager, tutorial)", eager)):
@@ -263,8 +291,20 @@ def main():
                 f"  {size} patches: peak memory ours / baseline {memory:.2f}, "
                 f"time baseline / ours {in_memory['seconds'] / small['seconds']:.2f}"
             )
-    print(f"round-time ratio baseline / ours: {eager['seconds_per_round'] / ours['seconds_per_round']:.2f}")
+            pool_rows = [
+                row_of(f"pool scoring {size}", name, int(size), "patches", result, threads)
+                for name, result in (("ours", small), ("in memory", in_memory))
+            ]
+    rows = [
+        row_of("AL rounds", "ours", args.rounds + 1, "rounds", ours, threads),
+        row_of("AL rounds", "eager loop", args.rounds + 1, "rounds", eager, threads),
+    ]
+    measure.report(rows + (pool_rows if args.baseline_pool_size else []))
+
+
+def row_of(task, name, items, unit, result, threads=1):
+    return measure.Row(task, name, threads, items, unit, [measure.Sample(**result["sample"])])
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

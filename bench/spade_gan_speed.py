@@ -1,18 +1,22 @@
 """Speed of generative_trainer_unet_spade_gan.py's training step (one D then one G update) against the
 same architecture and step in PyTorch (the reference's framework) on the same CPU.
 
-Both sides: 64 px masks and images, the demo's widths (the paper's divided by 16), Adam 2e-4
-(0.5, 0.999), hinge losses; `--vgg` adds the VGG19 relu3_3 L1 term with random weights on both.
-Rounds alternate between the two and the medians are compared; the last line is the ratio
-ours / torch (below 1.0: ours is faster).
+Both sides: Adam 2e-4 (0.5, 0.999), hinge losses, `--vgg` adds the VGG19 relu3_3 L1 term with random
+weights on both. Two sizes (`--sizes`): `paper`, the paper's widths at 256 px with the reference's
+batch of 50 (`--paper_batch`), and `demo`, the demo's widths (the paper's / 16) at 64 px, batch 16,
+where per-op dispatch rather than arithmetic dominates. The torch G step freezes D's weights
+(`requires_grad_(False)`), as is standard practice, so it computes no D weight gradients. Measured
+by `bench.measure` (alternating rounds, wall and CPU time, load; 1 thread and all cores); the FLOPs
+of our step per image are printed next to a float32 matmul's GFLOP/s. The last line is the ratios
+ours / torch (> 1: ours is faster).
 
-    python -m bench.spade_gan_speed                 # about a minute on a laptop CPU
-    python -m bench.spade_gan_speed --vgg --jit_compile true
+    python -m bench.spade_gan_speed                         # tens of minutes on 2 cores (paper size)
+    python -m bench.spade_gan_speed --sizes demo
+    python -m bench.spade_gan_speed --sizes paper --paper_batch 4 --rounds 2
+    python -m bench.spade_gan_speed --sizes demo --vgg --jit_compile true
 """
 
 import argparse
-import statistics
-import time
 
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import generative_trainer_unet_spade_gan as gan
+from bench import measure
 from common import cli
 
 LABELS = gan.NUM_CLASSES
@@ -114,49 +119,51 @@ def make_torch_step(image_size, divisor, use_vgg):
         loss_d.backward()
         opt_d.step()
         opt_g.zero_grad()
+        net_d.requires_grad_(False)  # G's step computes no gradients for D's weights
         loss_g = -net_d(torch.cat([masks, fake], 1)).mean()
         if vgg is not None:
             loss_g = loss_g + F.l1_loss(vgg(real), vgg(fake)) * 10.0
         loss_g.backward()
         opt_g.step()
+        net_d.requires_grad_(True)
         return loss_d.detach().item()
 
     return step
 
 
-def make_keras_step(args, use_vgg):
-    parsed = gan.get_args_parser().parse_args(
-        [
-            "--image_size",
-            str(args.image_size),
-            "--width_divisor",
-            "16",
-            "--jit_compile",
-            str(args.jit_compile),
-        ]
-    )
-    model = gan.SpadeGAN(parsed, tf.distribute.get_strategy())
+SIZES = {"paper": (256, 1), "demo": (64, 16)}  # image size, width divisor
+
+
+def make_keras_model(image_size, divisor, jit_compile, use_vgg):
+    argv = [
+        "--image_size",
+        str(image_size),
+        "--width_divisor",
+        str(divisor),
+        "--jit_compile",
+        str(jit_compile),
+    ]
+    model = gan.SpadeGAN(gan.get_args_parser().parse_args(argv), tf.distribute.get_strategy())
     if use_vgg:  # the step reads model.vgg when it is first traced, below
-        shape = (args.image_size, args.image_size, 3)
+        shape = (image_size, image_size, 3)
         vgg = keras.applications.VGG19(include_top=False, weights=None, input_shape=shape)
         model.vgg = keras.Model(vgg.input, vgg.get_layer("block3_conv3").output)
-    return lambda real, masks: float(model.train_step(real, masks)[0])
+    return model
 
 
-def median_seconds(step, inputs, steps):
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step(*inputs)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def step_flops(model, image_size):
+    """FLOPs of our D + G step for one image (TF's profiler on the step traced at batch 1)."""
+    specs = [
+        tf.TensorSpec((1, image_size, image_size, 3), tf.float32),
+        tf.TensorSpec((1, image_size, image_size, LABELS), tf.float32),
+    ]
+    return measure.graph_flops(tf.function(model.replica_step), *specs)
 
 
-def main(args):
-    threads = tf.config.threading.get_intra_op_parallelism_threads() or torch.get_num_threads()
-    torch.set_num_threads(threads)
+def size_rows(options, threads, name):
+    size, divisor = SIZES[name]
+    batch = options.paper_batch if name == "paper" else options.demo_batch
     rng = np.random.default_rng(0)
-    size, batch = args.image_size, args.batch_size
     labels = rng.integers(0, LABELS, (batch, size // 8, size // 8)).repeat(8, 1).repeat(8, 2)
     masks = np.eye(LABELS, dtype=np.float32)[labels]
     real = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
@@ -165,26 +172,48 @@ def main(args):
         torch.from_numpy(real).permute(0, 3, 1, 2).contiguous(),
         torch.from_numpy(masks).permute(0, 3, 1, 2).contiguous(),
     )
-    ours, theirs = make_keras_step(args, args.vgg), make_torch_step(size, 16, args.vgg)
-    ours(*keras_inputs), theirs(*torch_inputs)  # tracing and warm-up
-    rounds = {"ours": [], "torch": []}
-    for _ in range(args.rounds):
-        rounds["ours"].append(median_seconds(ours, keras_inputs, args.steps))
-        rounds["torch"].append(median_seconds(theirs, torch_inputs, args.steps))
-    ours_s, torch_s = statistics.median(rounds["ours"]), statistics.median(rounds["torch"])
-    what = "D + G step" + (" + VGG19 relu3_3 term" if args.vgg else "")
-    print(f"{what}, {size} px, batch {batch}, widths / 16, {threads} threads, jit_compile {args.jit_compile}")
-    print(f"ours (Keras 3 / TF): {1000 * ours_s:.1f} ms per step (median of {args.rounds} rounds)")
-    print(f"torch {torch.__version__}: {1000 * torch_s:.1f} ms per step")
-    print(f"ratio ours/torch: {ours_s / torch_s:.2f}")
+    model = make_keras_model(size, divisor, options.jit_compile, options.vgg)
+    theirs = make_torch_step(size, divisor, options.vgg)
+
+    def ours_steps():
+        for _ in range(options.steps):
+            float(model.train_step(*keras_inputs)[0])
+
+    def torch_steps():
+        for _ in range(options.steps):
+            theirs(*torch_inputs)
+
+    what = "D + G step" + (" + VGG19 relu3_3 term" if options.vgg else "")
+    task = f"GAN {name} {size}px/{divisor}"
+    print(
+        f"{task}: {what}, batch {batch}, {options.steps} steps per round, jit_compile {options.jit_compile}"
+    )
+    samples = measure.alternate({"ours": ours_steps, "torch": torch_steps}, options.rounds)
+    return measure.rows_for(task, samples, batch * options.steps, threads), {task: step_flops(model, size)}
+
+
+def measure_rows(options, threads):
+    rows, flops = [], {}
+    for name in options.sizes.split(","):
+        more_rows, more_flops = size_rows(options, threads, name)
+        rows, flops = rows + more_rows, {**flops, **more_flops}
+    measure.print_fraction_of_peak(rows, flops)
+    return rows
+
+
+def main(options):
+    return measure.run(options, measure_rows, "bench.spade_gan_speed")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=16, help="The demo's batch size.")
-    parser.add_argument("--steps", type=int, default=10, help="Timed steps per round.")
-    parser.add_argument("--rounds", type=int, default=5, help="Alternating rounds per side.")
+    measure.add_arguments(parser, rounds=3)
+    parser.add_argument(
+        "--sizes", default="paper,demo", help="Comma-separated: paper (256 px), demo (64 px)."
+    )
+    parser.add_argument("--paper_batch", type=int, default=50, help="The reference's batch size at 256 px.")
+    parser.add_argument("--demo_batch", type=int, default=16, help="The demo's batch size.")
+    parser.add_argument("--steps", type=int, default=1, help="Timed steps per round.")
     parser.add_argument(
         "--vgg", action="store_true", help="Add the VGG19 term (random weights on both sides)."
     )

@@ -4,14 +4,15 @@ Both run the same randomly initialised encoder of `--variant` (real shapes, 12 l
 the same standardised 6-band `--image_size` chips: ours is the Keras encoder of
 extract_terramind_embeddings.py as that script runs it (`predict_on_batch`), the baseline the
 PyTorch transcription of terratorch's TerraMindViT in tests/fixtures/make_terramind_fixture.py
-(`torch.no_grad`, all CPU threads). Rounds alternate; the medians are printed, and the ratio ours /
-baseline on the last line.
+(`torch.no_grad`), both on the same thread count. Measured by `bench.measure` (alternating rounds,
+wall and CPU time, load; 1 thread and all cores); the encoder's FLOPs per chip are printed next to a
+float32 matmul's GFLOP/s. The last line is the ratio ours / baseline (> 1: ours is faster).
 
     python -m bench.terramind_extraction_speed --variant base --batch_size 8 --rounds 3
+    python -m bench.terramind_extraction_speed --variant tiny --image_size 32 --batch_size 1 --threads 1
 """
 
 import argparse
-import time
 
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 import extract_terramind_embeddings as extractor
+from bench import measure
 from common import runs
 from common.lucas import lucas_chips
 from tests.fixtures import make_terramind_fixture as reference
@@ -29,12 +31,11 @@ def get_args_parser():
     parser.add_argument("--variant", default="base", choices=list(extractor.VARIANTS))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    measure.add_arguments(parser, rounds=3)
     return parser
 
 
-def main():
-    options = get_args_parser().parse_args()
+def measure_rows(options, threads):
     runs.seed_everything(0)
     config = extractor.VARIANTS[options.variant]
     torch_model = reference.TorchTerraMindS2L2A(
@@ -58,19 +59,19 @@ def main():
         with torch.no_grad():
             return torch_model(torch_chips)[-1].numpy()
 
-    difference = float(np.abs(ours() - baseline()).max())  # also the warm-up of both
+    difference = float(np.abs(ours() - baseline()).max())
     print(f"TerraMind v1 {options.variant}, {batch} chips of {size} px; max difference {difference:.1e}")
-    times = {"baseline": [], "ours": []}
-    for _ in range(options.rounds):
-        for name, function in (("baseline", baseline), ("ours", ours)):
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    speed = {name: batch / float(np.median(seconds)) for name, seconds in times.items()}
-    print(f"baseline (PyTorch reference): {speed['baseline']:.2f} chips/s")
-    print(f"ours (Keras, extract_terramind_embeddings): {speed['ours']:.2f} chips/s")
-    print(f"speed ratio ours / baseline: {speed['ours'] / speed['baseline']:.2f}")
+    samples = measure.alternate({"ours": ours, "baseline": baseline}, options.rounds)
+    task = f"TerraMind {options.variant} extraction"
+    rows = measure.rows_for(task, samples, batch, threads, "chips")
+    flops = measure.model_flops(keras_model, shape[1:], False)
+    measure.print_fraction_of_peak(rows, {task: flops})
+    return rows
+
+
+def main(options):
+    return measure.run(options, measure_rows, "bench.terramind_extraction_speed")
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

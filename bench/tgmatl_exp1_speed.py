@@ -8,9 +8,14 @@ checkpointing on the demo data (N=240, 63 training / 9 validation samples per fo
     separated; (b) baseline: one `model.fit(..., validation_data, ModelCheckpoint(save_best_only))`
     per head, a few heads for a few epochs (steady-state epochs only, which favours the baseline).
 
-    python -m bench.tgmatl_exp1_speed            # about 5 minutes on 2 cores
+Wall and CPU time and the load are recorded by `bench.measure` (the baseline runs on `--threads`
+TensorFlow threads, ours on `--workers` single-threaded worker processes, whose CPU time counts once
+they finish).
 
-The last line is `speedup_vs_per_model_fit: <x>` (baseline seconds per head-epoch / ours).
+    python -m bench.tgmatl_exp1_speed            # about 5 minutes on 2 cores
+    python -m bench.tgmatl_exp1_speed --short_epochs 2 --long_epochs 4 --baseline_epochs 3
+
+The last line is the ratio ours / baseline per head-epoch (> 1: ours is faster).
 """
 
 import argparse
@@ -25,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 import igarss_exp1
+from bench import measure
 from common.tgmatl import awir
 
 FULL_HEADS, FULL_EPOCHS = 96, 5000
@@ -41,9 +47,9 @@ def our_seconds(data, task_scores, epochs, workers):
         for e, name in enumerate(awir.EMBEDDING_NAMES)
     }
     jobs = igarss_exp1.split_into_jobs(heads, data["embeddings"], workers)
-    started = time.perf_counter()
-    igarss_exp1.train_jobs(jobs, data, task_scores, args, record=lambda job, result: None)
-    return time.perf_counter() - started
+    return measure.timed(
+        lambda: igarss_exp1.train_jobs(jobs, data, task_scores, args, record=lambda *_: None)
+    )
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -51,10 +57,11 @@ class EpochTimer(keras.callbacks.Callback):
         self.times = []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.perf_counter()
+        self.started = (time.perf_counter(), measure.cpu_seconds())
 
     def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self.started)
+        wall, cpu = time.perf_counter() - self.started[0], measure.cpu_seconds() - self.started[1]
+        self.times.append(measure.Sample(wall, cpu, *measure.load_and_steal()))
 
 
 def baseline_seconds_per_head_epoch(data, task_scores, epochs, heads_per_method):
@@ -111,7 +118,7 @@ def baseline_seconds_per_head_epoch(data, task_scores, epochs, heads_per_method)
                     verbose=0,
                 )
             steady.extend(timer.times[1:])
-    return float(np.mean(steady))
+    return steady
 
 
 def get_args_parser():
@@ -121,11 +128,12 @@ def get_args_parser():
     parser.add_argument("--baseline_epochs", type=int, default=12)
     parser.add_argument("--baseline_heads_per_method", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    measure.add_arguments(parser, rounds=None)
+    parser.set_defaults(threads="1")
     return parser
 
 
-def main():
-    args = get_args_parser().parse_args()
+def measure_rows(args, threads):
     with tempfile.TemporaryDirectory() as folder:
         data_path, embeddings_dir = awir.make_demo_data(Path(folder) / "demo", seed=0)
         data = awir.load_awir(data_path, embeddings_dir, awir.EMBEDDING_NAMES, Path(folder) / "results", 0.7)
@@ -133,29 +141,38 @@ def main():
 
     short = our_seconds(data, task_scores, args.short_epochs, args.workers)
     long = our_seconds(data, task_scores, args.long_epochs, args.workers)
-    per_epoch_all_heads = (long - short) / (args.long_epochs - args.short_epochs)
-    startup = max(short - per_epoch_all_heads * args.short_epochs, 0.0)
-    ours = per_epoch_all_heads / FULL_HEADS
+    epochs = args.long_epochs - args.short_epochs
+    steady = measure.Sample(long.wall - short.wall, long.cpu - short.cpu, long.load, long.steal)
+    per_epoch_all_heads = steady.wall / epochs
+    startup = max(short.wall - per_epoch_all_heads * args.short_epochs, 0.0)
     ours_full = startup + per_epoch_all_heads * FULL_EPOCHS
     print(
-        f"ours: {short:.1f}s for {args.short_epochs} epochs, {long:.1f}s for {args.long_epochs} epochs of "
-        f"{FULL_HEADS} heads ({args.workers} workers): {1e3 * ours:.3f} ms per head-epoch, "
-        f"start-up {startup:.1f}s"
+        f"ours: {short.wall:.1f}s for {args.short_epochs} epochs, {long.wall:.1f}s for {args.long_epochs} "
+        f"epochs of {FULL_HEADS} heads ({args.workers} workers): "
+        f"{1e3 * per_epoch_all_heads / FULL_HEADS:.3f} ms per head-epoch, start-up {startup:.1f}s"
     )
     baseline = baseline_seconds_per_head_epoch(
         data, task_scores, args.baseline_epochs, args.baseline_heads_per_method
     )
+    baseline_wall = float(np.median([sample.wall for sample in baseline]))
     print(
-        f"baseline: {1e3 * baseline:.3f} ms per head-epoch (steady-state epochs of "
+        f"baseline: {1e3 * baseline_wall:.3f} ms per head-epoch (steady-state epochs of "
         f"{4 * args.baseline_heads_per_method} model.fit runs)"
     )
     print(
         f"projected full protocol ({FULL_HEADS} heads x {FULL_EPOCHS} epochs): "
         f"ours {ours_full / 60:.1f} min, "
-        f"baseline {baseline * FULL_HEADS * FULL_EPOCHS / 3600:.1f} h"
+        f"baseline {baseline_wall * FULL_HEADS * FULL_EPOCHS / 3600:.1f} h"
     )
-    print(f"speedup_vs_per_model_fit: {baseline / ours:.1f}")
+    return [
+        measure.Row("TG-MATL exp1 heads", "ours", threads, FULL_HEADS * epochs, "head-epochs", [steady]),
+        measure.Row("TG-MATL exp1 heads", "model.fit per head", threads, 1, "head-epochs", baseline),
+    ]
+
+
+def main(args):
+    return measure.run(args, measure_rows, "bench.tgmatl_exp1_speed")
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -12,16 +12,20 @@ of 63 train / 9 val):
   the stacks spread over the cores side by side), trained in three compiled chunks of epochs: the
   first includes XLA compilation, the later ones give the steady per-epoch cost.
 
-Prints per model-epoch costs, projected wall times of the full protocol (360 heads x 5000 epochs)
-for both, and on the LAST line `speedup_vs_per_model_fit: <x>` (baseline / ours per model-epoch).
+Prints per model-epoch costs and projected wall times of the full protocol (360 heads x 5000 epochs)
+for both.
+
+Wall and CPU time and the load are recorded by `bench.measure`; the last line is its ratio line
+(baseline / ours per model-epoch, > 1: ours is faster), the CPU-time ratio on a loaded machine.
 
     python -m bench.tgmatl_exp2_speed            # from the repo root; ~3-5 minutes on a 2-core laptop
+    python -m bench.tgmatl_exp2_speed --baseline_epochs 3 --chunk_epochs 2 --workers 1
 """
 
 import argparse
 import functools
+import itertools
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 
 import igarss_exp2
+from bench import measure
 from common.tgmatl import awir, stacked_training
 
 FULL_EPOCHS = 5000
@@ -38,7 +43,7 @@ FULL_HEADS = 360
 
 
 def baseline_epoch_seconds(x, targets, kind, train, val, epochs, seed):
-    """One head with model.fit: (setup + first epoch seconds, median later epoch seconds)."""
+    """One head with model.fit: (setup + first epoch seconds, [Sample] of the later epochs)."""
     import keras
 
     class KeepBest(keras.callbacks.Callback):
@@ -47,7 +52,7 @@ def baseline_epoch_seconds(x, targets, kind, train, val, epochs, seed):
             self.best, self.weights, self.stamps = np.inf, None, []
 
         def on_epoch_end(self, epoch, logs=None):
-            self.stamps.append(time.perf_counter())
+            self.stamps.append((time.perf_counter(), measure.cpu_seconds(), *measure.load_and_steal()))
             if logs["val_loss"] < self.best:
                 self.best, self.weights = logs["val_loss"], self.model.get_weights()
 
@@ -67,18 +72,26 @@ def baseline_epoch_seconds(x, targets, kind, train, val, epochs, seed):
         callbacks=[keep_best],
     )
     model.set_weights(keep_best.weights)
-    stamps = np.array(keep_best.stamps)
-    return stamps[0] - started, float(np.median(np.diff(stamps)))
-
-
-def cpu_seconds():
-    """CPU seconds of this process and of its finished worker processes."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    stamps = keep_best.stamps
+    epochs = [
+        measure.Sample(now[0] - before[0], now[1] - before[1], now[2], now[3])
+        for before, now in itertools.pairwise(stamps)
+    ]
+    return stamps[0][0] - started, epochs
 
 
 def train_job(job, data, args, chunk_epochs):
-    return igarss_exp2.train_task_heads(job["heads"], job["inputs"], data, args, chunk_epochs=chunk_epochs)
+    """One stack's training; its result carries the wall seconds at the end of each chunk of epochs."""
+    marks = []
+    result = igarss_exp2.train_task_heads(
+        job["heads"],
+        job["inputs"],
+        data,
+        args,
+        chunk_epochs=chunk_epochs,
+        progress=lambda done, total, seconds, *_: marks.append((seconds, time.process_time())),
+    )
+    return {"chunk_seconds": marks, "heads": len(result["heads"])}
 
 
 def stacked_epoch_seconds(units, inputs, data, args, chunk_epochs, chunks=3):
@@ -93,20 +106,22 @@ def stacked_epoch_seconds(units, inputs, data, args, chunk_epochs, chunks=3):
     for job in jobs:
         job["inputs"] = {head["input"]: inputs[head["input"]] for head in job["heads"]}
     timings = []
-    cpu_started = cpu_seconds()
+    cpu_started = measure.cpu_seconds()
     wall = stacked_training.run_side_by_side(
         jobs,
         functools.partial(train_job, data=data, args=args, chunk_epochs=chunk_epochs),
         lambda job, result: timings.append(result["chunk_seconds"]),
         args.workers,
     )
-    per_epoch = sum((t[-1] - t[0]) / ((chunks - 1) * chunk_epochs) for t in timings)
+    steady_epochs = (chunks - 1) * chunk_epochs
+    per_epoch = sum((t[-1][0] - t[0][0]) / steady_epochs for t in timings)
+    cpu_per_epoch = sum((t[-1][1] - t[0][1]) / steady_epochs for t in timings)
     compile_seconds = sum(
-        max(t[0] - chunk_epochs * (t[-1] - t[0]) / ((chunks - 1) * chunk_epochs), 0.0) for t in timings
+        max(t[0][0] - chunk_epochs * (t[-1][0] - t[0][0]) / steady_epochs, 0.0) for t in timings
     )
     # Cores this process actually got (the machine may be shared): CPU seconds per wall second.
-    cores_used = (cpu_seconds() - cpu_started) / wall
-    return compile_seconds, per_epoch, len(jobs), cores_used
+    cores_used = (measure.cpu_seconds() - cpu_started) / wall
+    return compile_seconds, per_epoch, cpu_per_epoch, len(jobs), cores_used
 
 
 def get_args_parser():
@@ -114,11 +129,12 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     parser.add_argument("--baseline_epochs", type=int, default=12)
     parser.add_argument("--chunk_epochs", type=int, default=40)
+    measure.add_arguments(parser, rounds=None)
+    parser.set_defaults(threads="1")
     return parser
 
 
-def main():
-    bench_args = get_args_parser().parse_args()
+def measure_rows(bench_args, threads):
 
     with tempfile.TemporaryDirectory() as folder:
         data_path, embeddings_dir = awir.make_demo_data(Path(folder) / "data", seed=0)
@@ -152,15 +168,23 @@ def main():
     train, val = data["folds"][0]
     class_target = igarss_exp2.head_targets(data, 1, "class")
     feature_target = igarss_exp2.head_targets(data, 1, "boxfeat")
-    base_setup, base_epoch = baseline_epoch_seconds(
+    base_setup, base_epochs = baseline_epoch_seconds(
         embedding, class_target, "class", train, val, bench_args.baseline_epochs, 0
     )
     projected = inputs[("dinov2", "dtl", 1)]
-    proj_setup, proj_epoch = baseline_epoch_seconds(
+    proj_setup, proj_epochs = baseline_epoch_seconds(
         projected, feature_target, "boxfeat", train, val, bench_args.baseline_epochs, 1
     )
+    base_epoch = float(np.median([sample.wall for sample in base_epochs]))
+    proj_epoch = float(np.median([sample.wall for sample in proj_epochs]))
     # The protocol's mix: 1 of 5 inputs is a raw embedding, 4 of 5 are 64-d projections.
     baseline_epoch = 0.2 * base_epoch + 0.8 * proj_epoch
+    mixed = [
+        measure.Sample(
+            *(0.2 * getattr(b, name) + 0.8 * getattr(p, name) for name in ("wall", "cpu", "load", "steal"))
+        )
+        for b, p in zip(base_epochs, proj_epochs, strict=False)
+    ]
     baseline_setup = 0.2 * base_setup + 0.8 * proj_setup
     print(
         f"baseline model.fit: 768-d head {1e3 * base_epoch:.2f} ms/epoch "
@@ -170,7 +194,7 @@ def main():
 
     # ---- ours: the real plan for one embedding ----
     args = argparse.Namespace(seed=0, learning_rate=1e-4, batch_size=32, workers=bench_args.workers, epochs=0)
-    compile_seconds, stack_epoch_seconds, num_stacks, cores_used = stacked_epoch_seconds(
+    compile_seconds, stack_epoch_seconds, stack_epoch_cpu, num_stacks, cores_used = stacked_epoch_seconds(
         units, inputs, data, args, bench_args.chunk_epochs
     )
     heads = 3 * len(units)
@@ -200,8 +224,17 @@ def main():
         f"stacked full protocol with all {bench_args.workers} cores free (from CPU time): "
         f"{ours_full * idle_share / 60:.1f} min"
     )
-    print(f"speedup_vs_per_model_fit: {baseline_epoch / ours_model_epoch:.1f}")
+    load, steal = measure.load_and_steal()
+    ours_sample = measure.Sample(per_epoch, stack_epoch_cpu, load, steal)
+    return [
+        measure.Row("TG-MATL exp2 heads", "ours", threads, heads, "model-epochs", [ours_sample]),
+        measure.Row("TG-MATL exp2 heads", "model.fit per head", threads, 1, "model-epochs", mixed),
+    ]
+
+
+def main(options):
+    return measure.run(options, measure_rows, "bench.tgmatl_exp2_speed")
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())
