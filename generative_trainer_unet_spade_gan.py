@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, checkpoints, cli, optimizers, plots, runs
+from common import atomic, checkpoints, cli, optimizers, plots, runs, tensorboard
 from common.aras400k import classes, efficientnet, patches
 from common.errors import InputError, cli_entry, require, require_dir, require_file
 
@@ -88,6 +88,7 @@ def get_args_parser():
     cli.add_strategy_argument(parser)
     cli.add_demo_argument(parser, "(64 px crops of dataset_creator.py's demo, widths / 16, ~1 min).")
     cli.add_run_arguments(parser)
+    tensorboard.add_argument(parser)
     parser.demo_defaults(image_size=64, width_divisor=16, epochs=20, batch_size=16, log_every=1000)
     return parser
 
@@ -515,6 +516,7 @@ def train(gan, args, pairs, run_dir, state):
         pairs, args.image_size, args.batch_size, args.seed, state["epochs_done"], args.epochs, to_gan_inputs
     )
     batches = iter(gan.strategy.experimental_distribute_dataset(dataset))
+    scalars = tensorboard.ScalarLog(run_dir, enabled=not args.no_tensorboard)
     for epoch in range(state["epochs_done"], args.epochs):
         started, totals = time.time(), np.zeros(3)
         for step in range(steps_per_epoch):
@@ -541,6 +543,7 @@ def train(gan, args, pairs, run_dir, state):
         )
         checkpoints.save(run_dir, f"checkpoint_epoch{epoch + 1:03d}", gan.arrays(), state)
         atomic.write_csv(run_dir / "log.csv", state["history"], list(state["history"][0]))
+        scalars.write(epoch + 1, state["history"][-1])
 
 
 def generate_images(gan, args, data_root, run_dir):

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import atomic, checkpoints, cli, metrics, optimizers, plots, runs
+from common import atomic, checkpoints, cli, metrics, optimizers, plots, runs, tensorboard
 from common.aras400k import classes, demo_data, efficientnet, patches
 from common.errors import cli_entry, require, require_dir
 
@@ -106,6 +106,7 @@ def get_args_parser():
     cli.add_demo_argument(parser, "and train efficientnetb0 on it (about a minute on a CPU).")
     add("--demo_images", type=int, default=48, help="With --demo: training patches (val and test a third).")
     cli.add_run_arguments(parser)
+    tensorboard.add_argument(parser)
     parser.demo_defaults(epochs=8, batch_size=8, image_size=64, encoder="efficientnetb0", bn_momentum=0.9)
     return parser
 
@@ -236,6 +237,7 @@ class PaperSchedule(keras.callbacks.Callback):
         super().__init__()
         self.args, self.run_dir, self.step, self.strategy = args, run_dir, step, strategy
         self.val_dataset, self.state, self.epoch_started = val_dataset, state, time.time()
+        self.scalars = tensorboard.ScalarLog(run_dir, enabled=not args.no_tensorboard)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
@@ -284,6 +286,7 @@ class PaperSchedule(keras.callbacks.Callback):
         state["history"].append(record)
         state["epochs_done"] = epoch + 1
         save_checkpoint(self.model, self.run_dir, state)
+        self.scalars.write(epoch + 1, record)
 
 
 # ---- evaluation: streaming confusion matrix ----

@@ -57,7 +57,18 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, checkpoints, cli, fused_bn, optimizers, pipelines, plots, reports, runs
+from common import (
+    atomic,
+    checkpoints,
+    cli,
+    fused_bn,
+    optimizers,
+    pipelines,
+    plots,
+    reports,
+    runs,
+    tensorboard,
+)
 from common.errors import InputError, cli_entry, require, require_file, require_finite
 from common.lucas import demo_chips, lucas_chips
 from common.metrics import ConfusionMatrix
@@ -229,6 +240,7 @@ def get_args_parser():
     cli.add_demo_argument(train, "in the study's class proportions (about 25 s per seed on a CPU).")
     add("--demo_scale", type=float, default=0.25, help="Demo chips per class = study counts x this (>= 5).")
     cli.add_run_arguments(parser)
+    tensorboard.add_argument(parser)
     # A demo's few short epochs would barely move the head at the study's learning rate.
     parser.demo_defaults(epochs=30, learning_rate=1e-3, backbone="simplecnn")
     return parser
@@ -679,9 +691,11 @@ class RunCheckpoint(keras.callbacks.Callback):
     resumable state via `checkpoints.save` (checkpoint_last.npz, state.json last) for a clean resume.
     """
 
-    def __init__(self, folder, monitor, rows, best, print_every, save_interval=60.0):
+    def __init__(self, folder, monitor, rows, best, print_every, save_interval=60.0, scalars=None):
         super().__init__()
         self.folder, self.monitor, self.rows, self.best = folder, monitor, rows, best
+        # Every epoch's row also goes to TensorBoard at once (log.csv is written with the checkpoint).
+        self.scalars = scalars or tensorboard.ScalarLog(folder, enabled=False)
         self.maximise = monitor.endswith("accuracy")
         self.print_every, self.save_interval = print_every, save_interval
         self.best_weights, self.last_save = None, time.monotonic()
@@ -689,6 +703,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1, **{key: float(value) for key, value in (logs or {}).items()}}
         self.rows.append(row)
+        self.scalars.write(epoch + 1, row)
         value = row[self.monitor]
         if self.best is None or (value > self.best if self.maximise else value < self.best):
             self.best, self.best_weights = value, [np.array(weight) for weight in self.model.get_weights()]
@@ -745,7 +760,10 @@ def train_and_evaluate(folder, build_model, data, loss, args, strategy, **compil
             rows = state["history"][:start_epoch]
             print(f"  resuming from epoch {start_epoch}")
     if start_epoch < args.epochs:
-        checkpoint = RunCheckpoint(folder, args.monitor, rows, best, max(1, args.epochs // 5))
+        scalars = tensorboard.ScalarLog(folder, enabled=not args.no_tensorboard)
+        checkpoint = RunCheckpoint(
+            folder, args.monitor, rows, best, max(1, args.epochs // 5), scalars=scalars
+        )
         fit = {"epochs": args.epochs, "initial_epoch": start_epoch, "callbacks": [checkpoint], "verbose": 0}
         model.fit(data.train, validation_data=data.val, shuffle=False, **fit)
     best_model = keras.saving.load_model(folder / "checkpoint_best.keras")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_main_error, call_main, run_script
+from conftest import assert_main_error, assert_tensorboard_holds_log, call_main, run_script
 
 import train_owl_gps as owl
 from common import atomic
@@ -88,6 +88,12 @@ def test_demo_round_table_and_label_store(demo):
     assert sum(row["strategy"] == "initial" for row in labels) == 20
 
 
+def test_demo_tensorboard_holds_the_round_table(demo):
+    _, _, run_dir = demo
+    scalars = assert_tensorboard_holds_log(run_dir, "rounds.csv", step_column="round")
+    assert sorted(scalars["test_auc"]) == list(range(1, 11)) and "round" not in scalars
+
+
 def test_demo_learns_and_prints_the_metrics(demo):
     """The concept AUC is clearly above chance, and the summary line shows metrics.json's figure."""
     completed, _, run_dir = demo
@@ -150,7 +156,7 @@ def test_strategy_all_with_seeds_plots_four_strategies(tmp_path):
 
 def test_resume_after_round_k_matches_uninterrupted(tmp_path, monkeypatch):
     common = ["--demo", *TINY, "--results_dir", tmp_path, "--uncertainty", "mc_dropout", "--mc_passes", "3"]
-    run_main(*common, "--n_rounds", "4", "--run_name", "straight")
+    run_main(*common, "--n_rounds", "4", "--run_name", "straight", "--no_tensorboard")
     # Extending a finished 2-round run to 4 rounds.
     run_main(*common, "--n_rounds", "2", "--run_name", "extended")
     run_main(*common, "--n_rounds", "4", "--run_name", "extended", "--resume")
@@ -178,6 +184,14 @@ def test_resume_after_round_k_matches_uninterrupted(tmp_path, monkeypatch):
         assert without_seconds(read_csv(other / "rounds.csv")) == expected_rounds
         assert read_csv(other / "labels.csv") == read_csv(straight / "labels.csv")
         assert (other / "metrics.json").read_text() == (straight / "metrics.json").read_text()
+        # TensorBoard keeps the newest value of a round: that of rounds.csv, redone rounds included.
+        assert sorted(assert_tensorboard_holds_log(other, "rounds.csv", "round")["train_loss"]) == [
+            1,
+            2,
+            3,
+            4,
+        ]
+    assert not (straight / "tensorboard").exists()
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path, capsys):

@@ -21,13 +21,14 @@ the per-group cost calibration that splits a stack's wall time over its heads.
 """
 
 import csv
+import functools
 import time
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, parallel
+from common import atomic, parallel, tensorboard
 
 ADAM_BETA_1 = 0.9
 ADAM_BETA_2 = 0.999
@@ -144,6 +145,28 @@ def progress_printer(label: str):
         )
 
     return progress
+
+
+def write_loss_histories(result: dict, folder, tag_of, enabled: bool = True) -> None:
+    """TensorBoard scalars of a finished stack: each head's train and validation loss at every epoch.
+
+    `result` holds `heads` and the (epochs, M) `train_history` and `val_history` of `StackedModels.fit`;
+    head i's curves go to the TensorBoard run `folder` as the tags `tag_of(head, "train_loss")` and
+    `tag_of(head, "val_loss")`, steps 1..epochs. Written in the process that gathers the stacks, so
+    worker processes never write event files; one writer per folder serves every stack.
+    """
+    if not enabled:
+        return
+    log = _scalar_log(Path(folder))
+    for index, head in enumerate(result["heads"]):
+        log.write_series(tag_of(head, "train_loss"), result["train_history"][:, index])
+        log.write_series(tag_of(head, "val_loss"), result["val_history"][:, index])
+
+
+@functools.cache
+def _scalar_log(folder: Path) -> tensorboard.ScalarLog:
+    # One writer (and one traced series loop) per folder for the whole process.
+    return tensorboard.ScalarLog(folder, subdir="")
 
 
 def fold_index_lists(folds, heads) -> tuple[list, list]:
