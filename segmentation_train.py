@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import atomic, checkpoints, cli, metrics, optimizers, plots, runs, tensorboard
+from common import atomic, checkpoints, cli, metrics, optimizers, plots, precision, runs, tensorboard
 from common.aras400k import classes, demo_data, efficientnet, patches
 from common.errors import cli_entry, require, require_dir
 
@@ -101,7 +101,7 @@ def get_args_parser():
     add("--unknown_colour", default="error", choices=["error", "ignore"], help=unknown)
     add("--num_examples", type=int, default=6, help="Test samples shown in examples.png.")
     cli.add_strategy_argument(parser)
-    add("--mixed_precision", action="store_true", help="mixed_float16 with float32 logits (GPU only).")
+    precision.add_argument(parser)
     add("--threads", type=int, default=min(16, os.cpu_count() or 1), help="Threads for the mask check.")
     cli.add_demo_argument(parser, "and train efficientnetb0 on it (about a minute on a CPU).")
     add("--demo_images", type=int, default=48, help="With --demo: training patches (val and test a third).")
@@ -544,12 +544,7 @@ def build_model(args, strategy, resuming):
         "stopped_early": False,
         "history": [],
     }
-    if args.mixed_precision:
-        if tf.config.list_physical_devices("GPU"):
-            keras.mixed_precision.set_global_policy("mixed_float16")
-            print("mixed precision: mixed_float16 compute, float32 logits and loss")
-        else:
-            print("note: --mixed_precision needs a GPU (float16 is slower on a CPU); training in float32")
+    precision.apply(args.mixed_precision)
     with strategy.scope():
         loss_fn = MulticlassDiceLoss(cross_entropy=args.loss == "dice_ce")
         weights = "" if resuming else args.weights

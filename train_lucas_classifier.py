@@ -65,6 +65,7 @@ from common import (
     optimizers,
     pipelines,
     plots,
+    precision,
     reports,
     runs,
     tensorboard,
@@ -111,7 +112,7 @@ RESUME_SETTINGS = (
     "weight_decay",
     "optimizer_convention",
     "monitor",
-    "precision",
+    "mixed_precision",
     "demo_scale",
 )
 
@@ -230,12 +231,9 @@ def get_args_parser():
         choices=monitors,
         help="Checkpoint selection: the best epoch on the validation set (study: val macro accuracy).",
     )
-    add(
-        "--precision",
-        default="auto",
-        choices=["auto", "mixed16", "float32"],
-        help="auto: mixed float16 on GPUs with compute capability >= 7, else float32.",
-    )
+    # The study trained in mixed float16 on its GPU: auto asks for it on GPUs that run float16 fast.
+    precision.add_argument(train, default="auto")
+    parser.renamed("--precision", "--mixed_precision")
     cli.add_strategy_argument(train)
     cli.add_demo_argument(train, "in the study's class proportions (about 25 s per seed on a CPU).")
     add("--demo_scale", type=float, default=0.25, help="Demo chips per class = study counts x this (>= 5).")
@@ -665,13 +663,8 @@ def prepare_run(args, inputs, configs, seeds):
     runs.check_same_settings(run_dir / "config.json", settings, args.overwrite, what, section="args")
     splits = {name: [inputs.point_ids[i] for i in split] for name, split in inputs.splits.items()}
     atomic.write_json(run_dir / "splits.json", splits)
-    precision = args.precision
-    if precision == "auto":
-        gpus = tf.config.list_physical_devices("GPU")
-        details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
-        precision = "mixed16" if details.get("compute_capability", (0, 0)) >= (7, 0) else "float32"
-    keras.mixed_precision.set_global_policy("mixed_float16" if precision == "mixed16" else "float32")
-    derived = {"precision": precision, "image_size": inputs.image_size, "class_names": CLASS_NAMES}
+    policy = precision.apply(args.mixed_precision)
+    derived = {"precision": policy, "image_size": inputs.image_size, "class_names": CLASS_NAMES}
     derived |= {"split_sizes": {name: len(split) for name, split in splits.items()}}
     derived |= {"train_class_counts": inputs.train_counts, "class_weights": inputs.class_weights}
     derived |= {"configs": [f"{loss}/{decoder}" for loss, decoder in configs], "seeds": seeds}

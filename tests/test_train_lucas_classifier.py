@@ -76,7 +76,7 @@ def test_help_lists_the_study_options(capsys):
         "--grid",
         "--seeds",
         "--test_fraction",
-        "--precision",
+        "--mixed_precision",
         "--freeze_backbone",
         "--resume",
     ):

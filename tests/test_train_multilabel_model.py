@@ -41,7 +41,7 @@ def main_error(capsys, argv, *fragments):
 def test_resume_settings_are_every_flag_but_where_the_run_lives_and_how_far_it_goes():
     flags = set(vars(parse(tm, [])))
     resumable = {"config", "demo", "epochs", "overwrite", "print_config", "resume", "results_dir", "run_name"}
-    resumable.update({"strategy", "no_tensorboard"})
+    resumable.update({"strategy", "no_tensorboard", "progress"})
     assert len(set(tm.RESUME_SETTINGS)) == len(tm.RESUME_SETTINGS)
     assert set(tm.RESUME_SETTINGS) == flags - resumable
 
