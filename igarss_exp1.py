@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import atomic, cli, plots, runs, tensorboard
+from common import progress as progress_bars
 from common.errors import cli_entry
 from common.tgmatl import awir, stacked_training
 
@@ -136,6 +137,7 @@ def get_args_parser():
         "always written; give no value to skip the maps).",
     )
     tensorboard.add_argument(parser)
+    progress_bars.add_argument(parser)
     parser.demo_defaults(epochs=300)
     return parser
 
@@ -585,7 +587,9 @@ def train_jobs(jobs, data, task_scores, args, record):
         print(stacked_training.finished_line(job, result, args.epochs))
 
     run = functools.partial(train_job, data=data, task_scores=task_scores, args=args)
-    seconds = stacked_training.run_side_by_side(jobs, run, finished, args.workers, args.deterministic)
+    seconds = stacked_training.run_side_by_side(
+        jobs, run, finished, args.workers, args.deterministic, args.progress
+    )
     print(f"  all stacks done in {seconds:.1f}s")
 
 

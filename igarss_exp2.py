@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import atomic, cli, plots, reports, runs, tensorboard
+from common import progress as progress_bars
 from common.errors import InputError, cli_entry
 from common.tgmatl import awir, stacked_training
 
@@ -81,6 +82,7 @@ def add_task_head_arguments(parser, demo_help):
         help="Folds to train (default all 8; a subset is for quick checks).",
     )
     tensorboard.add_argument(parser)
+    progress_bars.add_argument(parser)
     # Demo: fewer epochs with a 30x learning rate, so the heads converge in about a minute.
     parser.demo_defaults(epochs=100, learning_rate=3e-3)
     return parser
@@ -597,7 +599,9 @@ def run_task_heads(
         job["inputs"] = {head["input"]: inputs[head["input"]] for head in job["heads"]}
     record = functools.partial(record_heads, data=data, args=args, pending={}, keras_models={}, costs=costs)
     run = functools.partial(train_task_job, data=data, args=args)
-    seconds = stacked_training.run_side_by_side(jobs, run, record, args.workers, args.deterministic)
+    seconds = stacked_training.run_side_by_side(
+        jobs, run, record, args.workers, args.deterministic, args.progress
+    )
     print(f"  all stacks done in {seconds:.1f}s")
 
 

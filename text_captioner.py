@@ -168,7 +168,9 @@ def main(args):
     }
     log = captions.CaptionLog(args.out, settings, args.num_captions, args.overwrite)
     make_captions = lambda batch: caption_batch(batch, args, tokenizer, model, percentages)  # noqa: E731
-    captions.caption_missing(log, names, args.batch_size, make_captions, args.retries, seed=args.seed)
+    captions.caption_missing(
+        log, names, args.batch_size, make_captions, args.retries, seed=args.seed, show_progress=args.progress
+    )
 
 
 if __name__ == "__main__":

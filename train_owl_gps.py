@@ -59,7 +59,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly; must come before
 
 import numpy as np
 
-from common import atomic, checkpoints, cli, plots, reports, runs, tensorboard
+from common import atomic, checkpoints, cli, plots, progress, reports, runs, tensorboard
 from common.errors import InputError, cli_entry, require, require_file
 from common.owl_gps import datasets, patches
 
@@ -144,6 +144,7 @@ def get_args_parser():
     add_training_arguments(parser.add_argument_group("training and Reptile"))
     cli.add_run_arguments(parser)
     tensorboard.add_argument(parser)
+    progress.add_argument(parser)
     return parser
 
 
@@ -801,7 +802,9 @@ class ActiveLearningRun:
         if first_round is None:
             self.learner.initialise(self.seed)
             first_round = 0
-        for round_number in range(first_round, self.args.n_rounds):
+        rounds = range(first_round, self.args.n_rounds)
+        label = f"{self.strategy} seed {self.seed} rounds"
+        for round_number in progress.bar(rounds, desc=label, enabled=self.args.progress, unit="round"):
             ids, scores = self.queue or self.query(round_number)
             labels = self.oracle(round_number, ids, scores)
             self.add_labels(round_number, ids, labels, scores)

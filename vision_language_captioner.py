@@ -287,7 +287,15 @@ def main(args):
         make_captions = lambda batch: caption_batch(  # noqa: E731
             batch, args, tokenizer, image_processor, model, percentages, pool
         )
-        captions.caption_missing(log, names, args.batch_size, make_captions, args.retries, seed=args.seed)
+        captions.caption_missing(
+            log,
+            names,
+            args.batch_size,
+            make_captions,
+            args.retries,
+            seed=args.seed,
+            show_progress=args.progress,
+        )
 
 
 if __name__ == "__main__":

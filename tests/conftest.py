@@ -147,7 +147,7 @@ def assert_tensorboard_holds_log(run_dir, log_name="log.csv", step_column="epoch
         rows = list(csv.DictReader(file))
     assert rows and scalars
     for row in rows:
-        step = int(row[step_column])
+        step = int(float(row[step_column]))
         for column, text in row.items():
             if column in tensorboard.STEP_COLUMNS or not _is_number(text):
                 continue

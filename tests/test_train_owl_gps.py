@@ -3,6 +3,7 @@ comparison, exact resume, the CSV oracle round trip, the GeoTIFF path and bad in
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -218,6 +219,19 @@ def test_ensemble_and_linear_schedule_run(tmp_path):
     run_dir = tmp_path / "train_owl_gps" / "demo"
     assert (run_dir / "model.keras").is_file() and (run_dir / "model_member1.keras").is_file()
     assert [float(r["alpha"]) for r in read_csv(run_dir / "rounds.csv")] == pytest.approx([0.3, 0.8])
+
+
+def test_progress_bar_of_rounds_on_stderr_only_with_progress(tmp_path, capsys):
+    arguments = ["--demo", *TINY, "--n_rounds", "2", "--results_dir", tmp_path, "--no_tensorboard"]
+    capsys.readouterr()
+    run_main(*arguments, "--run_name", "quiet")
+    quiet = capsys.readouterr()
+    run_main(*arguments, "--run_name", "shown", "--progress")
+    shown = capsys.readouterr()
+    bar = re.compile(r"concept seed 0 rounds: +100%\|.*\| 2/2 \[\d\d:\d\d<00:00, +[\d.]+(s/round|round/s)\]")
+    assert bar.search(shown.err) and "rounds:" not in quiet.err
+    # Standard output (the log) is the same either way but for the run folder's name.
+    assert "%|" not in shown.out and len(shown.out.splitlines()) == len(quiet.out.splitlines())
 
 
 def test_finished_run_is_not_overwritten(tmp_path, capsys):

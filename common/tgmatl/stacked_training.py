@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, parallel, tensorboard
+from common import atomic, parallel, progress, tensorboard
 
 ADAM_BETA_1 = 0.9
 ADAM_BETA_2 = 0.999
@@ -43,7 +43,7 @@ def _start_worker_process(deterministic):
         tf.config.experimental.enable_op_determinism()
 
 
-def run_side_by_side(jobs, run, finished, workers, deterministic=False):
+def run_side_by_side(jobs, run, finished, workers, deterministic=False, show_progress=False):
     """Run `run(job)` for every job on `workers` workers, largest first (jobs arrive sorted);
     `finished(job, result)` is called in the calling process as results come in. Returns the wall
     seconds.
@@ -52,11 +52,23 @@ def run_side_by_side(jobs, run, finished, workers, deterministic=False):
     its own with a single TensorFlow thread: stacks run as threads of one process share its thread
     pools and measured about 1.4x slower per epoch on two cores than in separate processes. `run`
     and the jobs are then pickled, so `run` must be a module-level function (or a functools.partial
-    of one).
+    of one). A bar of finished heads (rate, ETA) goes to stderr on a terminal or with `show_progress`.
     """
-    return parallel.run_jobs(
-        run, jobs, workers, on_result=finished, initializer=_start_worker_process, initargs=(deterministic,)
-    )
+    heads = progress.bar(total=sum(len(job["heads"]) for job in jobs), desc="heads", enabled=show_progress)
+
+    def finished_and_counted(job, result):
+        finished(job, result)
+        heads.update(len(job["heads"]))
+
+    with heads:
+        return parallel.run_jobs(
+            run,
+            jobs,
+            workers,
+            on_result=finished_and_counted,
+            initializer=_start_worker_process,
+            initargs=(deterministic,),
+        )
 
 
 def model_generator(seed: int, model_key: int) -> np.random.Generator:
