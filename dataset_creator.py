@@ -51,7 +51,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from common import atomic, cli, parallel, runs
+from common import atomic, cli, parallel, progress, runs
 from common.aras400k import classes, demo_data, patches, percentages, worldcover
 from common.errors import InputError, cli_entry, require, require_dir
 from common.raster import open_geotiff, patch_windows, read_window, write_geotiff
@@ -152,6 +152,7 @@ def get_args_parser():
     cli.add_demo_argument(parser, "(two small GeoTIFF pairs, a few seconds).")
     add("--demo_size", type=int, default=768, help=argparse.SUPPRESS)
     cli.add_run_arguments(parser, resume=False)
+    progress.add_argument(parser)
     parser.demo_defaults(split_level="patch")  # the demo's two tiles cannot fill three splits by tile
     return parser
 
@@ -760,8 +761,10 @@ def process_tiles(args, jobs, tiles, failures):
     """Run the tile jobs on --workers processes, in tile order; stop at the first failure unless
     --keep_going. Each tile prints one line as it finishes."""
     grid = tile_grids(args, tiles)
+    bar = progress.bar(total=len(jobs), desc="tiles", enabled=args.progress, unit="tile")
 
     def report_result(job, result):
+        bar.update()
         if result["ok"]:
             total, new = grid[result["tile"]][0] * grid[result["tile"]][1], result["new_patches"]
             print(
@@ -777,7 +780,8 @@ def process_tiles(args, jobs, tiles, failures):
     def stop():
         return bool(failures) and not args.keep_going
 
-    parallel.run_jobs(process_tile, jobs, args.workers, on_result=report_result, in_order=True, stop=stop)
+    with bar:
+        parallel.run_jobs(process_tile, jobs, args.workers, on_result=report_result, in_order=True, stop=stop)
     raise_first_failure(failures, args.keep_going)
 
 

@@ -38,7 +38,6 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -47,7 +46,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from tqdm import tqdm
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -64,7 +62,7 @@ from transformers import (
     ViTMAEModel,
 )
 
-from common import atomic, cli, parallel, runs
+from common import atomic, cli, parallel, precision, progress, runs
 from common.errors import InputError, cli_entry, require, require_file
 from common.tgmatl import awir
 
@@ -84,7 +82,7 @@ FOUNDATION_MODELS = {
 # The settings a resume must match: these arguments, plus what is derived from the others (the
 # resolved data file and model folder, the image count, the pixel mapping, the model), so that rows
 # embedded from another file, model or setting are never mixed into one output.
-RESUME_SETTINGS = ("input", "batch_size")
+RESUME_SETTINGS = ("input", "batch_size", "mixed_precision")
 # Upper bounds of the numeric flags (a slip is refused rather than run).
 MAX_BATCH = 1 << 16
 MAX_SEED = 2**32 - 1
@@ -138,6 +136,8 @@ def get_args_parser():
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:<index>."
     )
+    precision.add_argument(parser)
+    progress.add_argument(parser)
     parser.add_argument(
         "--seed",
         type=int,
@@ -429,16 +429,24 @@ def extract(model_name, model, processor, args, num_images, pixel_scaling, devic
     first_pending = sum(len(chunk) for chunk in chunks)
     pending = []
     batches = image_batches(args, first_pending)
-    with tqdm(
-        total=num_images, initial=first_pending, desc=f"{model_name} embeddings", unit="img", file=sys.stderr
-    ) as progress:
+    # --mixed_precision: float16 (CUDA) or bfloat16 (CPU with bf16) autocast; rows are kept as float32.
+    autocast = precision.torch_autocast(args.mixed_precision, device)
+    with progress.bar(
+        total=num_images,
+        initial=first_pending,
+        desc=f"{model_name} embeddings",
+        unit="img",
+        enabled=args.progress,
+    ) as bar:
         for start, images in batches:
             rgb = to_rgb_uint8(images, *pixel_scaling)
             pixel_values = processor(
                 images=list(rgb), return_tensors="pt", input_data_format="channels_last"
             )["pixel_values"]
-            pending.append(embed_batch(model_name, model, pixel_values.to(device)).float().cpu().numpy())
-            progress.update(len(images))
+            with autocast:
+                embeddings = embed_batch(model_name, model, pixel_values.to(device))
+            pending.append(embeddings.float().cpu().numpy())
+            bar.update(len(images))
             end = start + len(images)
             if len(pending) == checkpoint["batches"] and end < num_images:
                 chunks.append(np.concatenate(pending))

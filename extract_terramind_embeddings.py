@@ -60,7 +60,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from common import atomic, cli, parallel, pipelines, runs
+from common import atomic, cli, parallel, pipelines, precision, runs
 from common.errors import InputError, cli_entry, require, require_file
 from common.lucas import demo_chips, lucas_chips
 
@@ -81,6 +81,7 @@ RESUME_SETTINGS = (
     "band_mapping",
     "normalisation",
     "save_mean",
+    "mixed_precision",
 )
 # Input paths, recorded relative to the run folder: a results tree moved with its chips still resumes.
 INPUT_PATHS = ("data_root", "labels_csv")
@@ -134,6 +135,7 @@ def get_args_parser():
     demo.add_argument("--demo_scale", type=float, default=0.12, help="Demo chips per class = study x this.")
     demo.add_argument("--demo_epochs", type=int, default=30, help="Epochs of the demo's probe grid.")
     cli.add_run_arguments(parser)
+    precision.add_argument(parser)
     parser.demo_defaults(variant="tiny", save_mean=True)
     return parser
 
@@ -518,7 +520,8 @@ def build_encoder(config: EncoderConfig, image_size: int, bands: int, layer_inde
         x = block(x)
     if layer_index == config.depth - 1:
         x = layers.LayerNormalization(epsilon=1e-6, name="encoder_norm")(x)
-    return keras.Model(chips, x, name="terramind_encoder")
+    # float32 tokens under --mixed_precision as well (a no-op in float32).
+    return keras.Model(chips, ops.cast(x, "float32"), name="terramind_encoder")
 
 
 def _dense(layer, tensors: dict, name: str) -> None:
@@ -606,6 +609,7 @@ def prepare_encoder(args, tensors, loaded, reader, image_size):
     chip_mean, chip_std = chip_statistics(reader, count, args.batch_size)
     preprocessing = band_preprocessing(args.band_mapping, args.normalisation, chip_mean, chip_std)
     bands, scale, mean, std = preprocessing
+    precision.apply(args.mixed_precision)
     encoder = build_encoder(VARIANTS[args.variant], image_size, len(bands), args.layer)
     assign_weights(encoder, tensors, bands, image_size)
     shape = (count, *encoder.output.shape[1:])

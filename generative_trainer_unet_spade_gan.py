@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, checkpoints, cli, optimizers, plots, runs
+from common import atomic, checkpoints, cli, optimizers, plots, precision, progress, runs, tensorboard
 from common.aras400k import classes, efficientnet, patches
 from common.errors import InputError, cli_entry, require, require_dir, require_file
 
@@ -54,6 +54,7 @@ RESUME_SETTINGS = (
     "vgg_weights",
     "vgg_weight",
     "optimizer_convention",
+    "mixed_precision",
     "seed",
 )
 # Larger values are typing mistakes, refused before anything is written.
@@ -88,6 +89,9 @@ def get_args_parser():
     cli.add_strategy_argument(parser)
     cli.add_demo_argument(parser, "(64 px crops of dataset_creator.py's demo, widths / 16, ~1 min).")
     cli.add_run_arguments(parser)
+    precision.add_argument(parser)
+    tensorboard.add_argument(parser)
+    progress.add_argument(parser)
     parser.demo_defaults(image_size=64, width_divisor=16, epochs=20, batch_size=16, log_every=1000)
     return parser
 
@@ -277,12 +281,13 @@ def build_discriminator(image_size, width_divisor=1):
 
 def discriminator_hinge_loss(pred_real, pred_fake):
     """mean(relu(1 - D(real))) + mean(relu(1 + D(fake))) (the reference's loss_D)."""
+    pred_real, pred_fake = ops.cast(pred_real, "float32"), ops.cast(pred_fake, "float32")
     return ops.mean(ops.relu(1.0 - pred_real)) + ops.mean(ops.relu(1.0 + pred_fake))
 
 
 def generator_hinge_loss(pred_fake):
     """-mean(D(fake)) (the reference's loss_G_adv)."""
-    return -ops.mean(pred_fake)
+    return -ops.mean(ops.cast(pred_fake, "float32"))
 
 
 def build_vgg_features(image_size, weights_path):
@@ -333,8 +338,9 @@ class SpadeGAN:
                 "epsilon": args.epsilon,
                 "convention": args.optimizer_convention,
             }
-            self.opt_g = optimizers.make_optimizer("adam", args.learning_rate, **adam)
-            self.opt_d = optimizers.make_optimizer("adam", args.learning_rate, **adam)
+            # Under mixed_float16 each optimizer scales its own loss (common/precision.py).
+            self.opt_g = precision.loss_scaled(optimizers.make_optimizer("adam", args.learning_rate, **adam))
+            self.opt_d = precision.loss_scaled(optimizers.make_optimizer("adam", args.learning_rate, **adam))
             self.opt_g.build(self.generator.trainable_variables)
             self.opt_d.build(self.discriminator.trainable_variables)
         # One trace for every batch size (the last batch of an epoch is smaller, as in the reference);
@@ -375,7 +381,7 @@ class SpadeGAN:
             loss_d = self.discriminator_loss(real, masks, fake)
             # Gradients are summed over replicas, so each replica's mean is divided by their number.
             scaled_loss_d = loss_d / replicas
-        grads = tape_d.gradient(scaled_loss_d, discriminator.trainable_variables)
+        grads = tape_d.gradient(self.opt_d.scale_loss(scaled_loss_d), discriminator.trainable_variables)
         self.opt_d.apply(grads, discriminator.trainable_variables)
         with tape_g:
             # The reference scores the same fake batch with the updated D.
@@ -383,10 +389,11 @@ class SpadeGAN:
             loss_g_adv = generator_hinge_loss(pred_fake_g)
             loss_vgg = tf.constant(0.0)
             if self.vgg is not None:
-                distance = ops.abs(self.vgg(vgg_input(real)) - self.vgg(vgg_input(fake)))
+                features = [ops.cast(self.vgg(vgg_input(image)), "float32") for image in (real, fake)]
+                distance = ops.abs(features[0] - features[1])
                 loss_vgg = self.vgg_weight * ops.mean(distance)
             scaled_loss_g = (loss_g_adv + loss_vgg) / replicas
-        grads = tape_g.gradient(scaled_loss_g, generator.trainable_variables)
+        grads = tape_g.gradient(self.opt_g.scale_loss(scaled_loss_g), generator.trainable_variables)
         self.opt_g.apply(grads, generator.trainable_variables)
         return ops.stack([loss_d, loss_g_adv, loss_vgg])
 
@@ -515,12 +522,17 @@ def train(gan, args, pairs, run_dir, state):
         pairs, args.image_size, args.batch_size, args.seed, state["epochs_done"], args.epochs, to_gan_inputs
     )
     batches = iter(gan.strategy.experimental_distribute_dataset(dataset))
+    scalars = tensorboard.ScalarLog(run_dir, enabled=not args.no_tensorboard)
+    # One bar over every step still to run: its rate and ETA cover the whole training.
+    steps_left = (args.epochs - state["epochs_done"]) * steps_per_epoch
+    bar = progress.bar(total=steps_left, desc="GAN steps", enabled=args.progress, unit="step")
     for epoch in range(state["epochs_done"], args.epochs):
         started, totals = time.time(), np.zeros(3)
         for step in range(steps_per_epoch):
             real, masks = next(batches)
             losses = gan.train_step(real, masks).numpy()
             totals += losses
+            bar.update()
             if step % args.log_every == 0:
                 loss_d, loss_g = losses[0], losses[1] + losses[2]
                 print(f"Epoch {epoch} [{step}/{steps_per_epoch}] LossD: {loss_d:.4f} LossG: {loss_g:.4f}")
@@ -541,6 +553,8 @@ def train(gan, args, pairs, run_dir, state):
         )
         checkpoints.save(run_dir, f"checkpoint_epoch{epoch + 1:03d}", gan.arrays(), state)
         atomic.write_csv(run_dir / "log.csv", state["history"], list(state["history"][0]))
+        scalars.write(epoch + 1, state["history"][-1])
+    bar.close()
 
 
 def generate_images(gan, args, data_root, run_dir):
@@ -642,6 +656,7 @@ def main(args):
     # ---- model ----
     runs.seed_everything(args.seed, args.deterministic)
     strategy = runs.make_strategy(args.strategy)
+    precision.apply(args.mixed_precision)
     # Built before the run folder is made, so that a bad --vgg_weights file leaves nothing behind.
     gan = SpadeGAN(args, strategy)
     run_dir, resuming = open_run(args, run_name, len(pairs))

@@ -43,7 +43,8 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, cli, plots, runs
+from common import atomic, cli, plots, runs, tensorboard
+from common import progress as progress_bars
 from common.errors import cli_entry
 from common.tgmatl import awir, stacked_training
 
@@ -135,6 +136,8 @@ def get_args_parser():
         help="2-D maps of the fold-1 test projections per embedding x method (silhouette scores are "
         "always written; give no value to skip the maps).",
     )
+    tensorboard.add_argument(parser)
+    progress_bars.add_argument(parser)
     parser.demo_defaults(epochs=300)
     return parser
 
@@ -584,7 +587,9 @@ def train_jobs(jobs, data, task_scores, args, record):
         print(stacked_training.finished_line(job, result, args.epochs))
 
     run = functools.partial(train_job, data=data, task_scores=task_scores, args=args)
-    seconds = stacked_training.run_side_by_side(jobs, run, finished, args.workers, args.deterministic)
+    seconds = stacked_training.run_side_by_side(
+        jobs, run, finished, args.workers, args.deterministic, args.progress
+    )
     print(f"  all stacks done in {seconds:.1f}s")
 
 
@@ -799,10 +804,17 @@ def heads_to_train(args, results_dir):
     return heads_by_embedding
 
 
-def record_stack(job, result, data, timings, timings_path, summary, zero_validation_loss, costs):
-    """Export a finished stack, add its timings and test accuracies, note zero validation losses."""
+def record_stack(job, result, data, timings, timings_path, summary, zero_validation_loss, costs, args):
+    """Export a finished stack, add its timings and test accuracies, note zero validation losses, and
+    write its heads' loss curves for TensorBoard (a run per embedding, a tag per method, loss and fold)."""
     accuracies, _ = export_and_evaluate(job, result, data)
     name, heads = job["embedding"], result["heads"]
+    stacked_training.write_loss_histories(
+        result,
+        Path(args.results_dir) / "trained_models" / "exp1_emb_proj" / "tensorboard" / name,
+        lambda head, loss: f"{head['tag']}/{loss}/fold{head['fold']}",
+        enabled=not args.no_tensorboard,
+    )
     seconds = stacked_training.head_seconds(result["seconds"], heads, costs, lambda h: (name, h["method"]))
     for index, head in enumerate(heads):
         row = timings.setdefault((name, head["fold"]), {"experiment": name, "fold": head["fold"]})
@@ -935,6 +947,7 @@ def main(args):
         summary=summary,
         zero_validation_loss=zero_validation_loss,
         costs=costs,
+        args=args,
     )
     print(
         f"# ---- train: {sum(len(j['heads']) for j in jobs)} heads in {len(jobs)} stacks on "

@@ -46,7 +46,8 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, cli, plots, reports, runs
+from common import atomic, cli, plots, reports, runs, tensorboard
+from common import progress as progress_bars
 from common.errors import InputError, cli_entry
 from common.tgmatl import awir, stacked_training
 
@@ -80,6 +81,8 @@ def add_task_head_arguments(parser, demo_help):
         default=list(range(1, awir.NUM_FOLDS + 1)),
         help="Folds to train (default all 8; a subset is for quick checks).",
     )
+    tensorboard.add_argument(parser)
+    progress_bars.add_argument(parser)
     # Demo: fewer epochs with a 30x learning rate, so the heads converge in about a minute.
     parser.demo_defaults(epochs=100, learning_rate=3e-3)
     return parser
@@ -417,7 +420,9 @@ def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=
     # One compiled chunk of up to 500 epochs is reused for every later chunk of the same length.
     chunk_epochs = chunk_epochs or max(1, min(500, args.epochs))
     progress = progress or stacked_training.progress_printer(progress_label)
-    stack.fit(train_lists, val_lists, args.epochs, generators, chunk_epochs=chunk_epochs, progress=progress)
+    train_history, val_history = stack.fit(
+        train_lists, val_lists, args.epochs, generators, chunk_epochs=chunk_epochs, progress=progress
+    )
     seconds = time.perf_counter() - started
     best_params, best_state = stack.best()
     return {
@@ -427,6 +432,8 @@ def train_task_heads(heads, inputs, data, args, progress_label="", chunk_epochs=
         "outputs": stack.predict(per_model["x"]),
         "input_dim": input_dim,
         "best_val_loss": stack.best_val_loss.numpy(),
+        "train_history": train_history,
+        "val_history": val_history,
         "seconds": seconds,
     }
 
@@ -525,6 +532,14 @@ def record_heads(job, result, data, args, pending, keras_models, costs):
     split, and write each completed unit's metrics."""
     # The joint wall time is split by each method's calibrated cost (docs/tgmatl.md, Timings).
     seconds = stacked_training.head_seconds(result["seconds"], result["heads"], costs, cost_group)
+    # TensorBoard: a run per embedding (a stack holds one embedding's heads, see plan_jobs), a tag per
+    # method, head kind, loss and fold.
+    stacked_training.write_loss_histories(
+        result,
+        Path(args.results_dir) / "trained_models" / "exp2_task_heads" / "tensorboard" / job["group"][0],
+        lambda head, loss: f"{head['method']}/{head['kind']}/{loss}/fold{head['fold']}",
+        enabled=not args.no_tensorboard,
+    )
     for index, head in enumerate(result["heads"]):
         kind, unit = head["kind"], (head["embedding"], head["method"], head["fold"])
         path = task_head_path(args.results_dir, *unit[:2], kind, head["fold"])
@@ -584,7 +599,9 @@ def run_task_heads(
         job["inputs"] = {head["input"]: inputs[head["input"]] for head in job["heads"]}
     record = functools.partial(record_heads, data=data, args=args, pending={}, keras_models={}, costs=costs)
     run = functools.partial(train_task_job, data=data, args=args)
-    seconds = stacked_training.run_side_by_side(jobs, run, record, args.workers, args.deterministic)
+    seconds = stacked_training.run_side_by_side(
+        jobs, run, record, args.workers, args.deterministic, args.progress
+    )
     print(f"  all stacks done in {seconds:.1f}s")
 
 

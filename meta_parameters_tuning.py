@@ -60,8 +60,8 @@ TRIAL_COLUMNS = ["number", "state", "objective", "seconds"]
 # Flags of this script itself; all others are the trainer's and go to every trial.
 OWN_FLAGS = ("n_trials", "tune_epochs", "params")
 # The settings a resumed study must share with the study it continues (study.json): every flag but
-# --n_trials (a re-run may ask for more trials), --overwrite and --print_config, the trainer's
-# resumable ones included
+# --n_trials (a re-run may ask for more trials), --overwrite, --print_config and what is only shown
+# (--no_tensorboard, --progress), the trainer's resumable ones included
 # (tests/test_meta_parameters_tuning.py checks that a new flag is listed here).
 RESUME_SETTINGS = (
     *trainer.RESUME_SETTINGS,

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import atomic, checkpoints, cli, metrics, optimizers, plots, runs
+from common import atomic, checkpoints, cli, metrics, optimizers, plots, precision, runs, tensorboard
 from common.aras400k import classes, demo_data, efficientnet, patches
 from common.errors import cli_entry, require, require_dir
 
@@ -101,11 +101,12 @@ def get_args_parser():
     add("--unknown_colour", default="error", choices=["error", "ignore"], help=unknown)
     add("--num_examples", type=int, default=6, help="Test samples shown in examples.png.")
     cli.add_strategy_argument(parser)
-    add("--mixed_precision", action="store_true", help="mixed_float16 with float32 logits (GPU only).")
+    precision.add_argument(parser)
     add("--threads", type=int, default=min(16, os.cpu_count() or 1), help="Threads for the mask check.")
     cli.add_demo_argument(parser, "and train efficientnetb0 on it (about a minute on a CPU).")
     add("--demo_images", type=int, default=48, help="With --demo: training patches (val and test a third).")
     cli.add_run_arguments(parser)
+    tensorboard.add_argument(parser)
     parser.demo_defaults(epochs=8, batch_size=8, image_size=64, encoder="efficientnetb0", bn_momentum=0.9)
     return parser
 
@@ -236,6 +237,7 @@ class PaperSchedule(keras.callbacks.Callback):
         super().__init__()
         self.args, self.run_dir, self.step, self.strategy = args, run_dir, step, strategy
         self.val_dataset, self.state, self.epoch_started = val_dataset, state, time.time()
+        self.scalars = tensorboard.ScalarLog(run_dir, enabled=not args.no_tensorboard)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
@@ -284,6 +286,7 @@ class PaperSchedule(keras.callbacks.Callback):
         state["history"].append(record)
         state["epochs_done"] = epoch + 1
         save_checkpoint(self.model, self.run_dir, state)
+        self.scalars.write(epoch + 1, record)
 
 
 # ---- evaluation: streaming confusion matrix ----
@@ -541,12 +544,7 @@ def build_model(args, strategy, resuming):
         "stopped_early": False,
         "history": [],
     }
-    if args.mixed_precision:
-        if tf.config.list_physical_devices("GPU"):
-            keras.mixed_precision.set_global_policy("mixed_float16")
-            print("mixed precision: mixed_float16 compute, float32 logits and loss")
-        else:
-            print("note: --mixed_precision needs a GPU (float16 is slower on a CPU); training in float32")
+    precision.apply(args.mixed_precision)
     with strategy.scope():
         loss_fn = MulticlassDiceLoss(cross_entropy=args.loss == "dice_ce")
         weights = "" if resuming else args.weights

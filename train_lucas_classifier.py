@@ -57,7 +57,19 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from common import atomic, checkpoints, cli, fused_bn, optimizers, pipelines, plots, reports, runs
+from common import (
+    atomic,
+    checkpoints,
+    cli,
+    fused_bn,
+    optimizers,
+    pipelines,
+    plots,
+    precision,
+    reports,
+    runs,
+    tensorboard,
+)
 from common.errors import InputError, cli_entry, require, require_file, require_finite
 from common.lucas import demo_chips, lucas_chips
 from common.metrics import ConfusionMatrix
@@ -100,7 +112,7 @@ RESUME_SETTINGS = (
     "weight_decay",
     "optimizer_convention",
     "monitor",
-    "precision",
+    "mixed_precision",
     "demo_scale",
 )
 
@@ -219,16 +231,14 @@ def get_args_parser():
         choices=monitors,
         help="Checkpoint selection: the best epoch on the validation set (study: val macro accuracy).",
     )
-    add(
-        "--precision",
-        default="auto",
-        choices=["auto", "mixed16", "float32"],
-        help="auto: mixed float16 on GPUs with compute capability >= 7, else float32.",
-    )
+    # The study trained in mixed float16 on its GPU: auto asks for it on GPUs that run float16 fast.
+    precision.add_argument(train, default="auto")
+    parser.renamed("--precision", "--mixed_precision")
     cli.add_strategy_argument(train)
     cli.add_demo_argument(train, "in the study's class proportions (about 25 s per seed on a CPU).")
     add("--demo_scale", type=float, default=0.25, help="Demo chips per class = study counts x this (>= 5).")
     cli.add_run_arguments(parser)
+    tensorboard.add_argument(parser)
     # A demo's few short epochs would barely move the head at the study's learning rate.
     parser.demo_defaults(epochs=30, learning_rate=1e-3, backbone="simplecnn")
     return parser
@@ -653,13 +663,8 @@ def prepare_run(args, inputs, configs, seeds):
     runs.check_same_settings(run_dir / "config.json", settings, args.overwrite, what, section="args")
     splits = {name: [inputs.point_ids[i] for i in split] for name, split in inputs.splits.items()}
     atomic.write_json(run_dir / "splits.json", splits)
-    precision = args.precision
-    if precision == "auto":
-        gpus = tf.config.list_physical_devices("GPU")
-        details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
-        precision = "mixed16" if details.get("compute_capability", (0, 0)) >= (7, 0) else "float32"
-    keras.mixed_precision.set_global_policy("mixed_float16" if precision == "mixed16" else "float32")
-    derived = {"precision": precision, "image_size": inputs.image_size, "class_names": CLASS_NAMES}
+    policy = precision.apply(args.mixed_precision)
+    derived = {"precision": policy, "image_size": inputs.image_size, "class_names": CLASS_NAMES}
     derived |= {"split_sizes": {name: len(split) for name, split in splits.items()}}
     derived |= {"train_class_counts": inputs.train_counts, "class_weights": inputs.class_weights}
     derived |= {"configs": [f"{loss}/{decoder}" for loss, decoder in configs], "seeds": seeds}
@@ -679,9 +684,11 @@ class RunCheckpoint(keras.callbacks.Callback):
     resumable state via `checkpoints.save` (checkpoint_last.npz, state.json last) for a clean resume.
     """
 
-    def __init__(self, folder, monitor, rows, best, print_every, save_interval=60.0):
+    def __init__(self, folder, monitor, rows, best, print_every, save_interval=60.0, scalars=None):
         super().__init__()
         self.folder, self.monitor, self.rows, self.best = folder, monitor, rows, best
+        # Every epoch's row also goes to TensorBoard at once (log.csv is written with the checkpoint).
+        self.scalars = scalars or tensorboard.ScalarLog(folder, enabled=False)
         self.maximise = monitor.endswith("accuracy")
         self.print_every, self.save_interval = print_every, save_interval
         self.best_weights, self.last_save = None, time.monotonic()
@@ -689,6 +696,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1, **{key: float(value) for key, value in (logs or {}).items()}}
         self.rows.append(row)
+        self.scalars.write(epoch + 1, row)
         value = row[self.monitor]
         if self.best is None or (value > self.best if self.maximise else value < self.best):
             self.best, self.best_weights = value, [np.array(weight) for weight in self.model.get_weights()]
@@ -745,7 +753,10 @@ def train_and_evaluate(folder, build_model, data, loss, args, strategy, **compil
             rows = state["history"][:start_epoch]
             print(f"  resuming from epoch {start_epoch}")
     if start_epoch < args.epochs:
-        checkpoint = RunCheckpoint(folder, args.monitor, rows, best, max(1, args.epochs // 5))
+        scalars = tensorboard.ScalarLog(folder, enabled=not args.no_tensorboard)
+        checkpoint = RunCheckpoint(
+            folder, args.monitor, rows, best, max(1, args.epochs // 5), scalars=scalars
+        )
         fit = {"epochs": args.epochs, "initial_epoch": start_epoch, "callbacks": [checkpoint], "verbose": 0}
         model.fit(data.train, validation_data=data.val, shuffle=False, **fit)
     best_model = keras.saving.load_model(folder / "checkpoint_best.keras")

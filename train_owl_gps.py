@@ -59,7 +59,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly; must come before
 
 import numpy as np
 
-from common import atomic, checkpoints, cli, plots, reports, runs
+from common import atomic, checkpoints, cli, plots, progress, reports, runs, tensorboard
 from common.errors import InputError, cli_entry, require, require_file
 from common.owl_gps import datasets, patches
 
@@ -143,6 +143,8 @@ def get_args_parser():
     add_active_learning_arguments(parser.add_argument_group("active learning"))
     add_training_arguments(parser.add_argument_group("training and Reptile"))
     cli.add_run_arguments(parser)
+    tensorboard.add_argument(parser)
+    progress.add_argument(parser)
     return parser
 
 
@@ -791,6 +793,7 @@ class ActiveLearningRun:
         self.identity = {"strategy": strategy, "seed": seed, "n_samples": self.source.count}
         self.store = LabelStore(self.arm_dir / "labels.csv")
         self.rows = []  # the round table
+        self.scalars = tensorboard.ScalarLog(self.arm_dir, enabled=not args.no_tensorboard)
         self.queue = None  # the queue a person is labelling (ids, scores), if any
 
     def run(self):
@@ -799,7 +802,9 @@ class ActiveLearningRun:
         if first_round is None:
             self.learner.initialise(self.seed)
             first_round = 0
-        for round_number in range(first_round, self.args.n_rounds):
+        rounds = range(first_round, self.args.n_rounds)
+        label = f"{self.strategy} seed {self.seed} rounds"
+        for round_number in progress.bar(rounds, desc=label, enabled=self.args.progress, unit="round"):
             ids, scores = self.queue or self.query(round_number)
             labels = self.oracle(round_number, ids, scores)
             self.add_labels(round_number, ids, labels, scores)
@@ -937,6 +942,7 @@ class ActiveLearningRun:
         write_round_table(self.arm_dir / "rounds.csv", self.rows, ROUND_FIELDS)
         if self.rows:
             print(ROUND_LINE.format(self.strategy, self.seed, **self.rows[-1]), flush=True)
+            self.scalars.write(self.rows[-1]["round"], self.rows[-1])
 
 
 # ---- round results: the round tables, the AUC curves over seeds, metrics.json and the summary line ----

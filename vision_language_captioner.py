@@ -292,7 +292,14 @@ def main(args):
             batch, args, tokenizer, image_processor, model, percentages, pool
         )
         captions.caption_missing(
-            log, names, args.batch_size, make_captions, args.retries, seed=args.seed, shard=shard
+            log,
+            names,
+            args.batch_size,
+            make_captions,
+            args.retries,
+            seed=args.seed,
+            shard=shard,
+            show_progress=args.progress,
         )
 
 

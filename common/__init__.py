@@ -16,6 +16,9 @@ metrics           streaming confusion matrix and the metrics derived from it
 fused_bn          TensorFlow's fused batch-norm kernel behind Keras BatchNormalization layers (same variables)
 distribute        --strategy multiworker: MultiWorkerMirroredStrategy (TF_CONFIG or SLURM) for Keras 3 fit
 optimizers        Adam/AdamW as Keras optimizers that step as torch.optim's; --optimizer_convention
+tensorboard       a run's log rows as TensorBoard scalars under <run>/tensorboard/, written by TensorFlow
+precision         --mixed_precision: float16 on a GPU, bfloat16 on a bf16 CPU, float32 logits and losses
+progress          tqdm bars with rate and ETA on stderr, on a terminal or with --progress
 demos             python -m common.demos: every script's demo, one line each, a table of summary lines
 copy_script       python -m common.copy_script: scripts and exactly the modules they import, into a project
 

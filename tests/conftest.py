@@ -131,3 +131,34 @@ def assert_fuzz_outcome(capsys, call, results_dir, case: str) -> int:
             f"{case}: files written before the error: {files_under(results_dir) - before}"
         )
     return code
+
+
+def assert_tensorboard_holds_log(run_dir, log_name="log.csv", step_column="epoch") -> dict:
+    """run_dir/tensorboard holds every numeric column of every row of run_dir/log_name at its step.
+
+    Returns the scalars read back ({tag: {step: value}}).
+    """
+    import csv
+
+    from common import tensorboard
+
+    scalars = tensorboard.read_scalars(Path(run_dir) / "tensorboard")
+    with open(Path(run_dir) / log_name, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert rows and scalars
+    for row in rows:
+        step = int(float(row[step_column]))
+        for column, text in row.items():
+            if column in tensorboard.STEP_COLUMNS or not _is_number(text):
+                continue
+            assert step in scalars[column], (column, step)
+            assert tensorboard.same_value(text, scalars[column][step]), (column, step, text)
+    return scalars
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True

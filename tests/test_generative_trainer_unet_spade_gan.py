@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import torch
 import torch.nn.functional as F
-from conftest import assert_main_error, call_main
+from conftest import assert_main_error, assert_tensorboard_holds_log, call_main
 from torch import nn
 
 import generative_trainer_unet_spade_gan as gan
@@ -242,10 +242,18 @@ def test_generate_writes_one_png_per_mask_named_as_the_mask(straight_run, data_r
     assert results["generated"]["images"] == len(masks) and not results["perceptual_term"]
 
 
+def test_tensorboard_holds_the_epoch_log(straight_run):
+    run_dir, _ = straight_run
+    scalars = assert_tensorboard_holds_log(run_dir)
+    assert sorted(scalars) == ["loss_D", "loss_G_adv", "loss_G_vgg", "seconds"]
+    assert sorted(scalars["loss_D"]) == [1, 2]
+
+
 def test_resume_continues_exactly(data_root, tmp_path):
     # In-process with one model, so the training step is traced once: epoch 2 run straight on from
     # epoch 1 must equal epoch 2 run again after restoring epoch 1's checkpoint (weights, Adam state).
-    args = gan.get_args_parser().parse_args(train_argv(data_root, tmp_path, "--epochs 2").split())
+    argv = train_argv(data_root, tmp_path, "--epochs 2 --no_tensorboard")
+    args = gan.get_args_parser().parse_args(argv.split())
     pairs = patches.list_split(data_root, "train", 32)
     model = gan.SpadeGAN(args, tf.distribute.get_strategy())
     state = {"epochs_done": 0, "history": []}
@@ -267,6 +275,7 @@ def test_resume_continues_exactly(data_root, tmp_path):
     assert resumed.keys() == straight.keys() and losses(resumed_state["history"]) == losses(state["history"])
     for key in straight:
         np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_resume_refuses_changed_settings(straight_run, data_root, capsys):

@@ -1,6 +1,7 @@
 """igarss_exp1.py: the stacked engine equals one-by-one Keras training, learning works, CLI and errors."""
 
 import csv
+import re
 
 import keras
 import numpy as np
@@ -10,6 +11,7 @@ from conftest import assert_main_error, assert_process_error, no_temporary_files
 from conftest import parse as parse_argv
 
 import igarss_exp1
+from common import tensorboard
 from common.tgmatl import awir, stacked_training
 
 SMALL_WIDTHS = {"clip": 12, "dinov2": 16, "mae": 16}
@@ -231,6 +233,49 @@ def test_training_separates_classes_and_matl_adds_box_structure(tmp_path):
     assert cluster_accuracy["matl"] > cluster_accuracy["dtl"], cluster_accuracy
 
 
+def assert_tensorboard_holds_the_printed_losses(results, stdout):
+    """Every head's train and val loss at both epochs, a TensorBoard run per embedding; per stack their
+    mean at the last epoch is the printed mean train / val loss."""
+    folder = results / "trained_models" / "exp1_emb_proj" / "tensorboard"
+    printed = re.findall(
+        r"^  (\w+)\S* epoch 2/2 .* mean train loss (\S+)  mean val loss (\S+)$", stdout, re.M
+    )
+    assert sorted(name for name, _, _ in printed) == sorted(awir.EMBEDDING_NAMES)
+    for name, train_loss, val_loss in printed:
+        last = {"train_loss": [], "val_loss": []}
+        scalars = tensorboard.read_scalars(folder / name)
+        methods = ("dtl", "dtl_hard", "matl", "tg_matl_30_10")
+        assert sorted(scalars) == sorted(
+            f"{m}/{loss}/fold{k}" for m in methods for loss in last for k in range(1, 9)
+        )
+        for tag_name, values in scalars.items():
+            assert sorted(values) == [1, 2]
+            last[tag_name.split("/")[1]].append(values[2])
+        assert np.mean(last["train_loss"]) == pytest.approx(float(train_loss), abs=1e-4)
+        assert np.mean(last["val_loss"]) == pytest.approx(float(val_loss), abs=1e-4)
+
+
+def test_loss_histories_go_to_tensorboard_a_tag_per_head_unless_turned_off(tmp_path):
+    heads = [{"method": "dtl", "fold": 1}, {"method": "matl", "fold": 1}, {"method": "dtl", "fold": 2}]
+    history = np.arange(12, dtype=np.float32).reshape(4, 3)
+    result = {"heads": heads, "train_history": history, "val_history": -history}
+
+    def write(folder, enabled):
+        stacked_training.write_loss_histories(
+            result, folder, lambda head, loss: f"{head['method']}/{loss}/fold{head['fold']}", enabled
+        )
+
+    write(tmp_path / "off", enabled=False)
+    assert not (tmp_path / "off").exists()
+    assert parse("--no_tensorboard").no_tensorboard and "no_tensorboard" not in igarss_exp1.RESUME_SETTINGS
+    write(tmp_path / "on", enabled=True)
+    scalars = tensorboard.read_scalars(tmp_path / "on")
+    assert scalars["dtl/train_loss/fold2"] == {1: 2.0, 2: 5.0, 3: 8.0, 4: 11.0}
+    assert scalars["dtl/val_loss/fold1"] == {1: -0.0, 2: -3.0, 3: -6.0, 4: -9.0}
+    assert scalars["matl/val_loss/fold1"] == {1: -1.0, 2: -4.0, 3: -7.0, 4: -10.0}
+    assert len(scalars) == 6
+
+
 def test_help():
     completed = run_script("igarss_exp1.py", "--help")
     assert completed.returncode == 0 and "--margin" in completed.stdout
@@ -276,6 +321,7 @@ def test_demo_writes_every_documented_file_and_heads_reload(tmp_path, capsys):
     }
     assert (results / "splits" / "folds_test0.7.json").exists()
     assert no_temporary_files(results), "temporary files left behind"
+    assert_tensorboard_holds_the_printed_losses(results, completed.stdout)
     # A reloaded head reproduces its stored test projection.
     data = awir.load_awir(
         results / "demo_data" / "igarss_exp1" / "data.npz",

@@ -8,6 +8,7 @@ import pytest
 from conftest import assert_main_error, no_temporary_files, parse, run_script
 
 import igarss_exp2
+from common import tensorboard
 from common.errors import cli_entry
 from common.tgmatl import awir, stacked_training
 
@@ -152,6 +153,30 @@ def test_validation_metrics_are_those_of_the_model_selection_split(demo_results)
             assert twin["val_mse_feat"] != twin["mse_feat"]
     header = (results / "exp2_results" / "summary.csv").read_text().splitlines()[0]
     assert "val_acc_mean" in header and "val_r2_loc_std" in header
+
+
+def test_tensorboard_holds_every_heads_losses_and_their_best_is_the_recorded_one(demo_results):
+    results, _ = demo_results
+    scalars = tensorboard.read_scalars(
+        results / "trained_models" / "exp2_task_heads" / "tensorboard" / "clip"
+    )
+    losses = ("train_loss", "val_loss")
+    kinds, folds = igarss_exp2.HEAD_KINDS, range(1, 9)
+    expected = [
+        f"{m}/{k}/{loss}/fold{f}" for m in ALL_METHODS for k in kinds for loss in losses for f in folds
+    ]
+    assert sorted(scalars) == sorted(expected)
+    assert all(sorted(values) == list(range(1, 61)) for values in scalars.values())
+    for method in ALL_METHODS:
+        for fold in range(1, 9):
+            twin = json.loads(
+                (results / "exp2_results" / "clip" / f"{method}_fold{fold}_taskhead_metrics.json").read_text()
+            )
+            for kind in igarss_exp2.HEAD_KINDS:
+                best = min(scalars[f"{method}/{kind}/val_loss/fold{fold}"].values())
+                assert best == pytest.approx(twin[f"{kind}_best_val_loss"], rel=1e-6)
+    off = parse(igarss_exp2, ["--demo", "--no_tensorboard"])
+    assert off.no_tensorboard and "no_tensorboard" not in igarss_exp2.RESUME_SETTINGS
 
 
 def test_calibration_times_each_method_in_a_run_of_its_own(monkeypatch):

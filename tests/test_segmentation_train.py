@@ -10,7 +10,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import assert_main_error, call_main, no_temporary_files, run_script
+from conftest import (
+    assert_main_error,
+    assert_tensorboard_holds_log,
+    call_main,
+    no_temporary_files,
+    run_script,
+)
 
 import segmentation_train as st
 from common.aras400k import classes, patches
@@ -115,6 +121,9 @@ def test_demo_summary_matches_metrics(demo_run):
     assert [row["class"] for row in per_class] == classes.CLASS_NAMES
     log = read_csv(run_dir / "log.csv")
     assert len(log) == metrics["epochs_trained"] >= 1
+    # TensorBoard holds log.csv's numbers at every epoch.
+    scalars = assert_tensorboard_holds_log(run_dir)
+    assert sorted(scalars["val_macro_f1"]) == [int(row["epoch"]) for row in log]
 
 
 def test_demo_predictions_are_palette_coloured(demo_run):
@@ -156,7 +165,8 @@ TINY = (
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # In-process, so TensorFlow starts once for the three runs.
-    call_main(st, TINY.format(tmp_path, "whole") + " --epochs 3")
+    call_main(st, TINY.format(tmp_path, "whole") + " --epochs 3 --no_tensorboard")
+    assert not (tmp_path / "segmentation_train" / "whole" / "tensorboard").exists()
     call_main(st, TINY.format(tmp_path, "parts") + " --epochs 1")
     # A kill during an atomic write leaves its hidden temporary; --resume removes it.
     (tmp_path / "segmentation_train" / "parts" / ".log.csv.12345.tmp.csv").write_text("epoch\n")
@@ -170,6 +180,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         for run in ("whole", "parts")
     ]
     assert metrics[0]["test"] == metrics[1]["test"]
+    assert sorted(assert_tensorboard_holds_log(tmp_path / "segmentation_train" / "parts")["loss"]) == [
+        1,
+        2,
+        3,
+    ]
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):

@@ -8,7 +8,14 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import assert_main_error, call_main, no_temporary_files, parse, run_script
+from conftest import (
+    assert_main_error,
+    assert_tensorboard_holds_log,
+    call_main,
+    no_temporary_files,
+    parse,
+    run_script,
+)
 
 import train_lucas_classifier as classifier
 from common.lucas import demo_chips, lucas_chips
@@ -69,7 +76,7 @@ def test_help_lists_the_study_options(capsys):
         "--grid",
         "--seeds",
         "--test_fraction",
-        "--precision",
+        "--mixed_precision",
         "--freeze_backbone",
         "--resume",
     ):
@@ -154,6 +161,13 @@ def test_demo_checkpoint_is_the_best_val_macro_accuracy_epoch(demo_run):
         with open(folder / "log.csv") as file:
             log = [float(row["val_macro_accuracy"]) for row in csv.DictReader(file)]
         assert json.loads((folder / "state.json").read_text())["best"] == pytest.approx(max(log))
+
+
+def test_demo_tensorboard_holds_each_runs_log(demo_run):
+    _, _, run_dir = demo_run
+    for loss, decoder in classifier.GRID:
+        scalars = assert_tensorboard_holds_log(run_dir / f"{loss}_{decoder}" / "seed0")
+        assert sorted(scalars["val_macro_accuracy"]) == [1, 2]
 
 
 def test_demo_chips_have_the_lucas_imbalance(demo_run, tmp_path):
@@ -376,14 +390,19 @@ def test_resume_extends_a_run_and_finished_runs_are_protected(tmp_path, capsys):
         "--test_fraction",
         "0.2",
     ]
-    run_main([*base, "--epochs", "2"])
+    run_main([*base, "--epochs", "2", "--no_tensorboard"])
     run_dir = tmp_path / "results" / STEM / "emb-embeddings_wce-mlp"
+    assert not (run_dir / "wce_mlp" / "seed0" / "tensorboard").exists()
     assert_main_error(
         capsys, lambda: run_main([*base, "--epochs", "2"]), "a finished run with this name exists"
     )
     summary = run_main([*base, "--epochs", "3", "--resume"])
     with open(run_dir / "wce_mlp" / "seed0" / "log.csv") as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2", "3"]
+    # Without --no_tensorboard the resumed run writes the epochs it trains.
+    assert sorted(
+        classifier.tensorboard.read_scalars(run_dir / "wce_mlp" / "seed0" / "tensorboard")["loss"]
+    ) == [3]
     assert json.loads((run_dir / "wce_mlp" / "seed0" / "metrics.json").read_text())["epochs"] == 3
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["headline_split"] == "test" and set(summary) == {"val", "test"}

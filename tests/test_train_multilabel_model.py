@@ -10,6 +10,7 @@ import yaml
 from conftest import (
     REPO,
     assert_main_error,
+    assert_tensorboard_holds_log,
     call_main,
     no_temporary_files,
     parse,
@@ -40,7 +41,7 @@ def main_error(capsys, argv, *fragments):
 def test_resume_settings_are_every_flag_but_where_the_run_lives_and_how_far_it_goes():
     flags = set(vars(parse(tm, [])))
     resumable = {"config", "demo", "epochs", "overwrite", "print_config", "resume", "results_dir", "run_name"}
-    resumable.add("strategy")
+    resumable.update({"strategy", "no_tensorboard", "progress"})
     assert len(set(tm.RESUME_SETTINGS)) == len(tm.RESUME_SETTINGS)
     assert set(tm.RESUME_SETTINGS) == flags - resumable
 
@@ -96,8 +97,11 @@ def test_demo_adagc_mirrored_writes_every_file_and_test_only_reproduces_it(tmp_p
 
 def test_a_finished_run_is_never_overwritten_silently(tmp_path, capsys):
     results = str(tmp_path / "results")
-    call_main(tm, ["--demo", "--method", "an", "--epochs", "1", "--results_dir", results, *TINY])
+    call_main(
+        tm, ["--demo", "--method", "an", "--epochs", "1", "--results_dir", results, "--no_tensorboard", *TINY]
+    )
     capsys.readouterr()
+    assert not (tmp_path / "results" / "train_multilabel_model" / "demo_an" / "tensorboard").exists()
     argv = ["--demo", "--method", "an", "--epochs", "1", "--results_dir", results, *TINY]
     main_error(capsys, argv, "a finished run with this name exists", "--overwrite")
 
@@ -131,6 +135,9 @@ def test_demo_an_and_resume(tmp_path, capsys):
     call_main(tm, ["--demo", "--method", "an", "--epochs", "2", "--resume", "--results_dir", results, *TINY])
     assert "resumed from epoch 1" in capsys.readouterr().out
     assert len((run_dir / "log.csv").read_text().splitlines()) == 3
+    # The TensorBoard scalars hold log.csv's numbers, both epochs, the resumed one included.
+    scalars = assert_tensorboard_holds_log(run_dir)
+    assert sorted(scalars["train_loss"]) == [1, 2] and "phase" not in scalars
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):

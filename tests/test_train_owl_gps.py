@@ -3,10 +3,11 @@ comparison, exact resume, the CSV oracle round trip, the GeoTIFF path and bad in
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
-from conftest import assert_main_error, call_main, run_script
+from conftest import assert_main_error, assert_tensorboard_holds_log, call_main, run_script
 
 import train_owl_gps as owl
 from common import atomic
@@ -88,6 +89,12 @@ def test_demo_round_table_and_label_store(demo):
     assert sum(row["strategy"] == "initial" for row in labels) == 20
 
 
+def test_demo_tensorboard_holds_the_round_table(demo):
+    _, _, run_dir = demo
+    scalars = assert_tensorboard_holds_log(run_dir, "rounds.csv", step_column="round")
+    assert sorted(scalars["test_auc"]) == list(range(1, 11)) and "round" not in scalars
+
+
 def test_demo_learns_and_prints_the_metrics(demo):
     """The concept AUC is clearly above chance, and the summary line shows metrics.json's figure."""
     completed, _, run_dir = demo
@@ -150,7 +157,7 @@ def test_strategy_all_with_seeds_plots_four_strategies(tmp_path):
 
 def test_resume_after_round_k_matches_uninterrupted(tmp_path, monkeypatch):
     common = ["--demo", *TINY, "--results_dir", tmp_path, "--uncertainty", "mc_dropout", "--mc_passes", "3"]
-    run_main(*common, "--n_rounds", "4", "--run_name", "straight")
+    run_main(*common, "--n_rounds", "4", "--run_name", "straight", "--no_tensorboard")
     # Extending a finished 2-round run to 4 rounds.
     run_main(*common, "--n_rounds", "2", "--run_name", "extended")
     run_main(*common, "--n_rounds", "4", "--run_name", "extended", "--resume")
@@ -178,6 +185,14 @@ def test_resume_after_round_k_matches_uninterrupted(tmp_path, monkeypatch):
         assert without_seconds(read_csv(other / "rounds.csv")) == expected_rounds
         assert read_csv(other / "labels.csv") == read_csv(straight / "labels.csv")
         assert (other / "metrics.json").read_text() == (straight / "metrics.json").read_text()
+        # TensorBoard keeps the newest value of a round: that of rounds.csv, redone rounds included.
+        assert sorted(assert_tensorboard_holds_log(other, "rounds.csv", "round")["train_loss"]) == [
+            1,
+            2,
+            3,
+            4,
+        ]
+    assert not (straight / "tensorboard").exists()
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path, capsys):
@@ -204,6 +219,19 @@ def test_ensemble_and_linear_schedule_run(tmp_path):
     run_dir = tmp_path / "train_owl_gps" / "demo"
     assert (run_dir / "model.keras").is_file() and (run_dir / "model_member1.keras").is_file()
     assert [float(r["alpha"]) for r in read_csv(run_dir / "rounds.csv")] == pytest.approx([0.3, 0.8])
+
+
+def test_progress_bar_of_rounds_on_stderr_only_with_progress(tmp_path, capsys):
+    arguments = ["--demo", *TINY, "--n_rounds", "2", "--results_dir", tmp_path, "--no_tensorboard"]
+    capsys.readouterr()
+    run_main(*arguments, "--run_name", "quiet")
+    quiet = capsys.readouterr()
+    run_main(*arguments, "--run_name", "shown", "--progress")
+    shown = capsys.readouterr()
+    bar = re.compile(r"concept seed 0 rounds: +100%\|.*\| 2/2 \[\d\d:\d\d<00:00, +[\d.]+(s/round|round/s)\]")
+    assert bar.search(shown.err) and "rounds:" not in quiet.err
+    # Standard output (the log) is the same either way but for the run folder's name.
+    assert "%|" not in shown.out and len(shown.out.splitlines()) == len(quiet.out.splitlines())
 
 
 def test_finished_run_is_not_overwritten(tmp_path, capsys):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic, parallel, runs
+from common import atomic, parallel, progress, runs
 from common.aras400k import classes, demo_data, percentages
 from common.errors import InputError, require, require_dir, require_file
 
@@ -271,6 +271,7 @@ def caption_batches(
     log: CaptionLog,
     retries: int = 2,
     seed: int | None = None,
+    show_progress: bool = False,
 ) -> tuple[int, list[str], float]:
     """Caption `jobs` batch by batch, appending each finished batch to `log`.
 
@@ -280,12 +281,14 @@ def caption_batches(
     A batch that raises is reported with its file names and tried again up to `retries` times; its
     files are left out of the CSV if it keeps failing, so a later run retries them. An `InputError`
     (a refused key, a rate limit) stops at once; the finished batches stay in the CSV. Returns the
-    number of captions written, the files that failed and the seconds spent.
+    number of captions written, the files that failed and the seconds spent. A bar of batches
+    (rate, ETA) goes to stderr on a terminal or with `show_progress` (common/progress.py).
     """
     start = time.perf_counter()
     written, failed = 0, []
     batches = [list(jobs[index : index + batch_size]) for index in range(0, len(jobs), batch_size)]
-    for number, batch in enumerate(batches, start=1):
+    bar = progress.bar(batches, desc="caption batches", enabled=show_progress, unit="batch")
+    for number, batch in enumerate(bar, start=1):
         for attempt in range(retries + 1):
             if seed is not None:
                 seed_torch((seed + zlib.crc32(f"{batch[0][0]}#{batch[0][1]}".encode())) % 2**32)
@@ -325,7 +328,14 @@ def finish(log: CaptionLog, written: int, failed: Sequence[str], seconds: float,
 
 
 def caption_missing(
-    log: CaptionLog, names, batch_size: int, make_captions, retries: int, seed=None, shard=None
+    log: CaptionLog,
+    names,
+    batch_size: int,
+    make_captions,
+    retries: int,
+    seed=None,
+    shard=None,
+    show_progress=False,
 ) -> None:
     """The captions `log` still lacks for `names` (of `shard` only), made batch by batch
     (`caption_batches`), then `finish`."""
@@ -335,7 +345,9 @@ def caption_missing(
         names = sorted({name for name, _ in caption_jobs(names, log.num_captions, batch_size, shard)})
         print(f"shard {shard[0]}/{shard[1]}: {len(names)} images -> {log.path}")
     print(f"{len(jobs)} captions to make ({len(names) - images} images already done)")
-    written, failed, seconds = caption_batches(jobs, batch_size, make_captions, log, retries, seed=seed)
+    written, failed, seconds = caption_batches(
+        jobs, batch_size, make_captions, log, retries, seed=seed, show_progress=show_progress
+    )
     finish(log, written, failed, seconds, images)
 
 
@@ -606,7 +618,7 @@ def add_captioner_arguments(
 
 
 def add_torch_arguments(parser) -> None:
-    """--device and --dtype of the transformers captioners."""
+    """--device, --dtype and --progress of the transformers captioners."""
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when visible."
     )
@@ -616,6 +628,7 @@ def add_torch_arguments(parser) -> None:
         choices=("auto", "bfloat16", "float32"),
         help="auto: bfloat16 on cuda, float32 on cpu.",
     )
+    progress.add_argument(parser)
 
 
 def demo_paths(args, script_stem: str) -> Path:

@@ -21,13 +21,14 @@ the per-group cost calibration that splits a stack's wall time over its heads.
 """
 
 import csv
+import functools
 import time
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, parallel
+from common import atomic, parallel, progress, tensorboard
 
 ADAM_BETA_1 = 0.9
 ADAM_BETA_2 = 0.999
@@ -42,7 +43,7 @@ def _start_worker_process(deterministic):
         tf.config.experimental.enable_op_determinism()
 
 
-def run_side_by_side(jobs, run, finished, workers, deterministic=False):
+def run_side_by_side(jobs, run, finished, workers, deterministic=False, show_progress=False):
     """Run `run(job)` for every job on `workers` workers, largest first (jobs arrive sorted);
     `finished(job, result)` is called in the calling process as results come in. Returns the wall
     seconds.
@@ -51,11 +52,23 @@ def run_side_by_side(jobs, run, finished, workers, deterministic=False):
     its own with a single TensorFlow thread: stacks run as threads of one process share its thread
     pools and measured about 1.4x slower per epoch on two cores than in separate processes. `run`
     and the jobs are then pickled, so `run` must be a module-level function (or a functools.partial
-    of one).
+    of one). A bar of finished heads (rate, ETA) goes to stderr on a terminal or with `show_progress`.
     """
-    return parallel.run_jobs(
-        run, jobs, workers, on_result=finished, initializer=_start_worker_process, initargs=(deterministic,)
-    )
+    heads = progress.bar(total=sum(len(job["heads"]) for job in jobs), desc="heads", enabled=show_progress)
+
+    def finished_and_counted(job, result):
+        finished(job, result)
+        heads.update(len(job["heads"]))
+
+    with heads:
+        return parallel.run_jobs(
+            run,
+            jobs,
+            workers,
+            on_result=finished_and_counted,
+            initializer=_start_worker_process,
+            initargs=(deterministic,),
+        )
 
 
 def model_generator(seed: int, model_key: int) -> np.random.Generator:
@@ -144,6 +157,28 @@ def progress_printer(label: str):
         )
 
     return progress
+
+
+def write_loss_histories(result: dict, folder, tag_of, enabled: bool = True) -> None:
+    """TensorBoard scalars of a finished stack: each head's train and validation loss at every epoch.
+
+    `result` holds `heads` and the (epochs, M) `train_history` and `val_history` of `StackedModels.fit`;
+    head i's curves go to the TensorBoard run `folder` as the tags `tag_of(head, "train_loss")` and
+    `tag_of(head, "val_loss")`, steps 1..epochs. Written in the process that gathers the stacks, so
+    worker processes never write event files; one writer per folder serves every stack.
+    """
+    if not enabled:
+        return
+    log = _scalar_log(Path(folder))
+    for index, head in enumerate(result["heads"]):
+        log.write_series(tag_of(head, "train_loss"), result["train_history"][:, index])
+        log.write_series(tag_of(head, "val_loss"), result["val_history"][:, index])
+
+
+@functools.cache
+def _scalar_log(folder: Path) -> tensorboard.ScalarLog:
+    # One writer (and one traced series loop) per folder for the whole process.
+    return tensorboard.ScalarLog(folder, subdir="")
 
 
 def fold_index_lists(folds, heads) -> tuple[list, list]:
