@@ -43,7 +43,7 @@ from keras import layers
 
 from common import atomic, checkpoints, cli, metrics, optimizers, plots, runs
 from common.aras400k import classes, demo_data, efficientnet, patches
-from common.errors import cli_entry, require, require_dir
+from common.errors import cli_entry, require, require_dir, require_in_range
 
 CLASS_NAMES, NUM_CLASSES, IGNORE_INDEX = classes.CLASS_NAMES, classes.NUM_CLASSES, classes.IGNORE_INDEX
 ENCODERS = [f"efficientnetb{size}" for size in range(8)]
@@ -65,6 +65,7 @@ RESUME_SETTINGS = (
 )
 # Larger values are typing mistakes, refused before anything is written.
 MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_DECODER_WIDTH = 10_000, 8192, 4096
+MAX_THREADS, MAX_DEMO_IMAGES = 1024, 1_000_000
 
 
 def get_args_parser():
@@ -137,7 +138,8 @@ def augment_pair(image, mask, seed):
 
 def require_image_size(image_size):
     """The encoder halves the input five times: the patch side must be a multiple of 32."""
-    require(image_size % 32 == 0 and image_size >= 32, "--image_size", f"is {image_size}", "a multiple of 32")
+    inside = image_size % 32 == 0 and 32 <= image_size <= MAX_IMAGE_SIZE
+    require(inside, "--image_size", f"is {image_size}", f"a multiple of 32 from 32 to {MAX_IMAGE_SIZE}")
 
 
 def build_segformer(encoder_name, image_size, decoder_width=256, num_classes=NUM_CLASSES, weights=""):
@@ -479,11 +481,11 @@ def check_arguments(args):
         ("--epsilon", args.epsilon),
         ("--clipnorm", args.clipnorm),
         ("--num_examples", args.num_examples),
-        ("--threads", args.threads),
-        ("--demo_images", args.demo_images),
     )
     for flag, value in positive:
         require(value > 0, flag, f"is {value}", "a positive number")
+    require_in_range(args, "threads", 1, MAX_THREADS)
+    require_in_range(args, "demo_images", 1, MAX_DEMO_IMAGES)
     for flag, value in (("--weight_decay", args.weight_decay), ("--lr_patience", args.lr_patience)):
         require(value >= 0, flag, f"is {value}", "zero or a positive number")
     require(
