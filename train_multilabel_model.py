@@ -146,10 +146,12 @@ LOG_COLUMNS = (
 LAST_EPOCH_KEYS = ("mAP", "micro_AP", "macro_F1", "micro_F1")
 
 
-# Defaults are the paper's values (docs/adagc.md explains the reconstructed ones).
 # Upper bounds far above any sensible setting (the paper: 30 epochs, batch 64, 224 px): a typing slip is
 # refused instead of training for ever or filling the memory.
 MAX_EPOCHS, MAX_BATCH, MAX_IMAGE_SIZE, MAX_DEMO_IMAGES = 10_000, 1 << 20, 8192, 1_000_000
+
+
+# Defaults are the paper's values (docs/adagc.md explains the reconstructed ones).
 # Rows: flag, default, help[, choices].
 FLAGS = {
     "data": (

@@ -184,6 +184,7 @@ def fuzz_numeric_flags(capsys, script_module, make_argv, flags, check=None, valu
     of once per value. A combined run that is refused (a combination that no single value makes) is run
     again one value at a time.
     """
+    import shutil
     import tempfile
 
     from common.errors import InputError
@@ -199,24 +200,27 @@ def fuzz_numeric_flags(capsys, script_module, make_argv, flags, check=None, valu
         case = ", ".join(f"{flag} {value}" for flag, value in changes)
         return assert_fuzz_outcome(capsys, lambda: call_main(script_module, argv), results, case)
 
-    for flag in flags:
-        accepted = []
-        for value in values:
-            if check is not None:
-                try:
-                    check(parse(script_module, with_flag(make_argv(root / "parse"), flag, value)))
-                    accepted.append(value)
-                    continue
-                except InputError:
-                    pass
-            codes[f"{flag} {value}"] = run([(flag, value)])
-        for number, value in enumerate(accepted):
-            packs += [[]] * (number + 1 - len(packs))
-            packs[number] = [*packs[number], (flag, value)]
-    for pack in packs:
-        code = run(pack)
-        if code == 2 and len(pack) > 1:
-            codes.update({f"{flag} {value}": run([(flag, value)]) for flag, value in pack})
-        else:
-            codes.update({f"{flag} {value}": code for flag, value in pack})
+    try:
+        for flag in flags:
+            accepted = []
+            for value in values:
+                if check is not None:
+                    try:
+                        check(parse(script_module, with_flag(make_argv(root / "parse"), flag, value)))
+                        accepted.append(value)
+                        continue
+                    except InputError:
+                        pass
+                codes[f"{flag} {value}"] = run([(flag, value)])
+            for number, value in enumerate(accepted):
+                packs += [[]] * (number + 1 - len(packs))
+                packs[number] = [*packs[number], (flag, value)]
+        for pack in packs:
+            code = run(pack)
+            if code == 2 and len(pack) > 1:
+                codes.update({f"{flag} {value}": run([(flag, value)]) for flag, value in pack})
+            else:
+                codes.update({f"{flag} {value}": code for flag, value in pack})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return codes
