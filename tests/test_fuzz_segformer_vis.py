@@ -9,7 +9,6 @@ import pytest
 from conftest import HUGE, fuzz_file_flag, fuzz_numeric_flags, swapped_in
 
 import segformer_vis as vis
-import segmentation_train as seg
 from common import atomic
 from common.aras400k import demo_data
 
@@ -38,11 +37,12 @@ def test_numeric_flags(data_root, capsys):
 def test_damaged_files(data_root, tmp_path, capsys):
     results = tmp_path / "results"
     base = tiny_argv(data_root, results)
-    model = tmp_path / "best_model.keras"
-    atomic.save_keras(seg.build_segformer("efficientnetb0", 32, decoder_width=8), model)
+    # Small valid files to damage (every damaged copy is refused, whatever model it held).
+    dense = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model, weights = tmp_path / "best_model.keras", tmp_path / "dense.weights.h5"
+    atomic.save_keras(dense, model)
+    dense.save_weights(weights)
     fuzz_file_flag(capsys, vis, base, "--model", model, tmp_path / "model", results)
-    weights = tmp_path / "dense.weights.h5"
-    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save_weights(weights)
     fuzz_file_flag(capsys, vis, base, "--weights", weights, tmp_path / "weights", results)
     config = tmp_path / "config.yaml"
     config.write_text("seed: 3\n")
