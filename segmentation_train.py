@@ -65,7 +65,7 @@ RESUME_SETTINGS = (
 )
 # Larger values are typing mistakes, refused before anything is written.
 MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_DECODER_WIDTH = 10_000, 8192, 4096
-MAX_THREADS, MAX_DEMO_IMAGES = 1024, 1_000_000
+MAX_THREADS, MAX_DEMO_IMAGES, MAX_BATCH = 1024, 1_000_000, 1 << 20
 
 
 def get_args_parser():
@@ -475,8 +475,9 @@ def check_arguments(args):
     )
     require(0 <= args.bn_momentum <= 1, "--bn_momentum", f"is {args.bn_momentum}", "a number in [0, 1]")
     require(1 <= args.epochs <= MAX_EPOCHS, "--epochs", f"is {args.epochs}", f"1 to {MAX_EPOCHS}")
+    # A batch of 10**12 patches kept tf.data busy for minutes without one step: refused, like absurd epochs.
+    require_in_range(args, "batch_size", 1, MAX_BATCH)
     positive = (
-        ("--batch_size", args.batch_size),
         ("--learning_rate", args.learning_rate),
         ("--epsilon", args.epsilon),
         ("--clipnorm", args.clipnorm),

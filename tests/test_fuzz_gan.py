@@ -41,7 +41,7 @@ def test_numeric_flags(data_root, capsys):
     codes = fuzz_numeric_flags(capsys, gan, make_argv, NUMERIC_FLAGS, check=gan.check_arguments)
     for flag in ("--image_size", "--width_divisor", "--epochs", "--batch_size", "--log_every"):
         assert codes[f"{flag} 0"] == codes[f"{flag} -1"] == 2, flag
-    assert codes[f"--epochs {HUGE}"] == codes[f"--image_size {HUGE}"] == 2
+    assert codes[f"--epochs {HUGE}"] == codes[f"--image_size {HUGE}"] == codes[f"--batch_size {HUGE}"] == 2
 
 
 def test_damaged_files(data_root, tmp_path, capsys):

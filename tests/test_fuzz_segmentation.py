@@ -47,7 +47,7 @@ def test_numeric_flags(data_root, capsys):
     codes = fuzz_numeric_flags(capsys, seg, make_argv, NUMERIC_FLAGS, check=seg.check_arguments)
     for flag in ("--image_size", "--decoder_width", "--epochs", "--batch_size", "--threads"):
         assert codes[f"{flag} 0"] == codes[f"{flag} -1"] == 2, flag
-    for flag in ("--image_size", "--epochs", "--demo_images", "--threads"):
+    for flag in ("--image_size", "--epochs", "--batch_size", "--demo_images", "--threads"):
         assert codes[f"{flag} {HUGE}"] == 2, flag
 
 
