@@ -39,7 +39,7 @@ from keras import layers, ops
 
 from common import atomic, checkpoints, cli, optimizers, plots, precision, progress, runs, tensorboard
 from common.aras400k import classes, efficientnet, patches
-from common.errors import InputError, cli_entry, require, require_dir, require_file
+from common.errors import InputError, cli_entry, require, require_dir, require_file, require_in_range
 
 NUM_CLASSES = classes.NUM_CLASSES
 INSTANCE_NORM_EPS = 1e-5  # torch.nn.InstanceNorm2d's default
@@ -58,7 +58,7 @@ RESUME_SETTINGS = (
     "seed",
 )
 # Larger values are typing mistakes, refused before anything is written.
-MAX_EPOCHS, MAX_IMAGE_SIZE = 10_000, 8192
+MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_BATCH = 10_000, 8192, 1 << 20
 
 
 def get_args_parser():
@@ -622,7 +622,8 @@ def check_arguments(args):
         "a power of 2 up to 64",
     )
     require(1 <= args.epochs <= MAX_EPOCHS, "--epochs", f"is {args.epochs}", f"1 to {MAX_EPOCHS}")
-    require(args.batch_size >= 1, "--batch_size", f"is {args.batch_size}", "a positive number of patches")
+    # A batch of 10**12 patches kept tf.data busy for minutes without one step: refused, like absurd epochs.
+    require_in_range(args, "batch_size", 1, MAX_BATCH)
     require(args.log_every >= 1, "--log_every", f"is {args.log_every}", "a positive number of steps")
     require(args.learning_rate > 0, "--learning_rate", f"is {args.learning_rate}", "a positive number")
     for flag, value in (("--beta_1", args.beta_1), ("--beta_2", args.beta_2)):

@@ -45,7 +45,7 @@ import tensorflow as tf
 
 from common import atomic, cli, plots, runs, tensorboard
 from common import progress as progress_bars
-from common.errors import cli_entry
+from common.errors import cli_entry, require_in_range
 from common.tgmatl import awir, stacked_training
 
 METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
@@ -881,9 +881,9 @@ def zero_loss_note(model_selection) -> str:
 def check_arguments(args) -> None:
     """Every flag in range and --results_dir writable, before anything is read or written."""
     awir.check_protocol_arguments(args)
-    awir.require_range(args, "margin", 0)
+    require_in_range(args, "margin", 0)
     for flag in ("box_weight", "top_percent", "random_percent"):
-        awir.require_range(args, flag, 0, 1)
+        require_in_range(args, flag, 0, 1)
 
 
 def write_report(summary, zero_validation_loss, args, results_dir):

@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from common import atomic, cli, plots, reports, runs, tensorboard
 from common import progress as progress_bars
-from common.errors import InputError, cli_entry
+from common.errors import InputError, cli_entry, require_in_range
 from common.tgmatl import awir, stacked_training
 
 EXP1_METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
@@ -777,10 +777,10 @@ def check_arguments(args) -> None:
     """Every flag in range and --results_dir writable, before anything is read or written."""
     awir.check_protocol_arguments(args)
     args.folds = awir.checked_folds(args.folds)
-    awir.require_range(args, "margin", 0)
+    require_in_range(args, "margin", 0)
     for flag in ("top_percent", "random_percent"):
         if hasattr(args, flag):
-            awir.require_range(args, flag, 0, 1)
+            require_in_range(args, flag, 0, 1)
 
 
 @cli_entry

@@ -38,8 +38,8 @@ import numpy as np
 import yaml
 
 import train_multilabel_model as trainer
-from common import atomic, pipelines, plots, runs
-from common.errors import cli_entry, require
+from common import atomic, cli, pipelines, plots, runs
+from common.errors import cli_entry, require, require_in_range
 from common.spml import batches
 
 SCRIPT_STEM = "meta_parameters_tuning"
@@ -56,9 +56,21 @@ SEARCH_SPACE = {
     "adagc": {"trigger_ratio": (0.5, 0.95, False), "mixup_alpha": (0.0, 1.0, False)},
 }
 LEARNING_RATE = (1e-5, 1e-2, True)
+MAX_TRIALS = 10_000  # far above any study (the paper's 20): a typing slip is refused, not run for ever
 TRIAL_COLUMNS = ["number", "state", "objective", "seconds"]
 # Flags of this script itself; all others are the trainer's and go to every trial.
 OWN_FLAGS = ("n_trials", "tune_epochs", "params")
+# Flags of the study's own run, not of the trained model: best_config.yaml leaves them out.
+NOT_FOR_THE_FINAL_RUN = (
+    "config",
+    "print_config",
+    "demo",
+    "results_dir",
+    "run_name",
+    "resume",
+    "overwrite",
+    "test_only",
+)
 # The settings a resumed study must share with the study it continues (study.json): every flag but
 # --n_trials (a re-run may ask for more trials), --overwrite, --print_config and what is only shown
 # (--no_tensorboard, --progress), the trainer's resumable ones included
@@ -117,7 +129,8 @@ def run_trial(args, data, statistics, run_dir) -> float:
     build = trainer.model_builder(args, len(data["class_names"]), band_mean, band_variance)
     trainer_object = trainer.make_trainer(args, build, data["train"])
     train = data["train"]
-    train_batches = batches.TrainBatches(train["sources"], loader, args.batch_size, args.seed, args.augment)
+    augment = args.augment and args.dataset != "features"  # flips and rotations are for images
+    train_batches = batches.TrainBatches(train["sources"], loader, args.batch_size, args.seed, augment)
     val_dataset = batches.make_dataset(data["val"]["sources"], loader, args.batch_size)
     with errors.surface():
         state = trainer.fit(args, trainer_object, data, run_dir, train_batches, val_dataset)
@@ -192,6 +205,9 @@ def write_best_config(args, run_dir, best_params) -> Path:
             batch_size=args.batch_size,
             method=args.method,
         )
+    # The trainer flags typed for the study (e.g. --dataset features --features x.npz) hold for its final run.
+    typed = sorted(set(cli.typed_flags(args)) - set(OWN_FLAGS) - set(NOT_FOR_THE_FINAL_RUN))
+    config.update({key: getattr(args, key) for key in typed})
     config.update({key: float(value) for key, value in best_params.items()})
     config.update(selection_labels="observed", epochs=args.epochs, seed=args.seed)
     text = (
@@ -201,11 +217,18 @@ def write_best_config(args, run_dir, best_params) -> Path:
     return run_dir / "best_config.yaml"
 
 
-@cli_entry
-def main(args):
+def check_arguments(args):
+    """The trainer's checks (and derived values) plus the study's own, before anything is written."""
     args = trainer.resolve_derived(args, SCRIPT_STEM)
     require(args.method != "full", "--method", "full needs full labels", "a single-positive method")
-    require(args.n_trials >= 1, "--n_trials", f"{args.n_trials}", "an integer >= 1")
+    require_in_range(args, "n_trials", 1, MAX_TRIALS)
+    require_in_range(args, "tune_epochs", 0, trainer.MAX_EPOCHS)
+    return args
+
+
+@cli_entry
+def main(args):
+    args = check_arguments(args)
     space = search_space(args)
     runs.seed_everything(args.seed, args.deterministic)
     runs.print_args(args)

@@ -226,12 +226,8 @@ def write_embedding_csv(path, samples, embeddings):
     atomic.write_csv(path, rows, list(rows[0]))
 
 
-@cli_entry
-def main(args):
-    from sklearn.preprocessing import StandardScaler
-
-    if args.demo and not args.image_dirs:
-        args.image_dirs = make_demo_folders(args)
+def check_arguments(args):
+    """The numeric flags, checked before anything (the demo's folders included) is written."""
     for flag, value in (("--samples", args.samples), ("--batch_size", args.batch_size)):
         require(value >= 1, flag, f"is {value}", "a positive number")
     require(
@@ -241,6 +237,15 @@ def main(args):
         "a multiple of 32 from 32 to 8192",
     )
     require(0 <= args.seed < 2**32, "--seed", f"is {args.seed}", "0 to 2**32 - 1")
+
+
+@cli_entry
+def main(args):
+    from sklearn.preprocessing import StandardScaler
+
+    check_arguments(args)
+    if args.demo and not args.image_dirs:
+        args.image_dirs = make_demo_folders(args)
     require(len(args.image_dirs) >= 2, "--image_dirs", f"got {len(args.image_dirs)} folder(s)", "two or more")
     folders = [require_dir(folder, "a folder of images") for folder in args.image_dirs]
     if args.demo and not args.labels:

@@ -43,7 +43,7 @@ from keras import layers
 
 from common import atomic, checkpoints, cli, metrics, optimizers, plots, precision, runs, tensorboard
 from common.aras400k import classes, demo_data, efficientnet, patches
-from common.errors import cli_entry, require, require_dir
+from common.errors import cli_entry, require, require_dir, require_in_range
 
 CLASS_NAMES, NUM_CLASSES, IGNORE_INDEX = classes.CLASS_NAMES, classes.NUM_CLASSES, classes.IGNORE_INDEX
 ENCODERS = [f"efficientnetb{size}" for size in range(8)]
@@ -65,6 +65,7 @@ RESUME_SETTINGS = (
 )
 # Larger values are typing mistakes, refused before anything is written.
 MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_DECODER_WIDTH = 10_000, 8192, 4096
+MAX_THREADS, MAX_DEMO_IMAGES, MAX_BATCH = 1024, 1_000_000, 1 << 20
 
 
 def get_args_parser():
@@ -138,7 +139,8 @@ def augment_pair(image, mask, seed):
 
 def require_image_size(image_size):
     """The encoder halves the input five times: the patch side must be a multiple of 32."""
-    require(image_size % 32 == 0 and image_size >= 32, "--image_size", f"is {image_size}", "a multiple of 32")
+    inside = image_size % 32 == 0 and 32 <= image_size <= MAX_IMAGE_SIZE
+    require(inside, "--image_size", f"is {image_size}", f"a multiple of 32 from 32 to {MAX_IMAGE_SIZE}")
 
 
 def build_segformer(encoder_name, image_size, decoder_width=256, num_classes=NUM_CLASSES, weights=""):
@@ -476,17 +478,18 @@ def check_arguments(args):
     )
     require(0 <= args.bn_momentum <= 1, "--bn_momentum", f"is {args.bn_momentum}", "a number in [0, 1]")
     require(1 <= args.epochs <= MAX_EPOCHS, "--epochs", f"is {args.epochs}", f"1 to {MAX_EPOCHS}")
+    # A batch of 10**12 patches kept tf.data busy for minutes without one step: refused, like absurd epochs.
+    require_in_range(args, "batch_size", 1, MAX_BATCH)
     positive = (
-        ("--batch_size", args.batch_size),
         ("--learning_rate", args.learning_rate),
         ("--epsilon", args.epsilon),
         ("--clipnorm", args.clipnorm),
         ("--num_examples", args.num_examples),
-        ("--threads", args.threads),
-        ("--demo_images", args.demo_images),
     )
     for flag, value in positive:
         require(value > 0, flag, f"is {value}", "a positive number")
+    require_in_range(args, "threads", 1, MAX_THREADS)
+    require_in_range(args, "demo_images", 1, MAX_DEMO_IMAGES)
     for flag, value in (("--weight_decay", args.weight_decay), ("--lr_patience", args.lr_patience)):
         require(value >= 0, flag, f"is {value}", "zero or a positive number")
     require(

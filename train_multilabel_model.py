@@ -67,7 +67,7 @@ from common import (
     runs,
     tensorboard,
 )
-from common.errors import InputError, cli_entry, require, require_file
+from common.errors import InputError, cli_entry, require, require_file, require_in_range
 from common.spml import aid_multilabel, batches, bigearthnet, evaluation, features
 
 SCRIPT_STEM = "train_multilabel_model"
@@ -157,6 +157,11 @@ LOG_COLUMNS = (
 )
 # The last epoch's test metrics that metrics.json keeps next to the reported model's.
 LAST_EPOCH_KEYS = ("mAP", "micro_AP", "macro_F1", "micro_F1")
+
+
+# Upper bounds far above any sensible setting (the paper: 30 epochs, batch 64, 224 px): a typing slip is
+# refused instead of training for ever or filling the memory.
+MAX_EPOCHS, MAX_BATCH, MAX_IMAGE_SIZE, MAX_DEMO_IMAGES = 10_000, 1 << 20, 8192, 1_000_000
 
 
 # Defaults are the paper's values (docs/adagc.md explains the reconstructed ones).
@@ -1228,8 +1233,13 @@ def resolve_derived(args, demo_owner: str = SCRIPT_STEM):
     args.image_size = args.image_size or (224 if args.dataset == "aid" else 120)
     needed = args.method not in ("epr", "role") or args.expected_num_positives > 0
     require(needed, "--expected_num_positives", "not set", "the mean positives per image (EPR and ROLE)")
-    positive = args.epochs >= 1 and args.batch_size >= 1
-    require(positive, "--epochs/--batch_size", "must be positive", "integers >= 1")
+    require_in_range(args, "epochs", 1, MAX_EPOCHS)
+    require_in_range(args, "batch_size", 1, MAX_BATCH)
+    require_in_range(args, "image_size", 0, MAX_IMAGE_SIZE)
+    require_in_range(args, "demo_images", 1, MAX_DEMO_IMAGES)
+    require_in_range(args, "learning_rate", 0, 10, low_open=True)
+    require_in_range(args, "adam_epsilon", 0, 1, low_open=True)
+    require_in_range(args, "weight_decay", 0, 1)
     require(0 <= args.seed < 2**32, "--seed", f"{args.seed} is out of range", "an integer in [0, 2**32)")
     vectors = args.dataset == "features"
     require(not vectors or args.features, "--features", "not set", "a .npz of features (--dataset features)")
@@ -1312,13 +1322,11 @@ def main(args):
         f"classes {len(data['class_names'])} | train {len(train['sources'])} | val {len(val['sources'])} "
         f"| test {len(test['sources'])} | steps/epoch {math.ceil(len(train['sources']) / args.batch_size)}"
     )
-    run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, args.run_name, args.overwrite, args.resume)
     with reader_errors.surface():
         # A seeded random sample of up to 256 training images gives the bands' statistics.
         sample = pipelines.sample_indices(len(train["sources"]), 256, args.seed)
         statistics_batches = batches.make_dataset([train["sources"][i] for i in sample], loader, 32)
         band_mean, band_variance = pipelines.band_statistics(statistics_batches, floor=1e-6)
-    record_run(args, run_dir, data, band_mean, band_variance)
     print("weights: " + (args.weights or "none (random initialisation)"))
 
     # ---- model: the student (and AdaGC's two EMA teachers) ----
@@ -1328,6 +1336,9 @@ def main(args):
     if args.method == "em_apl":
         in_order = batches.make_dataset(train["sources"], loader, args.batch_size)
     trainer = make_trainer(args, build, train, in_order)
+    # The run folder is made once every input (the --weights file included) has been read.
+    run_dir = runs.prepare_run_dir(args.results_dir, SCRIPT_STEM, args.run_name, args.overwrite, args.resume)
+    record_run(args, run_dir, data, band_mean, band_variance)
     augment = args.augment and args.dataset != "features"  # flips and rotations are for images
     train_batches = batches.TrainBatches(train["sources"], loader, args.batch_size, args.seed, augment)
     val_dataset = None

@@ -49,7 +49,6 @@ runs, strategy_comparison.csv, auc_curve.png and metrics.json.
 
 import csv
 import math
-import os
 import shlex
 import sys
 import time
@@ -60,7 +59,7 @@ import common.startup  # noqa: F401  (loads TensorFlow quietly; must come before
 import numpy as np
 
 from common import atomic, checkpoints, cli, plots, progress, reports, runs, tensorboard
-from common.errors import InputError, cli_entry, require, require_file
+from common.errors import InputError, cli_entry, require, require_file, require_in_range
 from common.owl_gps import datasets, patches
 
 SCRIPT_STEM = "train_owl_gps"
@@ -1152,31 +1151,6 @@ FLAG_RANGES = {
 }
 
 
-def require_in_range(args, flag, low, high, low_open=False) -> None:
-    """`args.<flag>` is a finite number in [low, high] ((low, high] with `low_open`; None: no bound)."""
-    value = getattr(args, flag)
-    inside = math.isfinite(value) and (value > low if low_open else value >= low)
-    inside = inside and (high is None or value <= high)
-    bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
-    require(inside, f"--{flag}", f"is {value}", f"a value in {bounds}")
-
-
-def require_writable_folder(path, flag="--results_dir") -> None:
-    """`path` is a folder (or can be made one) this user can write; nothing is created."""
-    path = Path(path)
-    require(not path.exists() or path.is_dir(), path, f"{flag} is a file", "a folder for the outputs")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    require(existing.is_dir(), existing, f"{flag} lies under a file", "a folder for the outputs")
-    probe = existing / f".write_probe_{os.getpid()}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError:
-        raise InputError(existing, f"{flag} is not writable", "a folder this user can write") from None
-
-
 def check_arguments(args):
     """Reject impossible settings before anything is read or written; returns the concept weights."""
     for flag, (low, high) in FLAG_RANGES.items():
@@ -1185,7 +1159,7 @@ def check_arguments(args):
     require_in_range(args, "reflectance_scale", 0.0, None, low_open=True)
     threshold = args.near_industrial_threshold
     require(math.isfinite(threshold), "--near_industrial_threshold", f"is {threshold}", "a finite distance")
-    require_writable_folder(args.results_dir)
+    runs.require_writable_folder(args.results_dir)
     if args.demo:
         # The demo writes its data first: a budget larger than its pool is refused before that.
         pool = args.n_samples - round(args.test_fraction * args.n_samples)

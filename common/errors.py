@@ -7,6 +7,7 @@ own code still raise normally.
 """
 
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -34,6 +35,21 @@ def require(condition, path, problem: str, expected: str | None = None) -> None:
     """Raise `InputError(path, problem, expected)` unless `condition` holds."""
     if not condition:
         raise InputError(path, problem, expected)
+
+
+def require_in_range(args, flag: str, low, high=None, low_open: bool = False) -> None:
+    """`args.<flag>` is a finite number in [low, high] ((low, high] with `low_open`; no upper bound when
+    `high` is None), else InputError naming `--<flag>`, its value and the range."""
+    value = getattr(args, flag)
+    above = value > low if low_open else value >= low
+    inside = math.isfinite(value) and above and (high is None or value <= high)
+    bracket = "(" if low_open else "["
+    expected = (
+        f"a value in {bracket}{low}, {high}]"
+        if high is not None
+        else f"a value {'>' if low_open else '>='} {low}"
+    )
+    require(inside, f"--{flag}", f"is {value}", expected)
 
 
 def require_file(path, expected: str = "an existing file") -> Path:

@@ -118,14 +118,36 @@ def prepare_run_dir(
             )
     if run_dir.exists() and resume:
         remove_stale_temporaries(run_dir)
+    require_writable_folder(run_dir, "the run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def require_writable_folder(path, flag: str = "--results_dir") -> Path:
+    """`path` is a folder that exists or can be made, and this user can write there; nothing is created.
+
+    Checked before any output: a file in its place, a file on the way, or a folder without write
+    permission (tried with a probe file: os.access says yes for root and on some network file systems)
+    is an InputError naming the nearest existing folder and `flag`.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, f"{flag} is a file", "a folder for the outputs")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(
+            existing, f"{flag} lies under a file: cannot write there", "a folder for the outputs"
+        )
+    probe = existing / f".write_probe_{os.getpid()}"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe_{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as error:
-        raise InputError(run_dir, f"cannot write there ({error.strerror})", "a writable folder") from None
-    return run_dir
+        problem = f"{flag} is not writable: cannot write there ({error.strerror})"
+        raise InputError(existing, problem, "a folder this user can write") from None
+    return path
 
 
 def remove_stale_temporaries(folder) -> list[Path]:

@@ -162,3 +162,96 @@ def _is_number(text) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def with_flag(argv, flag: str, *values) -> list[str]:
+    """`argv` (strings) with `flag` set to `values`, replacing its earlier values (a list flag's too)."""
+    argv = [str(item) for item in argv]
+    if flag in argv:
+        start = end = argv.index(flag)
+        end += 1
+        while end < len(argv) and not argv[end].startswith("--"):
+            end += 1
+        argv = argv[:start] + argv[end:]
+    return [*argv, flag, *map(str, values)]
+
+
+def fuzz_file_flag(capsys, script_module, base_argv, flag, valid_file, folder, results, refused=True) -> dict:
+    """Run `script_module` with `flag` set to each of `corrupted_copies(valid_file, folder)` in `base_argv`.
+
+    Every case must pass `assert_fuzz_outcome` (writing under `results`); with `refused`, each must end in
+    exit 2. For a file inside a folder argument, give `flag=None` and a `base_argv` callable that takes the
+    bad file and returns the argv. Returns {kind: exit code}.
+    """
+    codes = {}
+    for kind, bad in corrupted_copies(valid_file, folder):
+        argv = base_argv(bad) if flag is None else with_flag(base_argv, flag, bad)
+        case = f"{flag or Path(valid_file).name} {kind}"
+        codes[kind] = assert_fuzz_outcome(
+            capsys, lambda argv=argv: call_main(script_module, argv), results, case
+        )
+        assert not refused or codes[kind] == 2, f"{case} was accepted"
+    return codes
+
+
+def swapped_in(valid_file, argv):
+    """For `fuzz_file_flag(flag=None)`: write each bad file's bytes over `valid_file` (a file inside a
+    folder argument) and run `argv`. The caller restores `valid_file` afterwards."""
+
+    def argv_with(bad):
+        Path(valid_file).write_bytes(Path(bad).read_bytes())
+        return argv
+
+    return argv_with
+
+
+def fuzz_numeric_flags(capsys, script_module, make_argv, flags, check=None, values=(0, -1, HUGE)) -> dict:
+    """Each numeric flag of `flags` set to each of `values`; returns {"--flag value": exit code}.
+
+    `make_argv(results_dir)` is a valid argv on tiny data; every case passes `assert_fuzz_outcome`. With
+    `check` (the script's own argument check, called on the parsed arguments), the cases it refuses run
+    through `main` one by one (cheap: refused before anything is read or written), and the values it
+    accepts run together, each flag at most once per run, so a tiny training runs once or twice instead
+    of once per value. A combined run that is refused (a combination that no single value makes) is run
+    again one value at a time.
+    """
+    import shutil
+    import tempfile
+
+    from common.errors import InputError
+
+    root = Path(tempfile.mkdtemp(prefix="fuzz_numbers_"))
+    codes, packs = {}, []
+
+    def run(changes):
+        results = root / f"run{len(list(root.iterdir()))}"
+        argv = make_argv(results)
+        for flag, value in changes:
+            argv = with_flag(argv, flag, value)
+        case = ", ".join(f"{flag} {value}" for flag, value in changes)
+        return assert_fuzz_outcome(capsys, lambda: call_main(script_module, argv), results, case)
+
+    try:
+        for flag in flags:
+            accepted = []
+            for value in values:
+                if check is not None:
+                    try:
+                        check(parse(script_module, with_flag(make_argv(root / "parse"), flag, value)))
+                        accepted.append(value)
+                        continue
+                    except InputError:
+                        pass
+                codes[f"{flag} {value}"] = run([(flag, value)])
+            for number, value in enumerate(accepted):
+                packs += [[]] * (number + 1 - len(packs))
+                packs[number] = [*packs[number], (flag, value)]
+        for pack in packs:
+            code = run(pack)
+            if code == 2 and len(pack) > 1:
+                codes.update({f"{flag} {value}": run([(flag, value)]) for flag, value in pack})
+            else:
+                codes.update({f"{flag} {value}": code for flag, value in pack})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return codes

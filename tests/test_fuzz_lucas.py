@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import HUGE, assert_fuzz_outcome, call_main, corrupted_copies
+from conftest import HUGE, assert_fuzz_outcome, call_main, fuzz_file_flag, fuzz_numeric_flags
 
 import extract_terramind_embeddings as extractor
 import train_lucas_classifier as classifier
@@ -87,41 +87,36 @@ def test_classifier_file_arguments(inputs, tmp_path, capsys):
     labels_csv = inputs["chips"] / "chips_LC_class.csv"
     chip = sorted((inputs["chips"] / "1").glob("*.tif"))[0]
     results = tmp_path / "results"
-    for kind, bad in corrupted_copies(labels_csv, tmp_path / "csv"):
-        argv = classifier_argv(inputs, results, **{"--labels_csv": bad})
-        assert_fuzz_outcome(
-            capsys, lambda argv=argv: call_main(classifier, argv), results, f"labels CSV {kind}"
-        )
-    for kind, bad in corrupted_copies(inputs["embeddings"], tmp_path / "npy"):
-        argv = classifier_argv(inputs, results, **{"--embeddings": bad})
-        assert_fuzz_outcome(
-            capsys, lambda argv=argv: call_main(classifier, argv), results, f"embeddings {kind}"
-        )
-    chip_based = {"--embeddings": "", "--backbone": "simplecnn"}
-    for kind, bad in corrupted_copies(chip, tmp_path / "tif"):
-        root = chips_with_one_replaced(inputs["chips"], tmp_path / f"root_{kind}", bad)
-        argv = classifier_argv(inputs, results, **chip_based, **{"--data_root": root, "--labels_csv": ""})
-        code = assert_fuzz_outcome(
-            capsys, lambda argv=argv: call_main(classifier, argv), results, f"chip {kind}"
-        )
-        assert code == 2, f"a {kind} chip was accepted"
-    for kind, bad in corrupted_copies(inputs["weights"], tmp_path / "h5"):
-        argv = classifier_argv(
-            inputs, results, **chip_based, **{"--data_root": inputs["chips"], "--weights": bad}
-        )
-        argv += ["--labels_csv", ""]
-        code = assert_fuzz_outcome(
-            capsys, lambda argv=argv: call_main(classifier, argv), results, f"weights {kind}"
-        )
-        assert code == 2, f"{kind} weights were accepted"
+    base = classifier_argv(inputs, results)
+
+    def fuzz(argv, flag, valid, refused=True):
+        folder = tmp_path / valid.suffix[1:]
+        return fuzz_file_flag(capsys, classifier, argv, flag, valid, folder, results, refused)
+
+    fuzz(base, "--labels_csv", labels_csv, refused=False)
+    fuzz(base, "--embeddings", inputs["embeddings"], refused=False)
+    chip_based = {"--embeddings": "", "--backbone": "simplecnn", "--labels_csv": ""}
+
+    def chips_argv(bad):
+        root = chips_with_one_replaced(inputs["chips"], tmp_path / f"root_{bad.parent.name}", bad)
+        return classifier_argv(inputs, results, **chip_based, **{"--data_root": root})
+
+    fuzz(chips_argv, None, chip)
+    fuzz(
+        classifier_argv(inputs, results, **chip_based, **{"--data_root": inputs["chips"]}),
+        "--weights",
+        inputs["weights"],
+    )
 
 
-@pytest.mark.parametrize("flag", CLASSIFIER_NUMERIC_FLAGS)
-def test_classifier_numeric_flags(flag, inputs, tmp_path, capsys):
-    for value in BAD_NUMBERS:
-        results = tmp_path / f"results_{value}"
-        argv = classifier_argv(inputs, results, **{flag: value})
-        assert_fuzz_outcome(capsys, lambda argv=argv: call_main(classifier, argv), results, f"{flag} {value}")
+def test_classifier_numeric_flags(inputs, capsys):
+    """Values check_arguments refuses run through main one by one; the accepted ones train together."""
+    make_argv = lambda results: classifier_argv(inputs, results)  # noqa: E731
+    codes = fuzz_numeric_flags(
+        capsys, classifier, make_argv, CLASSIFIER_NUMERIC_FLAGS, check=classifier.check_arguments
+    )
+    for flag in ("--epochs", "--batch_size", "--learning_rate"):
+        assert codes[f"{flag} 0"] == codes[f"{flag} -1"] == 2, flag
 
 
 def extractor_argv(inputs, results, **replaced):
@@ -139,24 +134,20 @@ def test_extractor_file_arguments(inputs, tmp_path, capsys):
     labels_csv = inputs["chips"] / "chips_LC_class.csv"
     chip = sorted((inputs["chips"] / "1").glob("*.tif"))[0]
     results = tmp_path / "results"
-    for kind, bad in corrupted_copies(labels_csv, tmp_path / "csv"):
-        argv = extractor_argv(inputs, results, **{"--labels_csv": bad})
-        assert_fuzz_outcome(
-            capsys, lambda argv=argv: call_main(extractor, argv), results, f"labels CSV {kind}"
-        )
-    for kind, bad in corrupted_copies(inputs["checkpoint"], tmp_path / "ckpt"):
-        argv = extractor_argv(inputs, results, **{"--checkpoint": bad})
-        code = assert_fuzz_outcome(
-            capsys, lambda argv=argv: call_main(extractor, argv), results, f"checkpoint {kind}"
-        )
-        assert code == 2, f"a {kind} checkpoint was accepted"
-    for kind, bad in corrupted_copies(chip, tmp_path / "tif"):
-        root = chips_with_one_replaced(inputs["chips"], tmp_path / f"root_{kind}", bad)
-        argv = extractor_argv(inputs, results, **{"--data_root": root})
-        code = assert_fuzz_outcome(
-            capsys, lambda argv=argv: call_main(extractor, argv), results, f"chip {kind}"
-        )
-        assert code == 2, f"a {kind} chip was accepted"
+    base = extractor_argv(inputs, results)
+
+    def fuzz(argv, flag, valid, refused=True):
+        folder = tmp_path / valid.suffix[1:]
+        return fuzz_file_flag(capsys, extractor, argv, flag, valid, folder, results, refused)
+
+    fuzz(base, "--labels_csv", labels_csv, refused=False)
+    fuzz(base, "--checkpoint", inputs["checkpoint"])
+
+    def chips_argv(bad):
+        root = chips_with_one_replaced(inputs["chips"], tmp_path / f"root_{bad.parent.name}", bad)
+        return extractor_argv(inputs, results, **{"--data_root": root})
+
+    fuzz(chips_argv, None, chip)
 
 
 @pytest.mark.parametrize("flag", EXTRACTOR_NUMERIC_FLAGS)

@@ -12,7 +12,15 @@ import json
 import shutil
 
 import pytest
-from conftest import HUGE, assert_fuzz_outcome, call_main, corrupted_copies, files_under, no_temporary_files
+from conftest import (
+    HUGE,
+    assert_fuzz_outcome,
+    call_main,
+    files_under,
+    fuzz_file_flag,
+    fuzz_numeric_flags,
+    no_temporary_files,
+)
 
 import train_owl_gps as owl
 from common.owl_gps import datasets
@@ -29,14 +37,6 @@ def tiny_argv(data_dir, results, *extra):
     return ["--data_dir", data_dir, "--results_dir", results, "--run_name", "fuzz", *small, *extra]
 
 
-def with_flag(argv, flag, value):
-    argv = [str(item) for item in argv]
-    if f"--{flag}" in argv:
-        position = argv.index(f"--{flag}")
-        argv = argv[:position] + argv[position + 2 :]
-    return [*argv, f"--{flag}", str(value)]
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("owl") / "data"
@@ -45,17 +45,16 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-def test_numeric_flags_end_in_a_run_or_one_line(data_dir, tmp_path, capsys):
-    codes = {}
-    for flag in NUMERIC_FLAGS:
-        for value in BAD_NUMBERS:
-            results = tmp_path / f"{flag}_{value}"
-            # A legal value of a flag the loop itself uses runs the loop; the others stop at the first
-            # queue a person labels (--oracle csv), after every check and the model are done: fast.
-            oracle = [] if flag in LOOP_FLAGS else ["--oracle", "csv"]
-            argv = with_flag(tiny_argv(data_dir, results, *oracle), flag, value)
-            case = f"--{flag} {value}"
-            codes[case] = assert_fuzz_outcome(capsys, lambda argv=argv: call_main(owl, argv), results, case)
+def test_numeric_flags_end_in_a_run_or_one_line(data_dir, capsys):
+    # A legal value of a flag the loop itself uses runs the loop; the others stop at the first queue a
+    # person labels (--oracle csv), after every check and the model are done: fast. Values that
+    # check_arguments refuses run through main one by one; the accepted ones run together.
+    loop = [f"--{flag}" for flag in LOOP_FLAGS]
+    others = [f"--{flag}" for flag in NUMERIC_FLAGS if flag not in LOOP_FLAGS]
+    stop_at_queue = lambda results: tiny_argv(data_dir, results, "--oracle", "csv")  # noqa: E731
+    codes = fuzz_numeric_flags(capsys, owl, stop_at_queue, others, check=owl.check_arguments)
+    run_loop = lambda results: tiny_argv(data_dir, results)  # noqa: E731
+    codes |= fuzz_numeric_flags(capsys, owl, run_loop, loop, check=owl.check_arguments)
     for flag in ("epochs", "batch_size", "n_rounds", "seeds", "learning_rate", "image_size", "n_samples"):
         assert {codes[f"--{flag} {value}"] for value in BAD_NUMBERS} == {2}, flag
     assert codes[f"--query_budget {HUGE}"] == 0 and codes["--alpha 0"] == 0
@@ -69,13 +68,14 @@ def test_demo_with_a_budget_larger_than_its_pool_writes_nothing(tmp_path, capsys
 @pytest.mark.parametrize("name", ["images.npy", "labels.npy", "concepts.csv"])
 def test_damaged_data_dir_files_end_in_one_line(name, data_dir, tmp_path, capsys):
     results = tmp_path / "results"
-    for kind, bad in corrupted_copies(data_dir / name, tmp_path / "bad"):
-        folder = tmp_path / f"data_{kind}"
+
+    def data_dir_with(bad):
+        folder = tmp_path / f"data_{bad.parent.name}"
         shutil.copytree(data_dir, folder)
         shutil.copyfile(bad, folder / name)
-        argv = tiny_argv(folder, results)
-        code = assert_fuzz_outcome(capsys, lambda argv=argv: call_main(owl, argv), results, f"{name} {kind}")
-        assert code == 2, f"{name} {kind}"
+        return tiny_argv(folder, results)
+
+    fuzz_file_flag(capsys, owl, data_dir_with, None, data_dir / name, tmp_path / "bad", results)
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:rasterio.*")
@@ -100,15 +100,10 @@ def test_damaged_geotiff_inputs_end_in_one_line(tmp_path, capsys):
     }
     results = tmp_path / "results"
     small = ["--patch_size", "16", "--initial_budget", "4", "--query_budget", "2", "--n_rounds", "1"]
+    base = [*(item for key, value in files.items() for item in (f"--{key}", value)), *small, "--epochs", "1"]
+    base += ["--results_dir", results]
     for flag, valid in files.items():
-        for kind, bad in corrupted_copies(valid, tmp_path / f"bad_{flag}"):
-            paths = dict(files, **{flag: bad})
-            argv = [*(f"--{key}={value}" for key, value in paths.items()), *small, "--epochs", "1"]
-            argv += ["--results_dir", results]
-            code = assert_fuzz_outcome(
-                capsys, lambda argv=argv: call_main(owl, argv), results, f"{flag} {kind}"
-            )
-            assert code == 2, f"{flag} {kind}"
+        fuzz_file_flag(capsys, owl, base, f"--{flag}", valid, tmp_path / f"bad_{flag}", results)
 
 
 def test_results_dir_that_is_a_file_is_refused_before_the_demo_writes(tmp_path, capsys):

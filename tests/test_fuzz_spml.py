@@ -7,7 +7,7 @@ folder (conftest's `assert_fuzz_outcome`).
 import shutil
 
 import pytest
-from conftest import HUGE, assert_fuzz_outcome, call_main, corrupted_copies
+from conftest import HUGE, assert_fuzz_outcome, call_main, corrupted_copies, fuzz_file_flag, swapped_in
 
 import annotation_tool as at
 import make_benv2_lmdb as mk
@@ -51,19 +51,17 @@ def annotation_inputs(tmp_path, monkeypatch):
 def test_annotation_tool_fuzzed_files(annotation_inputs, tmp_path, capsys):
     data, answers, results = annotation_inputs
     base = ["--data_dir", data, "--port", "0", "--results_dir", results]
-    for kind, path in corrupted_copies(answers, tmp_path / "answers"):
-        call = lambda path=path: call_main(at, [*base, "--out", path])  # noqa: E731
-        assert assert_fuzz_outcome(capsys, call, results, f"--out {kind}") == 2
+    fuzz_file_flag(capsys, at, [*base, "--out", answers], "--out", answers, tmp_path / "answers", results)
     for kind, path in config_copies(write_config(tmp_path), tmp_path / "config"):
         call = lambda path=path: call_main(at, [*base, "--out", tmp_path / "new.csv", "-c", path])  # noqa: E731
         assert_fuzz_outcome(capsys, call, results, f"-c {kind}")
     image = sorted((data / "images_tr").rglob("*.jpg"))[2]
     original = image.read_bytes()
-    for kind, path in corrupted_copies(image, tmp_path / "image"):
-        image.write_bytes(path.read_bytes())
-        call = lambda: call_main(at, [*base, "--out", tmp_path / "new.csv"])  # noqa: E731
-        assert assert_fuzz_outcome(capsys, call, results, f"image {kind}") == 2
-    image.write_bytes(original)
+    try:
+        argv = swapped_in(image, [*base, "--out", tmp_path / "new.csv"])
+        fuzz_file_flag(capsys, at, argv, None, image, tmp_path / "image", results)
+    finally:
+        image.write_bytes(original)
     assert not (tmp_path / "new.csv").exists()
 
 
@@ -157,10 +155,8 @@ def fuzz_run_file(capsys, tmp_path, trained_run, name, original):
     results, _, base = trained_run
     saved = original.read_bytes()
     try:
-        for kind, path in corrupted_copies(original, tmp_path / name.replace(" ", "_")):
-            original.write_bytes(path.read_bytes())
-            call = lambda: call_main(tmm, base)  # noqa: E731
-            assert assert_fuzz_outcome(capsys, call, results, f"{name} {kind}") == 2
+        folder = tmp_path / name.replace(" ", "_")
+        fuzz_file_flag(capsys, tmm, swapped_in(original, base), None, original, folder, results)
     finally:
         original.write_bytes(saved)
 

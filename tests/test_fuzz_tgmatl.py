@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HUGE, assert_fuzz_outcome, call_main, corrupted_copies, files_under
+from conftest import (
+    HUGE,
+    assert_fuzz_outcome,
+    call_main,
+    corrupted_copies,
+    files_under,
+    fuzz_file_flag,
+    with_flag,
+)
 
 import extract_embeddings
 import igarss_exp1
@@ -120,18 +128,6 @@ SCRIPTS = {
 }
 
 
-def with_flag(argv, flag, value):
-    """`argv` with `--flag value` replacing the flag's earlier values (a list flag takes one value)."""
-    argv = [str(item) for item in argv]
-    if f"--{flag}" in argv:
-        start = argv.index(f"--{flag}")
-        end = start + 1
-        while end < len(argv) and not argv[end].startswith("--"):
-            end += 1
-        argv = argv[:start] + argv[end:]
-    return [*argv, f"--{flag}", str(value)]
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_numeric_flags_end_in_a_run_or_one_line(script, tiny_awir, tmp_path, capsys):
     module, make_argv, flags = SCRIPTS[script]
@@ -140,7 +136,7 @@ def test_numeric_flags_end_in_a_run_or_one_line(script, tiny_awir, tmp_path, cap
     for flag in flags:
         for value in BAD_NUMBERS:
             results = tmp_path / f"{flag}_{value}"
-            argv = with_flag(make_argv(data, embeddings, results), flag, value)
+            argv = with_flag(make_argv(data, embeddings, results), f"--{flag}", value)
             case = f"{script} --{flag} {value}"
             codes[case] = assert_fuzz_outcome(
                 capsys, lambda argv=argv: call_main(module, argv), results, case
@@ -157,14 +153,11 @@ def test_damaged_data_and_embeddings_end_in_one_line(script, tiny_awir, tmp_path
     module, make_argv, _ = SCRIPTS[script]
     data, embeddings = tiny_awir
     results = tmp_path / "results"
-    for kind, bad in corrupted_copies(data, tmp_path / "data"):
-        argv = make_argv(bad, embeddings, results)
-        code = assert_fuzz_outcome(capsys, lambda argv=argv: call_main(module, argv), results, f"data {kind}")
-        assert code == 2
-    for kind, bad in corrupted_copies(awir.embedding_path(embeddings, "clip"), tmp_path / "embeddings"):
-        argv = make_argv(data, bad.parent, results)
-        code = assert_fuzz_outcome(capsys, lambda argv=argv: call_main(module, argv), results, f"clip {kind}")
-        assert code == 2
+    base = make_argv(data, embeddings, results)
+    fuzz_file_flag(capsys, module, base, "--data", data, tmp_path / "data", results)
+    clip = awir.embedding_path(embeddings, "clip")
+    in_folder = lambda bad: make_argv(data, bad.parent, results)  # noqa: E731
+    fuzz_file_flag(capsys, module, in_folder, None, clip, tmp_path / "embeddings", results)
 
 
 def test_empty_and_truncated_data_name_the_file(tiny_awir, tmp_path, capsys):
@@ -215,12 +208,9 @@ def test_extract_embeddings_fuzz(tmp_path, capsys):
     models = extract_embeddings.make_demo_models(tmp_path / "models")
     output = tmp_path / "embeddings"
     base = ["--model", "clip", "--model_path", models["clip"], "--embeddings_dir", output, "--device", "cpu"]
-    for kind, bad in corrupted_copies(data, tmp_path / "bad"):
-        argv = ["--data", bad, *base]
-        code = assert_fuzz_outcome(
-            capsys, lambda argv=argv: call_main(extract_embeddings, argv), output, f"data {kind}"
-        )
-        assert code == 2
+    fuzz_file_flag(
+        capsys, extract_embeddings, ["--data", data, *base], "--data", data, tmp_path / "bad", output
+    )
     for flag in ("batch_size", "checkpoint_every", "seed"):
         for value in BAD_NUMBERS:
             argv = ["--data", data, *base, "--overwrite", f"--{flag}", value]

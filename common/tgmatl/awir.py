@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import atomic, cli
-from common.errors import InputError, require, require_file, require_finite
+from common import atomic, cli, runs
+from common.errors import InputError, require, require_file, require_finite, require_in_range
 
 IMAGE_SIZE = 300
 NUM_CLASSES = 3
@@ -57,6 +57,8 @@ NPZ_EXPECTED = "a NumPy .npz archive with numeric arrays 'class_label' (N,) and 
 MAX_EPOCHS = 1_000_000
 MAX_WORKERS = 256
 MAX_SEED = 2**32 - 1
+# The --results_dir / --embeddings_dir check of every TG-MATL script (extract_embeddings.py calls it here).
+require_writable_dir = runs.require_writable_folder
 
 
 def first_line(error) -> str:
@@ -65,63 +67,18 @@ def first_line(error) -> str:
     return text[0] if text else type(error).__name__
 
 
-def require_writable_dir(path, flag: str = "--results_dir") -> Path:
-    """`path` is a folder that exists or can be made, and can be written: checked before any output.
-
-    Nothing is created: the nearest existing folder on the way must be writable.
-    """
-    path = Path(path)
-    require(not path.exists() or path.is_dir(), path, f"{flag} is a file", "a folder for the outputs")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    require(existing.is_dir(), existing, f"{flag} lies under a file", "a folder for the outputs")
-    require(
-        os.access(existing, os.W_OK | os.X_OK) and (existing == path or _creatable(existing)),
-        existing,
-        f"{flag} is not writable",
-        "a folder this user can write",
-    )
-    return path
-
-
-def _creatable(folder: Path) -> bool:
-    # os.access says yes for root and on some network file systems; a probe file is the real test.
-    probe = folder / f".write_probe_{os.getpid()}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError:
-        return False
-    return True
-
-
-def require_range(args, flag: str, low, high=None, low_open: bool = False) -> None:
-    """`args.<flag>` is finite and in [low, high] ((low, high] with `low_open`)."""
-    value = getattr(args, flag)
-    above = value > low if low_open else value >= low
-    inside = math.isfinite(value) and above and (high is None or value <= high)
-    bracket = "(" if low_open else "["
-    expected = (
-        f"a value in {bracket}{low}, {high}]"
-        if high is not None
-        else f"a value {'>' if low_open else '>='} {low}"
-    )
-    require(inside, f"--{flag}", f"is {value}", expected)
-
-
 def check_protocol_arguments(args) -> None:
     """The flags of add_protocol_arguments (and --calibration_epochs where present) are in range and
     --results_dir can be written: checked before anything is read or written, so a slip ends in one line."""
-    require_range(args, "epochs", 1, MAX_EPOCHS)
-    require_range(args, "batch_size", 1)
+    require_in_range(args, "epochs", 1, MAX_EPOCHS)
+    require_in_range(args, "batch_size", 1)
     inside = math.isfinite(args.test_size) and 0 < args.test_size < 1
     require(inside, "--test_size", f"is {args.test_size}", "a fraction in (0, 1)")
-    require_range(args, "learning_rate", 0, 10, low_open=True)
-    require_range(args, "workers", 1, MAX_WORKERS)
-    require_range(args, "seed", 0, MAX_SEED)
+    require_in_range(args, "learning_rate", 0, 10, low_open=True)
+    require_in_range(args, "workers", 1, MAX_WORKERS)
+    require_in_range(args, "seed", 0, MAX_SEED)
     if hasattr(args, "calibration_epochs"):
-        require_range(args, "calibration_epochs", 0, MAX_EPOCHS)
+        require_in_range(args, "calibration_epochs", 0, MAX_EPOCHS)
     require_writable_dir(args.results_dir)
 
 
