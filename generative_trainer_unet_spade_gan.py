@@ -380,8 +380,9 @@ class SpadeGAN:
         with tf.GradientTape() as tape_d:
             loss_d = self.discriminator_loss(real, masks, fake)
             # Gradients are summed over replicas, so each replica's mean is divided by their number.
-            scaled_loss_d = loss_d / replicas
-        grads = tape_d.gradient(self.opt_d.scale_loss(scaled_loss_d), discriminator.trainable_variables)
+            # Under mixed_float16 the loss scaling is recorded by the tape too (else no gradients).
+            scaled_loss_d = self.opt_d.scale_loss(loss_d / replicas)
+        grads = tape_d.gradient(scaled_loss_d, discriminator.trainable_variables)
         self.opt_d.apply(grads, discriminator.trainable_variables)
         with tape_g:
             # The reference scores the same fake batch with the updated D.
@@ -392,8 +393,8 @@ class SpadeGAN:
                 features = [ops.cast(self.vgg(vgg_input(image)), "float32") for image in (real, fake)]
                 distance = ops.abs(features[0] - features[1])
                 loss_vgg = self.vgg_weight * ops.mean(distance)
-            scaled_loss_g = (loss_g_adv + loss_vgg) / replicas
-        grads = tape_g.gradient(self.opt_g.scale_loss(scaled_loss_g), generator.trainable_variables)
+            scaled_loss_g = self.opt_g.scale_loss((loss_g_adv + loss_vgg) / replicas)
+        grads = tape_g.gradient(scaled_loss_g, generator.trainable_variables)
         self.opt_g.apply(grads, generator.trainable_variables)
         return ops.stack([loss_d, loss_g_adv, loss_vgg])
 

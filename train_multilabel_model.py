@@ -926,7 +926,9 @@ class SpmlTrainer:
             loss += regulariser / self.strategy.num_replicas_in_sync
             if self.estimator is not None:
                 variables.append(self.estimator)
-        gradients = tape.gradient(self.optimizer.scale_loss(loss), variables)
+            # Under mixed_float16 the loss scaling is recorded by the tape too (else no gradients).
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, variables)
         if self.estimator is not None:
             # ROLE's estimator has an optimizer of its own: its gradient is unscaled here, and left at 0
             # on a step whose float16 gradients overflowed (the student's optimizer skips that step).

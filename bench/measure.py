@@ -205,7 +205,7 @@ def parse_ratio_line(line):
     if not line.startswith(RATIO_PREFIX):
         raise ValueError(f"not a ratio line: {line!r}")
     found = []
-    for part in line.split(": ", 1)[1].split("; "):
+    for part in line.split(" faster): ", 1)[1].split("; "):
         comparison, threads, value = part.rsplit(" ", 2)
         task, name = comparison.split(" vs ", 1)
         number, kind = value.rstrip("]").split("x[")

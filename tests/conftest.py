@@ -103,6 +103,16 @@ def corrupted_copies(valid_file, folder) -> list[tuple[str, Path]]:
     return copies
 
 
+@pytest.fixture(autouse=True)
+def float32_policy_after_each_test():
+    """A script run in this process with --mixed_precision sets Keras's global dtype policy; the next
+    test starts from float32 again, as a new process would."""
+    yield
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.mixed_precision.global_policy().name != "float32":
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def files_under(folder) -> set:
     """Every file under `folder` (relative paths); empty when the folder does not exist."""
     folder = Path(folder)

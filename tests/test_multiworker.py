@@ -10,6 +10,7 @@ its replica's compiled training step receives."""
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,7 +73,9 @@ def run_cluster_and_single(tmp_path, script, argv):
 
 
 def files_under(root):
-    return sorted(p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file())
+    """Relative paths of every file; a TensorBoard event file's name (time, host, process) as a pattern."""
+    paths = (p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file())
+    return sorted(re.sub(r"events\.out\.tfevents\..*", "events.out.tfevents.*", path) for path in paths)
 
 
 def check_cluster(tmp_path, seen):
