@@ -535,6 +535,26 @@ def open_run(args, run_name, pairs, pixel_counts):
     return run_dir, False
 
 
+def compile_as_trained(model, args, loss_fn):
+    """Compile `model` as this script trains it: AdamW with `args`' settings, `loss_fn`, no XLA on CPUs."""
+    # The reference's torch.optim.AdamW (eps 1e-8 after the bias correction, decoupled decay);
+    # --optimizer_convention keras gives keras.optimizers.AdamW's rule with the same values.
+    optimizer = optimizers.make_optimizer(
+        "adamw",
+        args.learning_rate,
+        convention=args.optimizer_convention,
+        weight_decay=args.weight_decay,
+        epsilon=args.epsilon,
+        global_clipnorm=args.clipnorm,
+    )
+    # XLA compilation of the EfficientNet backward pass takes minutes on a CPU and gains little
+    # there; on GPUs Keras decides ("auto").
+    jit_compile = "auto" if tf.config.list_physical_devices("GPU") else False
+    model.compile(optimizer=optimizer, loss=loss_fn, jit_compile=jit_compile)
+    # Creating the optimizer slots now lets the train step be traced once instead of twice.
+    model.optimizer.build(model.trainable_variables)
+
+
 def build_model(args, strategy, resuming):
     """The compiled SegFormer, its loss, and (when resuming) the restored checkpoint's state."""
     state = {
@@ -556,22 +576,7 @@ def build_model(args, strategy, resuming):
         for layer in model.layers:
             if isinstance(layer, layers.BatchNormalization) and not layer.name.startswith("decoder_"):
                 layer.momentum = args.bn_momentum
-        # The reference's torch.optim.AdamW (eps 1e-8 after the bias correction, decoupled decay);
-        # --optimizer_convention keras gives keras.optimizers.AdamW's rule with the same values.
-        optimizer = optimizers.make_optimizer(
-            "adamw",
-            args.learning_rate,
-            convention=args.optimizer_convention,
-            weight_decay=args.weight_decay,
-            epsilon=args.epsilon,
-            global_clipnorm=args.clipnorm,
-        )
-        # XLA compilation of the EfficientNet backward pass takes minutes on a CPU and gains little
-        # there; on GPUs Keras decides ("auto").
-        jit_compile = "auto" if tf.config.list_physical_devices("GPU") else False
-        model.compile(optimizer=optimizer, loss=loss_fn, jit_compile=jit_compile)
-        # Creating the optimizer slots now lets the train step be traced once instead of twice.
-        model.optimizer.build(model.trainable_variables)
+        compile_as_trained(model, args, loss_fn)
     return model, loss_fn, state
 
 

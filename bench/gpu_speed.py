@@ -94,22 +94,12 @@ def spml_step(tiny):
 
 def segformer_step(encoder, tiny):
     import segmentation_train as st
-    from common import optimizers
     from common.aras400k import classes
 
     script = st.get_args_parser().parse_args([])
     size, batch = (32, 2) if tiny else (256, script.batch_size)
     model = st.build_segformer(encoder, size)
-    optimizer = optimizers.make_optimizer(
-        "adamw",
-        script.learning_rate,
-        convention="torch",
-        weight_decay=script.weight_decay,
-        epsilon=script.epsilon,
-        global_clipnorm=script.clipnorm,
-    )
-    jit_compile = "auto" if tf.config.list_physical_devices("GPU") else False
-    model.compile(optimizer=optimizer, loss=st.MulticlassDiceLoss(), jit_compile=jit_compile)
+    st.compile_as_trained(model, script, st.MulticlassDiceLoss())
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (batch, size, size, 3)).astype(np.float32)
     masks = rng.integers(0, classes.NUM_CLASSES, (batch, size, size)).astype(np.int32)

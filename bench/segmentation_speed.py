@@ -184,24 +184,10 @@ def metrics_rows(args, threads):
 
 
 def our_model(args):
-    import tensorflow as tf
-
-    from common import optimizers
-
     script = st.get_args_parser().parse_args([])
     model = st.build_segformer("efficientnetb0", args.image_size)
     # As segmentation_train.py compiles it: torch-convention AdamW, global clipnorm, Dice, no XLA on CPUs.
-    optimizer = optimizers.make_optimizer(
-        "adamw",
-        script.learning_rate,
-        convention="torch",
-        weight_decay=script.weight_decay,
-        epsilon=script.epsilon,
-        global_clipnorm=script.clipnorm,
-    )
-    jit_compile = "auto" if tf.config.list_physical_devices("GPU") else False
-    model.compile(optimizer=optimizer, loss=st.MulticlassDiceLoss(), jit_compile=jit_compile)
-    model.optimizer.build(model.trainable_variables)
+    st.compile_as_trained(model, script, st.MulticlassDiceLoss())
     return model, script
 
 
