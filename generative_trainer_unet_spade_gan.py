@@ -78,7 +78,7 @@ def get_args_parser():
     add("--beta_1", type=float, default=0.5, help="Adam beta_1 of G and D.")
     add("--beta_2", type=float, default=0.999, help="Adam beta_2 of G and D.")
     add("--epsilon", type=float, default=1e-8, help="Adam epsilon of G and D (torch.optim.Adam's default).")
-    optimizers.add_optimizer_convention_argument(parser)
+    cli.add_optimizer_convention_argument(parser)
     add("--vgg_weights", default="", help="Local Keras VGG19 notop .h5 (none: perceptual term off).")
     add("--vgg_weight", type=float, default=10.0, help="Weight of the VGG19 relu3_3 L1 term.")
     add("--log_every", type=int, default=100, help="Print the losses every this many steps.")

@@ -93,7 +93,7 @@ def get_args_parser():
     add("--learning_rate", type=float, default=1e-3, help="AdamW learning rate.")
     add("--weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay (PyTorch's default).")
     add("--epsilon", type=float, default=1e-8, help="AdamW epsilon (torch.optim.AdamW's default).")
-    optimizers.add_optimizer_convention_argument(parser)
+    cli.add_optimizer_convention_argument(parser)
     add("--clipnorm", type=float, default=1.0, help="Clip the global gradient norm (torch clip_grad_norm_).")
     add("--lr_patience", type=int, default=3, help="ReduceLROnPlateau patience in epochs on val macro-F1.")
     add("--lr_factor", type=float, default=0.1, help="ReduceLROnPlateau factor.")

@@ -223,7 +223,7 @@ def get_args_parser():
     add("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (study: 1e-4).")
     add("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay (study: 0.05).")
     # The study trains with PyTorch Lightning's torch.optim.AdamW (betas 0.9, 0.999, epsilon 1e-8).
-    optimizers.add_optimizer_convention_argument(train)
+    cli.add_optimizer_convention_argument(train)
     monitors = ["val_macro_accuracy", "val_loss"]
     add(
         "--monitor",

@@ -209,7 +209,7 @@ FLAGS = {
             "--optimizer_convention",
             "torch",
             "Adam/AdamW update: torch (epsilon after the bias correction, as the reference) or keras.",
-            optimizers.CONVENTIONS,
+            cli.OPTIMIZER_CONVENTIONS,
         ),
         ("--adam_epsilon", 1e-8, "Adam/AdamW epsilon (torch's default 1e-8; Keras's is 1e-7)."),
         ("--learning_rate", 1e-4, "Learning rate."),

@@ -123,6 +123,20 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
+def answer_help_early(build_parser, module_name: str) -> None:
+    """Print `--help` from `build_parser()` and exit, when the calling module runs as the script.
+
+    Scripts call it right after their parser and before importing TensorFlow or torch, which take
+    seconds to load: `python script.py --help` then answers at once. Imported as a module (by a test
+    or another script) it does nothing.
+    """
+    if module_name == "__main__" and any(word in HELP_FLAGS for word in sys.argv[1:]):
+        build_parser().parse_args()
+
+
 class Arguments(argparse.Namespace):
     """A Namespace that also remembers which flags were typed (kept out of `vars(args)`)."""
 
@@ -237,6 +251,25 @@ def add_run_arguments(parser: argparse.ArgumentParser, run_name: bool = True, re
             action="store_true",
             help="Continue an interrupted (or extend a finished) run from its checkpoint (same settings).",
         )
+
+
+OPTIMIZER_CONVENTIONS = ("torch", "keras")
+
+
+def add_optimizer_convention_argument(parser: argparse.ArgumentParser, default: str = "torch") -> None:
+    """--optimizer_convention {torch,keras}: whose Adam/AdamW update rule `common.optimizers` builds."""
+    if default not in OPTIMIZER_CONVENTIONS:
+        raise ValueError(
+            f"unknown optimizer convention {default!r}: expected one of {', '.join(OPTIMIZER_CONVENTIONS)}"
+        )
+    parser.add_argument(
+        "--optimizer_convention",
+        default=default,
+        choices=OPTIMIZER_CONVENTIONS,
+        help="Adam/AdamW update rule: torch adds epsilon after the bias correction (as torch.optim and the "
+        "reference code), keras before it (as keras.optimizers.Adam/AdamW). Epsilon's value (torch's "
+        "default 1e-8, Keras's 1e-7) is a separate setting.",
+    )
 
 
 def add_demo_argument(parser: argparse.ArgumentParser, what: str = "") -> None:

@@ -19,17 +19,18 @@ from the paper's code mean the same update here. Keras's Adam and PyTorch's diff
 `TorchAdam` and `TorchAdamW` are ordinary Keras optimizers (`fit`, a `tf.function` train step,
 learning-rate schedules, `LossScaleOptimizer`, tf.distribute strategies, `.keras` files), with Keras
 Adam's variable names. `make_optimizer` builds either convention from one set of hyper-parameters and
-`add_optimizer_convention_argument` gives a script the flag that chooses. tests/test_optimizers.py
+`common.cli.add_optimizer_convention_argument` gives a script the flag that chooses (it lives there so
+that a parser builds without loading Keras). tests/test_optimizers.py
 checks the weights against `torch.optim` step for step.
 """
-
-import argparse
 
 import keras
 from keras import ops
 
+from common import cli
+
 OPTIMIZER_NAMES = ("adam", "adamw")
-CONVENTIONS = ("torch", "keras")
+CONVENTIONS = cli.OPTIMIZER_CONVENTIONS
 # PyTorch's defaults, used by both conventions of `make_optimizer`.
 TORCH_EPSILON = 1e-8
 TORCH_ADAMW_WEIGHT_DECAY = 1e-2
@@ -251,19 +252,3 @@ def make_optimizer(
             "use convention='torch' or name='adamw'"
         )
     return keras.optimizers.Adam(learning_rate, **kwargs)
-
-
-def add_optimizer_convention_argument(parser: argparse.ArgumentParser, default: str = "torch") -> None:
-    """--optimizer_convention {torch,keras}: whose Adam/AdamW update rule `make_optimizer` builds."""
-    if default not in CONVENTIONS:
-        raise ValueError(
-            f"unknown optimizer convention {default!r}: expected one of {', '.join(CONVENTIONS)}"
-        )
-    parser.add_argument(
-        "--optimizer_convention",
-        default=default,
-        choices=CONVENTIONS,
-        help="Adam/AdamW update rule: torch adds epsilon after the bias correction (as torch.optim and the "
-        "reference code), keras before it (as keras.optimizers.Adam/AdamW). Epsilon's value (torch's "
-        "default 1e-8, Keras's 1e-7) is a separate setting.",
-    )

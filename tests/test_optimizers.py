@@ -419,14 +419,14 @@ def test_make_optimizer_refuses_unknown_names_and_conventions():
 
 def test_optimizer_convention_flag():
     parser = cli.Parser()
-    optimizers.add_optimizer_convention_argument(parser)
+    cli.add_optimizer_convention_argument(parser)
     assert parser.parse_args([]).optimizer_convention == "torch"
     assert parser.parse_args("--optimizer_convention keras".split()).optimizer_convention == "keras"
     with pytest.raises(SystemExit):
         parser.parse_args("--optimizer_convention jax".split())
     assert "bias correction" in parser.format_help()
     keras_default = cli.Parser()
-    optimizers.add_optimizer_convention_argument(keras_default, default="keras")
+    cli.add_optimizer_convention_argument(keras_default, default="keras")
     assert keras_default.parse_args([]).optimizer_convention == "keras"
 
 
