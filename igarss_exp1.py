@@ -38,17 +38,53 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from common import cli, tensorboard
+from common import progress as progress_bars
+from common.tgmatl import awir, flags
+
+METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
+# The 2-D maps of the test projections, and the marker of each box cluster in them.
+VIEW_METHODS = ("tsne", "umap")
+MARKERS = ("o", "^", "s", "D", "v", "P")
+
+
+def get_args_parser():
+    parser = cli.Parser("TG-MATL experiment 1: projection heads")
+    flags.add_projection_head_arguments(parser, "and run the full protocol on it (about a minute on a CPU).")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="Losses to train (paper: all four).",
+    )
+    awir.add_calibration_argument(parser)
+    parser.add_argument(
+        "--views",
+        nargs="*",
+        default=list(VIEW_METHODS),
+        choices=VIEW_METHODS,
+        help="2-D maps of the fold-1 test projections per embedding x method (silhouette scores are "
+        "always written; give no value to skip the maps).",
+    )
+    tensorboard.add_argument(parser)
+    progress_bars.add_argument(parser)
+    parser.demo_defaults(epochs=300)
+    return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import numpy as np
 import tensorflow as tf
 
-from common import atomic, cli, plots, runs, tensorboard
-from common import progress as progress_bars
+from common import atomic, plots, runs
 from common.errors import cli_entry, require_in_range
-from common.tgmatl import awir, stacked_training
+from common.tgmatl import stacked_training
 
-METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
 PROJECTION_DIM = 64
 TIMING_COLUMNS = {
     "dtl": "dtl_train_time",
@@ -70,76 +106,9 @@ RESUME_SETTINGS = (
     "seed",
     "model_selection",
 )
-MODEL_SELECTIONS = ("reference", "matl_val", "last")
-# The 2-D maps of the test projections, and the marker of each box cluster in them.
-VIEW_METHODS = ("tsne", "umap")
-MARKERS = ("o", "^", "s", "D", "v", "P")
 # Below this a triplet term counts as not violating the margin (the reference's 1e-16), and the guard
 # of the square root at zero distance.
 TINY = 1e-16
-
-
-def add_projection_head_arguments(parser, demo_help):
-    """Flags of igarss_exp1.py and igarss_exp1_sweep.py (the reference repository's names)."""
-    awir.add_protocol_arguments(parser, demo_help)
-    parser.add_argument("--margin", type=float, default=0.1, help="Triplet margin m (paper: 0.1).")
-    parser.add_argument(
-        "--box_weight",
-        type=float,
-        default=0.5,
-        help="MATL weight w of the box-cluster triplet term: (1-w) L_class + w L_box.",
-    )
-    parser.add_argument(
-        "--top_percent",
-        type=float,
-        default=0.3,
-        help="TG-MATL: share of each class kept by score.",
-    )
-    parser.add_argument(
-        "--random_percent",
-        type=float,
-        default=0.1,
-        help="TG-MATL: extra share of each class.",
-    )
-    parser.add_argument(
-        "--extra_selection",
-        default="ranked",
-        choices=("ranked", "random"),
-        help="TG-MATL extra samples: next-ranked (reference) or a seeded uniform draw among the rest.",
-    )
-    parser.add_argument(
-        "--model_selection",
-        default="reference",
-        choices=MODEL_SELECTIONS,
-        help="Weights kept: best validation value of the head's own training loss (reference), of the "
-        "unmasked MATL loss for TG-MATL heads (matl_val; others as reference), or the last epoch's.",
-    )
-    return parser
-
-
-def get_args_parser():
-    parser = cli.Parser("TG-MATL experiment 1: projection heads")
-    add_projection_head_arguments(parser, "and run the full protocol on it (about a minute on a CPU).")
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=list(METHODS),
-        choices=METHODS,
-        help="Losses to train (paper: all four).",
-    )
-    awir.add_calibration_argument(parser)
-    parser.add_argument(
-        "--views",
-        nargs="*",
-        default=list(VIEW_METHODS),
-        choices=VIEW_METHODS,
-        help="2-D maps of the fold-1 test projections per embedding x method (silhouette scores are "
-        "always written; give no value to skip the maps).",
-    )
-    tensorboard.add_argument(parser)
-    progress_bars.add_argument(parser)
-    parser.demo_defaults(epochs=300)
-    return parser
 
 
 def head_paths(results_dir, embedding, tag, fold, test_size, model_subdir=""):

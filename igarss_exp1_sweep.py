@@ -25,38 +25,16 @@ demo printed
 import functools
 from pathlib import Path
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
-
-import numpy as np
-
-import igarss_exp1
-from common import atomic, cli, runs
-from common.errors import cli_entry, require
-from common.tgmatl import awir, stacked_training
+from common import cli
+from common.tgmatl import flags
 
 PAPER_TOP_PERCENTS = [0.40, 0.50, 0.60, 0.70]
 PAPER_RANDOM_PERCENTS = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30]
-TIMING_COLUMNS = ["experiment", "fold", "top_percent", "random_percent", "train_time"]
-# The settings a resume must match: igarss_exp1.py's, less top_percent and random_percent (the grid
-# replaces them).
-RESUME_SETTINGS = (
-    "margin",
-    "batch_size",
-    "test_size",
-    "box_weight",
-    "extra_selection",
-    "epochs",
-    "learning_rate",
-    "seed",
-    "model_selection",
-)
 
 
 def get_args_parser():
     parser = cli.Parser("TG-MATL experiment 1 sweep over top_percent x random_percent")
-    igarss_exp1.add_projection_head_arguments(
-        parser, "and sweep the grid on it with 100 epochs (a few minutes)."
-    )
+    flags.add_projection_head_arguments(parser, "and sweep the grid on it with 100 epochs (a few minutes).")
     parser.add_argument(
         "--top_percents",
         type=float,
@@ -73,6 +51,34 @@ def get_args_parser():
     )
     parser.demo_defaults(epochs=100)
     return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import numpy as np
+
+import igarss_exp1
+from common import atomic, runs
+from common.errors import cli_entry, require
+from common.tgmatl import awir, stacked_training
+
+TIMING_COLUMNS = ["experiment", "fold", "top_percent", "random_percent", "train_time"]
+# The settings a resume must match: igarss_exp1.py's, less top_percent and random_percent (the grid
+# replaces them).
+RESUME_SETTINGS = (
+    "margin",
+    "batch_size",
+    "test_size",
+    "box_weight",
+    "extra_selection",
+    "epochs",
+    "learning_rate",
+    "seed",
+    "model_selection",
+)
 
 
 def heads_to_train(args, grid, results_dir):

@@ -41,56 +41,16 @@ import json
 import time
 from pathlib import Path
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
-
-import numpy as np
-import tensorflow as tf
-
-from common import atomic, cli, plots, reports, runs, tensorboard
-from common import progress as progress_bars
-from common.errors import InputError, cli_entry, require_in_range
-from common.tgmatl import awir, stacked_training
+from common import cli
+from common.tgmatl import awir, flags
 
 EXP1_METHODS = ("dtl", "dtl_hard", "matl", "tg_matl")
 METHODS = ("base", *EXP1_METHODS)
-TRUNK_UNITS = (128, 64, 32, 16)
-# The three task heads: output width, the file stem the reference uses and its timing column.
-HEAD_KINDS = {
-    "class": {"units": awir.NUM_CLASSES, "file": "class_head", "time": "class_time"},
-    "boxfeat": {"units": len(awir.BOX_FEATURE_NAMES), "file": "reg_boxfeat_head", "time": "reg_boxfeat_time"},
-    "boxloc": {"units": 2, "file": "reg_boxloc_head", "time": "reg_boxloc_time"},
-}
-OUTPUT_UNITS = max(kind["units"] for kind in HEAD_KINDS.values())
-BN_MOMENTUM, BN_EPSILON = 0.99, 1e-3  # Keras BatchNormalization defaults.
-METRICS = ("acc", "precision", "recall", "f1", "mse_feat", "r2_feat", "mse_loc", "r2_loc")
-# The same metrics of each fold's validation split (9 samples held out for model selection).
-VAL_METRICS = tuple(f"val_{metric}" for metric in METRICS)
-LOWER_IS_BETTER = ("mse_feat", "mse_loc")
-TIME_METRICS = ("class_time", "reg_boxfeat_time", "reg_boxloc_time")
-# The settings a resume must match: finished heads are reused only if these arguments agree.
-RESUME_SETTINGS = ("batch_size", "test_size", "epochs", "learning_rate", "seed")
-
-
-def add_task_head_arguments(parser, demo_help):
-    """Flags shared by igarss_exp2.py and igarss_exp2_sweep.py; --demo trains 100 epochs at 3e-3."""
-    awir.add_protocol_arguments(parser, demo_help)
-    parser.add_argument(
-        "--folds",
-        type=int,
-        nargs="+",
-        default=list(range(1, awir.NUM_FOLDS + 1)),
-        help="Folds to train (default all 8; a subset is for quick checks).",
-    )
-    tensorboard.add_argument(parser)
-    progress_bars.add_argument(parser)
-    # Demo: fewer epochs with a 30x learning rate, so the heads converge in about a minute.
-    parser.demo_defaults(epochs=100, learning_rate=3e-3)
-    return parser
 
 
 def get_args_parser():
     parser = cli.Parser("TG-MATL experiment 2: task heads")
-    add_task_head_arguments(parser, "(the data of `igarss_exp1.py --demo`, same seed; run that first).")
+    flags.add_task_head_arguments(parser, "(the data of `igarss_exp1.py --demo`, same seed; run that first).")
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -115,6 +75,36 @@ def get_args_parser():
         "--random_percent", type=float, default=0.1, help="TG-MATL random_percent of the exp1 heads to read."
     )
     return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import numpy as np
+import tensorflow as tf
+
+from common import atomic, plots, reports, runs
+from common.errors import InputError, cli_entry, require_in_range
+from common.tgmatl import stacked_training
+
+TRUNK_UNITS = (128, 64, 32, 16)
+# The three task heads: output width, the file stem the reference uses and its timing column.
+HEAD_KINDS = {
+    "class": {"units": awir.NUM_CLASSES, "file": "class_head", "time": "class_time"},
+    "boxfeat": {"units": len(awir.BOX_FEATURE_NAMES), "file": "reg_boxfeat_head", "time": "reg_boxfeat_time"},
+    "boxloc": {"units": 2, "file": "reg_boxloc_head", "time": "reg_boxloc_time"},
+}
+OUTPUT_UNITS = max(kind["units"] for kind in HEAD_KINDS.values())
+BN_MOMENTUM, BN_EPSILON = 0.99, 1e-3  # Keras BatchNormalization defaults.
+METRICS = ("acc", "precision", "recall", "f1", "mse_feat", "r2_feat", "mse_loc", "r2_loc")
+# The same metrics of each fold's validation split (9 samples held out for model selection).
+VAL_METRICS = tuple(f"val_{metric}" for metric in METRICS)
+LOWER_IS_BETTER = ("mse_feat", "mse_loc")
+TIME_METRICS = ("class_time", "reg_boxfeat_time", "reg_boxloc_time")
+# The settings a resume must match: finished heads are reused only if these arguments agree.
+RESUME_SETTINGS = ("batch_size", "test_size", "epochs", "learning_rate", "seed")
 
 
 def task_head_path(results_dir, embedding, method, kind, fold):

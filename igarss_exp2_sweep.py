@@ -31,31 +31,16 @@ each closing with "(mean over 3 embeddings x 8 folds)"; the demo printed
 import re
 from pathlib import Path
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
-
-import numpy as np
-
-import igarss_exp2
-from common import atomic, cli, plots, runs
-from common.errors import InputError, cli_entry, require
-from common.tgmatl import awir
+from common import cli
+from common.tgmatl import flags
 
 TOP_PERCENTS = (0.40, 0.50, 0.60, 0.70)
 RANDOM_PERCENTS = (0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
-HEATMAP_METRICS = ("acc", "precision", "recall", "f1", "r2_feat", "r2_loc", "mse_feat", "mse_loc")
-# The sweep's validation-best grid point of each metric is compared with these igarss_exp2.py methods.
-BASELINES = ("matl", "dtl")
-SWEEP_PAIRED_NOTE = (
-    "Per metric, the grid point with the best validation mean (sweep_best.json) against the MATL and\n"
-    "DTL task heads that igarss_exp2.py wrote into the same results tree (run it first to get them).\n\n"
-)
-# The settings a resume must match: those of igarss_exp2.py, whose task heads this script trains.
-RESUME_SETTINGS = igarss_exp2.RESUME_SETTINGS
 
 
 def get_args_parser():
     parser = cli.Parser("TG-MATL experiment 2 over the exp1 sweep grid")
-    igarss_exp2.add_task_head_arguments(
+    flags.add_task_head_arguments(
         parser, "(the data of `igarss_exp1_sweep.py --demo`, same seed, and the grid points it trained)."
     )
     parser.add_argument(
@@ -73,6 +58,29 @@ def get_args_parser():
         help="random_percent values of the exp1 sweep (paper grid: 0.05 ... 0.30).",
     )
     return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import numpy as np
+
+import igarss_exp2
+from common import atomic, plots, runs
+from common.errors import InputError, cli_entry, require
+from common.tgmatl import awir
+
+HEATMAP_METRICS = ("acc", "precision", "recall", "f1", "r2_feat", "r2_loc", "mse_feat", "mse_loc")
+# The sweep's validation-best grid point of each metric is compared with these igarss_exp2.py methods.
+BASELINES = ("matl", "dtl")
+SWEEP_PAIRED_NOTE = (
+    "Per metric, the grid point with the best validation mean (sweep_best.json) against the MATL and\n"
+    "DTL task heads that igarss_exp2.py wrote into the same results tree (run it first to get them).\n\n"
+)
+# The settings a resume must match: those of igarss_exp2.py, whose task heads this script trains.
+RESUME_SETTINGS = igarss_exp2.RESUME_SETTINGS
 
 
 def trained_grid(results_dir, embedding_names):
