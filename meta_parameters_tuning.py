@@ -32,13 +32,34 @@ import copy
 import math
 from pathlib import Path
 
+from common import cli
+from common.spml import flags
+
+
+def get_args_parser():
+    """The trainer's flags (so a training config is read as it is) plus the study's own."""
+    parser = flags.get_args_parser()
+    parser.description = "Tune an SPML method with single positives only (Optuna, SQLite storage)."
+    group = parser.add_argument_group("tuning")
+    group.add_argument("--n_trials", type=int, default=20, help="Trials of the study in total (resumes).")
+    group.add_argument("--tune_epochs", type=int, default=0, help="Epochs per trial (0 = --epochs).")
+    group.add_argument(
+        "--params", default="", help="Comma list of flags to tune (empty: the method's, see SEARCH_SPACE)."
+    )
+    parser.demo_defaults(n_trials=2, tune_epochs=1, epochs=2, demo_images=64, image_size=24)
+    return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import numpy as np
 import yaml
 
 import train_multilabel_model as trainer
-from common import atomic, cli, pipelines, plots, runs
+from common import atomic, pipelines, plots, runs
 from common.errors import cli_entry, require, require_in_range
 from common.spml import batches
 
@@ -87,20 +108,6 @@ RESUME_SETTINGS = (
     "tune_epochs",
     "params",
 )
-
-
-def get_args_parser():
-    """The trainer's flags (so a training config is read as it is) plus the study's own."""
-    parser = trainer.get_args_parser()
-    parser.description = "Tune an SPML method with single positives only (Optuna, SQLite storage)."
-    group = parser.add_argument_group("tuning")
-    group.add_argument("--n_trials", type=int, default=20, help="Trials of the study in total (resumes).")
-    group.add_argument("--tune_epochs", type=int, default=0, help="Epochs per trial (0 = --epochs).")
-    group.add_argument(
-        "--params", default="", help="Comma list of flags to tune (empty: the method's, see SEARCH_SPACE)."
-    )
-    parser.demo_defaults(n_trials=2, tune_epochs=1, epochs=2, demo_images=64, image_size=24)
-    return parser
 
 
 def search_space(args) -> dict:

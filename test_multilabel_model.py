@@ -21,19 +21,26 @@ bit on the same machine):
 
 from pathlib import Path
 
+from common import cli
+from common.spml import flags
+
+
+def get_args_parser():
+    """The trainer's parser, so that every training config is accepted as it is."""
+    parser = flags.get_args_parser()
+    parser.description = "Re-evaluate a trained SPML run (its best_model.keras) on the full-label test set."
+    return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import train_multilabel_model as trainer
 from common import runs
 from common.errors import cli_entry
 from common.spml import evaluation
-
-
-def get_args_parser():
-    """The trainer's parser, so that every training config is accepted as it is."""
-    parser = trainer.get_args_parser()
-    parser.description = "Re-evaluate a trained SPML run (its best_model.keras) on the full-label test set."
-    return parser
 
 
 @cli_entry
