@@ -31,13 +31,39 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from common import cli
+from common.spml import aid_multilabel
+
+
+def get_args_parser():
+    parser = cli.Parser(description="Single-positive annotation of AID-multilabel images in the browser.")
+    cli.add_demo_argument(parser, "(24 generated AID-like images).")
+    parser.add_argument(
+        "--data_dir", default="data/AID_multilabel", help="AID-multilabel folder (images_tr/)."
+    )
+    parser.add_argument(
+        "--out", default="", help=f"Answers CSV (empty: <data_dir>/{aid_multilabel.MANUAL_CSV})."
+    )
+    parser.renamed("--output", "--out")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to serve on (local only by default); requests must name it or 127.0.0.1/localhost.",
+    )
+    parser.add_argument("--port", type=int, default=8765, help="Port (0 = any free port).")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the per-image order of the classes.")
+    parser.add_argument("--results_dir", default="results", help="Where --demo writes its images and CSV.")
+    return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import numpy as np
 
-from common import cli
 from common.errors import InputError, cli_entry, require, require_dir
-from common.spml import aid_multilabel
 
 CANDIDATES_PER_BATCH = 4
 TOKEN_HEADER = "X-Annotation-Token"  # a custom header: a cross-origin page cannot send it without CORS
@@ -108,27 +134,6 @@ call("/state");
     .replace("%(token_header)s", TOKEN_HEADER)
     .replace("%%", "%")
 )
-
-
-def get_args_parser():
-    parser = cli.Parser(description="Single-positive annotation of AID-multilabel images in the browser.")
-    cli.add_demo_argument(parser, "(24 generated AID-like images).")
-    parser.add_argument(
-        "--data_dir", default="data/AID_multilabel", help="AID-multilabel folder (images_tr/)."
-    )
-    parser.add_argument(
-        "--out", default="", help=f"Answers CSV (empty: <data_dir>/{aid_multilabel.MANUAL_CSV})."
-    )
-    parser.renamed("--output", "--out")
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="Address to serve on (local only by default); requests must name it or 127.0.0.1/localhost.",
-    )
-    parser.add_argument("--port", type=int, default=8765, help="Port (0 = any free port).")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the per-image order of the classes.")
-    parser.add_argument("--results_dir", default="results", help="Where --demo writes its images and CSV.")
-    return parser
 
 
 def candidate_order(image_name: str, seed: int, classes=aid_multilabel.CLASSES) -> list[str]:

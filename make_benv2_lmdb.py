@@ -20,13 +20,7 @@ Ends with `wrote <n> patches (<m> reference maps) to <output>`.
 import shutil
 from pathlib import Path
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
-
-import numpy as np
-
-from common import atomic, cli, raster
-from common.errors import InputError, cli_entry, require, require_dir
-from common.spml import bigearthnet
+from common import cli
 
 
 def get_args_parser():
@@ -43,6 +37,18 @@ def get_args_parser():
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     parser.add_argument("--results_dir", default="results", help="Where --demo writes its files.")
     return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import numpy as np
+
+from common import atomic, raster
+from common.errors import InputError, cli_entry, require, require_dir
+from common.spml import bigearthnet
 
 
 def patch_folders(s2_dir) -> dict[str, Path]:

@@ -54,84 +54,10 @@ import sys
 import time
 from pathlib import Path
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly; must come before it)
-
-import numpy as np
-
-from common import atomic, checkpoints, cli, plots, progress, reports, runs, tensorboard
-from common.errors import InputError, cli_entry, require, require_file, require_in_range
-from common.owl_gps import datasets, patches
+from common import cli, progress, tensorboard
 
 SCRIPT_STEM = "train_owl_gps"
-# The discovery rate, what the method is for: positives among the patches labelled before a round's
-# training (new_*: the previous round's query; round 1: the random initial labels), the same over every
-# strategy query so far (queried_*: the initial labels left out), and the positive share of the
-# unlabelled pool before any label, the rate a random query expects.
-DISCOVERY_FIELDS = (
-    "new_labels",
-    "new_positives",
-    "discovery_rate",
-    "queried",
-    "queried_positives",
-    "cumulative_discovery_rate",
-    "pool_positive_rate",
-)
 STRATEGIES = ("concept", "uncertainty", "relevance", "random")
-ROUND_FIELDS = (
-    "round",
-    "n_labeled",
-    "alpha",
-    "test_auc",
-    "train_loss",
-    "meta_query_loss",
-    "seconds",
-    *DISCOVERY_FIELDS,
-)
-LABEL_FIELDS = ("id", "row", "col", "label", "round", "score", "strategy")
-QUEUE_FIELDS = ("id", "row", "col", "score", "label")
-# Arguments that define a run; a --resume with any of them changed would silently mix two experiments.
-RESUME_SETTINGS = (
-    "query_strategy",
-    "seeds",
-    "alpha",
-    "alpha_schedule",
-    "uncertainty",
-    "mc_passes",
-    "mc_score",
-    "ensemble_size",
-    "initial_budget",
-    "query_budget",
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "inner_lr",
-    "meta_lr",
-    "inner_steps",
-    "inner_batch_size",
-    "concept_weights",
-    "keep_optimizer_state",
-    "test_fraction",
-    "oracle",
-    "seed",
-    "data_dir",
-    "geotiff",
-    "patch_size",
-    "signal",
-    "data_seed",
-    "n_samples",
-    "image_size",
-    "ensemble_eval",
-    "reptile_support",
-)
-# The input files and folders among RESUME_SETTINGS (recorded relative to the run folder).
-INPUT_PATHS = ("data_dir", "geotiff")
-KEEP_CHECKPOINTS = 3
-# One printed row of the round table: strategy, seed, then the round's figures.
-ROUND_LINE = (
-    "{:>11} seed {} | round {round:>2} | labelled {n_labeled:>4} | alpha {alpha:.2f}"
-    " | test AUC {test_auc:.4f} | train loss {train_loss:.4f}"
-    " | meta query loss {meta_query_loss:.4f} | {seconds:.1f}s"
-)
 
 
 def get_args_parser():
@@ -300,6 +226,87 @@ def add_training_arguments(group):
         action="store_true",
         help="Keep Adam's moments across the Reptile step (the tutorial's stale momentum); else reset.",
     )
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly; must come before it)
+
+import numpy as np
+
+from common import atomic, checkpoints, plots, reports, runs
+from common.errors import InputError, cli_entry, require, require_file, require_in_range
+from common.owl_gps import datasets, patches
+
+# The discovery rate, what the method is for: positives among the patches labelled before a round's
+# training (new_*: the previous round's query; round 1: the random initial labels), the same over every
+# strategy query so far (queried_*: the initial labels left out), and the positive share of the
+# unlabelled pool before any label, the rate a random query expects.
+DISCOVERY_FIELDS = (
+    "new_labels",
+    "new_positives",
+    "discovery_rate",
+    "queried",
+    "queried_positives",
+    "cumulative_discovery_rate",
+    "pool_positive_rate",
+)
+ROUND_FIELDS = (
+    "round",
+    "n_labeled",
+    "alpha",
+    "test_auc",
+    "train_loss",
+    "meta_query_loss",
+    "seconds",
+    *DISCOVERY_FIELDS,
+)
+LABEL_FIELDS = ("id", "row", "col", "label", "round", "score", "strategy")
+QUEUE_FIELDS = ("id", "row", "col", "score", "label")
+# Arguments that define a run; a --resume with any of them changed would silently mix two experiments.
+RESUME_SETTINGS = (
+    "query_strategy",
+    "seeds",
+    "alpha",
+    "alpha_schedule",
+    "uncertainty",
+    "mc_passes",
+    "mc_score",
+    "ensemble_size",
+    "initial_budget",
+    "query_budget",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "inner_lr",
+    "meta_lr",
+    "inner_steps",
+    "inner_batch_size",
+    "concept_weights",
+    "keep_optimizer_state",
+    "test_fraction",
+    "oracle",
+    "seed",
+    "data_dir",
+    "geotiff",
+    "patch_size",
+    "signal",
+    "data_seed",
+    "n_samples",
+    "image_size",
+    "ensemble_eval",
+    "reptile_support",
+)
+# The input files and folders among RESUME_SETTINGS (recorded relative to the run folder).
+INPUT_PATHS = ("data_dir", "geotiff")
+KEEP_CHECKPOINTS = 3
+# One printed row of the round table: strategy, seed, then the round's figures.
+ROUND_LINE = (
+    "{:>11} seed {} | round {round:>2} | labelled {n_labeled:>4} | alpha {alpha:.2f}"
+    " | test AUC {test_auc:.4f} | train loss {train_loss:.4f}"
+    " | meta query loss {meta_query_loss:.4f} | {seconds:.1f}s"
+)
 
 
 # ---- the tutorial's pieces ----
