@@ -43,49 +43,9 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import torch
-import transformers
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    BitImageProcessorPil,
-    CLIPConfig,
-    CLIPImageProcessorPil,
-    CLIPModel,
-    CLIPVisionModelWithProjection,
-    Dinov2Config,
-    Dinov2Model,
-    ViTImageProcessorPil,
-    ViTMAEConfig,
-    ViTMAEForPreTraining,
-    ViTMAEModel,
-)
+from common import cli, precision, progress
 
-from common import atomic, cli, parallel, precision, progress, runs
-from common.errors import InputError, cli_entry, require, require_file
-from common.tgmatl import awir
-
-# Per model: the transformers class that computes the embedding, the hub id of the checkpoint the
-# paper used, the model_type values a matching config.json may carry, and the embedding width of
-# that checkpoint (other checkpoints of the same family may be wider or narrower).
-FOUNDATION_MODELS = {
-    "clip": (
-        CLIPVisionModelWithProjection,
-        "openai/clip-vit-base-patch32",
-        ("clip", "clip_vision_model"),
-        512,
-    ),
-    "dinov2": (Dinov2Model, "facebook/dinov2-base", ("dinov2",), 768),
-    "mae": (ViTMAEModel, "facebook/vit-mae-base", ("vit_mae",), 768),
-}
-# The settings a resume must match: these arguments, plus what is derived from the others (the
-# resolved data file and model folder, the image count, the pixel mapping, the model), so that rows
-# embedded from another file, model or setting are never mixed into one output.
-RESUME_SETTINGS = ("input", "batch_size", "mixed_precision")
-# Upper bounds of the numeric flags (a slip is refused rather than run).
-MAX_BATCH = 1 << 16
-MAX_SEED = 2**32 - 1
+FOUNDATION_MODEL_NAMES = ("clip", "dinov2", "mae")
 
 
 def get_args_parser():
@@ -100,7 +60,7 @@ def get_args_parser():
     )
     parser.add_argument(
         "--model",
-        choices=sorted(FOUNDATION_MODELS),
+        choices=sorted(FOUNDATION_MODEL_NAMES),
         default="clip",
         help="Foundation model: clip (512-d projected image embedding), dinov2 (768-d CLS), "
         "mae (768-d encoder CLS, no masking).",
@@ -171,6 +131,55 @@ def get_args_parser():
     )
     parser.add_argument("--demo_samples", type=int, default=240, help=argparse.SUPPRESS)
     return parser
+
+
+# --help answers here, before torch loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    BitImageProcessorPil,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+    ViTImageProcessorPil,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
+    ViTMAEModel,
+)
+
+from common import atomic, parallel, runs
+from common.errors import InputError, cli_entry, require, require_file
+from common.tgmatl import awir
+
+# Per model: the transformers class that computes the embedding, the hub id of the checkpoint the
+# paper used, the model_type values a matching config.json may carry, and the embedding width of
+# that checkpoint (other checkpoints of the same family may be wider or narrower).
+FOUNDATION_MODELS = {
+    "clip": (
+        CLIPVisionModelWithProjection,
+        "openai/clip-vit-base-patch32",
+        ("clip", "clip_vision_model"),
+        512,
+    ),
+    "dinov2": (Dinov2Model, "facebook/dinov2-base", ("dinov2",), 768),
+    "mae": (ViTMAEModel, "facebook/vit-mae-base", ("vit_mae",), 768),
+}
+assert tuple(FOUNDATION_MODELS) == FOUNDATION_MODEL_NAMES
+# The settings a resume must match: these arguments, plus what is derived from the others (the
+# resolved data file and model folder, the image count, the pixel mapping, the model), so that rows
+# embedded from another file, model or setting are never mixed into one output.
+RESUME_SETTINGS = ("input", "batch_size", "mixed_precision")
+# Upper bounds of the numeric flags (a slip is refused rather than run).
+MAX_BATCH = 1 << 16
+MAX_SEED = 2**32 - 1
 
 
 def seed_torch(seed):

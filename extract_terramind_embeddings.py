@@ -54,22 +54,61 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import cli, precision
+
+# The chips' bands [B4, B3, B2, B8, B11, B12] in terratorch's band names, and the study's declaration.
+BAND_MAPPINGS = {
+    "correct": ["RED", "GREEN", "BLUE", "NIR_BROAD", "SWIR_1", "SWIR_2"],
+    "study": ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"],
+}
+VARIANT_NAMES = ("tiny", "small", "base", "large")
+
+
+def get_args_parser():
+    parser = cli.Parser(description="TerraMind v1 tokens of LUCAS chips from a local checkpoint.")
+    add = parser.add_argument_group("data").add_argument
+    add("--data_root", default=None, help="Folder of <STR18>/<Point_ID>.tif 6-band chips + labels CSV.")
+    add("--labels_csv", default=None, help="Point_ID, STR18 CSV; default <data_root>/chips_LC_class.csv.")
+    add("--band_mapping", default="correct", choices=list(BAND_MAPPINGS), help="study: as declared there.")
+    add(
+        "--normalisation",
+        default="pretraining",
+        choices=["pretraining", "dataset"],
+        help="pretraining: x 10000, TerraMind v1 S2L2A mean/std; dataset: all chips' mean/std (study).",
+    )
+    add = parser.add_argument_group("model").add_argument
+    add("--checkpoint", default=None, help="TerraMind_v1_<variant>.pt or .safetensors (a local file).")
+    add("--variant", default="base", choices=list(VARIANT_NAMES), help="TerraMind v1 size (study: base).")
+    add(
+        "--layer", type=int, default=11, help="Encoder layer whose tokens are kept (study: SelectIndices 11)."
+    )
+    add("--save_mean", action="store_true", help="Also write the mean over tokens, (N, D), as mean.npy.")
+    add("--batch_size", type=int, default=8, help="Chips per forward pass (memory, not results).")
+    cli.add_shard_arguments(parser, "chips")
+    demo = parser.add_argument_group("demo")
+    cli.add_demo_argument(demo, "with a random TerraMind-shaped checkpoint, then the probe grid.")
+    demo.add_argument("--demo_scale", type=float, default=0.12, help="Demo chips per class = study x this.")
+    demo.add_argument("--demo_epochs", type=int, default=30, help="Epochs of the demo's probe grid.")
+    cli.add_run_arguments(parser)
+    precision.add_argument(parser)
+    parser.demo_defaults(variant="tiny", save_mean=True)
+    return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
 import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from common import atomic, cli, parallel, pipelines, precision, runs
+from common import atomic, parallel, pipelines, runs
 from common.errors import InputError, cli_entry, require, require_file
 from common.lucas import demo_chips, lucas_chips
 
 SCRIPT_STEM = "extract_terramind_embeddings"
-# The chips' bands [B4, B3, B2, B8, B11, B12] in terratorch's band names, and the study's declaration.
-BAND_MAPPINGS = {
-    "correct": ["RED", "GREEN", "BLUE", "NIR_BROAD", "SWIR_1", "SWIR_2"],
-    "study": ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"],
-}
 REFLECTANCE_SCALE = 10000.0  # S2L2A digital numbers = reflectance x 10000, the pretraining data's units
 SAVE_EVERY_SECONDS = 30.0  # flush the outputs and record progress at most this far apart
 # The arguments that change the tokens; a resumed extraction must keep them.
@@ -109,37 +148,6 @@ PATCH_SIZE = 16
 PRETRAINING_IMAGE_SIZE = 224  # the position embedding's 14 x 14 grid
 
 
-def get_args_parser():
-    parser = cli.Parser(description="TerraMind v1 tokens of LUCAS chips from a local checkpoint.")
-    add = parser.add_argument_group("data").add_argument
-    add("--data_root", default=None, help="Folder of <STR18>/<Point_ID>.tif 6-band chips + labels CSV.")
-    add("--labels_csv", default=None, help="Point_ID, STR18 CSV; default <data_root>/chips_LC_class.csv.")
-    add("--band_mapping", default="correct", choices=list(BAND_MAPPINGS), help="study: as declared there.")
-    add(
-        "--normalisation",
-        default="pretraining",
-        choices=["pretraining", "dataset"],
-        help="pretraining: x 10000, TerraMind v1 S2L2A mean/std; dataset: all chips' mean/std (study).",
-    )
-    add = parser.add_argument_group("model").add_argument
-    add("--checkpoint", default=None, help="TerraMind_v1_<variant>.pt or .safetensors (a local file).")
-    add("--variant", default="base", choices=list(VARIANTS), help="TerraMind v1 size (study: base).")
-    add(
-        "--layer", type=int, default=11, help="Encoder layer whose tokens are kept (study: SelectIndices 11)."
-    )
-    add("--save_mean", action="store_true", help="Also write the mean over tokens, (N, D), as mean.npy.")
-    add("--batch_size", type=int, default=8, help="Chips per forward pass (memory, not results).")
-    cli.add_shard_arguments(parser, "chips")
-    demo = parser.add_argument_group("demo")
-    cli.add_demo_argument(demo, "with a random TerraMind-shaped checkpoint, then the probe grid.")
-    demo.add_argument("--demo_scale", type=float, default=0.12, help="Demo chips per class = study x this.")
-    demo.add_argument("--demo_epochs", type=int, default=30, help="Epochs of the demo's probe grid.")
-    cli.add_run_arguments(parser)
-    precision.add_argument(parser)
-    parser.demo_defaults(variant="tiny", save_mean=True)
-    return parser
-
-
 # ---- TerraMind v1 sizes and terratorch's parameter names ----
 
 
@@ -167,6 +175,7 @@ VARIANTS = {
     "base": EncoderConfig(dim=768, depth=12, num_heads=12, bias=False, gated_mlp=True),
     "large": EncoderConfig(dim=1024, depth=24, num_heads=16, bias=False, gated_mlp=True),
 }
+assert tuple(VARIANTS) == VARIANT_NAMES
 
 
 def encoder_parameter_shapes(config: EncoderConfig, image_size: int = PRETRAINING_IMAGE_SIZE) -> dict:

@@ -29,36 +29,7 @@ discriminator are plain Keras models whose custom layers are registered, so
 import time
 from pathlib import Path
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
-
-import cv2
-import keras
-import numpy as np
-import tensorflow as tf
-from keras import layers, ops
-
-from common import atomic, checkpoints, cli, optimizers, plots, precision, progress, runs, tensorboard
-from common.aras400k import classes, efficientnet, patches
-from common.errors import InputError, cli_entry, require, require_dir, require_file, require_in_range
-
-NUM_CLASSES = classes.NUM_CLASSES
-INSTANCE_NORM_EPS = 1e-5  # torch.nn.InstanceNorm2d's default
-# The arguments that change what a checkpoint holds: --resume refuses a run made with others.
-RESUME_SETTINGS = (
-    "image_size",
-    "width_divisor",
-    "batch_size",
-    "learning_rate",
-    "beta_1",
-    "beta_2",
-    "vgg_weights",
-    "vgg_weight",
-    "optimizer_convention",
-    "mixed_precision",
-    "seed",
-)
-# Larger values are typing mistakes, refused before anything is written.
-MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_BATCH = 10_000, 8192, 1 << 20
+from common import cli, precision, progress, tensorboard
 
 
 def get_args_parser():
@@ -94,6 +65,41 @@ def get_args_parser():
     progress.add_argument(parser)
     parser.demo_defaults(image_size=64, width_divisor=16, epochs=20, batch_size=16, log_every=1000)
     return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from common import atomic, checkpoints, optimizers, plots, runs
+from common.aras400k import classes, efficientnet, patches
+from common.errors import InputError, cli_entry, require, require_dir, require_file, require_in_range
+
+NUM_CLASSES = classes.NUM_CLASSES
+INSTANCE_NORM_EPS = 1e-5  # torch.nn.InstanceNorm2d's default
+# The arguments that change what a checkpoint holds: --resume refuses a run made with others.
+RESUME_SETTINGS = (
+    "image_size",
+    "width_divisor",
+    "batch_size",
+    "learning_rate",
+    "beta_1",
+    "beta_2",
+    "vgg_weights",
+    "vgg_weight",
+    "optimizer_convention",
+    "mixed_precision",
+    "seed",
+)
+# Larger values are typing mistakes, refused before anything is written.
+MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_BATCH = 10_000, 8192, 1 << 20
 
 
 # ---- the paper's pieces: SPADE, residual blocks, generator, discriminator, losses ----

@@ -22,18 +22,7 @@ umap.png, embedding.csv and silhouette.json; the last line printed is its summar
 
 from pathlib import Path
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
-
-import cv2
-import keras
-import numpy as np
-
-from common import atomic, cli, plots, runs
-from common.aras400k import demo_data, efficientnet
-from common.errors import InputError, cli_entry, require, require_dir, require_file
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-SPACE_NAMES = {"features": "standardised features", "tsne": "t-SNE", "umap": "UMAP"}
+from common import cli
 
 
 def get_args_parser():
@@ -73,6 +62,23 @@ def get_args_parser():
         encoder="efficientnetb0", image_size=64, samples=16, embeddings=["tsne"], batch_size=8
     )
     return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import cv2
+import keras
+import numpy as np
+
+from common import atomic, plots, runs
+from common.aras400k import demo_data, efficientnet
+from common.errors import InputError, cli_entry, require, require_dir, require_file
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+SPACE_NAMES = {"features": "standardised features", "tsne": "t-SNE", "umap": "UMAP"}
 
 
 def read_rgb(path, image_size):

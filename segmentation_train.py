@@ -33,39 +33,9 @@ import time
 import zipfile
 from pathlib import Path
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+from common import cli, precision, tensorboard
 
-import cv2
-import keras
-import numpy as np
-import tensorflow as tf
-from keras import layers
-
-from common import atomic, checkpoints, cli, metrics, optimizers, plots, precision, runs, tensorboard
-from common.aras400k import classes, demo_data, efficientnet, patches
-from common.errors import cli_entry, require, require_dir, require_in_range
-
-CLASS_NAMES, NUM_CLASSES, IGNORE_INDEX = classes.CLASS_NAMES, classes.NUM_CLASSES, classes.IGNORE_INDEX
 ENCODERS = [f"efficientnetb{size}" for size in range(8)]
-# The poster's test-split numbers for SegFormer (real data only), in %.
-PAPER_TEST = {"macro_f1": 77.09, "macro_iou": 65.26, "macro_precision": 78.10, "macro_recall": 76.33}
-# The arguments that change what a checkpoint holds: --resume refuses a run made with others.
-RESUME_SETTINGS = (
-    "encoder",
-    "image_size",
-    "decoder_width",
-    "loss",
-    "batch_size",
-    "seed",
-    "unknown_colour",
-    "bn_momentum",
-    "mixed_precision",
-    "train_splits",
-    "optimizer_convention",
-)
-# Larger values are typing mistakes, refused before anything is written.
-MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_DECODER_WIDTH = 10_000, 8192, 4096
-MAX_THREADS, MAX_DEMO_IMAGES, MAX_BATCH = 1024, 1_000_000, 1 << 20
 
 
 def get_args_parser():
@@ -110,6 +80,43 @@ def get_args_parser():
     tensorboard.add_argument(parser)
     parser.demo_defaults(epochs=8, batch_size=8, image_size=64, encoder="efficientnetb0", bn_momentum=0.9)
     return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from common import atomic, checkpoints, metrics, optimizers, plots, runs
+from common.aras400k import classes, demo_data, efficientnet, patches
+from common.errors import cli_entry, require, require_dir, require_in_range
+
+CLASS_NAMES, NUM_CLASSES, IGNORE_INDEX = classes.CLASS_NAMES, classes.NUM_CLASSES, classes.IGNORE_INDEX
+# The poster's test-split numbers for SegFormer (real data only), in %.
+PAPER_TEST = {"macro_f1": 77.09, "macro_iou": 65.26, "macro_precision": 78.10, "macro_recall": 76.33}
+# The arguments that change what a checkpoint holds: --resume refuses a run made with others.
+RESUME_SETTINGS = (
+    "encoder",
+    "image_size",
+    "decoder_width",
+    "loss",
+    "batch_size",
+    "seed",
+    "unknown_colour",
+    "bn_momentum",
+    "mixed_precision",
+    "train_splits",
+    "optimizer_convention",
+)
+# Larger values are typing mistakes, refused before anything is written.
+MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_DECODER_WIDTH = 10_000, 8192, 4096
+MAX_THREADS, MAX_DEMO_IMAGES, MAX_BATCH = 1024, 1_000_000, 1 << 20
 
 
 # ---- the paper's pieces: augmentation, model, loss, schedule ----

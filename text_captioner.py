@@ -26,24 +26,10 @@ ended with (images/s depends on the CPU and its load):
 
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
-from common import cli, parallel, runs
+from common import cli
 from common.aras400k import captions
-from common.errors import cli_entry, require
 
 MODEL_ID = "Qwen/Qwen3-4B-Instruct-2507"
-# The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
-# effective generation settings, see main): the seed and batch size fix what is sampled.
-RESUME_SETTINGS = ("model", "seed", "batch_size")
-# The reference's system turn, word for word.
-TEXT_SYSTEM_PROMPT = "You are a remote sensing expert."
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# The Qwen chat format for system and user turns (real checkpoints bring their own template).
-QWEN_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def get_args_parser():
@@ -64,6 +50,27 @@ def get_args_parser():
     add("--top_p", type=float, default=0.8, help="Nucleus sampling mass (the reference's value).")
     parser.demo_defaults(batch_size=8, num_captions=2, max_new_tokens=32)
     return parser
+
+
+# --help answers here, before torch loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from common import parallel, runs
+from common.errors import cli_entry, require
+
+# The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
+# effective generation settings, see main): the seed and batch size fix what is sampled.
+RESUME_SETTINGS = ("model", "seed", "batch_size")
+# The reference's system turn, word for word.
+TEXT_SYSTEM_PROMPT = "You are a remote sensing expert."
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The Qwen chat format for system and user turns (real checkpoints bring their own template).
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def text_messages(shares) -> list[dict]:

@@ -50,71 +50,9 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+from common import cli, precision, tensorboard
 
-import keras
-import numpy as np
-import tensorflow as tf
-from keras import layers, ops
-
-from common import (
-    atomic,
-    checkpoints,
-    cli,
-    fused_bn,
-    optimizers,
-    pipelines,
-    plots,
-    precision,
-    reports,
-    runs,
-    tensorboard,
-)
-from common.errors import InputError, cli_entry, require, require_file, require_finite
-from common.lucas import demo_chips, lucas_chips
-from common.metrics import ConfusionMatrix
-
-SCRIPT_STEM = "train_lucas_classifier"
-CLASS_NAMES = lucas_chips.CLASS_NAMES
-GRID = [("wce", "identity"), ("wce", "mlp"), ("focal", "identity"), ("focal", "mlp")]
-HEADLINE_KEYS = ["overall_accuracy", "macro_accuracy", "macro_f1", "macro_precision"]
 BACKBONES = ["resnet50", "resnet101", "efficientnetv2b0", "mobilenetv3small", "convnexttiny", "simplecnn"]
-# Keras ResNets were trained on caffe-style BGR input: their first kernel's channels are B, G, R.
-BGR_BACKBONES = {"resnet50", "resnet101"}
-# Input files and folders, recorded relative to the run folder: a results tree moved with its inputs resumes.
-INPUT_PATHS = ("data_root", "labels_csv", "embeddings", "weights")
-# The arguments that change every configuration's numbers; a resumed run must keep them. Loss,
-# decoder, seeds and epochs only choose which <loss>_<decoder>/seed<k> results exist (or extend them).
-RESUME_SETTINGS = (
-    # data and split
-    "data_root",
-    "labels_csv",
-    "embeddings",
-    "image_size",
-    "val_fraction",
-    "test_fraction",
-    "split_seed",
-    # model
-    "backbone",
-    "weights",
-    "freeze_backbone",
-    "mlp_dim",
-    "head_dropout",
-    # loss
-    "class_weights",
-    "focal_gamma",
-    "focal_form",
-    "focal_reduction",
-    "focal_weighting",
-    # training
-    "batch_size",
-    "learning_rate",
-    "weight_decay",
-    "optimizer_convention",
-    "monitor",
-    "mixed_precision",
-    "demo_scale",
-)
 
 
 def get_args_parser():
@@ -242,6 +180,63 @@ def get_args_parser():
     # A demo's few short epochs would barely move the head at the study's learning rate.
     parser.demo_defaults(epochs=30, learning_rate=1e-3, backbone="simplecnn")
     return parser
+
+
+# --help answers here, before TensorFlow loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+import common.startup  # noqa: F401  (loads TensorFlow quietly, so before it)
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from common import atomic, checkpoints, fused_bn, optimizers, pipelines, plots, reports, runs
+from common.errors import InputError, cli_entry, require, require_file, require_finite
+from common.lucas import demo_chips, lucas_chips
+from common.metrics import ConfusionMatrix
+
+SCRIPT_STEM = "train_lucas_classifier"
+CLASS_NAMES = lucas_chips.CLASS_NAMES
+GRID = [("wce", "identity"), ("wce", "mlp"), ("focal", "identity"), ("focal", "mlp")]
+HEADLINE_KEYS = ["overall_accuracy", "macro_accuracy", "macro_f1", "macro_precision"]
+# Keras ResNets were trained on caffe-style BGR input: their first kernel's channels are B, G, R.
+BGR_BACKBONES = {"resnet50", "resnet101"}
+# Input files and folders, recorded relative to the run folder: a results tree moved with its inputs resumes.
+INPUT_PATHS = ("data_root", "labels_csv", "embeddings", "weights")
+# The arguments that change every configuration's numbers; a resumed run must keep them. Loss,
+# decoder, seeds and epochs only choose which <loss>_<decoder>/seed<k> results exist (or extend them).
+RESUME_SETTINGS = (
+    # data and split
+    "data_root",
+    "labels_csv",
+    "embeddings",
+    "image_size",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    # model
+    "backbone",
+    "weights",
+    "freeze_backbone",
+    "mlp_dim",
+    "head_dropout",
+    # loss
+    "class_weights",
+    "focal_gamma",
+    "focal_form",
+    "focal_reduction",
+    "focal_weighting",
+    # training
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "optimizer_convention",
+    "monitor",
+    "mixed_precision",
+    "demo_scale",
+)
 
 
 # ---- backbones for the 6-band chips ----

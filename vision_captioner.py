@@ -26,6 +26,32 @@ machine under a load average of about 8). It ended with (images/s depends on the
 
 from pathlib import Path
 
+from common import cli
+from common.aras400k import captions
+
+MODEL_ID = "google/gemma-3-4b-it"
+
+
+def get_args_parser():
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    captions.add_captioner_arguments(
+        parser,
+        model=MODEL_ID,
+        images="ARAS400k/train/images",
+        percentages="",
+        out="ARAS400k_train_vision_gemma3_4b.csv",
+        batch_size=10,
+    )
+    captions.add_torch_arguments(parser)
+    cli.add_shard_arguments(parser, "(image, caption number) jobs")
+    parser.add_argument("--max_new_tokens", type=int, default=100, help="New tokens per caption.")
+    parser.demo_defaults(batch_size=4, max_new_tokens=32)
+    return parser
+
+
+# --help answers here, before torch loads.
+cli.answer_help_early(get_args_parser, __name__)
+
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -36,11 +62,9 @@ from transformers import (
     Gemma3Processor,
 )
 
-from common import cli, parallel, runs
-from common.aras400k import captions
+from common import parallel, runs
 from common.errors import cli_entry, require
 
-MODEL_ID = "google/gemma-3-4b-it"
 # The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
 # effective generation settings, see main): the seed and batch size fix what is sampled.
 RESUME_SETTINGS = ("model", "seed", "batch_size")
@@ -63,23 +87,6 @@ GEMMA_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-
-
-def get_args_parser():
-    parser = cli.Parser(description=__doc__.split("\n\n")[0])
-    captions.add_captioner_arguments(
-        parser,
-        model=MODEL_ID,
-        images="ARAS400k/train/images",
-        percentages="",
-        out="ARAS400k_train_vision_gemma3_4b.csv",
-        batch_size=10,
-    )
-    captions.add_torch_arguments(parser)
-    cli.add_shard_arguments(parser, "(image, caption number) jobs")
-    parser.add_argument("--max_new_tokens", type=int, default=100, help="New tokens per caption.")
-    parser.demo_defaults(batch_size=4, max_new_tokens=32)
-    return parser
 
 
 def make_demo_model(folder) -> Path:

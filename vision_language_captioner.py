@@ -30,44 +30,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
-from transformers import (
-    AutoImageProcessor,
-    AutoModelForImageTextToText,
-    AutoTokenizer,
-    Qwen2VLImageProcessorPil,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
-
-from common import cli, parallel, runs
+from common import cli
 from common.aras400k import captions
-from common.errors import cli_entry, require
 
 MODEL_ID = "Qwen/Qwen3-VL-8B-Instruct"
-# The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
-# effective generation settings, see main).
-RESUME_SETTINGS = ("model",)
-MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
-IMAGE_TOKEN = "<|image_pad|>"
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    IMAGE_TOKEN,
-    "<|video_pad|>",
-]
-# The Qwen chat format for text and image items (real checkpoints bring their own template).
-QWEN_VL_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def get_args_parser():
@@ -92,6 +58,47 @@ def get_args_parser():
     )
     parser.demo_defaults(batch_size=4, max_new_tokens=32)
     return parser
+
+
+# --help answers here, before torch loads.
+cli.answer_help_early(get_args_parser, __name__)
+
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+from common import parallel, runs
+from common.errors import cli_entry, require
+
+# The arguments a re-run must share with the caption CSV it continues (with the prompt, dtype and
+# effective generation settings, see main).
+RESUME_SETTINGS = ("model",)
+MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+IMAGE_TOKEN = "<|image_pad|>"
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    IMAGE_TOKEN,
+    "<|video_pad|>",
+]
+# The Qwen chat format for text and image items (real checkpoints bring their own template).
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 # ---- the reference's prompt and the Qwen3-VL inputs ----
