@@ -217,7 +217,8 @@ def machine_line():
     steal, total = stat_times()
     return (
         f"machine: {cores()} cores, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, "
-        f"steal since boot {100 * steal / max(total, 1):.1f} %"
+        f"steal since boot {100 * steal / max(total, 1):.1f} %, TF_ENABLE_ONEDNN_OPTS="
+        f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')} (unset: TensorFlow's default for this CPU)"
     )
 
 

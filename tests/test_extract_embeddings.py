@@ -159,7 +159,7 @@ def test_embedding_rows_follow_the_images(demo, models):
 
 
 def test_igarss_exp1_accepts_the_files(demo, models, tmp_path):
-    """The TG-MATL experiment reads all three files (one loss, two epochs: the files are the point)."""
+    """The TG-MATL experiment reads all three files (one loss, two epochs, no maps: the files matter)."""
     _, demo_dir = demo
     result = subprocess.run(
         [
@@ -177,6 +177,9 @@ def test_igarss_exp1_accepts_the_files(demo, models, tmp_path):
             "dtl",
             "--epochs",
             "2",
+            "--calibration_epochs",
+            "1",
+            "--views",
             "--workers",
             "1",
             "--results_dir",

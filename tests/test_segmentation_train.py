@@ -163,11 +163,17 @@ TINY = (
 )
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+def test_resumed_run_equals_uninterrupted_run_and_refuses_changed_settings(tmp_path, capsys):
     # In-process, so TensorFlow starts once for the three runs.
     call_main(st, TINY.format(tmp_path, "whole") + " --epochs 2 --no_tensorboard")
     assert not (tmp_path / "segmentation_train" / "whole" / "tensorboard").exists()
     call_main(st, TINY.format(tmp_path, "parts") + " --epochs 1")
+    capsys.readouterr()
+    # A resume with another loss is refused and leaves the interrupted run as it was.
+    log_before = (tmp_path / "segmentation_train" / "parts" / "log.csv").read_bytes()
+    argv = (TINY.format(tmp_path, "parts") + " --epochs 2 --resume --loss dice_ce").split()
+    assert_input_error(capsys, argv, "config.json", "loss=dice (now dice_ce)", "the same arguments to resume")
+    assert (tmp_path / "segmentation_train" / "parts" / "log.csv").read_bytes() == log_before
     # A kill during an atomic write leaves its hidden temporary; --resume removes it.
     (tmp_path / "segmentation_train" / "parts" / ".log.csv.12345.tmp.csv").write_text("epoch\n")
     call_main(st, TINY.format(tmp_path, "parts") + " --epochs 2 --resume")
@@ -181,13 +187,6 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     ]
     assert metrics[0]["test"] == metrics[1]["test"]
     assert sorted(assert_tensorboard_holds_log(tmp_path / "segmentation_train" / "parts")["loss"]) == [1, 2]
-
-
-def test_resume_refuses_changed_settings(tmp_path, capsys):
-    call_main(st, TINY.format(tmp_path, "run") + " --epochs 1")
-    capsys.readouterr()
-    argv = (TINY.format(tmp_path, "run") + " --epochs 2 --resume --loss dice_ce").split()
-    assert_input_error(capsys, argv, "config.json", "loss=dice (now dice_ce)", "the same arguments to resume")
 
 
 def test_image_without_mask(tmp_path, capsys):
