@@ -103,6 +103,40 @@ def corrupted_copies(valid_file, folder) -> list[tuple[str, Path]]:
     return copies
 
 
+# The test files that take longest on 2 cores, longest first. pyproject runs each file whole in one
+# worker process (--dist loadfile) in collection order (--no-loadscope-reorder); starting these first
+# lets the processes finish together instead of one waiting while the other runs a long file last.
+LONGEST_FILES = (
+    "test_benches.py",
+    "test_segmentation_train.py",
+    "test_bench_aras400k_synthetic.py",
+    "test_igarss_exp2.py",
+    "test_igarss_exp1.py",
+    "test_extract_terramind_embeddings.py",
+    "test_train_multilabel_model.py",
+    "test_extract_embeddings.py",
+    "test_train_owl_gps.py",
+    "test_multiworker.py",
+    "test_train_lucas_classifier.py",
+    "test_fuzz_segmentation.py",
+    "test_fuzz_lucas.py",
+    "test_fuzz_multilabel_training.py",
+    "test_generative_trainer_unet_spade_gan.py",
+    "test_spml_features.py",
+    "test_optimizers.py",
+    "test_fuzz_owl_gps.py",
+    "test_segformer_vis.py",
+    "test_fuzz_gan.py",
+    "test_fuzz_spml.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the files of LONGEST_FILES first, in that order; every file's own order is kept."""
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(autouse=True)
 def float32_policy_after_each_test():
     """A script run in this process with --mixed_precision sets Keras's global dtype policy; the next
