@@ -179,16 +179,7 @@ def main(args):
     }
     log = captions.shard_log(args, settings, shard)
     make_captions = lambda batch: caption_batch(batch, args, tokenizer, model, percentages)  # noqa: E731
-    captions.caption_missing(
-        log,
-        names,
-        args.batch_size,
-        make_captions,
-        args.retries,
-        seed=args.seed,
-        shard=shard,
-        show_progress=args.progress,
-    )
+    captions.caption_missing_of(args, log, names, make_captions, shard)
 
 
 if __name__ == "__main__":

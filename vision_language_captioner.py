@@ -298,16 +298,7 @@ def main(args):
         make_captions = lambda batch: caption_batch(  # noqa: E731
             batch, args, tokenizer, image_processor, model, percentages, pool
         )
-        captions.caption_missing(
-            log,
-            names,
-            args.batch_size,
-            make_captions,
-            args.retries,
-            seed=args.seed,
-            shard=shard,
-            show_progress=args.progress,
-        )
+        captions.caption_missing_of(args, log, names, make_captions, shard)
 
 
 if __name__ == "__main__":

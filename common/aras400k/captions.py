@@ -351,6 +351,20 @@ def caption_missing(
     finish(log, written, failed, seconds, images)
 
 
+def caption_missing_of(args, log: CaptionLog, names, make_captions, shard=None) -> None:
+    """`caption_missing` with a local captioner's --batch_size, --retries, --seed and --progress."""
+    caption_missing(
+        log,
+        names,
+        args.batch_size,
+        make_captions,
+        args.retries,
+        seed=args.seed,
+        shard=shard,
+        show_progress=args.progress,
+    )
+
+
 def shard_log(args, settings: Mapping, shard) -> CaptionLog:
     """The caption CSV of this run: `--out`, or with `--shard K/N` its part `<out>.shards/K_of_N.csv`.
 
