@@ -259,8 +259,14 @@ def thread_counts(options):
 
 
 def set_threads(threads):
-    """TensorFlow's intra- and inter-op pools (before it starts) and torch's pool to `threads`."""
+    """TensorFlow's intra- and inter-op pools (before it starts) and torch's pool to `threads`.
+
+    torch sizes its pool from OMP_NUM_THREADS when it is first imported, so a bench that imports torch
+    later (inside a function) gets `threads` too.
+    """
     import tensorflow as tf
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
