@@ -86,3 +86,18 @@ def test_ratio_line_round_trip():
     parsed = measure.parse_ratio_line(measure.ratio_line(rows))
     # Unloaded: wall ratio; loaded (either row): CPU ratio, per item.
     assert parsed == [("train", "torch", 1, 2.0, "wall"), ("eval", "torch", 2, 2.0, "cpu")]
+
+
+def test_tgmatl_exp1_bench_counts_the_long_run_whole_when_the_difference_is_noise(monkeypatch, capsys):
+    from bench import tgmatl_exp1_speed as bench
+
+    # The long run took less CPU than the short one: the steady cost cannot be separated.
+    samples = iter([measure.Sample(2.0, 3.0, 0.5, 0.0), measure.Sample(2.5, 2.0, 0.5, 0.0)])
+    monkeypatch.setattr(bench, "our_seconds", lambda *args: next(samples))
+    monkeypatch.setattr(
+        bench, "baseline_seconds_per_head_epoch", lambda *args: [measure.Sample(0.1, 0.1, 0.5, 0.0)]
+    )
+    args = bench.get_args_parser().parse_args("--short_epochs 1 --long_epochs 2".split())
+    ours, _ = bench.measure_rows(args, 1)
+    assert "counted whole" in capsys.readouterr().out
+    assert ours.samples[0].cpu == 2.0 and ours.items == bench.FULL_HEADS * 2
