@@ -24,6 +24,8 @@ that a parser builds without loading Keras). tests/test_optimizers.py
 checks the weights against `torch.optim` step for step.
 """
 
+from types import SimpleNamespace
+
 import keras
 from keras import ops
 
@@ -34,6 +36,13 @@ CONVENTIONS = cli.OPTIMIZER_CONVENTIONS
 # PyTorch's defaults, used by both conventions of `make_optimizer`.
 TORCH_EPSILON = 1e-8
 TORCH_ADAMW_WEIGHT_DECAY = 1e-2
+
+
+class _SharedScalars:
+    """Per-dtype scalars of one optimizer step (a plain object, so that Keras does not track it)."""
+
+    def __init__(self):
+        self.by_dtype = {}
 
 
 @keras.saving.register_keras_serializable(package="rsrepro")
@@ -109,46 +118,87 @@ class TorchAdam(keras.optimizers.Optimizer):
         # decoupled for AdamW), in the variable's own precision.
         return
 
-    def update_step(self, gradient, variable, learning_rate):
-        """One PyTorch Adam step of `variable` (see the class docstring for the formula)."""
-        dtype = variable.dtype
+    def apply(self, grads, trainable_variables=None):
+        """Keras's `apply`, with the scalars that every variable's step shares built once per call."""
+        # One step's bias corrections, step size and decay factor are the same for every variable of
+        # a dtype: computed once per call (per trace in a compiled step) instead of once per variable,
+        # which shortens the first step of a large model. Each call starts afresh, as the step count
+        # (and a schedule's learning rate) moves between calls.
+        self._shared = _SharedScalars()
+        try:
+            return super().apply(grads, trainable_variables)
+        finally:
+            self._shared = None
+
+    def _step_scalars(self, learning_rate, dtype):
+        """This step's scalars in `dtype`, from the current iteration t and learning rate: the decay
+        factor (AdamW) or L2 coefficient (Adam), the step size lr / (1 - beta_1^t), the inverse root
+        1 / sqrt(1 - beta_2^t), 1 - beta_1, beta_2, 1 - beta_2 and epsilon."""
+        shared = getattr(self, "_shared", None)
+        if shared is not None and dtype in shared.by_dtype:
+            return shared.by_dtype[dtype]
 
         def constant(value):
             # Built in the variable's dtype: a cast would round a float64 model's constants to float32.
             return ops.convert_to_tensor(value, dtype=dtype)
 
         learning_rate = ops.cast(learning_rate, dtype)
-        gradient = ops.cast(gradient, dtype)
-        if self.weight_decay and self._use_weight_decay(variable):
+        decay = None
+        if self.weight_decay:
             weight_decay = constant(self.weight_decay)
-            if self.decoupled_weight_decay:
-                # AdamW: the weights shrink before the Adam step, by the step's learning rate.
-                self.assign(variable, ops.multiply(variable, 1 - learning_rate * weight_decay))
-            else:
-                # Adam: L2, added to the gradient, so the decay goes through the moment estimates.
-                gradient = ops.add(gradient, ops.multiply(weight_decay, variable))
+            # AdamW: the weights shrink by the step's learning rate times the decay; Adam: L2.
+            decay = 1 - learning_rate * weight_decay if self.decoupled_weight_decay else weight_decay
         step = ops.cast(self.iterations + 1, dtype)
         beta_1 = constant(self.beta_1)
         beta_2 = constant(self.beta_2)
-        bias_correction_1 = 1 - ops.power(beta_1, step)
-        bias_correction_2_root = ops.sqrt(1 - ops.power(beta_2, step))
+        scalars = SimpleNamespace(
+            decay=decay,
+            # PyTorch's order: the first moment's correction is folded into the step size, epsilon
+            # is added to the bias-corrected root of v (below).
+            step_size=ops.divide(learning_rate, 1 - ops.power(beta_1, step)),
+            inverse_root=ops.rsqrt(1 - ops.power(beta_2, step)),
+            one_minus_beta_1=1 - beta_1,
+            beta_2=beta_2,
+            one_minus_beta_2=1 - beta_2,
+            epsilon=constant(self.epsilon),
+        )
+        if shared is not None:
+            shared.by_dtype[dtype] = scalars
+        return scalars
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One PyTorch Adam step of `variable` (see the class docstring for the formula)."""
+        shared = self._step_scalars(learning_rate, variable.dtype)
+        decay = shared.decay
+        gradient = ops.cast(gradient, variable.dtype)
+        if decay is not None and self._use_weight_decay(variable):
+            if self.decoupled_weight_decay:
+                # AdamW: the weights shrink before the Adam step.
+                self.assign(variable, ops.multiply(variable, decay))
+            else:
+                # Adam: L2, added to the gradient, so the decay goes through the moment estimates.
+                gradient = ops.add(gradient, ops.multiply(decay, variable))
 
         index = self._get_variable_index(variable)
         momentum = self._momentums[index]
         velocity = self._velocities[index]
-        self.assign_add(momentum, ops.multiply(ops.subtract(gradient, momentum), 1 - beta_1))
+        self.assign_add(momentum, ops.multiply(ops.subtract(gradient, momentum), shared.one_minus_beta_1))
         self.assign(
-            velocity, ops.add(ops.multiply(velocity, beta_2), ops.multiply(ops.square(gradient), 1 - beta_2))
+            velocity,
+            ops.add(
+                ops.multiply(velocity, shared.beta_2),
+                ops.multiply(ops.square(gradient), shared.one_minus_beta_2),
+            ),
         )
         if self.amsgrad:
             velocity_max = self._velocity_hats[index]
             self.assign(velocity_max, ops.maximum(velocity_max, velocity))
             velocity = velocity_max
-        # PyTorch's order: epsilon is added to the bias-corrected root of v, and the first moment's
-        # correction is folded into the step size.
-        denominator = ops.add(ops.divide(ops.sqrt(velocity), bias_correction_2_root), constant(self.epsilon))
-        step_size = ops.divide(learning_rate, bias_correction_1)
-        self.assign_sub(variable, ops.divide(ops.multiply(momentum, step_size), denominator))
+        # sqrt(v) / sqrt(1 - beta_2^t), taken as sqrt(v) * rsqrt(1 - beta_2^t): TensorFlow's graph
+        # optimizer rewrites a quotient by a root of its own into this product, so the compiled step
+        # rounds as a step that takes the root per variable, and the eager step as the compiled one.
+        denominator = ops.add(ops.multiply(ops.sqrt(velocity), shared.inverse_root), shared.epsilon)
+        self.assign_sub(variable, ops.divide(ops.multiply(momentum, shared.step_size), denominator))
 
     def get_config(self):
         """The constructor's arguments, for `.keras` files and `from_config`."""

@@ -241,6 +241,64 @@ def test_keras_convention_differs_from_torch_by_the_epsilon_placement_alone():
     assert largest_gap(histories[1e-3, "keras"], histories[1e-3, "torch"]) > 1e-3
 
 
+# ---- one step's shared scalars ----
+
+
+class PerVariableTorchAdamW(TorchAdamW):
+    """TorchAdamW with every scalar built again for each variable and sqrt(v) divided by the root of
+    the second bias correction: the step written out plainly, the reference of the shared form."""
+
+    def apply(self, grads, trainable_variables=None):
+        return keras.optimizers.Optimizer.apply(self, grads, trainable_variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        learning_rate = ops.cast(learning_rate, dtype)
+        self.assign(variable, ops.multiply(variable, 1 - learning_rate * ops.cast(self.weight_decay, dtype)))
+        step = ops.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = ops.cast(self.beta_1, dtype), ops.cast(self.beta_2, dtype)
+        index = self._get_variable_index(variable)
+        momentum, velocity = self._momentums[index], self._velocities[index]
+        self.assign_add(momentum, ops.multiply(ops.subtract(gradient, momentum), 1 - beta_1))
+        self.assign(
+            velocity, ops.add(ops.multiply(velocity, beta_2), ops.multiply(ops.square(gradient), 1 - beta_2))
+        )
+        root = ops.sqrt(1 - ops.power(beta_2, step))
+        denominator = ops.add(ops.divide(ops.sqrt(velocity), root), ops.cast(self.epsilon, dtype))
+        step_size = ops.divide(learning_rate, 1 - ops.power(beta_1, step))
+        self.assign_sub(variable, ops.divide(ops.multiply(momentum, step_size), denominator))
+
+
+def test_a_compiled_step_builds_its_scalars_once_and_rounds_as_the_per_variable_step():
+    # Six layers, twelve variables: the bias corrections are built once per step (two powers, one
+    # reciprocal root), the second moment's root once per variable.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), *[layers.Dense(4, activation="tanh") for _ in range(6)]])
+    optimizer = TorchAdamW(LEARNING_RATE, **HYPER_PARAMETERS)
+    optimizer.build(model.trainable_variables)
+    gradients = [ops.ones_like(variable) for variable in model.trainable_variables]
+    graph = tf.function(lambda: optimizer.apply(gradients, model.trainable_variables)).get_concrete_function()
+    kinds = [operation.type for operation in graph.graph.get_operations()]
+    assert (kinds.count("Pow"), kinds.count("Rsqrt"), kinds.count("Sqrt")) == (2, 1, 12)
+    # Compiled, the shared form takes bit for bit the steps of the plain per-variable step, in which
+    # TensorFlow's graph optimizer turns each quotient by a root into a product with its reciprocal.
+    # Eager, the two differ in the last bit; the shared form's eager steps equal its compiled ones.
+    x, y = batch("float32")
+    y = np.tanh(np.concatenate([y, y], axis=1))
+    histories = {}
+    for name, optimizer_class, compiled in [
+        ("shared", TorchAdamW, True),
+        ("shared eager", TorchAdamW, False),
+        ("per variable", PerVariableTorchAdamW, True),
+    ]:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), *[layers.Dense(4, activation="tanh") for _ in range(6)]])
+        optimizer = optimizer_class(LEARNING_RATE, weight_decay=WEIGHT_DECAY, **HYPER_PARAMETERS)
+        histories[name] = keras_steps(model, optimizer, x, y, steps=5, compiled=compiled)
+    assert largest_gap(histories["shared"], histories["per variable"]) == 0.0
+    assert largest_gap(histories["shared"], histories["shared eager"]) == 0.0
+
+
 # ---- Keras machinery: fit, loss scaling, distribution, saving ----
 
 
