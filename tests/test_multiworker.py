@@ -38,7 +38,9 @@ def start(tmp_path, name, script, argv, tf_config=None):
     scratch = tmp_path / f"tmp_{name}"
     scratch.mkdir()
     environment = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
-    environment.update(TMPDIR=str(scratch), CUDA_VISIBLE_DEVICES="-1")
+    # Three processes share the cores: one compute thread each, so that no thread pool spin-waits for
+    # a core that another process holds (measured alone: 76 s instead of 96 s for segmentation).
+    environment.update(TMPDIR=str(scratch), CUDA_VISIBLE_DEVICES="-1", TF_NUM_INTRAOP_THREADS="1")
     if tf_config is not None:
         environment["TF_CONFIG"] = json.dumps(tf_config)
     log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed when the process is collected)
