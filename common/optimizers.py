@@ -38,13 +38,6 @@ TORCH_EPSILON = 1e-8
 TORCH_ADAMW_WEIGHT_DECAY = 1e-2
 
 
-class _SharedScalars:
-    """Per-dtype scalars of one optimizer step (a plain object, so that Keras does not track it)."""
-
-    def __init__(self):
-        self.by_dtype = {}
-
-
 @keras.saving.register_keras_serializable(package="rsrepro")
 class TorchAdam(keras.optimizers.Optimizer):
     """Adam as `torch.optim.Adam`: epsilon added after the bias correction, weight decay as L2.
@@ -124,7 +117,8 @@ class TorchAdam(keras.optimizers.Optimizer):
         # a dtype: computed once per call (per trace in a compiled step) instead of once per variable,
         # which shortens the first step of a large model. Each call starts afresh, as the step count
         # (and a schedule's learning rate) moves between calls.
-        self._shared = _SharedScalars()
+        # A plain object, not a dict: Keras would track a dict assigned to the optimizer.
+        self._shared = SimpleNamespace(by_dtype={})
         try:
             return super().apply(grads, trainable_variables)
         finally:
